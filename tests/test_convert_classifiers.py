@@ -1,0 +1,128 @@
+"""torchvision ResNet / timm DeiT-III import: golden parity, full-size key lists, strict errors."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffaug_jax.convert import common
+from diffaug_jax.convert import timm as timm_convert
+from diffaug_jax.convert import torchvision as tv_convert
+
+
+def _params(npz_path):
+  with np.load(npz_path) as z:
+    return {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}, z["x"], z["out"]
+
+
+def _assert_logits_close(got, want):
+  got = np.asarray(got)
+  assert got.shape == want.shape
+  # 1e-4 relative to the logit scale.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _nhwc(x):
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def _shape_only(shapes):
+  # Zero-stride views: right shapes, no memory.
+  return {k: np.broadcast_to(np.zeros((), np.float16), tuple(s)) for k, s in shapes.items()}
+
+
+def test_torchvision_bottleneck_golden_parity(golden_dir):
+  path = golden_dir / "torchvision_resnet_bottleneck_1111.npz"
+  module, variables = tv_convert.load_torchvision_resnet(
+      path, arch="resnet50", num_classes=10, stage_sizes=(1, 1, 1, 1), mean=None, std=None)
+  assert set(variables) == {"params", "batch_stats"}
+  assert all(a.dtype == np.float32 for a in jax.tree.leaves(variables))
+  _, x, out = _params(path)
+  _assert_logits_close(module.apply(variables, _nhwc(x)), out)
+
+
+def test_torchvision_wrapped_module_prefix_gives_same_variables(golden_dir):
+  sd, _, _ = _params(golden_dir / "torchvision_resnet_bottleneck_1111.npz")
+  kw = dict(arch="resnet50", num_classes=10, stage_sizes=(1, 1, 1, 1))
+  _, plain = tv_convert.load_torchvision_resnet(sd, **kw)
+  wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 180}
+  _, got = tv_convert.load_torchvision_resnet(wrapped, **kw)
+  jax.tree.map(np.testing.assert_array_equal, got, plain)
+
+
+def test_torchvision_resnet50_full_key_list(golden_dir):
+  spec = json.loads((golden_dir / "torchvision_resnet50_shapes.json").read_text())["shapes"]
+  module = tv_convert.resnet_module("resnet50", 1000)
+  expected = tv_convert.expected_torch_shapes(module, (1, 64, 64, 3))
+  ignored = {k for k in spec if k.endswith("num_batches_tracked")}
+  assert len(ignored) == 53
+  assert expected == {k: tuple(s) for k, s in spec.items() if k not in ignored}
+  common.check_keys(expected, _shape_only(spec), "resnet50", ignore=tv_convert.IGNORED)
+
+
+def test_corrupted_resnet50_checkpoint_names_every_problem(golden_dir):
+  spec = json.loads((golden_dir / "torchvision_resnet50_shapes.json").read_text())["shapes"]
+  sd = _shape_only(spec)
+  del sd["layer3.2.bn1.running_var"]
+  del sd["fc.bias"]
+  sd["layer5.0.conv1.weight"] = np.zeros((1,), np.float16)
+  sd["layer2.1.conv2.weight"] = np.zeros((128, 128, 1, 3), np.float16)
+  with pytest.raises(common.CheckpointMismatchError) as err:
+    tv_convert.load_torchvision_resnet(sd, arch="resnet50")
+  msg = str(err.value)
+  for name in ("layer3.2.bn1.running_var", "fc.bias", "layer5.0.conv1.weight", "layer2.1.conv2.weight"):
+    assert name in msg
+  assert "missing (2)" in msg and "unexpected (1)" in msg and "mis-shaped (1)" in msg
+
+
+def test_torchvision_cli_reports_wrong_arch(golden_dir, tmp_path):
+  # The 1-block-per-stage golden is not a ResNet-50: the CLI must refuse, naming the missing blocks.
+  src = golden_dir / "torchvision_resnet_bottleneck_1111.npz"
+  with pytest.raises(common.CheckpointMismatchError, match="layer1.1.conv1.weight"):
+    tv_convert.main([str(src), str(tmp_path / "out.msgpack"), "--num-classes", "10"])
+  assert not (tmp_path / "out.msgpack").exists()
+
+
+def _tiny_deit_kw(golden_dir):
+  cfg = json.loads((golden_dir / "timm_deit3_tiny.json").read_text())
+  assert "embed_dim=64, depth=2, num_heads=2" in cfg["builder"]
+  return dict(num_classes=10, img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, mean=None,
+              std=None)
+
+
+@pytest.mark.parametrize("naming", ["timm", "deit_repo"])
+def test_deit3_tiny_golden_parity(golden_dir, naming):
+  sd, x, out = _params(golden_dir / "timm_deit3_tiny.npz")
+  if naming == "deit_repo":  # facebookresearch/deit models_v2 naming, wrapped as the released .pth is
+    sd = {"model": {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v
+                    for k, v in sd.items()}}
+    assert any("gamma_1" in k for k in sd["model"])
+  kw = _tiny_deit_kw(golden_dir)
+  module, variables = timm_convert.load_deit(sd, **kw)
+  _assert_logits_close(module.apply(variables, _nhwc(x)), out)
+
+
+def test_deit3_base_full_key_list_both_namings(golden_dir):
+  spec = json.loads((golden_dir / "timm_deit3_base_patch16_224_shapes.json").read_text())["shapes"]
+  module = timm_convert.vit_module("deit3_base_patch16_224", 1000)
+  expected = tv_convert.expected_torch_shapes(module, (1, 224, 224, 3))
+  assert expected == {k: tuple(s) for k, s in spec.items()}
+  common.check_keys(expected, timm_convert.deit_to_timm_names(_shape_only(spec)), "deit3 timm")
+  deit_names = {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): s
+                for k, s in spec.items()}
+  common.check_keys(expected, timm_convert.deit_to_timm_names(_shape_only(deit_names)), "deit3 repo")
+  # A corrupted ViT checkpoint lists every problem too.
+  bad = _shape_only(spec)
+  del bad["blocks.11.ls2.gamma"]
+  bad["pos_embed"] = np.zeros((1, 197, 768), np.float16)  # embed-class layout: not DeiT-III
+  bad["head_dist.weight"] = np.zeros((1000, 768), np.float16)
+  with pytest.raises(common.CheckpointMismatchError) as err:
+    common.check_keys(expected, timm_convert.deit_to_timm_names(bad), "deit3")
+  for name in ("blocks.11.ls2.gamma", "pos_embed", "head_dist.weight"):
+    assert name in str(err.value)
+
+
+def test_deit_mixed_namings_rejected():
+  with pytest.raises(common.CheckpointMismatchError, match="both DeiT and timm"):
+    timm_convert.deit_to_timm_names({"blocks.0.gamma_1": np.zeros(3), "blocks.0.ls1.gamma": np.zeros(3)})
