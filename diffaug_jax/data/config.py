@@ -1,0 +1,155 @@
+"""The data config (an `ml_collections.ConfigDict`) and helpers that need no data reading.
+
+Fields (see `default_config`; `validate` checks them):
+  source            "digits" | "tfds" | "folder".
+  name              TFDS name, e.g. "cifar10", "imagenet2012", "cifar10_corrupted/gaussian_noise_5"
+                    (source="tfds"); free text otherwise.
+  data_dir          TFDS data_dir ("" = TFDS default ~/tensorflow_datasets), or the folder root
+                    (source="folder"). Unused for digits.
+  train_split       split name: TFDS split ("train"), a sub-folder of data_dir ("train"; "" = data_dir itself
+                    is the class root), or digits "train".
+  eval_split        same for evaluation: TFDS "test"/"validation", folder "val", digits "test".
+  image_size        output side S: every view is (S, S, channels).
+  channels          1 (grayscale, PIL "L") or 3 (RGB).
+  train_transform   "imagenet" (RandomResizedCrop + flip; DiffAug view Resize + CenterCrop) | "cifar"
+                    (RandomCrop with padding + flip; DiffAug view unaugmented) | "digits" (random crop with
+                    padding, no flip) | "none".
+  eval_transform    "imagenet" (Resize(resize_size) + CenterCrop(image_size)) | "cifar" | "digits" | "none"
+                    (identity, or Resize + CenterCrop when the stored size differs from image_size).
+  resize_size       shorter side before the centre crop (0 -> round(image_size / 0.875): 256 for 224).
+  crop_padding      zero padding of the cifar/digits random crop (4 for CIFAR).
+  rrc_scale         RandomResizedCrop scale range (0.08, 1.0).
+  rrc_ratio         RandomResizedCrop aspect-ratio range (3/4, 4/3).
+  num_classes       0 -> inferred (digits 10; folder: len(class_names) or #sub-folders; TFDS: label feature).
+  class_names       folder only: "" (sorted sub-folders) | "imagenet2012" (the 1000 wnids: 200-class
+                    ImageNet-R/-A trees keep 1000-way labels) | a text file (one name a line) | "a,b,c".
+  image_key         TFDS image feature name ("image").
+  label_key         TFDS label feature name ("label").
+  num_workers       grain worker processes (0 = in-process, used by tests).
+  worker_buffer_size  batches buffered per worker.
+  read_threads      in-process reader threads (grain ReadOptions.num_threads).
+  prefetch_buffer_size  examples prefetched in-process (grain ReadOptions.prefetch_buffer_size).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from diffaug_jax.data import transforms
+
+SOURCES = ("digits", "tfds", "folder")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The embedded default: digits upsampled to 16x16 grayscale, mild crop augmentation."""
+  return ml_collections.ConfigDict(dict(
+      source="digits",
+      name="digits",
+      data_dir="",
+      train_split="train",
+      eval_split="test",
+      image_size=16,
+      channels=1,
+      train_transform="digits",
+      eval_transform="none",
+      resize_size=0,
+      crop_padding=2,
+      rrc_scale=(0.08, 1.0),
+      rrc_ratio=(3 / 4, 4 / 3),
+      num_classes=0,
+      class_names="",
+      image_key="image",
+      label_key="label",
+      num_workers=0,
+      worker_buffer_size=2,
+      read_threads=4,
+      prefetch_buffer_size=64,
+  ))
+
+
+def digits_config(image_size: int = 16, channels: int = 1) -> ml_collections.ConfigDict:
+  cfg = default_config()
+  cfg.image_size, cfg.channels = image_size, channels
+  cfg.crop_padding = max(1, image_size // 8)
+  return cfg
+
+
+def cifar10_config(data_dir: str = "", source: str = "tfds") -> ml_collections.ConfigDict:
+  """TFDS `cifar10` (train/test) at 32x32 RGB, RandomCrop(32, 4) + flip."""
+  cfg = default_config()
+  cfg.update(dict(source=source, name="cifar10", data_dir=data_dir, train_split="train",
+                  eval_split="test", image_size=32, channels=3, train_transform="cifar",
+                  eval_transform="none", crop_padding=4, num_classes=10))
+  return cfg
+
+
+def imagenet_config(data_dir: str = "", source: str = "tfds") -> ml_collections.ConfigDict:
+  """ImageNet-1k at 224: TFDS `imagenet2012` (train/validation) or an extracted folder tree
+  (data_dir/train/<wnid>/*.JPEG, data_dir/val/<wnid>/*.JPEG)."""
+  cfg = default_config()
+  cfg.update(dict(source=source, name="imagenet2012", data_dir=data_dir, train_split="train",
+                  eval_split="validation" if source == "tfds" else "val", image_size=224, channels=3,
+                  train_transform="imagenet", eval_transform="imagenet", resize_size=256,
+                  num_classes=1000, class_names="imagenet2012" if source == "folder" else "",
+                  num_workers=8, read_threads=16, prefetch_buffer_size=256))
+  return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the offending field."""
+  if cfg.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+  if cfg.channels not in (1, 3):
+    raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
+  if int(cfg.image_size) <= 0:
+    raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
+  if cfg.train_transform not in transforms.TRAIN_TRANSFORMS:
+    raise ValueError(f"data.train_transform must be one of {transforms.TRAIN_TRANSFORMS}, "
+                     f"got {cfg.train_transform!r}")
+  if cfg.eval_transform not in transforms.EVAL_TRANSFORMS:
+    raise ValueError(f"data.eval_transform must be one of {transforms.EVAL_TRANSFORMS}, "
+                     f"got {cfg.eval_transform!r}")
+  if cfg.source == "tfds" and not cfg.name:
+    raise ValueError("data.name (a TFDS dataset name) is required when data.source='tfds'")
+  if cfg.source == "folder" and not cfg.data_dir:
+    raise ValueError("data.data_dir (the image folder root) is required when data.source='folder'")
+  if int(cfg.get("num_workers", 0)) < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+
+
+def image_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of every image the loaders yield (build models before reading data)."""
+  return (int(cfg.image_size), int(cfg.image_size), int(cfg.channels))
+
+
+def folder_root(cfg: ml_collections.ConfigDict, split: str) -> str:
+  root = os.path.expanduser(cfg.data_dir)
+  return os.path.join(root, split) if split else root
+
+
+def num_classes(cfg: ml_collections.ConfigDict) -> int:
+  """cfg.num_classes when > 0; else digits 10, folder len(class_names) or the number of class
+  sub-folders of the train split, TFDS the label feature's num_classes (reads metadata only)."""
+  if int(cfg.get("num_classes", 0) or 0) > 0:
+    return int(cfg.num_classes)
+  validate(cfg)
+  if cfg.source == "digits":
+    return 10
+  if cfg.source == "folder":
+    from diffaug_jax.data import sources  # pylint: disable=g-import-not-at-top
+    names = sources.resolve_class_names(cfg.get("class_names", ""))
+    if names is not None:
+      return len(names)
+    root = folder_root(cfg, cfg.train_split)
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"image folder {root!r} does not exist (expected class sub-folders)")
+    n = sum(1 for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if n == 0:
+      raise ValueError(f"image folder {root!r} has no class sub-folders")
+    return n
+  from diffaug_jax.data import sources  # pylint: disable=g-import-not-at-top
+  builder = sources.tfds_builder(cfg.name, cfg.data_dir or None)
+  feature = builder.info.features[cfg.get("label_key", "label")]
+  return int(feature.num_classes)

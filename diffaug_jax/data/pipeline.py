@@ -1,0 +1,206 @@
+"""grain pipelines: an infinite, checkpointable train iterator and a padded, deterministic eval loader.
+
+Train (`make_train_loader`), per host:
+  source[process_index::process_count]       # each host reads its own disjoint shard
+  -> shuffle(seed) -> repeat()                 # infinite epochs, a fresh permutation per epoch (grain
+                                               #   reseeds the shuffle with the epoch number)
+  -> map_with_index(decode + transform)        # per-example rng = f(seed, process_index, stream index)
+  -> batch(global_batch_size // process_count, drop_remainder=True)
+  -> to_iter_dataset(ReadOptions)  [-> mp_prefetch(num_workers) when num_workers > 0]
+The returned `grain.DatasetIterator` yields numpy dicts {"image": uint8 (B, S, S, C), "image_da": uint8
+(B, S, S, C), "label": int32 (B,)} (+ "image_aug1", "image_aug2" with an `augmix_fn`). Its position is
+`it.get_state()` (a small JSON-able dict) / `it.set_state(state)`; orbax checkpoints it with
+`diffaug_jax.data.checkpointing` (grain's per-process handler). Because the augmentation rng depends only
+on (seed, host, index), a restored iterator continues bit-identically, for any worker count.
+
+Eval (`make_eval_loader`): each host reads source[process_index::process_count] in order, pads to the same
+number of batches on every host (so a sharded eval step sees a full global batch each call) and yields
+{"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,)} with mask 0 on padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from diffaug_jax.data import config as config_lib
+from diffaug_jax.data import sources as sources_lib
+from diffaug_jax.data import transforms
+
+log = logging.getLogger(__name__)
+
+# augmix_fn(image uint8 (S, S, C) (the clean, cropped+flipped view), rng) -> augmented image of the same
+# shape (uint8, or float32 in [0, 255]); called twice per example for "image_aug1"/"image_aug2".
+AugmixFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def make_source(cfg: ml_collections.ConfigDict, split: str) -> sources_lib._RobustSource:  # pylint: disable=protected-access
+  """The random-access source for `split` (fails here, before any compile, on a bad path/name)."""
+  config_lib.validate(cfg)
+  if cfg.source == "digits":
+    return sources_lib.DigitsSource(split, image_size=int(cfg.image_size), channels=int(cfg.channels))
+  if cfg.source == "folder":
+    return sources_lib.FolderSource(config_lib.folder_root(cfg, split),
+                                    class_names=cfg.get("class_names", "") or None,
+                                    channels=int(cfg.channels))
+  return sources_lib.TfdsSource(cfg.name, split, data_dir=cfg.data_dir or None,
+                                channels=int(cfg.channels), image_key=cfg.get("image_key", "image"),
+                                label_key=cfg.get("label_key", "label"))
+
+
+def _example_rng(seed: int, process_index: int, index: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(process_index), int(index)])
+
+
+class _TrainMap:
+  """(stream index, example) -> views. A picklable class so grain workers can run it."""
+
+  def __init__(self, transform, channels, seed, process_index, augmix_fn):
+    self.transform, self.channels = transform, channels
+    self.seed, self.process_index, self.augmix_fn = seed, process_index, augmix_fn
+
+  def __call__(self, index: int, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    rng = _example_rng(self.seed, self.process_index, index)
+    image = sources_lib.to_channels(example["image"], self.channels)
+    view, view_da = self.transform(image, rng)
+    out = {"image": view, "image_da": view_da, "label": np.int32(example["label"])}
+    if self.augmix_fn is not None:
+      out["image_aug1"] = np.asarray(self.augmix_fn(view, rng))
+      out["image_aug2"] = np.asarray(self.augmix_fn(view, rng))
+    return out
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(cfg.get("read_threads", 4)),
+                           prefetch_buffer_size=int(cfg.get("prefetch_buffer_size", 64)))
+
+
+def _maybe_workers(ds: grain.IterDataset, cfg, num_workers: int | None) -> grain.IterDataset:
+  n = int(cfg.get("num_workers", 0) if num_workers is None else num_workers)
+  if n > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=n, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
+  return ds
+
+
+def _check_hosts(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"bad process_index/process_count: {process_index}/{process_count}")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                     f"process_count {process_count}")
+  return global_batch_size // process_count
+
+
+def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1,
+                       augmix_fn: AugmixFn | None = None, source=None,
+                       num_workers: int | None = None) -> grain.IterDataset:
+  """The train `grain.IterDataset` (see module docstring); `iter()` it for a checkpointable iterator."""
+  config_lib.validate(cfg)
+  per_host = _check_hosts(global_batch_size, process_index, process_count)
+  source = make_source(cfg, cfg.train_split) if source is None else source
+  if len(source) < process_count:
+    raise ValueError(f"{source!r} has {len(source)} examples, fewer than process_count {process_count}")
+  transform = transforms.make_train_transform(
+      cfg.train_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None,
+      crop_padding=int(cfg.get("crop_padding", 4)), rrc_scale=tuple(cfg.get("rrc_scale", (0.08, 1.0))),
+      rrc_ratio=tuple(cfg.get("rrc_ratio", (3 / 4, 4 / 3))))
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=int(seed) & 0x7FFFFFFF).repeat(None)
+  ds = ds.map_with_index(_TrainMap(transform, int(cfg.channels), seed, process_index, augmix_fn))
+  ds = ds.batch(per_host, drop_remainder=True)
+  ds = ds.to_iter_dataset(_read_options(cfg))
+  return _maybe_workers(ds, cfg, num_workers)
+
+
+def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                      process_index: int = 0, process_count: int = 1,
+                      augmix_fn: AugmixFn | None = None, source=None,
+                      num_workers: int | None = None) -> grain.DatasetIterator:
+  """Infinite train iterator of per-host batches (global_batch_size // process_count examples).
+
+  Yields {"image", "image_da": uint8 (B, S, S, C), "label": int32 (B,)} (+ "image_aug1"/"image_aug2" when
+  `augmix_fn` is given). Checkpoint with `it.get_state()`/`it.set_state()` or
+  `diffaug_jax.data.checkpointing`. `source` (from `make_source`) may be passed to keep a handle on its
+  `num_bad`/`bad_files` counters (exact with num_workers=0). `num_workers` overrides cfg.num_workers.
+  """
+  return iter(make_train_dataset(cfg, global_batch_size=global_batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count,
+                                 augmix_fn=augmix_fn, source=source, num_workers=num_workers))
+
+
+class _EvalMap:
+  """Padded position -> example (or a zero image with mask 0 beyond the host's shard)."""
+
+  def __init__(self, source, indices, transform, shape, channels):
+    self.source, self.indices, self.transform = source, indices, transform
+    self.shape, self.channels = shape, channels
+
+  def __call__(self, position: int) -> dict[str, np.ndarray]:
+    if position >= len(self.indices):
+      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0)}
+    ex = self.source[int(self.indices[position])]
+    image = self.transform(sources_lib.to_channels(ex["image"], self.channels))
+    return {"image": image, "label": np.int32(ex["label"]), "mask": np.int32(1)}
+
+
+class EvalLoader:
+  """Re-iterable eval batches for one split; every `iter()` starts again from the first batch.
+
+  Attributes: num_examples (whole split, all hosts), num_batches (per host, equal on every host),
+  batch_size (per host), global_batch_size, source. Host h reads examples h, h + P, h + 2P, ... in order.
+  """
+
+  def __init__(self, cfg, source, *, global_batch_size, process_index, process_count, num_workers):
+    self.batch_size = _check_hosts(global_batch_size, process_index, process_count)
+    self.global_batch_size = global_batch_size
+    self.source = source
+    self.num_examples = len(source)
+    self.process_index, self.process_count = process_index, process_count
+    per_host_max = math.ceil(self.num_examples / process_count)
+    self.num_batches = math.ceil(per_host_max / self.batch_size)
+    self._indices = np.arange(process_index, self.num_examples, process_count)
+    self._transform = transforms.make_eval_transform(
+        cfg.eval_transform, int(cfg.image_size),
+        resize_size=int(cfg.get("resize_size", 0) or 0) or None)
+    self._shape = config_lib.image_shape(cfg)
+    self._cfg = cfg
+    self._num_workers = num_workers
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def dataset(self) -> grain.IterDataset:
+    ds = grain.MapDataset.range(self.num_batches * self.batch_size)
+    ds = ds.map(_EvalMap(self.source, self._indices, self._transform, self._shape,
+                         int(self._cfg.channels)))
+    ds = ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(_read_options(self._cfg))
+    return _maybe_workers(ds, self._cfg, self._num_workers)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.dataset())
+
+  def __repr__(self) -> str:
+    return (f"EvalLoader({self.source!r}, num_examples={self.num_examples}, "
+            f"num_batches={self.num_batches}, batch_size={self.batch_size})")
+
+
+def make_eval_loader(cfg: ml_collections.ConfigDict, split: str | None = None, *, global_batch_size: int,
+                     process_index: int = 0, process_count: int = 1, source=None,
+                     num_workers: int | None = None) -> EvalLoader:
+  """Eval loader for `split` (default cfg.eval_split); batches of global_batch_size // process_count.
+
+  Yields {"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,)}; the last batch is padded
+  (zero images, label 0, mask 0). `source` overrides the configured source (e.g. a corrupted copy).
+  """
+  config_lib.validate(cfg)
+  split = cfg.eval_split if split is None else split
+  source = make_source(cfg, split) if source is None else source
+  return EvalLoader(cfg, source, global_batch_size=global_batch_size, process_index=process_index,
+                    process_count=process_count, num_workers=num_workers)

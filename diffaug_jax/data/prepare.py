@@ -1,0 +1,46 @@
+"""Prepare a stock TFDS dataset once, in the format `tfds.data_source` reads (array_record).
+
+  pip install diffaug_jax[prepare]     # TensorFlow: needed only for this step, never for training
+  python -m diffaug_jax.data.prepare cifar10 --data_dir ~/tensorflow_datasets
+  python -m diffaug_jax.data.prepare cifar10_corrupted/gaussian_noise_5 --data_dir DIR
+  python -m diffaug_jax.data.prepare imagenet2012 --data_dir DIR --manual_dir DIR_WITH_TARS
+
+ImageNet (imagenet2012, imagenet2012_corrupted, ...) cannot be downloaded automatically: download
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org into --manual_dir first.
+Alternatively skip TFDS and point `source="folder"` at an extracted `train/<wnid>/*.JPEG` tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def prepare(name: str, data_dir: str, manual_dir: str | None = None, file_format: str = "array_record"):
+  """`tfds.builder(name, data_dir).download_and_prepare(file_format=...)`; returns the builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  except ImportError:
+    print("note: TensorFlow is not installed; most TFDS builders need it to PREPARE a dataset "
+          "(`pip install diffaug_jax[prepare]`). Reading a prepared data_dir does not.", file=sys.stderr)
+  builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None)
+  return builder
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("name", help="TFDS name, e.g. cifar10, imagenet2012, cifar10_corrupted/gaussian_noise_5")
+  p.add_argument("--data_dir", required=True, help="where the prepared dataset is written")
+  p.add_argument("--manual_dir", default=None, help="manually downloaded archives (ImageNet)")
+  p.add_argument("--file_format", default="array_record", choices=("array_record", "parquet"))
+  a = p.parse_args(argv)
+  builder = prepare(a.name, a.data_dir, a.manual_dir, a.file_format)
+  print(f"prepared {a.name} in {builder.data_dir}: splits "
+        f"{ {k: v.num_examples for k, v in builder.info.splits.items()} }")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,199 @@
+"""Per-example image transforms on uint8 HWC numpy arrays (PIL for resampling).
+
+Every random transform takes an explicit `np.random.Generator`; the pipeline builds one per example from
+(seed, process_index, global example index), so the output is a pure function of the seed and the
+example's position in the stream, whatever the worker count.
+
+Semantics follow torchvision (what the official DiffAug/AugMix code uses):
+- `random_resized_crop`: `transforms.RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))` incl. the
+  10-try loop and the central-crop fallback; crop + bilinear resize in one PIL call (PIL's bilinear
+  filter is what torchvision applies to PIL images).
+- `resize_shorter`: `transforms.Resize(int)` (shorter side -> size, longer side truncated like torchvision).
+- `center_crop`: `transforms.CenterCrop` (round((h - size) / 2) offsets; zero-pads images smaller than size).
+- `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding).
+
+Transform factories return callables:
+- train: `fn(image uint8 (H, W, C), rng) -> (view uint8 (S, S, C), view_da uint8 (S, S, C))`;
+- eval: `fn(image uint8 (H, W, C)) -> uint8 (S, S, C)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+TrainTransform = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+EvalTransform = Callable[[np.ndarray], np.ndarray]
+
+TRAIN_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
+EVAL_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.dtype != np.uint8:
+    raise ValueError(
+        f"expected a uint8 image of shape (H, W, 1|3), got dtype {image.dtype} shape {image.shape}")
+  return image
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
+  out = np.asarray(img, dtype=np.uint8)
+  if out.ndim == 2:
+    out = out[..., None]
+  assert out.shape[-1] == channels, (out.shape, channels)
+  return out
+
+
+def rrc_params(rng: np.random.Generator, height: int, width: int,
+               scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision `RandomResizedCrop.get_params`: returns (top, left, crop_h, crop_w)."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  # Fallback to a central crop with the aspect ratio clamped into `ratio`.
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """(H, W, C) uint8 -> (size, size, C) uint8, torchvision RandomResizedCrop semantics."""
+  image = _check_image(image)
+  top, left, h, w = rrc_params(rng, image.shape[0], image.shape[1], scale, ratio)
+  img = _to_pil(image).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  return _from_pil(img, image.shape[-1])
+
+
+def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision `Resize(size)` with an int: shorter side -> size (bilinear, PIL), aspect kept."""
+  image = _check_image(image)
+  h, w = image.shape[:2]
+  short, long = (w, h) if w <= h else (h, w)
+  if short == size:
+    return image
+  new_short, new_long = size, int(size * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  return _from_pil(_to_pil(image).resize((new_w, new_h), Image.BILINEAR), image.shape[-1])
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision `CenterCrop(size)`; zero-pads (centred) first when the image is smaller."""
+  image = _check_image(image)
+  h, w = image.shape[:2]
+  if h < size or w < size:
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    image = np.pad(image, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)))
+    h, w = image.shape[:2]
+  top = int(round((h - size) / 2.0))
+  left = int(round((w - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+def resize_center_crop(image: np.ndarray, size: int, resize_size: int) -> np.ndarray:
+  """Resize(resize_size) + CenterCrop(size): the DiffAug view and the ImageNet eval transform."""
+  return center_crop(resize_shorter(image, resize_size), size)
+
+
+def fit(image: np.ndarray, size: int) -> np.ndarray:
+  """Identity when the image is already (size, size); else Resize(size) + CenterCrop(size)."""
+  image = _check_image(image)
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return resize_center_crop(image, size, size)
+
+
+def hflip(image: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(image[:, ::-1])
+
+
+def random_hflip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+  return hflip(image) if rng.uniform() < p else image
+
+
+def random_crop_with_padding(image: np.ndarray, rng: np.random.Generator, size: int,
+                             padding: int) -> np.ndarray:
+  """torchvision `RandomCrop(size, padding)`: zero-pad every side by `padding`, crop a random window."""
+  image = _check_image(image)
+  if padding:
+    image = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  h, w = image.shape[:2]
+  if h < size or w < size:
+    raise ValueError(f"random crop {size} larger than padded image {image.shape}")
+  top = int(rng.integers(0, h - size + 1))
+  left = int(rng.integers(0, w - size + 1))
+  return image[top:top + size, left:left + size]
+
+
+def make_train_transform(name: str, image_size: int, *, resize_size: int | None = None,
+                         crop_padding: int = 4, rrc_scale: tuple[float, float] = (0.08, 1.0),
+                         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> TrainTransform:
+  """Returns `fn(image, rng) -> (image, image_da)`, both uint8 (image_size, image_size, C).
+
+  - "imagenet": image = RandomResizedCrop(image_size) + flip; image_da = Resize(resize_size) +
+    CenterCrop(image_size) (resize_size defaults to round(image_size / 0.875), 256 for 224).
+  - "cifar": image = RandomCrop(image_size, padding=crop_padding) + flip; image_da = the unaugmented image.
+  - "digits": mild: RandomCrop(image_size, padding=crop_padding) (no flip: digits are not mirror
+    symmetric); image_da = the unaugmented image.
+  - "none": both views are the (fitted) unaugmented image.
+  Images of another size than image_size are first fitted (Resize + CenterCrop) for cifar/digits/none.
+  """
+  if name not in TRAIN_TRANSFORMS:
+    raise ValueError(f"unknown train_transform {name!r}; expected one of {TRAIN_TRANSFORMS}")
+  resize_size = resize_size or int(round(image_size / 0.875))
+  scale, ratio = tuple(rrc_scale), tuple(rrc_ratio)
+
+  def imagenet(image, rng):
+    view = random_hflip(random_resized_crop(image, rng, image_size, scale, ratio), rng)
+    return view, resize_center_crop(image, image_size, resize_size)
+
+  def cifar(image, rng):
+    base = fit(image, image_size)
+    return random_hflip(random_crop_with_padding(base, rng, image_size, crop_padding), rng), base
+
+  def digits(image, rng):
+    base = fit(image, image_size)
+    return random_crop_with_padding(base, rng, image_size, crop_padding), base
+
+  def none(image, rng):
+    del rng
+    base = fit(image, image_size)
+    return base, base
+
+  return {"imagenet": imagenet, "cifar": cifar, "digits": digits, "none": none}[name]
+
+
+def make_eval_transform(name: str, image_size: int, *, resize_size: int | None = None) -> EvalTransform:
+  """Deterministic eval transform: "imagenet" = Resize(resize_size) + CenterCrop(image_size); the others
+  keep the image (fitted to image_size when its size differs)."""
+  if name not in EVAL_TRANSFORMS:
+    raise ValueError(f"unknown eval_transform {name!r}; expected one of {EVAL_TRANSFORMS}")
+  resize_size = resize_size or int(round(image_size / 0.875))
+  if name == "imagenet":
+    return lambda image: resize_center_crop(image, image_size, resize_size)
+  return lambda image: fit(image, image_size)

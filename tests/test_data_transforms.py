@@ -1,0 +1,83 @@
+"""Transforms: shapes, dtypes, torchvision semantics of RandomResizedCrop (incl. fallback), determinism."""
+import numpy as np
+import pytest
+
+from diffaug_jax.data import transforms as T
+
+
+def _img(h, w, c=3, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+def test_rrc_shape_and_determinism():
+  img = _img(300, 400)
+  a = T.random_resized_crop(img, np.random.default_rng(7), 224)
+  b = T.random_resized_crop(img, np.random.default_rng(7), 224)
+  c = T.random_resized_crop(img, np.random.default_rng(8), 224)
+  assert a.shape == (224, 224, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_rrc_params_within_bounds():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, h, w = T.rrc_params(rng, 300, 400)
+    assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+    area = h * w / (300 * 400)
+    # Rounding lets the area stray slightly outside the sampled scale range.
+    assert 0.07 <= area <= 1.0
+    assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_rrc_fallback_is_central_clamped_crop():
+  # No 10-try sample can fit a 10x1000 image with scale >= 0.9: torchvision falls back to a centre crop
+  # with the ratio clamped to 4/3 -> h = 10, w = round(10 * 4/3) = 13.
+  top, left, h, w = T.rrc_params(np.random.default_rng(0), 10, 1000, scale=(0.9, 1.0))
+  assert (top, left, h, w) == (0, (1000 - 13) // 2, 10, 13)
+  top, left, h, w = T.rrc_params(np.random.default_rng(0), 1000, 10, scale=(0.9, 1.0))
+  assert (top, left, h, w) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_resize_shorter_and_center_crop_match_torchvision_sizes():
+  r = T.resize_shorter(_img(300, 400), 256)
+  assert r.shape == (256, 341, 3)  # int(256 * 400 / 300) = 341
+  r = T.resize_shorter(_img(500, 375), 256)
+  assert r.shape == (341, 256, 3)
+  img = np.arange(10 * 12, dtype=np.uint8).reshape(10, 12, 1)
+  np.testing.assert_array_equal(T.center_crop(img, 4), img[3:7, 4:8])
+  small = T.center_crop(_img(2, 2, 1), 4)
+  assert small.shape == (4, 4, 1) and small[0].sum() == 0  # zero padded
+
+
+def test_imagenet_views_and_eval():
+  fn = T.make_train_transform("imagenet", 224)
+  img = _img(300, 400)
+  view, view_da = fn(img, np.random.default_rng(0))
+  assert view.shape == view_da.shape == (224, 224, 3) and view.dtype == view_da.dtype == np.uint8
+  # The DiffAug view is the deterministic Resize(256) + CenterCrop(224) = the eval transform.
+  np.testing.assert_array_equal(view_da, T.make_eval_transform("imagenet", 224)(img))
+  _, view_da2 = fn(img, np.random.default_rng(1))
+  np.testing.assert_array_equal(view_da, view_da2)
+
+
+def test_cifar_and_digits_views():
+  img = _img(32, 32)
+  view, base = T.make_train_transform("cifar", 32, crop_padding=4)(img, np.random.default_rng(3))
+  assert view.shape == (32, 32, 3) and base is img
+  views = [T.make_train_transform("cifar", 32)(img, np.random.default_rng(s))[0] for s in range(8)]
+  assert any(not np.array_equal(v, img) for v in views)
+  g = _img(16, 16, 1)
+  v, b = T.make_train_transform("digits", 16, crop_padding=2)(g, np.random.default_rng(0))
+  assert v.shape == (16, 16, 1) and np.array_equal(b, g)
+  v, b = T.make_train_transform("none", 16)(_img(20, 24, 1), np.random.default_rng(0))
+  assert v.shape == b.shape == (16, 16, 1)
+
+
+def test_bad_names_and_inputs():
+  with pytest.raises(ValueError, match="train_transform"):
+    T.make_train_transform("autoaugment", 32)
+  with pytest.raises(ValueError, match="eval_transform"):
+    T.make_eval_transform("bogus", 32)
+  with pytest.raises(ValueError, match="uint8"):
+    T.center_crop(np.zeros((8, 8, 3), np.float32), 4)
