@@ -1,0 +1,23 @@
+"""`python -m diffaug_jax.convert KIND SRC DST [options]` — see each converter's `main` for options."""
+
+import importlib
+import sys
+
+CONVERTERS = {
+    "guided-diffusion": "diffaug_jax.convert.guided_diffusion",
+    "torchvision": "diffaug_jax.convert.torchvision",
+    "deit": "diffaug_jax.convert.timm",
+}
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] not in CONVERTERS:
+    print(f"usage: python -m diffaug_jax.convert {{{'|'.join(CONVERTERS)}}} SRC DST [options]",
+          file=sys.stderr)
+    return 2
+  module = importlib.import_module(CONVERTERS[argv[0]])
+  return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,155 @@
+"""Shared pieces of the PyTorch -> Flax converters: reading state dicts, strict checks, layouts, files.
+
+Reads `.pt`/`.pth` (needs torch; loaded with `weights_only=True`), `.npz` and `.safetensors` (no torch), or
+an in-memory mapping of names to arrays. Converted params are written as flax msgpack with a sha256
+sidecar, so they reload in milliseconds without torch and a corrupted copy is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+
+class CheckpointMismatchError(ValueError):
+  """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+  if hasattr(v, "detach"):  # torch.Tensor, without importing torch here
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    return v.numpy()
+  return np.asarray(v)
+
+
+def _unwrap(obj: Any) -> Mapping[str, Any]:
+  # Training scripts save {"state_dict": ...}, {"model": ...} or {"ema": ...}; DataParallel adds "module.".
+  while isinstance(obj, Mapping):
+    for wrapper in ("state_dict", "model", "model_ema", "ema"):
+      if wrapper in obj and isinstance(obj[wrapper], Mapping):
+        obj = obj[wrapper]
+        break
+    else:
+      return obj
+  raise ValueError(f"expected a mapping of parameter names to arrays, got {type(obj).__name__}")
+
+
+def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
+  """Reads a state dict into {name: numpy array}; strips `module.` / `param/` prefixes."""
+  if isinstance(source, Mapping):
+    raw = _unwrap(source)
+  else:
+    path = pathlib.Path(source)
+    if not path.is_file():
+      raise FileNotFoundError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+      with np.load(path, allow_pickle=False) as z:
+        raw = {k: z[k] for k in z.files}
+      if any(k.startswith("param/") for k in raw):
+        raw = {k[len("param/"):]: v for k, v in raw.items() if k.startswith("param/")}
+    elif suffix == ".safetensors":
+      from safetensors.numpy import load_file  # optional dependency
+      raw = load_file(str(path))
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+      try:
+        import torch  # optional dependency: pip install diffaug_jax[torch]
+      except ImportError:
+        raise ImportError(
+            f"reading {path} needs PyTorch (pip install 'diffaug_jax[torch]'); or convert it to .npz / "
+            ".safetensors first") from None
+      raw = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True))
+    else:
+      raise ValueError(f"unknown checkpoint format {suffix!r} for {path}: use .pt, .npz or .safetensors")
+  out = {}
+  for k, v in raw.items():
+    k = k[len("module."):] if k.startswith("module.") else k
+    out[k] = _to_numpy(v)
+  return out
+
+
+def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Any], what: str,
+               ignore: Iterable[str] = ()) -> None:
+  """Raises CheckpointMismatchError naming ALL missing, unexpected and mis-shaped keys at once.
+
+  `ignore`: substrings of keys that are dropped from `got` before the check (e.g. num_batches_tracked).
+  """
+  ignore = tuple(ignore)
+  got_shapes = {k: tuple(np.shape(v)) for k, v in got.items() if not any(s in k for s in ignore)}
+  missing = sorted(set(expected) - set(got_shapes))
+  unexpected = sorted(set(got_shapes) - set(expected))
+  misshaped = sorted(k for k in set(expected) & set(got_shapes)
+                     if tuple(expected[k]) != got_shapes[k])
+  if missing or unexpected or misshaped:
+    lines = [f"checkpoint does not match {what}:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+    if misshaped:
+      lines.append(f"  mis-shaped ({len(misshaped)}): " + ", ".join(
+          f"{k} expected {tuple(expected[k])} got {got_shapes[k]}" for k in misshaped))
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def conv_oihw_to_hwio(w: np.ndarray) -> np.ndarray:
+  """PyTorch Conv2d weight (O, I, kh, kw) -> Flax Conv kernel (kh, kw, I, O)."""
+  if w.ndim != 4:
+    raise ValueError(f"expected a 4-D conv weight, got shape {w.shape}")
+  return np.transpose(w, (2, 3, 1, 0))
+
+
+def linear_to_dense(w: np.ndarray) -> np.ndarray:
+  """PyTorch Linear weight (O, I) -> Flax Dense kernel (I, O)."""
+  if w.ndim != 2:
+    raise ValueError(f"expected a 2-D linear weight, got shape {w.shape}")
+  return np.transpose(w)
+
+
+def conv1d_to_dense(w: np.ndarray) -> np.ndarray:
+  """PyTorch 1x1 Conv1d weight (O, I, 1) -> Flax Dense kernel (I, O)."""
+  if w.ndim != 3 or w.shape[-1] != 1:
+    raise ValueError(f"expected a (O, I, 1) Conv1d weight, got shape {w.shape}")
+  return np.transpose(w[..., 0])
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def save_params(path: str | os.PathLike, variables: Any) -> str:
+  """Writes variables as flax msgpack plus `<path>.sha256`; returns the digest."""
+  from flax import serialization
+  import jax
+  data = serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+  digest = _sha256(data)
+  path.with_name(path.name + ".sha256").write_text(digest + "\n")
+  return digest
+
+
+def load_params(path: str | os.PathLike, *, verify: bool = True) -> Any:
+  """Reads variables written by `save_params`; checks the sha256 sidecar when present."""
+  from flax import serialization
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"params file not found: {path}")
+  data = path.read_bytes()
+  sidecar = path.with_name(path.name + ".sha256")
+  if verify and sidecar.is_file():
+    want = sidecar.read_text().strip()
+    if _sha256(data) != want:
+      raise ValueError(f"checksum mismatch for {path}: file is corrupted or was modified")
+  return serialization.msgpack_restore(data)

@@ -1,0 +1,123 @@
+"""Device mesh, shardings and host-local -> global arrays.
+
+The program uses one mesh axis, `data`: the batch is split over it, everything else (train state, frozen
+score-model params) is replicated. Under `jax.jit` with these shardings XLA sees the *global* batch, so
+BatchNorm statistics and losses are global means: no `axis_name`, no pmap, and the same numbers on 1 or N
+devices (up to float reassociation).
+
+Multi-host: each process loads only its own slice of the global batch (`process_index` of `process_count`)
+and `shard_batch` assembles the global `jax.Array` with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+PyTree = Any
+
+
+def initialize_distributed(force: bool | None = None, **kwargs) -> None:
+  """Starts `jax.distributed` when running as one process of several.
+
+  `force=None` detects a cluster: TPU pods and SLURM/Open MPI launches are found by JAX itself; a plain
+  multi-process launch sets `JAX_COORDINATOR_ADDRESS` (+ `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). Call it
+  from the program entry point, before any other JAX call; never at import.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if force is None:
+    env = os.environ
+    force = bool(
+        kwargs
+        or env.get("JAX_COORDINATOR_ADDRESS")
+        or env.get("SLURM_NTASKS", "1") not in ("", "1")
+        or env.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1")
+        or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    )
+  if force:
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes) with axis `data`."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices).reshape(len(devices)), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `data`; the rest unsplit."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def state_shardings(mesh: Mesh, state: PyTree,
+                    rule: Callable[[tuple, Any], P] | None = None) -> PyTree:
+  """Shardings for a train state: replicated by default.
+
+  `rule(path, leaf) -> PartitionSpec` is the hook for FSDP-style layouts (e.g. split the largest dimension
+  of big kernels over `data`); it receives every leaf's key path.
+  """
+  if rule is None:
+    return jax.tree.map(lambda _: replicated(mesh), state)
+  return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, rule(p, x)), state)
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
+  """This process's share of the global batch; checks it divides over devices and processes."""
+  ndev = jax.device_count() if mesh is None else mesh.size
+  if global_batch_size % ndev:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the {ndev} devices of the mesh")
+  return global_batch_size // jax.process_count()
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """Host-local numpy batch (this process's slice) -> global arrays sharded on `data`.
+
+  Every leaf has the local batch as leading dimension; the global batch is the concatenation over
+  processes in `process_index` order.
+  """
+  sharding = batch_sharding(mesh)
+
+  def one(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(one, batch)
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places a pytree (identical on every process) replicated on the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def pad_to_multiple(batch: Mapping[str, np.ndarray], multiple: int
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Pads every leaf's leading dimension with zeros up to a multiple; returns (padded, mask).
+
+  `mask` is float32 (n_padded,), 1 for real rows and 0 for padding, so evaluators count exactly at a
+  static shape.
+  """
+  sizes = {k: np.shape(v)[0] for k, v in batch.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"batch leaves have different leading sizes: {sizes}")
+  n = next(iter(sizes.values()))
+  target = -(-n // multiple) * multiple if n else multiple
+  pad = target - n
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return out, mask
