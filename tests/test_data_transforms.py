@@ -81,3 +81,17 @@ def test_bad_names_and_inputs():
     T.make_eval_transform("bogus", 32)
   with pytest.raises(ValueError, match="uint8"):
     T.center_crop(np.zeros((8, 8, 3), np.float32), 4)
+
+
+def test_augmix_views_deterministic_and_mixed():
+  from diffaug_jax.data import augmix  # pylint: disable=g-import-not-at-top
+  fn = augmix.make_augmix_fn(None)
+  img = _img(32, 32)
+  a = fn(img, np.random.default_rng(0))
+  b = fn(img, np.random.default_rng(0))
+  assert a.shape == img.shape and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  outs = [fn(img, np.random.default_rng(s)) for s in range(1, 6)]
+  assert all(not np.array_equal(o, img) for o in outs)
+  g = fn(_img(16, 16, 1), np.random.default_rng(0))
+  assert g.shape == (16, 16, 1)
