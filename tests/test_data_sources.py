@@ -65,6 +65,13 @@ def test_folder_class_names_subset(tmp_path):
   assert sorted(set(src.labels.tolist())) == [1, 3]
   with pytest.raises(ValueError, match="not in class_names"):
     sources.FolderSource(str(root), class_names="cat,bee")
+  # ImageNet-V2 layout: folders named by class index -> label int(name), not the lexicographic rank.
+  for d in ("0", "2", "10"):
+    (tmp_path / "v2" / d).mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "v2" / d / "x.png")
+  v2 = sources.FolderSource(str(tmp_path / "v2"), class_names="imagenet2012")
+  assert v2.labels.tolist() == [0, 10, 2] and v2.num_classes == 1000
+  assert sources.FolderSource(str(tmp_path / "v2")).num_classes == 11
   wnids = sources.imagenet_class_names()
   assert len(wnids) == 1000 and wnids[0] == "n01440764" and wnids == sorted(wnids)
 

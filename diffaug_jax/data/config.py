@@ -93,7 +93,7 @@ def imagenet_config(data_dir: str = "", source: str = "tfds") -> ml_collections.
                   eval_split="validation" if source == "tfds" else "val", image_size=224, channels=3,
                   train_transform="imagenet", eval_transform="imagenet", resize_size=256,
                   num_classes=1000, class_names="imagenet2012" if source == "folder" else "",
-                  num_workers=8, read_threads=16, prefetch_buffer_size=256))
+                  num_workers=8, read_threads=4, prefetch_buffer_size=128))
   return cfg
 
 
@@ -145,10 +145,12 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
     root = folder_root(cfg, cfg.train_split)
     if not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist (expected class sub-folders)")
-    n = sum(1 for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if n == 0:
+    dirs = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    if not dirs:
       raise ValueError(f"image folder {root!r} has no class sub-folders")
-    return n
+    if all(d.isdigit() for d in dirs):  # class-index folders (see sources.FolderSource)
+      return max(int(d) for d in dirs) + 1
+    return len(dirs)
   from diffaug_jax.data import sources  # pylint: disable=g-import-not-at-top
   builder = sources.tfds_builder(cfg.name, cfg.data_dir or None)
   feature = builder.info.features[cfg.get("label_key", "label")]

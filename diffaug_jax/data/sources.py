@@ -175,7 +175,8 @@ class FolderSource(_RobustSource):
 
   Labels: index of the class folder in `class_names` when given (e.g. the 1000 ImageNet wnids, so a
   200-class ImageNet-R/-A tree keeps 1000-way labels; folders missing from the list are an error), else the
-  index in the sorted list of sub-folders. Files are listed once, sorted, at construction. Images are
+  index in the sorted list of sub-folders. Folders all named by decimal integers (ImageNet-V2's
+  "0".."999") are labelled int(name) unless those names are themselves in `class_names`. Files are listed once, sorted, at construction. Images are
   decoded with PIL and converted to RGB (channels=3) or L (channels=1).
   """
 
@@ -192,15 +193,25 @@ class FolderSource(_RobustSource):
     if not dirs:
       raise ValueError(f"image folder {root!r} has no class sub-folders (expected {expected})")
     names = resolve_class_names(class_names)
-    if names is None:
-      names = dirs
+    numeric = all(d.isdigit() for d in dirs)
+    if numeric and (names is None or any(d not in names for d in dirs)):
+      # Folders named by class index (ImageNet-V2's "0".."999"): label = int(name), never the
+      # lexicographic position ("10" sorts before "2").
+      k = len(names) if names is not None else max(int(d) for d in dirs) + 1
+      if max(int(d) for d in dirs) >= k:
+        raise ValueError(f"image folder {root!r}: numeric class folder {max(dirs, key=int)} >= the "
+                         f"{k} class_names")
+      index = {d: int(d) for d in dirs}
+      names = names if names is not None else [str(i) for i in range(k)]
     else:
+      if names is None:
+        names = dirs
       unknown = [d for d in dirs if d not in names]
       if unknown:
         raise ValueError(f"image folder {root!r}: sub-folders {unknown[:10]} (of {len(unknown)}) are not "
                          f"in class_names ({len(names)} names, e.g. {names[:3]})")
+      index = {n: i for i, n in enumerate(names)}
     self.class_names = list(names)
-    index = {n: i for i, n in enumerate(self.class_names)}
     exts = tuple(e.lower() for e in extensions)
     files, labels = [], []
     for d in dirs:
