@@ -166,3 +166,48 @@ def test_workers_give_the_same_batches_as_in_process():
   for x, y in zip(ref, got):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+class DiffaugTinyTfds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A real (not mocked) TFDS dataset, prepared as array_record WITHOUT TensorFlow: images are given as
+  PNG bytes, so TFDS needs no TF encoder. Record 7 of "train" holds bytes that are not an image."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(10, bad=7), "test": self._generate_examples(5)}
+
+  def _generate_examples(self, n, bad=None):
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(n)
+    for i in range(n):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+      yield i, {"image": b"not an image" if i == bad else buf.getvalue(), "label": i % 3}
+
+
+def test_real_prepared_tfds_data_dir_without_tensorflow(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  DiffaugTinyTfds(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  cfg = data_config.default_config()
+  cfg.update(dict(source="tfds", name=DiffaugTinyTfds.name, data_dir=data_dir, train_split="train",
+                  eval_split="test", image_size=16, channels=3, train_transform="imagenet",
+                  eval_transform="imagenet", resize_size=18, read_threads=2))
+  assert data_config.num_classes(cfg) == 3
+  source = pipeline.make_source(cfg, "train")
+  batches = _take(pipeline.make_train_loader(cfg, global_batch_size=5, seed=0, source=source), 2)
+  assert batches[0]["image"].shape == (5, 16, 16, 3) and batches[0]["label"].dtype == np.int32
+  # num_bad counts failed reads (prefetching may already have read the next epoch); bad_files is unique.
+  assert source.num_bad >= 1 and len(source.bad_files) == 1
+  assert source.bad_files[0].startswith("tfds:diffaug_tiny_tfds/train[")
+  ev = pipeline.make_eval_loader(cfg, global_batch_size=4)
+  got = list(ev)
+  assert ev.num_examples == 5 and [int(b["mask"].sum()) for b in got] == [4, 1]
+  with pytest.raises(FileNotFoundError, match="split 'validation'"):
+    pipeline.make_source(cfg, "validation")
