@@ -1,0 +1,383 @@
+"""Certified l2 robustness: Cohen et al. randomized smoothing with the one-step diffusion denoiser.
+
+Diffusion-denoised smoothing (Carlini et al. 2023): for smoothing noise sigma (defined on [0, 1] images),
+take t* = `diffusion.t_for_sigma(schedule, sigma)` (smallest t with sqrt((1 - abar)/abar) >= 2 sigma; the
+factor 2 because model images live in [-1, 1]), noise the [-1, 1] image with q_sample(x0, t*, eps), take ONE
+clipped x0_hat and classify it (`augment.diffaug_at`). Because t* is the first step whose noise level is
+>= 2 sigma, the Gaussian actually used has std sigma_eff >= sigma; certifying with sigma * Phi^-1(pA) is
+therefore valid and at most slightly conservative (sigma_eff is recorded in the output).
+
+`denoise=False` gives plain Gaussian-augmentation smoothing: classify x0 + 2 sigma N(0, I) directly.
+
+The sampling hot path is one jitted function per (classifier, sigma): broadcast one image to a large batch
+split over the `data` mesh axis, draw fresh noise, denoise, classify, and return the (K,) vote counts; only
+the counts come back to the host. n0 selection and n estimation samples come from independent keys.
+The certificate math (Clopper-Pearson via scipy.stats.beta, binomtest, abstain rule) is in
+`diffaug_jax.scoring`.
+
+Outputs of `run`: `certify_sigma{s}.tsv` with rows (index, label, prediction, radius, correct, seconds)
+(Cohen's format), `certify.json`, `certify.md` (certified accuracy vs radius per sigma and the best sigma
+per radius, paper Table 13 shape) and `certify.png` (paper Fig. 10 shape).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffaug_jax import augment, diffusion, scoring, sharding
+
+Array = jax.Array
+ClassifyFn = Callable[[Any, Array], Array]  # (params, (B, H, W, C) in [-1, 1]) -> logits (B, K)
+PredictFn = Callable[[Any, Array, Array], Array]  # (params, key, (B, H, W, C)) -> labels (B,) int32
+EpsFn = Callable[[Any, Array, Array], Array]  # (params, x_t, t) -> eps
+
+DEFAULT_SIGMAS = (0.25, 0.5, 1.0)
+DEFAULT_RADII = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
+
+
+def effective_sigma(schedule: diffusion.Schedule, t: int) -> float:
+  """The [0, 1]-scale noise std actually applied at timestep t: sqrt((1 - abar_t) / abar_t) / 2."""
+  return float(diffusion.noise_level(schedule)[t] / 2.0)
+
+
+def make_noisy_predict_fn(classify_fn: ClassifyFn, sigma: float, *, eps_fn: EpsFn | None = None,
+                          schedule: diffusion.Schedule | None = None, denoise: bool = True) -> PredictFn:
+  """predict_fn(params, key, x) -> argmax labels of the base classifier on noised (and denoised) copies.
+
+  Args:
+    classify_fn: (params, [-1, 1] images (B, H, W, C)) -> logits (B, K).
+    sigma: smoothing noise std on the [0, 1] scale.
+    eps_fn, schedule: (params, x_t, t) -> eps (the score model, e.g. built from
+      `models.score.make_eps_fn(module, params["score"])` inside) and its schedule (needed when `denoise`).
+    denoise: one-step diffusion denoising (Carlini et al.) vs plain Gaussian noise (Cohen et al.).
+  `params` is any pytree (e.g. {"classifier": ..., "score": ...}); it is a jit ARGUMENT, never a baked-in
+  constant, so a 550M-parameter score model is not copied into the executable.
+  """
+  if denoise:
+    if eps_fn is None or schedule is None:
+      raise ValueError("denoised smoothing needs eps_fn and schedule")
+    t = diffusion.t_for_sigma(schedule, sigma)
+
+    def predict(params, key, x):
+      x0_hat = augment.diffaug_at(key, x, t, functools.partial(eps_fn, params), schedule, clip=True)
+      return jnp.argmax(classify_fn(params, x0_hat), axis=-1).astype(jnp.int32)
+  else:
+    def predict(params, key, x):
+      noisy = x.astype(jnp.float32) + 2.0 * sigma * jax.random.normal(key, x.shape, jnp.float32)
+      return jnp.argmax(classify_fn(params, noisy), axis=-1).astype(jnp.int32)
+  return predict
+
+
+def make_counts_fn(predict_fn: PredictFn, num_classes: int, batch_size: int, mesh=None):
+  """Jitted counts(params, key, x (1, H, W, C), num_valid) -> (K,) int32 votes over `batch_size` copies.
+
+  The copies are split over the mesh's `data` axis (params replicated); rows >= num_valid are ignored
+  (static shapes for the last, partial batch).
+  """
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  if batch_size % mesh.size:
+    raise ValueError(f"certify batch_size {batch_size} must be divisible by the {mesh.size} devices")
+  batch_spec = NamedSharding(mesh, P(sharding.DATA_AXIS))
+
+  def counts(params, key, x, num_valid):
+    xb = jnp.broadcast_to(x, (batch_size,) + x.shape[1:])
+    xb = jax.lax.with_sharding_constraint(xb, batch_spec)
+    preds = predict_fn(params, key, xb)
+    valid = (jnp.arange(batch_size) < num_valid).astype(jnp.int32)
+    return jnp.sum(jax.nn.one_hot(preds, num_classes, dtype=jnp.int32) * valid[:, None], axis=0)
+
+  repl = sharding.replicated(mesh)
+  return jax.jit(counts, in_shardings=(repl, repl, repl, repl), out_shardings=repl)
+
+
+def sample_counts(counts_fn, params, key: Array, x: Array, num: int, batch_size: int) -> np.ndarray:
+  """(K,) vote counts over `num` noisy samples of one image x (1, H, W, C), in batches of `batch_size`."""
+  total = None
+  for i, start in enumerate(range(0, num, batch_size)):
+    c = counts_fn(params, jax.random.fold_in(key, i), x, np.int32(min(batch_size, num - start)))
+    c = np.asarray(c, np.int64)  # blocks every step: keeps the dispatch queue short
+    total = c if total is None else total + c
+  return total
+
+
+def certify(counts_fn, params, key: Array, x: Array, *, sigma: float, n0: int = 100, n: int = 10_000,
+            alpha: float = 0.001, batch_size: int = 1000) -> tuple[int, float, float]:
+  """Cohen et al. CERTIFY for one image (1, H, W, C): (prediction or -1, radius, pA_lower)."""
+  key0, key1 = jax.random.split(key)
+  c0 = sample_counts(counts_fn, params, key0, x, n0, batch_size)
+  c = sample_counts(counts_fn, params, key1, x, n, batch_size)
+  return scoring.certify_from_counts(c0, c, sigma, alpha)
+
+
+def predict(counts_fn, params, key: Array, x: Array, *, n: int = 1000, alpha: float = 0.001,
+            batch_size: int = 1000) -> int:
+  """Cohen et al. PREDICT for one image: top class or -1 (abstain)."""
+  return scoring.predict_from_counts(sample_counts(counts_fn, params, key, x, n, batch_size), alpha)
+
+
+def certify_dataset(counts_fn, params, key: Array, images: np.ndarray, labels: np.ndarray, *, sigma: float,
+                    n0: int, n: int, alpha: float, batch_size: int,
+                    indices: Sequence[int] | None = None) -> list[dict]:
+  """Certifies images (N, H, W, C) in [-1, 1]; rows (index, label, prediction, radius, correct, seconds)."""
+  rows = []
+  indices = range(len(images)) if indices is None else indices
+  for i in indices:
+    t0 = time.time()
+    pred, radius, p_a = certify(counts_fn, params, jax.random.fold_in(key, int(i)), images[i:i + 1],
+                                sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+    rows.append({"index": int(i), "label": int(labels[i]), "prediction": int(pred),
+                 "radius": float(radius), "correct": int(pred == int(labels[i])),
+                 "seconds": round(time.time() - t0, 4), "pA_lower": float(p_a)})
+  return rows
+
+
+def summarize(rows_by_sigma: dict[float, list[dict]], radii: Sequence[float] = DEFAULT_RADII) -> dict:
+  """Certified accuracy vs radius per sigma and best-over-sigmas per radius."""
+  radii = np.asarray(radii, np.float64)
+  curves = {}
+  for s, rows in rows_by_sigma.items():
+    curves[s] = scoring.certified_accuracy([r["radius"] for r in rows], [r["correct"] for r in rows], radii)
+  best, best_sigma = scoring.best_over_sigmas(curves, radii)
+  return {"radii": radii.tolist(), "curves": {str(s): c.tolist() for s, c in curves.items()},
+          "best": best.tolist(), "best_sigma": best_sigma}
+
+
+def markdown_table(summary: dict) -> str:
+  radii = summary["radii"]
+  head = "| sigma | " + " | ".join(f"r={r:g}" for r in radii) + " |"
+  sep = "|---|" + "---|" * len(radii)
+  lines = [head, sep]
+  for s, c in summary["curves"].items():
+    lines.append(f"| {s} | " + " | ".join(f"{100 * a:.1f}" for a in c) + " |")
+  lines.append("| best | " + " | ".join(
+      f"{100 * a:.1f} ({s:g})" for a, s in zip(summary["best"], summary["best_sigma"])) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(summary: dict, path: str, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for s, c in summary["curves"].items():
+    ax.plot(summary["radii"], np.asarray(c) * 100, label=f"sigma={s}")
+  ax.plot(summary["radii"], np.asarray(summary["best"]) * 100, "k--", label="best sigma")
+  ax.set_xlabel("l2 radius")
+  ax.set_ylabel("certified accuracy (%)")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+  with open(path, "w") as f:
+    f.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    for r in rows:
+      f.write(f"{r['index']}\t{r['label']}\t{r['prediction']}\t{r['radius']:.4f}\t{r['correct']}\t"
+              f"{r['seconds']:.4f}\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Program-level helpers shared by the task modules (certify, ood, pag): build models and data from config.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cfg_get(config, name: str, default=None):
+  try:
+    return config[name] if name in config else default
+  except TypeError:
+    return getattr(config, name, default)
+
+
+def load_classifier(config) -> tuple[Any, Any]:
+  """(module, variables) from config.classifier: {workdir} (train.py run) or {name, num_classes, params_path}."""
+  c = config.classifier
+  if _cfg_get(c, "workdir"):
+    from diffaug_jax import checkpoint
+    module, variables, _ = checkpoint.load_trained_classifier(c.workdir)
+    return module, variables
+  from diffaug_jax.models.classifiers import get_classifier
+  module = get_classifier(c.name, int(c.num_classes), **dict(_cfg_get(c, "kwargs", {}) or {}))
+  if _cfg_get(c, "params_path"):
+    from diffaug_jax.convert.common import load_params
+    return module, load_params(c.params_path)
+  raise ValueError("config.classifier needs `workdir` or `params_path`")
+
+
+def load_score(config):
+  """(eps_fn(params, x_t, t), score variables, schedule) from config.score ({workdir} or {params_path,
+  preset}; schedule "linear" (default) or "cosine" with num_timesteps, default 1000)."""
+  from diffaug_jax import checkpoint
+  from diffaug_jax.models.score import make_eps_fn
+  s = config.score
+  module, params = checkpoint.load_score_model(
+      workdir=_cfg_get(s, "workdir"), params_path=_cfg_get(s, "params_path"),
+      preset=_cfg_get(s, "preset"), overrides=dict(_cfg_get(s, "overrides", {}) or {}))
+  variables = params if "params" in params else {"params": params}
+  steps = int(_cfg_get(s, "num_timesteps", 1000) or 1000)
+  sched = diffusion.cosine_schedule(steps) if _cfg_get(s, "schedule", "linear") == "cosine" \
+      else diffusion.linear_schedule(steps)
+  eps_fn = lambda v, x_t, t: make_eps_fn(module, v)(x_t, t)
+  return eps_fn, variables, sched
+
+
+def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for small evaluation subsets.
+
+  data_cfg.source: "digits" (sklearn's embedded 8x8 digits, test half, padded to `image_size`), "npz"
+  (data_cfg.path with arrays `image` uint8 NHWC and `label`), "folder" (class-per-subfolder image folder,
+  data_cfg.path, resized to image_size), or "tfds" (data_cfg.name, via the data package's reader).
+  data_cfg.max_examples caps N; data_cfg.skip takes every skip-th example (Cohen's convention).
+  """
+  source = _cfg_get(data_cfg, "source", "digits")
+  split = split or _cfg_get(data_cfg, "split", "test")
+  if source == "digits":
+    images, labels = digits_arrays(split, int(_cfg_get(data_cfg, "image_size", 8)))
+  elif source == "npz":
+    with np.load(data_cfg.path) as z:
+      images = z["image"].astype(np.float32) / 127.5 - 1.0
+      labels = z["label"].astype(np.int32)
+  elif source == "folder":
+    images, labels = _folder_arrays(data_cfg.path, int(_cfg_get(data_cfg, "image_size", 224)),
+                                    int(_cfg_get(data_cfg, "max_examples", 0) or 0))
+  elif source == "tfds":
+    images, labels = _tfds_arrays(data_cfg.name, split, int(_cfg_get(data_cfg, "max_examples", 0) or 0),
+                                  _cfg_get(data_cfg, "data_dir"), int(_cfg_get(data_cfg, "image_size", 0) or 0))
+  else:
+    raise ValueError(f"unknown data source {source!r}: use digits, npz, folder or tfds")
+  skip = int(_cfg_get(data_cfg, "skip", 1) or 1)
+  images, labels = images[::skip], labels[::skip]
+  cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
+  if cap:
+    images, labels = images[:cap], labels[:cap]
+  return images, labels
+
+
+def digits_arrays(split: str = "test", image_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """sklearn's embedded 8x8 digits (no download) as [-1, 1] float32 (N, S, S, 1); first/second half split."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images.astype(np.float32) / 16.0) * 2.0 - 1.0
+  y = d.target.astype(np.int32)
+  half = len(x) // 2
+  x, y = (x[:half], y[:half]) if split == "train" else (x[half:], y[half:])
+  x = x[..., None]
+  if image_size != 8:
+    if image_size < 8:
+      raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+    pad = image_size - 8
+    x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)),
+               constant_values=-1.0)
+  return x, y
+
+
+def _folder_arrays(path: str, image_size: int, max_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """Class-per-subfolder images (e.g. OpenOOD's SSB-hard / NINCO) -> Resize(size*256/224)+CenterCrop(size)."""
+  from PIL import Image
+  if not os.path.isdir(path):
+    raise ValueError(f"image folder not found: {path}")
+  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+  files = []
+  if classes:
+    for ci, c in enumerate(classes):
+      for f in sorted(os.listdir(os.path.join(path, c))):
+        files.append((os.path.join(path, c, f), ci))
+  else:
+    files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path))]
+  files = [(f, c) for f, c in files if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp"))]
+  if not files:
+    raise ValueError(f"no images found under {path}")
+  if max_examples:
+    files = files[:max_examples]
+  resize = int(round(image_size * 256 / 224))
+  out = np.zeros((len(files), image_size, image_size, 3), np.float32)
+  for i, (f, _) in enumerate(files):
+    im = Image.open(f).convert("RGB")
+    w, h = im.size
+    s = resize / min(w, h)
+    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    im = im.crop((left, top, left + image_size, top + image_size))
+    out[i] = np.asarray(im, np.float32) / 127.5 - 1.0
+  return out, np.array([c for _, c in files], np.int32)
+
+
+def _tfds_arrays(name: str, split: str, max_examples: int, data_dir, image_size: int):
+  """Reads a prepared TFDS dataset through tfds.data_source (array_record; no TensorFlow needed)."""
+  import tensorflow_datasets as tfds  # lazy: only the data-reading path needs it
+  src = tfds.data_source(name, split=split, data_dir=data_dir)
+  n = len(src) if not max_examples else min(max_examples, len(src))
+  imgs, labels = [], []
+  for i in range(n):
+    ex = src[i]
+    img = np.asarray(ex["image"])
+    if image_size and img.shape[0] != image_size:
+      from PIL import Image
+      img = np.asarray(Image.fromarray(img.squeeze()).resize((image_size, image_size), Image.BILINEAR))
+      img = img.reshape(image_size, image_size, -1)
+    imgs.append(img)
+    labels.append(int(ex.get("label", -1)))
+  return np.stack(imgs).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
+
+
+
+
+def run(config, workdir: str) -> dict:
+  """certify task: for each sigma, certify a subset of the test set; write TSV/JSON/markdown/PNG.
+
+  config: classifier {...}, score {...} (unless denoise=False), data {...}, sigmas, n0, n, alpha,
+  batch_size, seed, denoise, radii, num_classes.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  module, variables = load_classifier(config)
+  denoise = bool(_cfg_get(config, "denoise", True))
+  params = {"classifier": variables}
+  eps_fn = schedule = None
+  if denoise:
+    score_eps_fn, params["score"], schedule = load_score(config)
+    eps_fn = lambda p, x_t, t: score_eps_fn(p["score"], x_t, t)
+  images, labels = load_arrays(config.data)
+  num_classes = int(config.classifier.num_classes)
+  mesh = sharding.make_mesh()
+  params = sharding.replicate(params, mesh)
+  classify_fn = lambda p, x: module.apply(p["classifier"], x, train=False)
+  key = jax.random.key(int(_cfg_get(config, "seed", 0)))
+  sigmas = tuple(float(s) for s in _cfg_get(config, "sigmas", DEFAULT_SIGMAS))
+  rows_by_sigma, meta = {}, {}
+  for s in sigmas:
+    predict_fn = make_noisy_predict_fn(classify_fn, s, eps_fn=eps_fn, schedule=schedule, denoise=denoise)
+    counts_fn = make_counts_fn(predict_fn, num_classes, int(config.batch_size), mesh)
+    rows = certify_dataset(counts_fn, params, jax.random.fold_in(key, int(round(s * 1000))), images, labels,
+                           sigma=s, n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
+                           batch_size=int(config.batch_size))
+    write_rows(rows, os.path.join(workdir, f"certify_sigma{s:g}.tsv"))
+    rows_by_sigma[s] = rows
+    if denoise:
+      t = diffusion.t_for_sigma(schedule, s)
+      meta[str(s)] = {"t": t, "sigma_eff": effective_sigma(schedule, t)}
+  radii = tuple(_cfg_get(config, "radii", DEFAULT_RADII))
+  summary = summarize(rows_by_sigma, radii)
+  summary.update(num_examples=len(images), n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
+                 denoise=denoise, timesteps=meta)
+  with open(os.path.join(workdir, "certify.json"), "w") as f:
+    json.dump({"summary": summary, "rows": {str(s): r for s, r in rows_by_sigma.items()}}, f, indent=1)
+  table = markdown_table(summary)
+  with open(os.path.join(workdir, "certify.md"), "w") as f:
+    f.write("Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + table)
+  plot_curves(summary, os.path.join(workdir, "certify.png"),
+              "diffusion-denoised smoothing" if denoise else "Gaussian smoothing")
+  return summary
