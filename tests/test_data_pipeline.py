@@ -211,3 +211,21 @@ def test_real_prepared_tfds_data_dir_without_tensorflow(tmp_path):
   assert ev.num_examples == 5 and [int(b["mask"].sum()) for b in got] == [4, 1]
   with pytest.raises(FileNotFoundError, match="split 'validation'"):
     pipeline.make_source(cfg, "validation")
+
+
+class DiffaugTinyPrepare(DiffaugTinyTfds):
+  """Registered (by name) so the prepare command can find it, like a stock TFDS dataset."""
+
+
+def test_prepare_command_writes_array_record(tmp_path, capsys):
+  from diffaug_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  prepare.main(["diffaug_tiny_prepare", "--data_dir", str(tmp_path)])
+  assert "prepared diffaug_tiny_prepare" in capsys.readouterr().out
+  src = pipeline.make_source(_tfds_cfg("diffaug_tiny_prepare", str(tmp_path)), "test")
+  assert len(src) == 5 and src[0]["image"].dtype == np.uint8
+
+
+def _tfds_cfg(name, data_dir):
+  cfg = data_config.default_config()
+  cfg.update(dict(source="tfds", name=name, data_dir=data_dir, image_size=16, channels=3))
+  return cfg

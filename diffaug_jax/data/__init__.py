@@ -18,8 +18,12 @@ Public API (names re-exported lazily from the sub-modules):
       num_batches, batch_size); yields {"image", "label", "mask"}, last batch padded (mask 0).
   checkpointing.handler(), checkpointing.save_args(it), checkpointing.restore_args(it)
       -> the orbax handler / args that save the iterator position per process.      [checkpointing.py]
+  augmix.make_augmix_fn(cfg) -> per-example AugMix callable for make_train_loader(augmix_fn=...)
+      (optional cfg fields augmix_width 3, augmix_depth -1, augmix_severity 1, augmix_alpha 1.0)  [augmix.py]
   DigitsSource, FolderSource, TfdsSource, to_channels, imagenet_class_names          [sources.py]
   `python -m diffaug_jax.data.prepare NAME --data_dir DIR [--manual_dir M]`          [prepare.py]
+      (tfds download_and_prepare with file_format="array_record": `tfds.data_source` cannot read the
+      default TFRecord format; needs TensorFlow for stock datasets: `pip install diffaug_jax[prepare]`)
 
 Data config fields (documented in full in `diffaug_jax/data/config.py`):
   source ("digits"|"tfds"|"folder"), name (TFDS name), data_dir (TFDS data_dir or folder root),
