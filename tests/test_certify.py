@@ -148,7 +148,7 @@ def test_run_writes_outputs(tmp_path):
       "alpha": 0.001, "batch_size": 16, "radii": [0.0, 0.25, 0.5],
       "classifier": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
                      "params_path": str(tmp_path / "clf.msgpack")},
-      "data": {"source": "digits", "split": "test", "max_examples": 3, "skip": 1, "image_size": 8}})
+      "data": {"source": "digits", "split": "test", "max_examples": 3, "skip": 5, "image_size": 8}})
   out = certify.run(cfg, str(tmp_path / "wd"))
   for f in ("certify_sigma0.25.tsv", "certify_sigma0.5.tsv", "certify.json", "certify.md", "certify.png"):
     assert os.path.exists(tmp_path / "wd" / f), f

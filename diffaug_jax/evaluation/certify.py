@@ -234,106 +234,80 @@ def load_score(config):
   return eps_fn, variables, sched
 
 
+_OWN_DATA_KEYS = ("split", "max_examples", "skip", "path")
+
+
+def data_config(data_cfg):
+  """The data package's config (diffaug_jax.data.default_config) updated with data_cfg's fields, minus the
+  evaluation-only ones (split, max_examples, skip, path)."""
+  from diffaug_jax import data as data_lib
+  cfg = data_lib.default_config()
+  with cfg.unlocked():
+    for k in data_cfg.keys():
+      if k not in _OWN_DATA_KEYS:
+        cfg[k] = data_cfg[k]
+  return cfg
+
+
 def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for small evaluation subsets.
+  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for a small evaluation subset.
 
-  data_cfg.source: "digits" (sklearn's embedded 8x8 digits, test half, padded to `image_size`), "npz"
-  (data_cfg.path with arrays `image` uint8 NHWC and `label`), "folder" (class-per-subfolder image folder,
-  data_cfg.path, resized to image_size), or "tfds" (data_cfg.name, via the data package's reader).
-  data_cfg.max_examples caps N; data_cfg.skip takes every skip-th example (Cohen's convention).
+  data_cfg: the data package's fields (source "digits" | "tfds" | "folder", name, data_dir, eval_split,
+  image_size, channels, eval_transform, ...; see `diffaug_jax/data/config.py`), plus
+  split (default eval_split), skip (every skip-th example, Cohen's convention), max_examples (0 = all);
+  or source "npz" with `path` holding arrays `image` (uint8 NHWC) and `label`.
+  Examples are read by random access (`data.make_source`) and the deterministic eval transform.
   """
-  source = _cfg_get(data_cfg, "source", "digits")
-  split = split or _cfg_get(data_cfg, "split", "test")
-  if source == "digits":
-    images, labels = digits_arrays(split, int(_cfg_get(data_cfg, "image_size", 8)))
-  elif source == "npz":
-    with np.load(data_cfg.path) as z:
-      images = z["image"].astype(np.float32) / 127.5 - 1.0
-      labels = z["label"].astype(np.int32)
-  elif source == "folder":
-    images, labels = _folder_arrays(data_cfg.path, int(_cfg_get(data_cfg, "image_size", 224)),
-                                    int(_cfg_get(data_cfg, "max_examples", 0) or 0))
-  elif source == "tfds":
-    images, labels = _tfds_arrays(data_cfg.name, split, int(_cfg_get(data_cfg, "max_examples", 0) or 0),
-                                  _cfg_get(data_cfg, "data_dir"), int(_cfg_get(data_cfg, "image_size", 0) or 0))
-  else:
-    raise ValueError(f"unknown data source {source!r}: use digits, npz, folder or tfds")
   skip = int(_cfg_get(data_cfg, "skip", 1) or 1)
-  images, labels = images[::skip], labels[::skip]
   cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
+  if _cfg_get(data_cfg, "source") == "npz":
+    with np.load(data_cfg.path) as z:
+      images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
+      labels = z["label"][::skip].astype(np.int32)
+    return (images[:cap], labels[:cap]) if cap else (images, labels)
+  from diffaug_jax.data import pipeline, sources, transforms
+  cfg = data_config(data_cfg)
+  split = split or _cfg_get(data_cfg, "split") or cfg.eval_split
+  src = pipeline.make_source(cfg, split)
+  transform = transforms.make_eval_transform(
+      cfg.eval_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None)
+  idx = np.arange(0, len(src), skip)
   if cap:
-    images, labels = images[:cap], labels[:cap]
-  return images, labels
+    idx = idx[:cap]
+  images, labels = [], []
+  for i in idx:
+    ex = src[int(i)]
+    images.append(transform(sources.to_channels(ex["image"], int(cfg.channels))))
+    labels.append(int(ex["label"]))
+  if not images:
+    raise ValueError(f"no examples in {cfg.source}:{cfg.name} split {split!r}")
+  return np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
 
 
-def digits_arrays(split: str = "test", image_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-  """sklearn's embedded 8x8 digits (no download) as [-1, 1] float32 (N, S, S, 1); first/second half split."""
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  x = (d.images.astype(np.float32) / 16.0) * 2.0 - 1.0
-  y = d.target.astype(np.int32)
-  half = len(x) // 2
-  x, y = (x[:half], y[:half]) if split == "train" else (x[half:], y[half:])
-  x = x[..., None]
-  if image_size != 8:
-    if image_size < 8:
-      raise ValueError(f"digits image_size must be >= 8, got {image_size}")
-    pad = image_size - 8
-    x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)),
-               constant_values=-1.0)
-  return x, y
-
-
-def _folder_arrays(path: str, image_size: int, max_examples: int) -> tuple[np.ndarray, np.ndarray]:
-  """Class-per-subfolder images (e.g. OpenOOD's SSB-hard / NINCO) -> Resize(size*256/224)+CenterCrop(size)."""
-  from PIL import Image
-  if not os.path.isdir(path):
-    raise ValueError(f"image folder not found: {path}")
-  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-  files = []
-  if classes:
-    for ci, c in enumerate(classes):
-      for f in sorted(os.listdir(os.path.join(path, c))):
-        files.append((os.path.join(path, c, f), ci))
-  else:
-    files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path))]
-  files = [(f, c) for f, c in files if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp"))]
-  if not files:
-    raise ValueError(f"no images found under {path}")
-  if max_examples:
-    files = files[:max_examples]
-  resize = int(round(image_size * 256 / 224))
-  out = np.zeros((len(files), image_size, image_size, 3), np.float32)
-  for i, (f, _) in enumerate(files):
-    im = Image.open(f).convert("RGB")
-    w, h = im.size
-    s = resize / min(w, h)
-    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR)
-    w, h = im.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    im = im.crop((left, top, left + image_size, top + image_size))
-    out[i] = np.asarray(im, np.float32) / 127.5 - 1.0
-  return out, np.array([c for _, c in files], np.int32)
-
-
-def _tfds_arrays(name: str, split: str, max_examples: int, data_dir, image_size: int):
-  """Reads a prepared TFDS dataset through tfds.data_source (array_record; no TensorFlow needed)."""
-  import tensorflow_datasets as tfds  # lazy: only the data-reading path needs it
-  src = tfds.data_source(name, split=split, data_dir=data_dir)
-  n = len(src) if not max_examples else min(max_examples, len(src))
-  imgs, labels = [], []
-  for i in range(n):
-    ex = src[i]
-    img = np.asarray(ex["image"])
-    if image_size and img.shape[0] != image_size:
-      from PIL import Image
-      img = np.asarray(Image.fromarray(img.squeeze()).resize((image_size, image_size), Image.BILINEAR))
-      img = img.reshape(image_size, image_size, -1)
-    imgs.append(img)
-    labels.append(int(ex.get("label", -1)))
-  return np.stack(imgs).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
-
-
+def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None):
+  """Streams {"image" float32 [-1, 1], "label", "mask"} batches (padded last batch, mask 0 on padding)
+  through `data.make_eval_loader`; npz sources are batched in memory. max_examples caps the count."""
+  if _cfg_get(data_cfg, "source") == "npz":
+    images, labels = load_arrays(data_cfg, split=split)
+    for start in range(0, len(images), batch_size):
+      batch, mask = sharding.pad_to_multiple(
+          {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}, batch_size)
+      yield {**batch, "mask": mask}
+    return
+  from diffaug_jax import data as data_lib
+  cfg = data_config(data_cfg)
+  loader = data_lib.make_eval_loader(cfg, split or _cfg_get(data_cfg, "split") or None,
+                                     global_batch_size=batch_size)
+  cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
+  seen = 0
+  for batch in loader:
+    mask = np.asarray(batch["mask"], np.float32)
+    if cap:  # keep only the first `cap` real examples
+      mask = mask * ((seen + np.cumsum(mask)) <= cap)
+    seen += int(mask.sum())
+    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
+    if cap and seen >= cap:
+      return
 
 
 def run(config, workdir: str) -> dict:

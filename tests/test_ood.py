@@ -1,0 +1,98 @@
+"""OOD scores and metrics against small hand-computed cases."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffaug_jax import scoring
+
+H = np.array([[1., 2., 3., 4., 5., 6., 7., 8., 9., 10.]], np.float32)  # sum 55
+
+
+def test_msp_energy_maxlogit():
+  logits = np.array([[0., 0.], [math.log(3.), 0.]], np.float32)
+  np.testing.assert_allclose(scoring.msp_score(logits), [0.5, 0.75], rtol=1e-6)
+  np.testing.assert_allclose(scoring.energy_score(logits), [math.log(2), math.log(4)], rtol=1e-6)
+  np.testing.assert_allclose(scoring.energy_score([[1., 2., 3.]]), [math.log(math.e + math.e**2 + math.e**3)],
+                             rtol=1e-6)
+  np.testing.assert_allclose(scoring.energy_score([[2., 4.]], temperature=2.),
+                             [2 * math.log(math.e + math.e**2)], rtol=1e-6)
+  np.testing.assert_allclose(scoring.max_logit_score(logits), [0., math.log(3.)], rtol=1e-6)
+
+
+def test_react_threshold_and_clip():
+  assert scoring.react_threshold(np.arange(10.).reshape(2, 5), 90) == pytest.approx(8.1)
+  np.testing.assert_allclose(scoring.react_features(H, 8.1), [[1, 2, 3, 4, 5, 6, 7, 8, 8.1, 8.1]], rtol=1e-6)
+
+
+def test_ash_and_scale_shaping():
+  # p = 80 of n = 10 keeps k = 2 (indices 8, 9; values 9, 10; top-2 sum 19).
+  assert scoring.num_kept(10, 80) == 2 and scoring.num_kept(10, 90) == 1 and scoring.num_kept(2048, 90) == 205
+  b = np.zeros((1, 10), np.float32); b[0, 8:] = 55 / 2
+  np.testing.assert_allclose(scoring.ash_b_features(H, 80), b, rtol=1e-6)
+  b90 = np.zeros((1, 10), np.float32); b90[0, 9] = 55.
+  np.testing.assert_allclose(scoring.ash_b_features(H, 90), b90, rtol=1e-6)
+  p = np.zeros((1, 10), np.float32); p[0, 8:] = [9, 10]
+  np.testing.assert_allclose(scoring.ash_p_features(H, 80), p, rtol=1e-6)
+  np.testing.assert_allclose(scoring.ash_s_features(H, 80), p * math.exp(55 / 19), rtol=1e-5)
+  np.testing.assert_allclose(scoring.scale_features(H, 80), H * math.exp(55 / 19), rtol=1e-5)
+  # Per-row: a permuted second row gets its own top-k.
+  h2 = np.stack([H[0], H[0][::-1]])
+  out = np.asarray(scoring.ash_b_features(h2, 80))
+  np.testing.assert_allclose(out[1, :2], [27.5, 27.5]) and np.testing.assert_allclose(out[1, 2:], 0)
+  with pytest.raises(ValueError):
+    scoring.ash_b_features(H[0], 80)  # (D,) instead of (B, D)
+  with pytest.raises(ValueError):
+    scoring.scale_features(H, 100)
+
+
+def test_ood_scores_dispatch_uses_head_and_energy():
+  w = np.array([[1., -1.]] * 10, np.float32) / 10  # head: logits = h @ w
+  head = lambda h: jnp.asarray(h) @ w
+  logits = head(H)
+  s = scoring.ood_scores(logits, H, head, react_clip=8.1, ash_percentile=80, scale_percentile=80)
+  lse = lambda z: float(np.log(np.exp(z).sum()))
+  assert float(s["ash_b"][0]) == pytest.approx(lse(np.array([5.5, -5.5])), rel=1e-5)
+  assert float(s["react"][0]) == pytest.approx(lse(np.array([5.22, -5.22])), rel=1e-5)  # (36 + 2 * 8.1) / 10
+  e = 5.5 * math.exp(55 / 19)
+  assert float(s["scale"][0]) == pytest.approx(lse(np.array([e, -e])), rel=1e-5)
+  e = 1.9 * math.exp(55 / 19)
+  assert float(s["ash_s"][0]) == pytest.approx(lse(np.array([e, -e])), rel=1e-5)
+  assert float(s["msp"][0]) == pytest.approx(1 / (1 + math.exp(-11.)), rel=1e-6)
+  with pytest.raises(ValueError, match="react_clip"):
+    scoring.ood_scores(logits, H, head, methods=("react",))
+  with pytest.raises(ValueError, match="unknown"):
+    scoring.ood_scores(logits, H, head, methods=("odin",))
+
+
+def test_metrics_hand_computed():
+  # Ranked: 7(ID) 6(OOD) 5(ID) 3(OOD) 2(ID).
+  id_s, ood_s = [7., 5., 2.], [6., 3.]
+  m = scoring.ood_metrics(id_s, ood_s)
+  assert m["auroc"] == pytest.approx(3 / 6)
+  # PR-in points (R, P): (1/3, 1), (1/3, 1/2), (2/3, 2/3), (2/3, 1/2), (1, 3/5) + (0, 1); trapezoid:
+  assert m["aupr_in"] == pytest.approx((1 / 3) * (0.6 + 0.5) / 2 + (1 / 3) * (2 / 3 + 0.5) / 2 + 1 / 3)
+  # PR-out (OOD positive, -score): (0, 0), (1/2, 1/2), (1/2, 1/3), (1, 1/2), (1, 2/5) + (0, 1):
+  assert m["aupr_out"] == pytest.approx(0.5 * (0.5 + 1 / 3) / 2 + 0.5 * 0.5 / 2)
+  # ODIN: keep all ID (threshold 2) -> both OOD accepted. OpenOOD: flag all OOD (score <= 6) -> ID 5, 2.
+  assert m["fpr95_odin"] == pytest.approx(1.0)
+  assert m["fpr95_openood"] == pytest.approx(2 / 3)
+
+
+def test_fpr95_conventions_differ():
+  id_s, ood_s = [4., 5., 6., 7.], [1., 4.5, 6.5]
+  assert scoring.fpr_at_recall(id_s, ood_s, convention="odin") == pytest.approx(2 / 3)
+  assert scoring.fpr_at_recall(id_s, ood_s, convention="openood") == pytest.approx(3 / 4)
+  m = scoring.ood_metrics(id_s, ood_s)
+  assert m["auroc"] == pytest.approx((1 + 2 + 2 + 3) / 12)
+  # Perfect separation: AUROC 1, both FPRs 0, both AUPRs 1.
+  m = scoring.ood_metrics(np.arange(10, 30), np.arange(10))
+  assert m["auroc"] == 1.0 and m["fpr95_odin"] == 0.0 and m["fpr95_openood"] == 0.0
+  assert m["aupr_in"] == pytest.approx(1.0) and m["aupr_out"] == pytest.approx(1.0)
+  with pytest.raises(ValueError):
+    scoring.fpr_at_recall(id_s, ood_s, convention="tpr")
+  with pytest.raises(ValueError):
+    scoring.ood_metrics([1., np.nan], [0.])
