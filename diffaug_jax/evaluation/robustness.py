@@ -1,0 +1,428 @@
+"""Robustness evaluation: Default, DiffAug-Ensemble (DE), DDA and DDA-SE modes over suites.
+
+Functions usable from any JAX program (the digits demo, a notebook), independent of checkpoints and
+data pipelines; all run sharded over the mesh (default: all devices) with one compilation per shape:
+
+  evaluate_default(classify_fn, params, batches)                   -> {"accuracy", "n", ...}
+  evaluate_de(classify_fn, params, eps_fn, score_params, batches)  -> {"accuracy", "cumulative",
+                                                                       "members", "ts", ...}
+  evaluate_dda(classify_fn, params, model_fn, score_params, batches) -> {"dda": {...}, "dda_se": {...}}
+
+Callables take their parameters explicitly, so weights are jit arguments (never baked-in constants):
+  classify_fn(params, x) -> logits (B, K), x float32 NHWC in [-1, 1];
+  eps_fn(score_params, x_t, t) -> eps (B, H, W, C), t original timesteps (B,) int32;
+  model_fn(score_params, x_t, t) -> full model output (eps, or eps + variance channels: learn_sigma).
+Use `flax_classify_fn(module)` / `flax_eps_fn(module)` / `flax_model_fn(module)` to build them from Flax
+modules; a closure that ignores its params argument (pass params=None) is fine for small models.
+`batches` is any iterable of {"image" uint8 (B, H, W, C), "label" (B,), "mask" (B,)} (mask optional).
+
+`run(config, workdir)` is the task entry of `evaluate.py` (config.task == "robustness").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffaug_jax import augment
+from diffaug_jax import diffusion
+from diffaug_jax.evaluation import classify
+from diffaug_jax.evaluation import dda as dda_lib
+from diffaug_jax.evaluation import suites as suites_lib
+
+PyTree = Any
+Batches = Iterable[Mapping[str, np.ndarray]]
+MODES = ("default", "de", "dda", "dda_se")
+
+
+# ------------------------------------------------------------------------------------- callables
+
+
+def flax_classify_fn(module) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """(variables, x) -> logits for a Flax classifier (eval mode)."""
+  return lambda variables, x: module.apply(variables, x, train=False)
+
+
+def flax_eps_fn(module, *, dtype=None) -> Callable:
+  """(variables, x_t, t) -> eps for the score UNet (`models.score.make_eps_fn`)."""
+  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
+  return lambda variables, x_t, t: score.make_eps_fn(module, variables, dtype=dtype)(x_t, t)
+
+
+def flax_model_fn(module, *, dtype=None) -> Callable:
+  """(variables, x_t, t) -> full model output (eps + variance channels) for DDA."""
+  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
+  return lambda variables, x_t, t: score.make_model_fn(module, variables, dtype=dtype)(x_t, t)
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+class Head:
+  """Logits -> probabilities / predictions, with optional class-subset slicing (ImageNet-R/-A).
+
+  head="subset": logits[:, subset] before the softmax, predictions index the subset.
+  head="full": softmax over all classes; predictions are full-class indices.
+  labels: "subset" or "full", the space the dataset's labels live in.
+  """
+
+  def __init__(self, class_subset: Sequence[int] | None = None, head: str = "subset",
+               labels: str = "full"):
+    if head not in ("subset", "full") or labels not in ("subset", "full"):
+      raise ValueError(f"head/labels must be 'subset' or 'full', got {head!r}/{labels!r}")
+    self.subset = None if class_subset is None else np.asarray(class_subset, np.int32)
+    self.head, self.labels = head, labels
+
+  def probs(self, logits: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    if self.subset is not None and self.head == "subset":
+      logits = logits[:, jnp.asarray(self.subset)]
+    return jax.nn.softmax(logits, axis=-1)
+
+  def targets(self, labels: np.ndarray) -> np.ndarray:
+    """Dataset labels -> the index space of the predictions."""
+    labels = np.asarray(labels, np.int64)
+    if self.subset is None:
+      return labels
+    if self.head == "subset" and self.labels == "full":
+      pos = np.searchsorted(self.subset, labels)
+      pos = np.clip(pos, 0, len(self.subset) - 1)
+      if not np.all(self.subset[pos] == labels):
+        bad = np.unique(labels[self.subset[pos] != labels])[:10]
+        raise ValueError(f"labels {bad.tolist()} are not in the {len(self.subset)}-class subset")
+      return pos
+    if self.head == "full" and self.labels == "subset":
+      return self.subset[labels].astype(np.int64)
+    return labels
+
+
+def _entropy(p: jax.Array) -> jax.Array:
+  return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-12, 1.0)), axis=-1)
+
+
+def _acc(pred: np.ndarray, target: np.ndarray) -> float:
+  return float(np.mean(pred == target)) if len(target) else float("nan")
+
+
+# ------------------------------------------------------------------------------------- step makers
+
+
+def default_step(classify_fn, head: Head):
+  def step(params, x, key):
+    del key
+    p = head.probs(classify_fn(params, x))
+    return {"pred": jnp.argmax(p, -1).astype(jnp.int32), "entropy": _entropy(p)}
+  return step
+
+
+def de_step(classify_fn, eps_fn, schedule: diffusion.Schedule, ts: Sequence[int], head: Head):
+  ts = tuple(int(t) for t in ts)
+
+  def step(params, x, key):
+    cls_params, score_params = params
+    mean_probs, member_probs = augment.diffaug_ensemble(
+        key, x, lambda im: _logits_as_probs_input(head, classify_fn(cls_params, im)),
+        lambda x_t, t: eps_fn(score_params, x_t, t), schedule, ts=ts)
+    cum = augment.cumulative_ensemble(member_probs)
+    return {
+        "pred": jnp.argmax(mean_probs, -1).astype(jnp.int32),
+        "member_pred": jnp.argmax(member_probs, -1).T.astype(jnp.int32),   # (B, M)
+        "cum_pred": jnp.argmax(cum, -1).T.astype(jnp.int32),               # (B, M)
+        "member_entropy": _entropy(member_probs).T,                        # (B, M)
+    }
+  return step
+
+
+def _logits_as_probs_input(head: Head, logits: jax.Array) -> jax.Array:
+  """The core's ensemble softmaxes `classify_fn`'s output: hand it the (sub-)logits."""
+  logits = logits.astype(jnp.float32)
+  if head.subset is not None and head.head == "subset":
+    logits = logits[:, jnp.asarray(head.subset)]
+  return logits
+
+
+def dda_step(classify_fn, model_fn, schedule: diffusion.Schedule, head: Head, *, start_step: int,
+             factor: int, scale: float, learn_sigma: bool, norm: str, image_size: int | None):
+  def step(params, x, key):
+    cls_params, score_params = params
+    ref = x
+    if image_size and x.shape[1] != image_size:
+      # DDA's model runs at its own resolution (256); classify at the input resolution.
+      ref = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "cubic")
+    adapted = dda_lib.dda_adapt(key, ref, lambda x_t, t: model_fn(score_params, x_t, t), schedule,
+                                start_step=start_step, factor=factor, scale=scale,
+                                learn_sigma=learn_sigma, norm=norm)
+    adapted = jnp.clip(adapted, -1.0, 1.0)
+    if adapted.shape != x.shape:
+      adapted = jax.image.resize(adapted, x.shape, "cubic")
+    p_orig = head.probs(classify_fn(cls_params, x))
+    p_dda = head.probs(classify_fn(cls_params, adapted))
+    p_se = 0.5 * (p_orig + p_dda)
+    return {"pred": jnp.argmax(p_orig, -1).astype(jnp.int32),
+            "pred_dda": jnp.argmax(p_dda, -1).astype(jnp.int32),
+            "pred_dda_se": jnp.argmax(p_se, -1).astype(jnp.int32)}
+  return step
+
+
+# ------------------------------------------------------------------------------------- evaluators
+
+
+def _key(key):
+  return jax.random.key(0) if key is None else key
+
+
+def evaluate_default(classify_fn, params: PyTree, batches: Batches, *, class_subset=None,
+                     head: str = "subset", labels: str = "full", mesh=None, desc: str | None = None,
+                     total: int | None = None, runner: classify.ShardedRunner | None = None) -> dict:
+  """Plain classifier accuracy. Returns {"accuracy", "n", "mean_entropy"}."""
+  h = Head(class_subset, head, labels)
+  runner = runner or classify.ShardedRunner(default_step(classify_fn, h), mesh)
+  out = runner.run(params, batches, _key(None), desc=desc, total=total)
+  target = h.targets(out["label"])
+  return {"accuracy": _acc(out["pred"], target), "n": int(len(target)),
+          "mean_entropy": float(np.mean(out["entropy"])) if len(target) else float("nan")}
+
+
+def evaluate_de(classify_fn, params: PyTree, eps_fn, score_params: PyTree, batches: Batches, *,
+                schedule: diffusion.Schedule | None = None, ts: Sequence[int] = augment.DEFAULT_ENSEMBLE_TS,
+                key=None, class_subset=None, head: str = "subset", labels: str = "full", mesh=None,
+                desc: str | None = None, total: int | None = None,
+                runner: classify.ShardedRunner | None = None) -> dict:
+  """DiffAug Ensemble. Returns {"accuracy" (full ensemble), "ts", "members" (accuracy of each member
+  alone, in ts order), "cumulative" (accuracy of the first k members, k = 1..M; last == accuracy),
+  "member_entropy" (mean prediction entropy per member: paper Fig. 2 when ts spans 0..999), "n"}."""
+  schedule = diffusion.linear_schedule(1000) if schedule is None else schedule
+  h = Head(class_subset, head, labels)
+  runner = runner or classify.ShardedRunner(de_step(classify_fn, eps_fn, schedule, ts, h), mesh)
+  out = runner.run((params, score_params), batches, _key(key), desc=desc, total=total)
+  target = h.targets(out["label"])
+  m = len(tuple(ts))
+  return {
+      "accuracy": _acc(out["pred"], target),
+      "ts": [int(t) for t in ts],
+      "members": [_acc(out["member_pred"][:, i], target) for i in range(m)],
+      "cumulative": [_acc(out["cum_pred"][:, i], target) for i in range(m)],
+      "member_entropy": [float(np.mean(out["member_entropy"][:, i])) for i in range(m)],
+      "n": int(len(target)),
+  }
+
+
+def evaluate_dda(classify_fn, params: PyTree, model_fn, score_params: PyTree, batches: Batches, *,
+                 schedule: diffusion.Schedule | None = None, start_step: int = 50, factor: int = 4,
+                 scale: float = 6.0, learn_sigma: bool = True, norm: str = "per_example",
+                 image_size: int | None = None, key=None, class_subset=None, head: str = "subset",
+                 labels: str = "full", mesh=None, desc: str | None = None, total: int | None = None,
+                 runner: classify.ShardedRunner | None = None) -> dict:
+  """DDA and DDA-SE in one pass (the adaptation is the expensive part; both read it).
+
+  Returns {"dda": {"accuracy"}, "dda_se": {"accuracy"}, "default": {"accuracy"}, "n"}.
+  `schedule`: default `respace(linear_schedule(1000), "100")`.
+  """
+  schedule = dda_lib.dda_schedule() if schedule is None else schedule
+  h = Head(class_subset, head, labels)
+  runner = runner or classify.ShardedRunner(
+      dda_step(classify_fn, model_fn, schedule, h, start_step=start_step, factor=factor, scale=scale,
+               learn_sigma=learn_sigma, norm=norm, image_size=image_size), mesh)
+  out = runner.run((params, score_params), batches, _key(key), desc=desc, total=total)
+  target = h.targets(out["label"])
+  return {"dda": {"accuracy": _acc(out["pred_dda"], target)},
+          "dda_se": {"accuracy": _acc(out["pred_dda_se"], target)},
+          "default": {"accuracy": _acc(out["pred"], target)}, "n": int(len(target))}
+
+
+# ------------------------------------------------------------------------------------- suites
+
+
+def _suite_summary(suite: str, per_set: Mapping[str, Mapping[str, Any]], modes: Sequence[str]
+                   ) -> dict[str, Any]:
+  """Average accuracy per mode over the suite's sets (+ mCE / CE for corruption suites)."""
+  out: dict[str, Any] = {}
+  for mode in modes:
+    accs = {name: r[mode]["accuracy"] for name, r in per_set.items() if mode in r}
+    if not accs:
+      continue
+    entry: dict[str, Any] = {"accuracy": float(np.mean(list(accs.values())))}
+    if suite in ("imagenet_c", "cifar10_c", "corrupted"):
+      by_c: dict[str, dict[int, float]] = {}
+      for name, a in accs.items():
+        c, s = name.split("/")
+        by_c.setdefault(c, {})[int(s)] = a
+      entry.update(suites_lib.mce(by_c, normalise=suite == "imagenet_c"))
+      sevs = sorted({s for d in by_c.values() for s in d})
+      entry["accuracy_by_severity"] = {
+          str(s): float(np.mean([d[s] for d in by_c.values() if s in d])) for s in sevs}
+    out[mode] = entry
+  return out
+
+
+def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[str], *,
+                           make_batches: Callable, cfg: Mapping[str, Any], mesh=None,
+                           key=None) -> dict[str, dict[str, Any]]:
+  """Runs every mode of one model over a list of EvalSets. `model` holds classify_fn, params and
+  (for de/dda) eps_fn / model_fn, score_params, schedule, learn_sigma.
+  Returns {suite: {"sets": {set_name: {mode: result}}, "summary": {mode: ...}}}."""
+  key = _key(key)
+  results: dict[str, dict[str, Any]] = {}
+  runners: dict[tuple, classify.ShardedRunner] = {}
+  de_cfg = dict(cfg.get("de", {}))
+  dda_cfg = dict(cfg.get("dda", {}))
+  for i, es in enumerate(evalsets):
+    per_mode: dict[str, Any] = {}
+    h = Head(es.class_subset, es.head, es.labels)
+    hkey = (es.class_subset is not None, es.head, es.labels)
+    set_key = jax.random.fold_in(key, i)
+    for mode in modes:
+      if mode == "dda_se" and "dda" in modes:
+        continue  # computed with dda
+      batches, total = make_batches(es)
+      desc = f"{model['name']} {es.suite}:{es.name} [{mode}]"
+      t0 = time.time()
+      if mode == "default":
+        rk = ("default",) + hkey
+        runners.setdefault(rk, classify.ShardedRunner(default_step(model["classify_fn"], h), mesh))
+        r = evaluate_default(model["classify_fn"], model["params"], batches, class_subset=es.class_subset,
+                             head=es.head, labels=es.labels, desc=desc, total=total, runner=runners[rk])
+        per_mode["default"] = r
+      elif mode == "de":
+        _need(model, ("eps_fn", "score_params"), mode)
+        ts = tuple(int(t) for t in de_cfg.get("ts", augment.DEFAULT_ENSEMBLE_TS))
+        rk = ("de",) + hkey
+        runners.setdefault(rk, classify.ShardedRunner(
+            de_step(model["classify_fn"], model["eps_fn"], model["schedule"], ts, h), mesh))
+        per_mode["de"] = evaluate_de(model["classify_fn"], model["params"], model["eps_fn"],
+                                     model["score_params"], batches, schedule=model["schedule"], ts=ts,
+                                     key=set_key, class_subset=es.class_subset, head=es.head,
+                                     labels=es.labels, desc=desc, total=total, runner=runners[rk])
+      elif mode in ("dda", "dda_se"):
+        _need(model, ("model_fn", "score_params"), mode)
+        kw = dict(start_step=int(dda_cfg.get("start_step", 50)), factor=int(dda_cfg.get("factor", 4)),
+                  scale=float(dda_cfg.get("scale", 6.0)), learn_sigma=bool(model.get("learn_sigma", True)),
+                  norm=str(dda_cfg.get("norm", "per_example")),
+                  image_size=int(dda_cfg.get("image_size", 0)) or None)
+        sched = model.get("dda_schedule") or dda_lib.dda_schedule(spacing=str(dda_cfg.get("spacing", "100")))
+        rk = ("dda",) + hkey
+        runners.setdefault(rk, classify.ShardedRunner(
+            dda_step(model["classify_fn"], model["model_fn"], sched, h, **kw), mesh))
+        r = evaluate_dda(model["classify_fn"], model["params"], model["model_fn"], model["score_params"],
+                         batches, schedule=sched, key=set_key, class_subset=es.class_subset, head=es.head,
+                         labels=es.labels, desc=desc, total=total, runner=runners[rk], **kw)
+        per_mode["dda"] = dict(r["dda"], n=r["n"])
+        per_mode["dda_se"] = dict(r["dda_se"], n=r["n"])
+      else:
+        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+      per_mode.setdefault("seconds", {})[mode] = round(time.time() - t0, 3)
+    suite = results.setdefault(es.suite, {"sets": {}, "source": dict(es.source)})
+    suite["sets"][es.name] = per_mode
+  for suite_name, suite in results.items():
+    done = set(modes) | ({"dda", "dda_se"} if {"dda", "dda_se"} & set(modes) else set())
+    suite["summary"] = _suite_summary(suite_name, suite["sets"], [m for m in MODES if m in done])
+  return results
+
+
+def _need(model, keys, mode):
+  missing = [k for k in keys if model.get(k) is None]
+  if missing:
+    raise ValueError(f"mode {mode!r} needs a score model: model {model.get('name')!r} lacks {missing} "
+                     f"(set config.score.params_path and config.score.preset)")
+
+
+def evaluate_models(models: Sequence[Mapping[str, Any]], suite_specs: Mapping[str, Mapping[str, Any]],
+                    modes: Sequence[str], *, make_batches: Callable, cfg: Mapping[str, Any] | None = None,
+                    mesh=None, key=None, data_dir: str = "") -> dict[str, Any]:
+  """Several models x suites x modes -> one results dict {"models": {name: {suite: ...}}, ...}."""
+  cfg = dict(cfg or {})
+  bad = [m for m in modes if m not in MODES]
+  if bad:
+    raise ValueError(f"unknown mode(s) {bad}; known: {MODES}")
+  evalsets = []
+  for name, opts in suite_specs.items():
+    evalsets += suites_lib.expand_suite(name, opts, data_dir=data_dir)
+  out = {"modes": list(modes), "suites": {k: dict(v) for k, v in suite_specs.items()}, "models": {}}
+  for model in models:
+    out["models"][model["name"]] = evaluate_model_on_sets(model, evalsets, modes, make_batches=make_batches,
+                                                          cfg=cfg, mesh=mesh, key=key)
+  return out
+
+
+# ------------------------------------------------------------------------------------- task entry
+
+
+def _to_dict(x):
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
+def load_models(config) -> list[dict[str, Any]]:
+  """config.models: list of {name, workdir | (arch, num_classes, params_path)}; config.score (optional):
+  {params_path, preset, learn_sigma, dtype}. Returns model dicts for `evaluate_models`."""
+  score = _to_dict(config.get("score", {}) or {})
+  score_module = score_vars = None
+  if score.get("params_path"):
+    from diffaug_jax.convert import common  # pylint: disable=g-import-not-at-top
+    from diffaug_jax.models import unet  # pylint: disable=g-import-not-at-top
+    score_module = unet.unet_from_preset(score["preset"])
+    score_vars = common.load_params(score["params_path"])
+  dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(score.get("dtype", ""), None)
+  models = []
+  for spec in config.models:
+    spec = _to_dict(spec)
+    if spec.get("workdir"):
+      from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
+      module, variables, _ = checkpoint.load_trained_classifier(spec["workdir"], spec.get("step"))
+    elif spec.get("params_path"):
+      from diffaug_jax.convert import common  # pylint: disable=g-import-not-at-top
+      from diffaug_jax.models import classifiers  # pylint: disable=g-import-not-at-top
+      module = classifiers.get_classifier(spec["arch"], int(spec["num_classes"]))
+      variables = common.load_params(spec["params_path"])
+    else:
+      raise ValueError(f"model {spec.get('name')!r}: give workdir (a train.py run) or params_path + arch")
+    m = {"name": spec.get("name") or os.path.basename(os.path.normpath(spec.get("workdir", "model"))),
+         "classify_fn": flax_classify_fn(module), "params": variables,
+         "schedule": diffusion.linear_schedule(1000), "learn_sigma": bool(score.get("learn_sigma", True))}
+    if score_module is not None:
+      m.update(eps_fn=flax_eps_fn(score_module, dtype=dtype), model_fn=flax_model_fn(score_module, dtype=dtype),
+               score_params=score_vars)
+    models.append(m)
+  return models
+
+
+def run(config, workdir: str) -> dict:
+  """evaluate.py task: config.models x config.suites x config.modes -> results.json, results.md, PNGs."""
+  from diffaug_jax.evaluation import figures, tables  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  models = load_models(config)
+  base_data = config.data
+  batch_size = int(config.get("batch_size", 256))
+
+  def make_batches(es):
+    return suites_lib.make_batches(es, base_data, batch_size=batch_size)
+
+  suite_specs = {k: _to_dict(v) for k, v in _to_dict(config.suites).items()}
+  results = evaluate_models(models, suite_specs, list(config.modes), make_batches=make_batches,
+                            cfg=_to_dict(config), key=jax.random.key(int(config.get("seed", 0))),
+                            data_dir=str(base_data.get("data_dir", "")))
+  results["config"] = json.loads(config.to_json()) if hasattr(config, "to_json") else {}
+  results["device"] = {"backend": jax.default_backend(), "count": jax.device_count()}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  md = tables.results_table(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(md)
+  if jax.process_index() == 0:
+    print(md)
+  if "de" in config.modes:
+    figures.de_curve_figure(results, os.path.join(workdir, "de_curve.png"))
+  if config.get("figures", {}).get("augmentation_grid", False) and models and models[0].get("eps_fn"):
+    fig_cfg = _to_dict(config.figures)
+    batches, _ = make_batches(suites_lib.expand_suite("clean", {}, data_dir="")[0])
+    images = next(iter(batches))["image"][: int(fig_cfg.get("num_images", 6))]
+    figures.augmentation_grid(images, models[0]["eps_fn"], models[0]["score_params"],
+                              models[0]["schedule"], os.path.join(workdir, "diffaug_grid.png"))
+  return results

@@ -1,0 +1,262 @@
+"""Robustness evaluation: Default / DE / DDA modes, sharding invariance, subsets, mCE, tables, figures.
+
+Tiny stand-in models (a linear classifier on pooled pixels, an analytic eps model) keep this CPU-cheap:
+~20 s on 2 cores with 8 fake devices.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffaug_jax import diffusion
+from diffaug_jax import sharding as shd
+from diffaug_jax.evaluation import classify, dda, figures, robustness, suites, tables
+
+K = 5
+H = 8
+
+
+def classify_fn(params, x):
+  feats = jnp.concatenate([x.mean(axis=(1, 2)), (x ** 2).mean(axis=(1, 2))], axis=-1)  # (B, 6)
+  return feats @ params["w"] + params["b"]
+
+
+def eps_fn(sp, x_t, t):
+  # An analytic "denoiser": a fraction of x_t, growing with t.
+  return sp["a"] * x_t * (t.astype(jnp.float32) / 1000.0)[:, None, None, None]
+
+
+def model_fn(sp, x_t, t):
+  eps = eps_fn(sp, x_t, t)
+  return jnp.concatenate([eps, jnp.tanh(x_t) * 0.5], axis=-1)  # learn_sigma: (eps, v)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(6, K)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(K,)) * 0.1, jnp.float32)}
+  sp = {"a": jnp.float32(0.7)}
+  images = rng.integers(0, 256, size=(20, H, H, 3), dtype=np.uint8)
+  labels = rng.integers(0, K, size=(20,)).astype(np.int32)
+  return params, sp, images, labels
+
+
+def _batches(images, labels, bs=8):
+  return list(classify.batches_from_arrays(images, labels, bs))
+
+
+def _mesh1():
+  return shd.make_mesh(jax.devices()[:1])
+
+
+def test_default_sharded_equals_single_and_masks_padding(setup):
+  params, _, images, labels = setup
+  assert jax.device_count() == 8
+  step = robustness.default_step(classify_fn, robustness.Head())
+  key = jax.random.key(1)
+  out8 = classify.ShardedRunner(step).run(params, _batches(images, labels), key)
+  out1 = classify.ShardedRunner(step, _mesh1()).run(params, _batches(images, labels), key)
+  assert len(out8["pred"]) == 20  # 4 padding rows of the last batch dropped
+  np.testing.assert_array_equal(out8["pred"], out1["pred"])
+  np.testing.assert_allclose(out8["entropy"], out1["entropy"], rtol=1e-5)
+  ref = np.argmax(np.asarray(classify_fn(params, jnp.asarray(images, jnp.float32) / 127.5 - 1)), -1)
+  np.testing.assert_array_equal(out8["pred"], ref)
+  res = robustness.evaluate_default(classify_fn, params, _batches(images, labels))
+  assert res["n"] == 20 and res["accuracy"] == pytest.approx(np.mean(ref == labels))
+
+
+def test_de_sharded_equals_single_and_cumulative(setup):
+  params, sp, images, labels = setup
+  ts = (0, 100, 300, 600)
+  sched = diffusion.linear_schedule(1000)
+  step = robustness.de_step(classify_fn, eps_fn, sched, ts, robustness.Head())
+  key = jax.random.key(2)
+  out8 = classify.ShardedRunner(step).run((params, sp), _batches(images, labels), key)
+  out1 = classify.ShardedRunner(step, _mesh1()).run((params, sp), _batches(images, labels), key)
+  for k in ("pred", "member_pred", "cum_pred"):
+    np.testing.assert_array_equal(out8[k], out1[k])
+  np.testing.assert_allclose(out8["member_entropy"], out1["member_entropy"], rtol=1e-4, atol=1e-6)
+  res = robustness.evaluate_de(classify_fn, params, eps_fn, sp, _batches(images, labels), schedule=sched,
+                               ts=ts, key=key)
+  assert res["cumulative"][-1] == res["accuracy"]
+  assert res["cumulative"][0] == res["members"][0]
+  # Member t=0 is the plain classifier.
+  plain = robustness.evaluate_default(classify_fn, params, _batches(images, labels))
+  assert res["members"][0] == plain["accuracy"]
+  assert len(res["members"]) == len(ts) == len(res["member_entropy"])
+  # Noise matters: a large-t member differs from the raw one somewhere.
+  assert not np.array_equal(out8["member_pred"][:, 0], out8["member_pred"][:, 3]) or \
+      not np.allclose(out8["member_entropy"][:, 0], out8["member_entropy"][:, 3])
+
+
+def test_dda_sharded_equals_single(setup):
+  params, sp, images, labels = setup
+  sched = dda.dda_schedule(spacing="10")
+  step = robustness.dda_step(classify_fn, model_fn, sched, robustness.Head(), start_step=3, factor=2,
+                             scale=3.0, learn_sigma=True, norm="per_example", image_size=None)
+  key = jax.random.key(3)
+  out8 = classify.ShardedRunner(step).run((params, sp), _batches(images, labels), key)
+  out1 = classify.ShardedRunner(step, _mesh1()).run((params, sp), _batches(images, labels), key)
+  for k in ("pred", "pred_dda", "pred_dda_se"):
+    np.testing.assert_array_equal(out8[k], out1[k])
+
+
+def test_dda_scale0_is_plain_respaced_sampling():
+  sched = dda.dda_schedule(spacing="10")
+  rng = np.random.default_rng(1)
+  ref = jnp.asarray(rng.uniform(-1, 1, size=(2, H, H, 3)), jnp.float32)
+  sp = {"a": jnp.float32(0.5)}
+  mf = lambda x, t: model_fn(sp, x, t)
+  key = jax.random.key(4)
+  got = jax.jit(lambda k, r: dda.dda_adapt(k, r, mf, sched, start_step=4, factor=2, scale=0.0))(key, ref)
+  want = jax.jit(lambda k, r: dda.plain_respaced_sampling(k, r, mf, sched, start_step=4))(key, ref)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  guided = jax.jit(lambda k, r: dda.dda_adapt(k, r, mf, sched, start_step=4, factor=2, scale=5.0))(key, ref)
+  assert np.abs(np.asarray(guided) - np.asarray(want)).max() > 1e-3  # guidance does something
+
+
+def test_dda_guidance_decreases_lowpass_distance():
+  sched = dda.dda_schedule(spacing="20")
+  rng = np.random.default_rng(2)
+  ref = jnp.asarray(rng.uniform(-1, 1, size=(3, H, H, 3)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(3, H, H, 3)), jnp.float32)
+  sp = {"a": jnp.float32(0.3)}
+  mf = lambda x, t: model_fn(sp, x, t)
+  ref_lp = dda.lowpass(ref, 2)
+  i = jnp.int32(12)
+  t = jnp.full((3,), 12, jnp.int32)
+
+  @jax.jit
+  def dist(x):
+    out = mf(x, diffusion.model_timesteps(sched, t))
+    x0 = diffusion.p_mean_variance(sched, out, x, t, learn_sigma=True)["pred_x0"]
+    return dda.lowpass_distance(ref_lp, x0, 2)
+
+  key = jax.random.key(0)
+  step = jax.jit(lambda x, s: dda.guided_step(key, x, i, ref_lp, mf, sched, factor=2, scale=s,
+                                              learn_sigma=True))
+  x_next, grad, d0 = step(x, 1.0)
+  np.testing.assert_allclose(np.asarray(d0), np.asarray(dist(x)), rtol=1e-5)
+  x_plain, _, _ = step(x, 0.0)
+  np.testing.assert_allclose(np.asarray(x_plain - x_next), np.asarray(grad), rtol=1e-5, atol=1e-6)
+  # The update direction (-grad) lowers ||LPF(ref) - LPF(x0_hat(x))|| for every example.
+  d1 = dist(x - 0.05 * grad)
+  assert np.all(np.asarray(d1) < np.asarray(d0)), (d0, d1)
+
+
+def test_200_class_subsets_match_golden(golden_dir):
+  golden = json.loads((golden_dir / "imagenet_200_class_subsets.json").read_text())
+  for name, gkey in (("imagenet_r", "imagenet_r_indices"), ("imagenet_a", "imagenet_a_indices")):
+    (es,) = suites.expand_suite(name, {})
+    assert list(es.class_subset) == golden[gkey] and len(es.class_subset) == 200
+    head = robustness.Head(es.class_subset, "subset", "subset")
+    logits = np.zeros((3, 1000), np.float32)
+    not_in = next(i for i in range(1000) if i not in set(golden[gkey]))
+    logits[0, golden[gkey][17]] = 5.0
+    logits[1, not_in] = 50.0  # outside the subset: must be ignored by the sliced softmax
+    logits[1, golden[gkey][3]] = 1.0
+    logits[2, golden[gkey][199]] = 2.0
+    p = np.asarray(head.probs(jnp.asarray(logits)))
+    assert p.shape == (3, 200)
+    np.testing.assert_array_equal(p.argmax(-1), [17, 3, 199])
+    # 1000-way option: the argmax over all classes, labels mapped into the 1000 space.
+    full = robustness.Head(es.class_subset, "full", "subset")
+    assert np.asarray(full.probs(jnp.asarray(logits))).argmax(-1)[1] == not_in
+    np.testing.assert_array_equal(full.targets(np.array([17, 3])), [golden[gkey][17], golden[gkey][3]])
+    # Folder labels (1000-way) map back to subset positions; a label outside the subset is an error.
+    sub_full = robustness.Head(es.class_subset, "subset", "full")
+    np.testing.assert_array_equal(sub_full.targets(np.array([golden[gkey][5]])), [5])
+    with pytest.raises(ValueError, match="not in the 200-class subset"):
+      sub_full.targets(np.array([not_in]))
+
+
+def test_mce_hand_computed():
+  acc = {"gaussian_noise": {1: 0.5, 5: 0.1}, "brightness": {5: 0.6}, "speckle_noise": {5: 0.3}}
+  r = suites.mce(acc, normalise=True)
+  ce_g = 100 * (0.5 + 0.9) / (0.69528 + 0.99452)
+  ce_b = 100 * 0.4 / 0.72440
+  assert r["CE"]["gaussian_noise"] == pytest.approx(ce_g)
+  assert r["CE"]["brightness"] == pytest.approx(ce_b)
+  assert "speckle_noise" not in r["CE"]  # not one of the 15: no AlexNet reference
+  assert r["mCE"] == pytest.approx((ce_g + ce_b) / 2)
+  # All five severities give the familiar AlexNet mean (sum err / sum alexnet): AlexNet itself -> 100.
+  alex = {c: {s + 1: 1 - e for s, e in enumerate(v)} for c, v in suites.ALEXNET_ERRORS.items()}
+  assert suites.mce(alex)["mCE"] == pytest.approx(100.0)
+  assert np.mean(suites.ALEXNET_ERRORS["gaussian_noise"]) == pytest.approx(0.886428, abs=1e-6)
+  u = suites.mce({"fog": {1: 0.8, 2: 0.6}}, normalise=False)
+  assert u["mCE"] == pytest.approx(30.0)
+  assert len(suites.expand_suite("cifar10_c", {})) == 19 * 5
+  assert len(suites.expand_suite("imagenet_c", {"severities": [5]})) == 15
+
+
+def test_suite_table_and_figures(setup, tmp_path):
+  params, sp, images, labels = setup
+
+  def loader_fn(cfg, split, bs):
+    return _batches(images, labels, bs)
+
+  def make_batches(es):
+    return suites.make_batches(es, _FakeCfg(), batch_size=8, loader_fn=loader_fn)
+
+  models = [
+      {"name": "m1", "classify_fn": classify_fn, "params": params, "eps_fn": eps_fn, "model_fn": model_fn,
+       "score_params": sp, "schedule": diffusion.linear_schedule(1000), "learn_sigma": True,
+       "dda_schedule": dda.dda_schedule(spacing="10")},
+      {"name": "m2", "classify_fn": classify_fn,
+       "params": jax.tree.map(lambda v: -v, params), "eps_fn": eps_fn, "model_fn": model_fn,
+       "score_params": sp, "schedule": diffusion.linear_schedule(1000), "learn_sigma": True,
+       "dda_schedule": dda.dda_schedule(spacing="10")},
+  ]
+  specs = {"clean": {}, "corrupted": {"corruptions": ["contrast"], "severities": [1, 5]}}
+  cfg = {"de": {"ts": [0, 200, 400]}, "dda": {"start_step": 2, "factor": 2, "scale": 2.0}}
+  res = robustness.evaluate_models(models, specs, ["default", "de", "dda"], make_batches=make_batches,
+                                   cfg=cfg, key=jax.random.key(0))
+  json.dumps(res, default=float)
+  md = tables.results_table(res)
+  header = next(line for line in md.splitlines() if line.startswith("| Model"))
+  for s in ("Clean", "Corrupted"):
+    for m in ("Def", "DE", "DDA", "DDA-SE"):
+      assert f"{s} {m}" in header
+  for name in ("m1", "m2"):
+    row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(header.strip("|").split("|")) and "-" not in cells[1:], row
+  summ = res["models"]["m1"]["corrupted"]["summary"]
+  assert set(summ) == {"default", "de", "dda", "dda_se"} and "mCE" in summ["default"]
+  sets = res["models"]["m1"]["corrupted"]["sets"]
+  assert set(sets) == {"contrast/1", "contrast/5"}
+  # Severity 5 contrast is a different input than severity 1 (the corruption was applied).
+  assert sets["contrast/1"]["default"] != sets["contrast/5"]["default"] or \
+      sets["contrast/1"]["de"]["member_entropy"] != sets["contrast/5"]["de"]["member_entropy"]
+  # Figures: written and non-empty.
+  p1 = figures.de_curve_figure(res, str(tmp_path / "de.png"))
+  p2 = figures.augmentation_grid(images[:3], eps_fn, sp, diffusion.linear_schedule(1000),
+                                 str(tmp_path / "grid.png"))
+  de = res["models"]["m1"]["clean"]["sets"]["test"]["de"]
+  p3 = figures.entropy_vs_t_figure({"m1": (de["ts"], de["member_entropy"])}, str(tmp_path / "ent.png"))
+  for p in (p1, p2, p3):
+    with open(p, "rb") as f:
+      head = f.read(8)
+    assert head.startswith(b"\x89PNG") and (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+
+
+class _FakeCfg(dict):
+  """Stands in for the data config (only copied by make_batches for base/corrupt sources)."""
+
+
+def test_missing_dataset_message():
+  (es,) = [e for e in suites.expand_suite("imagenet_c", {"corruptions": ["fog"], "severities": [5]})]
+
+  def loader_fn(cfg, split, bs):
+    raise FileNotFoundError("no such dataset")
+
+  class Cfg:
+    data_dir = ""
+  with pytest.raises(suites.DatasetMissingError, match="(?s)imagenet2012_corrupted/fog_5.*manual download"):
+    suites.make_batches(es, Cfg(), batch_size=8, loader_fn=loader_fn)
+  (es,) = suites.expand_suite("imagenet_r", {"source": "folder", "path": "/nonexistent/imagenet-r"})
+  with pytest.raises(suites.DatasetMissingError, match="/nonexistent/imagenet-r"):
+    suites.make_batches(es, Cfg(), batch_size=8, loader_fn=loader_fn)
