@@ -359,17 +359,30 @@ def _to_dict(x):
   return dict(x)
 
 
-def load_models(config) -> list[dict[str, Any]]:
-  """config.models: list of {name, workdir | (arch, num_classes, params_path)}; config.score (optional):
-  {params_path, preset, learn_sigma, dtype}. Returns model dicts for `evaluate_models`."""
+def load_score(config):
+  """(module, variables, schedule, learn_sigma) of config.score ({workdir} of a score-mode train run, or
+  {params_path, preset, overrides} of converted weights), or None when no score model is configured."""
   score = _to_dict(config.get("score", {}) or {})
-  score_module = score_vars = None
-  if score.get("params_path"):
-    from diffaug_jax.convert import common  # pylint: disable=g-import-not-at-top
-    from diffaug_jax.models import unet  # pylint: disable=g-import-not-at-top
-    score_module = unet.unet_from_preset(score["preset"])
-    score_vars = common.load_params(score["params_path"])
-  dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(score.get("dtype", ""), None)
+  if not (score.get("workdir") or score.get("params_path")):
+    return None
+  from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  module, params = checkpoint.load_score_model(
+      workdir=score.get("workdir") or None, params_path=score.get("params_path") or None,
+      preset=score.get("preset") or None, overrides=dict(score.get("overrides", {}) or {}))
+  variables = params if isinstance(params, Mapping) and "params" in params else {"params": params}
+  kind, steps = score.get("schedule", "linear"), int(score.get("num_timesteps", 1000))
+  schedule = (diffusion.linear_schedule(steps) if kind == "linear" else diffusion.cosine_schedule(steps))
+  learn_sigma = int(module.out_channels) == 2 * int(module.in_channels)
+  return module, variables, schedule, learn_sigma
+
+
+def load_models(config) -> list[dict[str, Any]]:
+  """config.models: list of {name, workdir} (train.py runs, `checkpoint.load_trained_classifier`) or
+  {name, arch, num_classes, params_path} (converted weights, `convert.common.load_params`).
+  config.score (optional, needed by de/dda): see `load_score`. Returns model dicts for `evaluate_models`."""
+  loaded = load_score(config)
+  score = _to_dict(config.get("score", {}) or {})
+  dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(score.get("dtype", "")), None)
   models = []
   for spec in config.models:
     spec = _to_dict(spec)
@@ -385,10 +398,11 @@ def load_models(config) -> list[dict[str, Any]]:
       raise ValueError(f"model {spec.get('name')!r}: give workdir (a train.py run) or params_path + arch")
     m = {"name": spec.get("name") or os.path.basename(os.path.normpath(spec.get("workdir", "model"))),
          "classify_fn": flax_classify_fn(module), "params": variables,
-         "schedule": diffusion.linear_schedule(1000), "learn_sigma": bool(score.get("learn_sigma", True))}
-    if score_module is not None:
-      m.update(eps_fn=flax_eps_fn(score_module, dtype=dtype), model_fn=flax_model_fn(score_module, dtype=dtype),
-               score_params=score_vars)
+         "schedule": diffusion.linear_schedule(1000), "learn_sigma": True}
+    if loaded is not None:
+      s_module, s_vars, schedule, learn_sigma = loaded
+      m.update(eps_fn=flax_eps_fn(s_module, dtype=dtype), model_fn=flax_model_fn(s_module, dtype=dtype),
+               score_params=s_vars, schedule=schedule, learn_sigma=learn_sigma)
     models.append(m)
   return models
 
@@ -419,10 +433,29 @@ def run(config, workdir: str) -> dict:
     print(md)
   if "de" in config.modes:
     figures.de_curve_figure(results, os.path.join(workdir, "de_curve.png"))
-  if config.get("figures", {}).get("augmentation_grid", False) and models and models[0].get("eps_fn"):
-    fig_cfg = _to_dict(config.figures)
+  fig_cfg = _to_dict(config.get("figures", {}) or {})
+  m0 = models[0] if models else {}
+  if m0.get("eps_fn") is not None and (fig_cfg.get("augmentation_grid") or fig_cfg.get("entropy_vs_t")):
     batches, _ = make_batches(suites_lib.expand_suite("clean", {}, data_dir="")[0])
-    images = next(iter(batches))["image"][: int(fig_cfg.get("num_images", 6))]
-    figures.augmentation_grid(images, models[0]["eps_fn"], models[0]["score_params"],
-                              models[0]["schedule"], os.path.join(workdir, "diffaug_grid.png"))
+    first = next(iter(batches))
+    if fig_cfg.get("augmentation_grid"):
+      images = np.asarray(first["image"])[: int(fig_cfg.get("num_images", 6))]
+      figures.augmentation_grid(images, m0["eps_fn"], m0["score_params"], m0["schedule"],
+                                os.path.join(workdir, "diffaug_grid.png"))
+    if fig_cfg.get("entropy_vs_t"):
+      # Paper Fig. 2: mean entropy of each model's softmax on DiffAug samples at each t (one batch per
+      # model; `entropy_batches` batches of the clean set).
+      ts = tuple(int(t) for t in fig_cfg.get("entropy_ts", tuple(range(0, 1000, 50))))
+      nb = int(fig_cfg.get("entropy_batches", 1))
+      curves = {}
+      for m in models:
+        b, _ = make_batches(suites_lib.expand_suite("clean", {}, data_dir="")[0])
+        b = [x for _, x in zip(range(nb), b)]
+        r = evaluate_de(m["classify_fn"], m["params"], m["eps_fn"], m["score_params"], b,
+                        schedule=m["schedule"], ts=ts, key=jax.random.key(1))
+        curves[m["name"]] = (ts, r["member_entropy"])
+      results["entropy_vs_t"] = {k: {"ts": list(v[0]), "entropy": list(v[1])} for k, v in curves.items()}
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+      figures.entropy_vs_t_figure(curves, os.path.join(workdir, "entropy_vs_t.png"))
   return results

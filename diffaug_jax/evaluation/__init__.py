@@ -1,0 +1,36 @@
+"""Evaluation: robustness modes (Default, DiffAug-Ensemble, DDA, DDA-SE), suites, tables, figures, and
+the task dispatch of `evaluate.py`.
+
+Each task module `diffaug_jax.evaluation.<task>` exposes `run(config, workdir) -> dict`. Modules are
+imported only when their task is run, so the package imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+TASKS = ("robustness", "certify", "ood", "pag", "da_classifier")
+
+
+def get_task(name: str):
+  """The task module for `config.task` (imported lazily); a clear error if it is unknown or missing."""
+  if name not in TASKS:
+    raise ValueError(f"unknown evaluation task {name!r}; known: {', '.join(TASKS)}")
+  try:
+    module = importlib.import_module(f"diffaug_jax.evaluation.{name}")
+  except ModuleNotFoundError as e:
+    if e.name == f"diffaug_jax.evaluation.{name}":
+      raise ValueError(f"evaluation task {name!r} is not available: diffaug_jax/evaluation/{name}.py is "
+                       f"missing from this checkout") from e
+    raise
+  if not hasattr(module, "run"):
+    raise ValueError(f"diffaug_jax/evaluation/{name}.py has no run(config, workdir)")
+  return module
+
+
+def run_task(config, workdir: str) -> dict:
+  """Dispatch `config.task` (default "robustness") to its module's `run(config, workdir)`."""
+  task = config.get("task", "robustness") if hasattr(config, "get") else "robustness"
+  os.makedirs(workdir, exist_ok=True)
+  return get_task(task).run(config, workdir)

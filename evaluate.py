@@ -1,0 +1,32 @@
+"""Evaluation entry point: `config.task` selects a task module in diffaug_jax/evaluation/.
+
+  python evaluate.py --config configs/eval_digits.py --workdir runs/demo/eval
+  python evaluate.py --config configs/eval_cifar10.py --workdir runs/eval_c10
+  python evaluate.py --config configs/eval_imagenet.py:dda --workdir runs/eval_in_dda
+
+Tasks: robustness (Default / DE / DDA / DDA-SE on clean and shifted suites), certify, ood, pag,
+da_classifier. Each writes results.json (every number), results.md and its PNGs into --workdir.
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for results.json / results.md / PNGs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from diffaug_jax import sharding
+  sharding.initialize_distributed()  # before any other JAX call
+  from diffaug_jax.evaluation import run_task
+  run_task(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, _HERE)
+  app.run(main)
