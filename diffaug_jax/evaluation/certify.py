@@ -203,8 +203,12 @@ def _cfg_get(config, name: str, default=None):
 
 
 def load_classifier(config) -> tuple[Any, Any]:
-  """(module, variables) from config.classifier: {workdir} (train.py run) or {name, num_classes, params_path}."""
-  c = config.classifier
+  """(module, variables) from config.classifier (see `load_classifier_cfg`)."""
+  return load_classifier_cfg(config.classifier)
+
+
+def load_classifier_cfg(c) -> tuple[Any, Any]:
+  """(module, variables) from {workdir} (a train.py run) or {name, num_classes, kwargs, params_path}."""
   if _cfg_get(c, "workdir"):
     from diffaug_jax import checkpoint
     module, variables, _ = checkpoint.load_trained_classifier(c.workdir)
