@@ -1,0 +1,420 @@
+"""ADM UNet (guided-diffusion `UNetModel`) in Flax Linen, NHWC.
+
+Numerical parity with openai/guided-diffusion @ 22e0df8 (`guided_diffusion/unet.py`):
+- GroupNorm32: 32 groups, eps 1e-5, statistics and affine in float32, result cast back to the input dtype.
+- Timestep embedding: concat[cos, sin] of t * exp(-ln(10000) * arange(half) / half).
+- ResBlock scale-shift: GN(h) * (1 + scale) + shift, `scale` is the FIRST half of the embedding projection.
+- Down: 3x3 stride-2 conv (pad 1) when `conv_resample`, else 2x2 average pool (also inside up/down ResBlocks).
+- Up: nearest x2 (then a 3x3 conv when `conv_resample`). No transposed convolutions.
+- Decoder input: concat([h, skip]) along channels.
+- Attention: legacy order splits the qkv channels as (heads, 3, ch); the new order as (3, heads, ch). Softmax
+  in float32 (inside `jax.nn.dot_product_attention`). The legacy code scales q and k by ch^-1/4 each, which
+  equals the 1/sqrt(ch) logit scale used here (one fused attention call per block).
+
+Parameter names mirror the PyTorch state dict so that conversion is a mechanical renaming: a torch key
+`input_blocks.1.0.in_layers.2.weight` lives at flax path `input_blocks_1_0/in_layers_2/kernel` (every numeric
+path segment is joined to the previous one with "_"; weight -> kernel / scale / embedding).
+
+Compute dtype (`dtype`): params stay float32 (flax casts them to `dtype` inside each layer); GroupNorm and the
+attention softmax always run in float32. The timestep MLP and the final `out` block run in float32 (as the
+official fp16 mode does, which only converts the conv stacks); the output is float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+__all__ = [
+    "UNet", "UNET_PRESETS", "unet_from_preset", "unet_from_flags", "timestep_embedding", "GroupNorm32",
+    "default_channel_mult", "count_params",
+]
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding, (B,) int/float -> (B, dim) float32, [cos, sin] order like guided-diffusion."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm(32, C, eps=1e-5) computed in float32, output in the input dtype (guided-diffusion GroupNorm32).
+
+  Params `scale` (C,), `bias` (C,) (torch: weight, bias). Input (..., H, W, C) NHWC.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    shape = xf.shape
+    g = xf.reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+    # Two-pass variance (like torch), not E[x^2] - E[x]^2, for parity at 1e-5.
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = g.reshape(shape) * scale + bias
+    return y.astype(x.dtype)
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _avg_pool2(x: jax.Array) -> jax.Array:
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def _upsample_nearest2(x: jax.Array) -> jax.Array:
+  # Broadcast + reshape instead of two jnp.repeat calls: one fused copy, no gather.
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class ResBlock(nn.Module):
+  """guided-diffusion ResBlock (optionally up/down sampling). x (B,H,W,C), emb (B,E)."""
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  up: bool = False
+  down: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+    if self.up:
+      h, x = _upsample_nearest2(h), _upsample_nearest2(x)
+    elif self.down:
+      h, x = _avg_pool2(h), _avg_pool2(x)
+    h = _conv(self.out_channels, 3, "in_layers_2", self.dtype)(h)
+    emb_dim = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+    emb_out = nn.Dense(emb_dim, dtype=self.dtype, param_dtype=jnp.float32, name="emb_layers_1")(
+        nn.silu(emb)).astype(h.dtype)
+    emb_out = emb_out[:, None, None, :]
+    out_norm = GroupNorm32(name="out_layers_0")
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = out_norm(h) * (1 + scale) + shift
+    else:
+      h = out_norm(h + emb_out)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_channels, 3, "out_layers_3", self.dtype)(h)
+    if self.out_channels != c:
+      x = _conv(self.out_channels, 1, "skip_connection", self.dtype)(x)
+    return x + h
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """Fused softmax(q k^T * scale) v on (B, L, heads, ch); logits and softmax in float32.
+
+  `jax.nn.dot_product_attention` everywhere except float16 on CPU, where XLA:CPU rejects the F16_F16_F32 dot
+  algorithm it requests; there the same math is spelled out (f32 accumulation, f32 softmax).
+  """
+  if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+class AttentionBlock(nn.Module):
+  """Spatial self-attention (guided-diffusion AttentionBlock) on NHWC tokens, one fused attention call.
+
+  `qkv` / `proj_out` are Dense over channels (torch: 1x1 Conv1d).
+  """
+  num_heads: int = 1
+  num_head_channels: int = -1
+  use_new_attention_order: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hh, ww, c = x.shape
+    if self.num_head_channels == -1:
+      heads = self.num_heads
+    else:
+      if c % self.num_head_channels:
+        raise ValueError(f"channels {c} not divisible by num_head_channels {self.num_head_channels}")
+      heads = c // self.num_head_channels
+    if c % heads:
+      raise ValueError(f"channels {c} not divisible by num_heads {heads}")
+    ch = c // heads
+    tokens = x.reshape(b, hh * ww, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(
+        GroupNorm32(name="norm")(x).reshape(b, hh * ww, c))
+    if self.use_new_attention_order:
+      qkv = qkv.reshape(b, hh * ww, 3, heads, ch)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:  # legacy: split heads before qkv
+      qkv = qkv.reshape(b, hh * ww, heads, 3, ch)
+      q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    a = _attention(q, k, v, 1.0 / math.sqrt(ch))  # (B, L, heads, ch)
+    a = a.reshape(b, hh * ww, c)
+    h = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(a)
+    return (tokens + h.astype(tokens.dtype)).reshape(b, hh, ww, c)
+
+
+class Downsample(nn.Module):
+  conv_resample: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.conv_resample:
+      return _conv(x.shape[-1], 3, "op", self.dtype, stride=2)(x)
+    return _avg_pool2(x)
+
+
+class Upsample(nn.Module):
+  conv_resample: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = _upsample_nearest2(x)
+    if self.conv_resample:
+      x = _conv(x.shape[-1], 3, "conv", self.dtype)(x)
+    return x
+
+
+def default_channel_mult(image_size: int) -> tuple:
+  """guided-diffusion create_model's channel_mult for channel_mult == ""."""
+  table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
+           32: (1, 2, 2, 2)}
+  if image_size not in table:
+    raise ValueError(f"no default channel_mult for image_size {image_size}; pass channel_mult explicitly")
+  return table[image_size]
+
+
+class UNet(nn.Module):
+  """guided-diffusion UNetModel, NHWC.
+
+  `__call__(x (B,H,W,in_channels) float in [-1,1], t (B,) int timesteps, y (B,) int labels or None,
+  train=False) -> (B,H,W,out_channels) float32`. H and W must be divisible by 2**(len(channel_mult)-1)
+  (e.g. the 256 preset runs on 224x224: 224 -> 112 -> 56 -> 28 -> 14 -> 7). `attention_resolutions` are
+  downsample factors (ds), like UNetModel's argument (create_model's "32,16,8" becomes image_size // res).
+  `image_size` is informational only (the network is fully convolutional).
+  """
+  image_size: int = 64
+  in_channels: int = 3
+  model_channels: int = 128
+  out_channels: int = 3
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = ()
+  dropout: float = 0.0
+  channel_mult: Sequence[float] = (1, 2, 4, 8)
+  conv_resample: bool = True
+  num_classes: Optional[int] = None
+  num_heads: int = 1
+  num_head_channels: int = -1
+  num_heads_upsample: int = -1
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
+  use_new_attention_order: bool = False
+  dtype: Dtype = jnp.float32
+
+  @property
+  def learn_sigma(self) -> bool:
+    return self.out_channels == 2 * self.in_channels
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got shape {x.shape}")
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"UNet input spatial size {x.shape[1:3]} must be divisible by {factor}")
+    if (y is None) != (self.num_classes is None):
+      raise ValueError("labels y must be given if and only if the model is class-conditional "
+                       f"(num_classes={self.num_classes}, y is None: {y is None})")
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+      t = jnp.broadcast_to(t, (x.shape[0],))
+    mc = self.model_channels
+    ted = 4 * mc
+    heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+    attn_ds = tuple(int(a) for a in self.attention_resolutions)
+    dt = self.dtype
+    f32 = jnp.float32
+
+    # Timestep MLP in float32 (tiny; keeps the embedding exact in reduced precision).
+    emb = timestep_embedding(t, mc)
+    emb = nn.Dense(ted, dtype=f32, param_dtype=f32, name="time_embed_0")(emb)
+    emb = nn.Dense(ted, dtype=f32, param_dtype=f32, name="time_embed_2")(nn.silu(emb))
+    if self.num_classes is not None:
+      emb = emb + nn.Embed(self.num_classes, ted, param_dtype=f32, name="label_emb")(y)
+
+    def res(name, out_ch, **kw):
+      return ResBlock(out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, dtype=dt,
+                      name=name, **kw)
+
+    def attn(name, heads):
+      return AttentionBlock(num_heads=heads, num_head_channels=self.num_head_channels,
+                            use_new_attention_order=self.use_new_attention_order, dtype=dt, name=name)
+
+    h = x.astype(dt)
+    ch = int(self.channel_mult[0] * mc)
+    h = _conv(ch, 3, "input_blocks_0_0", dt)(h)
+    hs = [h]
+    ds = 1
+    idx = 1
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        ch = int(mult * mc)
+        h = res(f"input_blocks_{idx}_0", ch)(h, emb, train)
+        if ds in attn_ds:
+          h = attn(f"input_blocks_{idx}_1", self.num_heads)(h)
+        hs.append(h)
+        idx += 1
+      if level != len(self.channel_mult) - 1:
+        if self.resblock_updown:
+          h = res(f"input_blocks_{idx}_0", ch, down=True)(h, emb, train)
+        else:
+          h = Downsample(self.conv_resample, dtype=dt, name=f"input_blocks_{idx}_0")(h)
+        hs.append(h)
+        idx += 1
+        ds *= 2
+
+    h = res("middle_block_0", ch)(h, emb, train)
+    h = attn("middle_block_1", self.num_heads)(h)
+    h = res("middle_block_2", ch)(h, emb, train)
+
+    idx = 0
+    for level, mult in list(enumerate(self.channel_mult))[::-1]:
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        ch = int(mc * mult)
+        h = res(f"output_blocks_{idx}_0", ch)(h, emb, train)
+        j = 1
+        if ds in attn_ds:
+          h = attn(f"output_blocks_{idx}_{j}", heads_up)(h)
+          j += 1
+        if level and i == self.num_res_blocks:
+          if self.resblock_updown:
+            h = res(f"output_blocks_{idx}_{j}", ch, up=True)(h, emb, train)
+          else:
+            h = Upsample(self.conv_resample, dtype=dt, name=f"output_blocks_{idx}_{j}")(h)
+          ds //= 2
+        idx += 1
+
+    # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out).
+    h = nn.silu(GroupNorm32(name="out_0")(h.astype(f32)))
+    return _conv(self.out_channels, 3, "out_2", f32)(h)
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+  return int(sum(math.prod(l.shape) for l in jax.tree_util.tree_leaves(tree)))
+
+
+def _parse_ints(spec) -> tuple:
+  if isinstance(spec, str):
+    return tuple(int(s) for s in spec.split(",") if s.strip())
+  return tuple(int(s) for s in spec)
+
+
+def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_blocks: int = 2,
+                    channel_mult: Any = "", learn_sigma: bool = False, class_cond: bool = False,
+                    use_checkpoint: bool = False, attention_resolutions: Any = "16,8", num_heads: int = 1,
+                    num_head_channels: int = -1, num_heads_upsample: int = -1,
+                    use_scale_shift_norm: bool = False, dropout: float = 0.0, resblock_updown: bool = False,
+                    use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
+                    num_classes: int = 1000, dtype: Optional[Dtype] = None, **unknown) -> UNet:
+  """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
+
+  channel_mult "" -> default per image_size; "1,2,2" or a tuple otherwise. attention_resolutions are
+  resolutions ("32,16,8") converted to downsample factors image_size // res. use_fp16 -> dtype float16 (unless
+  `dtype` is given). use_checkpoint is accepted and ignored (use jax.checkpoint in the program if needed).
+  Extra diffusion flags (diffusion_steps, noise_schedule, ...) are rejected with a ValueError so a typo does not
+  silently build a different net; pass only model flags.
+  """
+  del use_checkpoint
+  if unknown:
+    raise ValueError(f"unet_from_flags: unknown model flag(s) {sorted(unknown)}")
+  if channel_mult in ("", None, ()):
+    mult = default_channel_mult(int(image_size))
+  elif isinstance(channel_mult, str):
+    mult = tuple(float(s) if "." in s else int(s) for s in channel_mult.split(","))
+  else:
+    mult = tuple(channel_mult)
+  attn = tuple(int(image_size) // r for r in _parse_ints(attention_resolutions))
+  if dtype is None:
+    dtype = jnp.float16 if use_fp16 else jnp.float32
+  return UNet(image_size=int(image_size), in_channels=in_channels, model_channels=int(num_channels),
+              out_channels=(2 * in_channels if learn_sigma else in_channels), num_res_blocks=int(num_res_blocks),
+              attention_resolutions=attn, dropout=float(dropout), channel_mult=mult,
+              num_classes=(num_classes if class_cond else None), num_heads=int(num_heads),
+              num_head_channels=int(num_head_channels), num_heads_upsample=int(num_heads_upsample),
+              use_scale_shift_norm=bool(use_scale_shift_norm), resblock_updown=bool(resblock_updown),
+              use_new_attention_order=bool(use_new_attention_order), dtype=dtype)
+
+
+# create_model flags, exactly as in the guided-diffusion / improved-diffusion READMEs (model flags only).
+# use_fp16 is False here: the compute dtype is chosen at inference (score.make_eps_fn(dtype=...)).
+_ADM_DEFAULTS = dict(num_res_blocks=2, channel_mult="", learn_sigma=False, class_cond=False,
+                     use_checkpoint=False, attention_resolutions="16,8", num_heads=4, num_head_channels=-1,
+                     num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=False,
+                     use_fp16=False, use_new_attention_order=False)
+
+UNET_PRESETS: dict = {
+    # 256x256_diffusion_uncond.pt (the DiffAug score model), 552,814,086 params. Linear schedule, 1000 steps.
+    "adm_256_uncond": dict(_ADM_DEFAULTS, image_size=256, num_channels=256, num_res_blocks=2,
+                           attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                           resblock_updown=True, use_scale_shift_norm=True),
+    # 256x256_diffusion.pt (class-conditional). Linear schedule.
+    "adm_256_cond": dict(_ADM_DEFAULTS, image_size=256, num_channels=256, num_res_blocks=2,
+                         attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                         class_cond=True, resblock_updown=True),
+    # 64x64_diffusion.pt. Cosine schedule, dropout 0.1 (only matters for training).
+    "adm_64_cond": dict(_ADM_DEFAULTS, image_size=64, num_channels=192, num_res_blocks=3,
+                        attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                        class_cond=True, resblock_updown=True, use_new_attention_order=True, dropout=0.1),
+    # 128x128_diffusion.pt. Linear schedule.
+    "adm_128_cond": dict(_ADM_DEFAULTS, image_size=128, num_channels=256, num_res_blocks=2,
+                         attention_resolutions="32,16,8", num_heads=4, learn_sigma=True, class_cond=True,
+                         resblock_updown=True),
+    # improved-diffusion cifar10_uncond_50M_500K.pt (L_hybrid, cosine schedule with 4000 steps, dropout 0.3).
+    "iddpm_cifar10": dict(_ADM_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3,
+                          attention_resolutions="16,8", num_heads=4, learn_sigma=True, dropout=0.3),
+    # Small 32x32 model to train on CIFAR-10-sized data (~9M params).
+    "small_32": dict(_ADM_DEFAULTS, image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2",
+                     attention_resolutions="8", num_head_channels=32, learn_sigma=False, dropout=0.1),
+    # Tiny model for the embedded digits data (8x8 upsampled to 32x32 or 16x16, 1 channel); trains on CPU in
+    # a few minutes. Attention at 8x8 (32 input) keeps every code path alive.
+    "digits": dict(_ADM_DEFAULTS, image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
+                   attention_resolutions="8", num_head_channels=32, learn_sigma=False, in_channels=1),
+}
+
+
+def unet_from_preset(name: str, **overrides) -> UNet:
+  """Build a UNet from `UNET_PRESETS[name]`; overrides are create_model flags (or in_channels / num_classes /
+  dtype)."""
+  if name not in UNET_PRESETS:
+    raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(UNET_PRESETS)}")
+  flags = dict(UNET_PRESETS[name])
+  flags.update(overrides)
+  return unet_from_flags(**flags)
