@@ -1,0 +1,253 @@
+"""Checkpoints: the only module that imports orbax.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data}` written by an orbax `CheckpointManager`:
+  state: the TrainState pytree (step, params, batch_stats, opt_state[, ema_params]) - never the frozen score
+    params, which reload from their own file / workdir (`load_score_model`);
+  data: the data iterator state, one JSON file per process (`process_<i>-of-<n>.json`, the same format as
+    grain's own checkpoint handler, so grain `DataLoader` / `DatasetIterator` iterators and any iterator with
+    `get_state()` / `set_state()` work; grain itself is not imported here).
+Resume order (`restore_or_init`): latest checkpoint in workdir -> explicit init checkpoint (weights only) ->
+scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from diffaug_jax.state import TrainState
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------- data state
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves/restores an iterator's `get_state()` (bytes or JSON-able) per process."""
+
+  def _file(self, directory: epath.Path) -> epath.Path:
+    return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+  def save(self, directory: epath.Path, args: "DataSave") -> None:
+    state = args.item.get_state()
+    text = state.decode() if isinstance(state, (bytes, bytearray)) else json.dumps(state, indent=1)
+    self._file(directory).write_text(text)
+
+  def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
+    f = self._file(directory)
+    if not f.exists():
+      raise ValueError(f"data iterator state {f} does not exist (checkpoint written by a different number "
+                       f"of processes?)")
+    text = f.read_text()
+    item = args.item
+    current = item.get_state()
+    # Same representation as the iterator's own get_state(): bytes (grain DataLoader) or a JSON value.
+    item.set_state(text.encode() if isinstance(current, (bytes, bytearray)) else json.loads(text))
+    return item
+
+  def structure(self, directory):  # required by the interface
+    return None
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+# ----------------------------------------------------------------------------------------------- manager
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for (state, data iterator).
+
+  save_every: save when step % save_every == 0 (0 disables periodic saves; `force=True` always saves).
+  keep: number of checkpoints kept.
+  """
+
+  def __init__(self, workdir: str, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def save(self, step: int, state: TrainState, data_iter: Any = None, *, force: bool = False) -> bool:
+    """Saves if due (or forced). Returns whether a save was started (async: `wait()` to finish)."""
+    if not (force or self.should_save(step)):
+      return False
+    if step in self.manager.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None and hasattr(data_iter, "get_state"):
+      items["data"] = DataSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, state_like: TrainState, data_iter: Any = None, step: int | None = None
+              ) -> tuple[TrainState, int]:
+    """Restores (state, step) at `step` (default latest) into the structure/shardings of `state_like`;
+    `data_iter.set_state` is called when the checkpoint has a data item."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
+    step_dir = epath.Path(self.directory) / str(step)
+    if data_iter is not None and hasattr(data_iter, "set_state") and (step_dir / "data").exists():
+      items["data"] = DataRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_raw_state(workdir_or_ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
+  """Restores a saved TrainState as plain nested dicts of numpy arrays (no target structure needed).
+
+  Accepts a training workdir or its `checkpoints` directory. Returns (tree, step) with keys "step", "params",
+  "batch_stats", "opt_state"[, "ema_params"].
+  """
+  path = os.path.abspath(workdir_or_ckpt_dir)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  mngr = ocp.CheckpointManager(path, item_names=("state", "data"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found in {path}")
+    meta = mngr.item_metadata(step)["state"]
+    # Restore every array as host numpy (works for checkpoints written on any device layout).
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta.tree if hasattr(meta, "tree") else meta)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  finally:
+    mngr.close()
+  return jax.tree.map(np.asarray, restored["state"]), step
+
+
+def weights_from(source: str) -> dict:
+  """Weights-only variables {"params", ["batch_stats"]} from a training workdir / checkpoint dir, or from a
+  converted parameter file (`convert.common.save_params` msgpack, checksum verified)."""
+  if os.path.isdir(source):
+    tree, _ = restore_raw_state(source)
+    out = {"params": tree["params"]}
+    if tree.get("batch_stats"):
+      out["batch_stats"] = tree["batch_stats"]
+    return out
+  if os.path.isfile(source):
+    from diffaug_jax.convert.common import load_params  # lazy: convert is optional at import time
+    return dict(load_params(source))
+  raise FileNotFoundError(f"init checkpoint {source!r} is neither a workdir/checkpoint directory nor a file")
+
+
+def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], TrainState], data_iter: Any,
+                    *, init_checkpoint: str | None = None, log: Callable[[str], None] = print
+                    ) -> tuple[TrainState, str]:
+  """Resume order: latest checkpoint in workdir -> `init_checkpoint` (weights only) -> scratch.
+
+  init_state_fn(variables_or_None) builds a fresh state (None = random init); its output also gives the
+  structure and shardings for the restore. Returns (state, where) with where in {"resume@<step>", "init:<src>",
+  "scratch"}.
+  """
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(init_state_fn(None), data_iter)
+    log(f"resumed from {ckpt.directory}/{step}")
+    return state, f"resume@{step}"
+  if init_checkpoint:
+    variables = weights_from(init_checkpoint)
+    log(f"initialised weights from {init_checkpoint}")
+    return init_state_fn(variables), f"init:{init_checkpoint}"
+  return init_state_fn(None), "scratch"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def read_train_config(workdir: str):
+  """The `config.json` a training run wrote into its workdir, as an ml_collections ConfigDict."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a diffaug_jax training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained_classifier(workdir: str, step: int | None = None, *, dtype: Any = None):
+  """(module, variables, train_config) of a classifier trained by `train.py` in `workdir`.
+
+  variables = {"params", ["batch_stats"]} as numpy (latest step unless `step`). `dtype` overrides the compute
+  dtype recorded in the config.
+  """
+  from diffaug_jax import trainer  # lazy: trainer imports this module
+  config = read_train_config(workdir)
+  if config.get("mode", "classifier") != "classifier":
+    raise ValueError(f"{workdir} holds a {config.mode!r} run, not a classifier")
+  module = trainer.build_classifier(config, dtype=dtype)
+  tree, _ = restore_raw_state(workdir, step)
+  variables = {"params": tree["params"]}
+  if tree.get("batch_stats"):
+    variables["batch_stats"] = tree["batch_stats"]
+  return module, variables, config
+
+
+def load_score_model(*, workdir: str | None = None, params_path: str | None = None, preset: str | None = None,
+                     overrides: dict | None = None, step: int | None = None, dtype: Any = None):
+  """(module, params) of a frozen score model: EMA params of a score-mode workdir of ours, or a converted
+  parameter file (`convert.common.load_params`, e.g. the guided-diffusion 256x256 model) with a UNet preset."""
+  from diffaug_jax import trainer
+  if workdir:
+    config = read_train_config(workdir)
+    if config.get("mode") != "score":
+      raise ValueError(f"{workdir} holds a {config.get('mode')!r} run, not a score model")
+    module = trainer.build_score_model(config, dtype=dtype)
+    tree, _ = restore_raw_state(workdir, step)
+    params = tree.get("ema_params") or tree["params"]
+    return module, params
+  if params_path:
+    if not preset:
+      raise ValueError("a score model loaded from params_path needs config.score.preset")
+    from diffaug_jax.convert.common import load_params
+    from diffaug_jax.models.unet import unet_from_preset
+    variables = load_params(params_path)
+    kw = dict(overrides or {})
+    if dtype is not None:
+      kw["dtype"] = dtype
+    return unet_from_preset(preset, **kw), variables["params"]
+  raise ValueError("no score model given: set config.score.workdir or config.score.params_path")

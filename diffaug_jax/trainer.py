@@ -1,0 +1,489 @@
+"""The training program: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: distributed init -> mesh -> data (fails before compiling on a bad path) -> models ->
+optimizer -> restore (latest in workdir -> init checkpoint -> scratch) -> jit ONCE -> loop (progress bar,
+JSONL metrics, non-finite guard, periodic eval, checkpoints every N steps / on SIGTERM / at the end).
+
+Modes (`config.mode`):
+  "classifier": `steps.train_step`; DiffAug on/off by `config.diffaug.enabled` (off = the baseline run). The
+    frozen score model comes from `config.score` (a score-mode workdir of ours, or a converted parameter file
+    + UNet preset) and is passed to the step as an explicit replicated argument.
+  "score": `steps.score_train_step` (DDPM objective, EMA params in the state).
+
+Sharding: one mesh axis `data` over all devices of all processes; the batch is sharded on it, the state is
+replicated (or laid out by `config.fsdp`, the hook for FSDP-style rules), the score params are replicated.
+Each process feeds its own slice; `sharding.shard_batch` builds the global batch with
+`jax.make_array_from_process_local_data`. Keys: `root = jax.random.key(config.seed)`; the train stream is
+`fold_in(root, 1)` and each step uses `fold_in(train_key, state.step)` (computed inside the jitted step), so
+a resumed run is exact and the numbers do not depend on the device count.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from diffaug_jax import checkpoint as ckpt_lib
+from diffaug_jax import diffusion, metrics as metrics_lib, optim, sharding, steps
+from diffaug_jax.state import TrainState
+
+PyTree = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, None: None}
+
+
+def _dtype(name):
+  if name is None or not isinstance(name, str):
+    return name
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of float32, bfloat16, float16")
+  return _DTYPES[name]
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _import_factory(path: str) -> Callable:
+  """'package.module:attr' -> attr (custom models: `config.model.factory`)."""
+  mod, _, attr = path.partition(":")
+  if not attr:
+    raise ValueError(f"factory {path!r} must look like 'package.module:callable'")
+  return getattr(importlib.import_module(mod), attr)
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build_classifier(config, *, dtype=None):
+  """Classifier module from `config.model` (name via `models.classifiers.get_classifier`, or `factory`)."""
+  m = config.model
+  dtype = _dtype(dtype) or _dtype(m.get("dtype", "float32"))
+  kwargs = dict(m.get("kwargs", {}) or {})
+  if m.get("factory"):
+    return _import_factory(m.factory)(num_classes=config.num_classes, dtype=dtype, **kwargs)
+  from diffaug_jax.models.classifiers import get_classifier
+  return get_classifier(m.name, config.num_classes, dtype=dtype, **kwargs)
+
+
+def build_score_model(config, *, dtype=None):
+  """UNet from `config.score_model` (preset + overrides, or `factory`), for score-mode runs."""
+  m = config.score_model
+  kwargs = dict(m.get("overrides", {}) or {})
+  dtype = _dtype(dtype) or _dtype(m.get("dtype", None))
+  if dtype is not None:
+    kwargs["dtype"] = dtype
+  if m.get("factory"):
+    return _import_factory(m.factory)(**kwargs)
+  from diffaug_jax.models.unet import unet_from_preset
+  return unet_from_preset(m.preset, **kwargs)
+
+
+def make_score_eps_factory(module, *, dtype=None) -> Callable:
+  """score_params -> eps_fn(x_t, t) (models.score.make_eps_fn when available)."""
+  try:
+    from diffaug_jax.models.score import make_eps_fn
+  except ImportError:  # score-model dev's helper not in the tree yet: same semantics, local.
+    make_eps_fn = None
+
+  def factory(params):
+    if make_eps_fn is not None:
+      return make_eps_fn(module, {"params": params}, dtype=dtype)
+
+    def eps_fn(x_t, t):
+      x = x_t if dtype is None else x_t.astype(dtype)
+      out = module.apply({"params": params}, x, t)
+      return out[..., :x_t.shape[-1]].astype(jnp.float32)
+    return eps_fn
+  return factory
+
+
+def load_frozen_score(config):
+  """(module, params, schedule) of the frozen DiffAug score model named by `config.score`.
+
+  Sources: `score.workdir` (EMA params of a score-mode run of ours), `score.params_path` (a converted file,
+  `convert.common.load_params`) with `score.preset` (+ `overrides`), or - for tests and benchmarks only -
+  `score.factory` ('module:callable' -> Linen module) with `score.random_init=True` (random weights).
+  """
+  s = config.score
+  schedule = make_schedule(s.get("schedule", "linear"), int(s.get("num_timesteps", 1000)))
+  if s.get("factory"):
+    module = _import_factory(s.factory)(**dict(s.get("overrides", {}) or {}))
+    if s.get("params_path"):
+      from diffaug_jax.convert.common import load_params
+      return module, load_params(s.params_path)["params"], schedule
+    if not s.get("random_init", False):
+      raise ValueError("config.score.factory needs score.params_path (or random_init=True for tests)")
+    shape = (1,) + tuple(int(v) for v in s.image_shape)
+    variables = module.init(jax.random.key(int(s.get("init_seed", 0))), jnp.zeros(shape, jnp.float32),
+                            jnp.zeros((1,), jnp.int32))
+    return module, variables["params"], schedule
+  module, params = ckpt_lib.load_score_model(
+      workdir=s.get("workdir"), params_path=s.get("params_path"), preset=s.get("preset"),
+      overrides=dict(s.get("overrides", {}) or {}))
+  return module, params, schedule
+
+
+def make_schedule(kind: str, num_timesteps: int) -> diffusion.Schedule:
+  if kind == "linear":
+    return diffusion.linear_schedule(num_timesteps)
+  if kind == "cosine":
+    return diffusion.cosine_schedule(num_timesteps)
+  raise ValueError(f"unknown diffusion schedule {kind!r}; expected 'linear' or 'cosine'")
+
+
+# --------------------------------------------------------------------------------------------------- data
+def build_data(config, mesh) -> dict:
+  """Train iterator (this process's slice, checkpointable) + eval batches, before any compilation.
+
+  Returns dict(train_iter, eval_fn (-> iterable of padded {"image","label","mask"}), num_train,
+  image_shape (H,W,C), num_classes). `config.data.source`: "digits" | "tfds" | "folder" (the grain
+  pipelines of `diffaug_jax.data`: each host reads its own shard of the source) or "arrays" (an in-memory
+  synthetic set whose GLOBAL batch order does not depend on the process count; used by the multi-process
+  test).
+  """
+  sharding.local_batch_size(config.batch_size, mesh)  # divisibility check with a clear message
+  eval_batch = int(config.get("eval_batch_size", 0) or config.batch_size)
+  sharding.local_batch_size(eval_batch, mesh)
+  pi, pc = jax.process_index(), jax.process_count()
+  dcfg = config.data
+  if dcfg.source == "arrays":
+    images, labels, test_images, test_labels = synthetic_arrays(dcfg)
+    it = InMemoryIterator(images, labels, global_batch=config.batch_size, seed=config.seed,
+                          process_index=pi, process_count=pc)
+    return dict(train_iter=it, num_train=len(images), image_shape=images.shape[1:],
+                num_classes=int(dcfg.num_classes),
+                eval_fn=lambda: padded_eval_batches(test_images, test_labels, eval_batch, pi, pc))
+  from diffaug_jax.data import config as data_config, pipeline  # grain/TFDS live behind this import
+  data_config.validate(dcfg)
+  source = pipeline.make_source(dcfg, dcfg.train_split)  # bad path / empty dataset -> error here
+  if len(source) == 0:
+    raise ValueError(f"training split {dcfg.train_split!r} of {dcfg.name!r} ({dcfg.data_dir}) is empty")
+  augmix_fn = None
+  if config.get("augmix", False):
+    from diffaug_jax.data import augmix  # data / augmix dev
+    augmix_fn = augmix.make_augmix_fn(dcfg)
+  train_iter = pipeline.make_train_loader(dcfg, global_batch_size=config.batch_size, seed=config.seed,
+                                          process_index=pi, process_count=pc, source=source,
+                                          augmix_fn=augmix_fn)
+  eval_loader = pipeline.make_eval_loader(dcfg, global_batch_size=eval_batch, process_index=pi,
+                                          process_count=pc)
+  return dict(train_iter=train_iter, num_train=len(source), image_shape=data_config.image_shape(dcfg),
+              num_classes=data_config.num_classes(dcfg), eval_fn=lambda: iter(eval_loader),
+              train_source=source)
+
+
+def synthetic_arrays(dcfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """A small deterministic, learnable uint8 image set (class = which quadrant is bright, plus noise)."""
+  n, s, c, k = int(dcfg.get("num_train", 256)), int(dcfg.image_size), int(dcfg.channels), int(dcfg.num_classes)
+  rng = np.random.default_rng(1234)
+
+  def make(m):
+    labels = rng.integers(0, k, m).astype(np.int32)
+    x = rng.normal(100, 30, (m, s, s, c))
+    for i, y in enumerate(labels):
+      r, col = divmod(int(y) % 4, 2)
+      x[i, r * s // 2:(r + 1) * s // 2, col * s // 2:(col + 1) * s // 2] += 60 + 20 * (int(y) // 4)
+    return np.clip(x, 0, 255).astype(np.uint8), labels
+  tr = make(n)
+  te = make(int(dcfg.get("num_test", 64)))
+  return tr[0], tr[1], te[0], te[1]
+
+
+class InMemoryIterator:
+  """Infinite, deterministic, checkpointable batches from in-memory arrays.
+
+  Epoch e uses the permutation `default_rng([seed, e])` of all examples; global batch b is
+  perm[b*G:(b+1)*G] and process p yields rows [p*G/P, (p+1)*G/P) of it, so the global batch sequence is the
+  same for any process count. State: {"epoch", "batch"} (JSON).
+  """
+
+  def __init__(self, images, labels, *, global_batch, seed, process_index=0, process_count=1):
+    if len(images) < global_batch:
+      raise ValueError(f"{len(images)} examples < global batch {global_batch}")
+    self.images, self.labels = images, labels
+    self.global_batch, self.seed = int(global_batch), int(seed)
+    self.pi, self.pc = process_index, process_count
+    self.per_epoch = len(images) // self.global_batch
+    self.epoch, self.batch = 0, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.batch >= self.per_epoch:
+      self.epoch, self.batch = self.epoch + 1, 0
+    perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
+    g = perm[self.batch * self.global_batch:(self.batch + 1) * self.global_batch]
+    per = self.global_batch // self.pc
+    idx = g[self.pi * per:(self.pi + 1) * per]
+    self.batch += 1
+    x = self.images[idx]
+    return {"image": x, "image_da": x, "label": self.labels[idx]}
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "batch": self.batch}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def padded_eval_batches(images, labels, global_batch, pi=0, pc=1):
+  """Fixed-size eval batches with mask (this process's rows of each global batch)."""
+  n = len(images)
+  per = global_batch // pc
+  for start in range(0, n, global_batch):
+    idx = np.arange(start + pi * per, start + (pi + 1) * per)
+    valid = idx < n
+    idx = np.where(valid, idx, 0)
+    yield {"image": np.where(valid[:, None, None, None], images[idx], 0).astype(np.uint8),
+           "label": np.where(valid, labels[idx], 0).astype(np.int32), "mask": valid.astype(np.int32)}
+
+
+# -------------------------------------------------------------------------------------------------- state
+def fsdp_rule(min_size: int = 2 ** 20, axis_size: int | None = None):
+  """FSDP-style layout hook: shard the largest dimension divisible by the mesh size of every leaf with
+  at least `min_size` elements over `data`; smaller leaves stay replicated."""
+  def rule(path, x):
+    n = axis_size or jax.device_count()
+    if np.size(x) < min_size or not np.shape(x):
+      return P()
+    dims = sorted(range(len(x.shape)), key=lambda i: -x.shape[i])
+    for d in dims:
+      if x.shape[d] % n == 0:
+        spec = [None] * len(x.shape)
+        spec[d] = sharding.DATA_AXIS
+        return P(*spec)
+    return P()
+  return rule
+
+
+def _init_variables(module, config, key, image_shape, *, score: bool):
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  if score:
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if config.get("ddpm", {}).get("class_cond", False) else None
+    return module.init({"params": key, "dropout": key}, x, t, y=y, train=False)
+  return module.init({"params": key, "dropout": key}, x, train=False)
+
+
+# --------------------------------------------------------------------------------------------------- loop
+class _Preemption:
+  """SIGTERM -> flag (checked each step; the loop saves a checkpoint and returns)."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) a training run in `workdir`. Returns a summary dict (final step, last train metrics,
+  eval metrics, where it started from, whether it stopped on SIGTERM)."""
+  # 1. Processes and devices.
+  sharding.initialize_distributed(config.get("distributed", None))
+  mesh = sharding.make_mesh()
+  mode = config.get("mode", "classifier")
+  if mode not in ("classifier", "score"):
+    raise ValueError(f"config.mode={mode!r}: expected 'classifier' or 'score'")
+  workdir = os.path.abspath(workdir)
+  write_config(config, workdir)
+
+  # 2. Data first: a wrong path / empty dataset fails here, before anything compiles.
+  data = build_data(config, mesh)
+  train_iter = data["train_iter"]
+  if mode == "classifier" and int(data["num_classes"]) != int(config.num_classes):
+    raise ValueError(f"config.num_classes={config.num_classes} but the data has {data['num_classes']} classes")
+  steps_per_epoch = max(1, data["num_train"] // config.batch_size)
+  total_steps = int(config.get("num_train_steps", 0) or 0) or int(config.num_epochs * steps_per_epoch)
+  _log(f"[{mode}] {jax.process_count()} process(es), {jax.device_count()} device(s); {data['num_train']} "
+       f"train examples, global batch {config.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+  # 3. Models and optimizer.
+  root = jax.random.key(config.seed)
+  init_key = jax.random.fold_in(root, 0)
+  score_params, score_eps_factory, schedule = None, None, None
+  if mode == "classifier":
+    module = build_classifier(config)
+    if config.diffaug.enabled:
+      score_module, score_params, schedule = load_frozen_score(config)
+      score_eps_factory = make_score_eps_factory(score_module, dtype=_dtype(config.score.get("dtype", None)))
+  else:
+    module = build_score_model(config)
+    schedule = make_schedule(config.ddpm.get("schedule", "linear"), int(config.ddpm.get("num_timesteps", 1000)))
+  tx, lr_schedule = optim.make_optimizer(config.optim, global_batch_size=config.batch_size,
+                                         steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+  def init_state(variables=None):
+    if variables is None:
+      variables = _init_variables(module, config, init_key, data["image_shape"], score=mode == "score")
+    return TrainState.create(variables, tx, ema=mode == "score")
+
+  abstract_state = jax.eval_shape(init_state)
+  rule = fsdp_rule(int(config.get("fsdp_min_size", 2 ** 20))) if config.get("fsdp", False) else None
+  state_sh = sharding.state_shardings(mesh, abstract_state, rule)
+  repl = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def init_state_placed(variables=None):
+    if variables is None:
+      return jax.jit(init_state, out_shardings=state_sh)()
+    variables = jax.tree.map(np.asarray, variables)
+    return jax.jit(init_state, out_shardings=state_sh)(variables)
+
+  # 4. Restore: latest in workdir -> init checkpoint (weights only) -> scratch.
+  ckpt = ckpt_lib.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 0) or 0),
+                               keep=int(config.get("keep_checkpoints", 3)),
+                               async_save=bool(config.get("async_checkpoint", True)))
+  state, where = ckpt_lib.restore_or_init(ckpt, init_state_placed, train_iter,
+                                          init_checkpoint=config.get("init_checkpoint"), log=_log)
+  start_step = int(jax.device_get(state.step))
+
+  # 5. Jit once: static parts bound with partial, batch sharded, state replicated (or by rule), donated.
+  train_key_const = 1  # stream id: fold_in(root, 1) = train stream
+
+  if mode == "classifier":
+    if score_params is not None:
+      score_params = sharding.replicate(jax.tree.map(np.asarray, score_params), mesh)
+    step_cfg = steps.StepConfig(schedule=schedule, diffaug=bool(config.diffaug.enabled),
+                                diffaug_weight=float(config.diffaug.get("weight", 1.0)),
+                                t_low=int(config.diffaug.get("t_low", 0)),
+                                t_high=int(config.diffaug.get("t_high", 1000)),
+                                jsd_weight=float(config.get("jsd_weight", 12.0)),
+                                label_smoothing=float(config.get("label_smoothing", 0.0)),
+                                lr_schedule=lr_schedule)
+    bound = functools.partial(steps.train_step, apply_fn=module.apply, score_eps_fn=score_eps_factory,
+                              tx=tx, cfg=step_cfg)
+
+    def step_fn(state, batch, score_params):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), train_key_const), state.step)
+      return bound(state, batch, key, score_params)
+    score_sh = jax.tree.map(lambda _: repl, score_params)
+    p_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, score_sh), out_shardings=(state_sh, repl),
+                     donate_argnums=(0,))
+    p_eval = jax.jit(functools.partial(steps.eval_step, apply_fn=module.apply),
+                     in_shardings=(state_sh, batch_sh), out_shardings=repl)
+  else:
+    sc = config.ddpm
+    step_cfg = steps.ScoreStepConfig(schedule=schedule, learn_sigma=bool(sc.get("learn_sigma", False)),
+                                     loss_type=sc.get("loss_type", "simple"),
+                                     ema_decay=float(sc.get("ema_decay", 0.9999)),
+                                     class_cond=bool(sc.get("class_cond", False)), lr_schedule=lr_schedule)
+    bound = functools.partial(steps.score_train_step, apply_fn=module.apply, tx=tx, cfg=step_cfg)
+
+    def step_fn(state, batch, score_params):
+      del score_params
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), train_key_const), state.step)
+      return bound(state, batch, key)
+    p_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, repl),
+                     donate_argnums=(0,))
+
+    def eval_fn(state, batch):
+      key = jax.random.fold_in(jax.random.key(config.seed), 2)
+      return steps.score_eval_step(state, batch, key, apply_fn=module.apply, cfg=step_cfg)
+    p_eval = jax.jit(eval_fn, in_shardings=(state_sh, batch_sh), out_shardings=repl)
+
+  def run_eval(state) -> dict:
+    totals: dict[str, float] = {}
+    for batch in data["eval_fn"]():
+      if mode == "score":  # ddpm_loss is a batch mean: use only full batches
+        if float(np.min(batch["mask"])) < 1:
+          continue
+        batch = {k: v for k, v in batch.items() if k in ("image", "label")}
+      out = metrics_lib.to_python(p_eval(state, sharding.shard_batch(batch, mesh)))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + v
+    n = max(totals.get("count", 0.0), 1.0)
+    res = {"eval_loss": totals.get("loss", float("nan")) / n, "eval_count": totals.get("count", 0.0)}
+    if "correct" in totals:
+      res["eval_accuracy"] = totals["correct"] / n
+    return res
+
+  # 6. Loop.
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(total_steps, config.batch_size, prefix=mode,
+                                  enabled=jax.process_index() == 0 and config.get("progress", True))
+  log_every = max(1, int(config.get("log_every", 50)))
+  block_every = max(1, int(config.get("block_every", 4)))
+  eval_every = int(config.get("eval_every", 0) or 0)
+  batch_keys = ("image", "image_da", "label", "image_aug1", "image_aug2") if mode == "classifier" else ("image", "label")
+  pending: list[tuple[int, dict]] = []
+  window: list[dict] = []
+  last_train, last_eval = {}, {}
+  preempted = False
+  step = start_step
+  progress.start(step)
+  t_start = time.perf_counter()
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps:
+        try:
+          batch = next(train_iter)
+        except StopIteration as e:
+          raise RuntimeError(f"train iterator ended at step {step} (expected an infinite, repeating stream)") from e
+        batch = {k: v for k, v in batch.items() if k in batch_keys}
+        state, m = p_step(state, sharding.shard_batch(batch, mesh), score_params)
+        step += 1
+        pending.append((step, m))
+        # Block on a value every few steps: keeps the dispatch queue short (8 fake CPU devices abort when
+        # ~40 sharded steps queue) and catches a non-finite loss at its step.
+        if len(pending) >= block_every or step % log_every == 0 or step == total_steps:
+          for s, mm in pending:
+            vals = metrics_lib.to_python(mm)
+            metrics_lib.check_finite(vals, s)
+            window.append(vals)
+          pending = []
+        if step % log_every == 0 or step == total_steps:
+          last_train = {k: float(np.mean([w[k] for w in window])) for k in window[-1]} if window else {}
+          window = []
+          ips = progress.update(step, last_train)
+          writer.write(step, last_train, split="train", images_per_sec=ips)
+        if eval_every and (step % eval_every == 0 or step == total_steps):
+          last_eval = run_eval(state)
+          writer.write(step, last_eval, split="eval")
+          _log(f"  eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        ckpt.save(step, state, train_iter)
+        if preemption.flag or ckpt.manager.reached_preemption(step):
+          _log(f"SIGTERM/preemption at step {step}: saving a checkpoint and stopping")
+          preempted = True
+          break
+    ckpt.save(step, state, train_iter, force=True)
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  if not eval_every and not preempted and mode == "classifier":
+    last_eval = run_eval(state)
+    writer = metrics_lib.MetricWriter(workdir)
+    writer.write(step, last_eval, split="eval")
+    writer.close()
+  return {"step": step, "start": where, "train": last_train, "eval": last_eval, "preempted": preempted,
+          "seconds": time.perf_counter() - t_start, "state": state, "module": module}

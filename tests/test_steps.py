@@ -1,0 +1,172 @@
+"""train_step / score_train_step / eval_step: sharding invariance, single compilation, loss composition.
+
+Stand-in Flax modules (tiny, fast to compile) are defined here and reused by the trainer/checkpoint/
+multiprocess tests through `factory="test_steps:..."`. Runtime ~25 s on 2 cores.
+"""
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffaug_jax import diffusion, sharding, steps
+from diffaug_jax.state import TrainState
+
+
+class TinyClassifier(nn.Module):
+  """Conv + BatchNorm + Dense: exercises batch_stats (statistics over the concatenated views)."""
+  num_classes: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, return_features: bool = False):
+    x = nn.Conv(8, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+    h = jnp.mean(nn.relu(x), axis=(1, 2)).astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
+    return (logits, h) if return_features else logits
+
+
+class TinyEps(nn.Module):
+  """A stand-in eps-prediction 'score model' with the UNet attributes make_eps_fn reads."""
+  in_channels: int = 1
+  out_channels: int = 1
+  num_classes: Optional[int] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train: bool = False):
+    temb = nn.Dense(self.in_channels)(jnp.sin(t.astype(jnp.float32)[:, None] / 100.0))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
+    return (h + temb[:, None, None, :]).astype(jnp.float32)
+
+
+def _setup(diffaug=True, weight=1.0, num_classes=4):
+  from diffaug_jax.trainer import make_score_eps_factory
+  clf = TinyClassifier(num_classes)
+  eps_mod = TinyEps()
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = clf.init(jax.random.key(0), x)
+  score_params = eps_mod.init(jax.random.key(1), x, jnp.zeros((1,), jnp.int32))["params"]
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = TrainState.create(variables, tx)
+  cfg = steps.StepConfig(schedule=diffusion.linear_schedule(1000), diffaug=diffaug, diffaug_weight=weight,
+                         lr_schedule=lambda s: 0.1)
+  fn = functools.partial(steps.train_step, apply_fn=clf.apply, score_eps_fn=make_score_eps_factory(eps_mod),
+                         tx=tx, cfg=cfg)
+  return state, score_params, fn
+
+
+def _batch(n=16, seed=0, augmix=False):
+  rng = np.random.default_rng(seed)
+  b = {"image": rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+       "image_da": rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+       "label": rng.integers(0, 4, (n,)).astype(np.int32)}
+  if augmix:
+    b["image_aug1"] = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    b["image_aug2"] = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+  return b
+
+
+def _run(mesh, state, score_params, fn, batches):
+  st_sh = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  sc_sh = jax.tree.map(lambda _: sharding.replicated(mesh), score_params)
+  step = jax.jit(lambda s, b, p: fn(s, b, jax.random.fold_in(jax.random.key(7), s.step), p),
+                 in_shardings=(st_sh, sharding.batch_sharding(mesh), sc_sh),
+                 out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  state = jax.device_put(jax.device_get(state), st_sh)  # a copy: the step donates it
+  score_params = jax.device_put(score_params, sc_sh)
+  hist = []
+  for b in batches:
+    state, m = step(state, sharding.shard_batch(b, mesh), score_params)
+    hist.append(jax.device_get(m))
+  return jax.device_get(state), hist, step
+
+
+def test_sharded_8_devices_equals_1_device():
+  """Same global batch on a 1-device and an 8-device mesh -> same params/batch_stats/metrics.
+
+  Tolerance: rtol 2e-5, atol 1e-6 (float32; only the reduction order differs across devices)."""
+  assert jax.device_count() == 8
+  batches = [_batch(16, s) for s in range(3)]
+  state, sp, fn = _setup()
+  s1, h1, _ = _run(sharding.make_mesh(jax.devices()[:1]), state, sp, fn, batches)
+  state, sp, fn = _setup()
+  s8, h8, _ = _run(sharding.make_mesh(), state, sp, fn, batches)
+  for a, b in zip(jax.tree.leaves((s1.params, s1.batch_stats)), jax.tree.leaves((s8.params, s8.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  for m1, m8 in zip(h1, h8):
+    for k in ("loss", "loss_clean", "loss_diffaug", "accuracy"):
+      np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, atol=1e-6)
+  assert int(s8.step) == 3
+  # The step did something: params moved and the DiffAug term is a real, non-zero loss.
+  assert not np.allclose(jax.tree.leaves(s8.params)[0], jax.tree.leaves(state.params)[0])
+  assert all(h["loss_diffaug"] > 0 for h in h8)
+
+
+def test_compiles_once_across_steps():
+  traces = []
+  state, sp, fn = _setup()
+
+  def counting(*a, **k):
+    traces.append(1)
+    return fn(*a, **k)
+  _, _, step = _run(sharding.make_mesh(), state, sp, counting, [_batch(16, s) for s in range(4)])
+  assert len(traces) == 1, f"train step traced {len(traces)} times"
+  assert step._cache_size() == 1
+
+
+def test_loss_composition_baseline_and_augmix():
+  state, sp, fn = _setup(diffaug=True, weight=0.5)
+  _, m = fn(state, _batch(8), jax.random.key(3), sp)
+  np.testing.assert_allclose(m["loss"], m["loss_clean"] + 0.5 * m["loss_diffaug"], rtol=1e-6)
+  # AugMix views present -> + 12 * JSD.
+  _, m = fn(state, _batch(8, augmix=True), jax.random.key(3), sp)
+  assert m["loss_jsd"] > 0
+  np.testing.assert_allclose(m["loss"], m["loss_clean"] + 0.5 * m["loss_diffaug"] + 12 * m["loss_jsd"],
+                             rtol=1e-5)
+  # Baseline: the same step without DiffAug never calls the score model (score params may be None).
+  state, _, fn = _setup(diffaug=False)
+  new, m = fn(state, _batch(8), jax.random.key(3), None)
+  assert float(m["loss_diffaug"]) == 0.0 and float(m["loss"]) == pytest.approx(float(m["loss_clean"]))
+  assert int(new.step) == 1 and m["grad_norm"] > 0 and m["learning_rate"] == pytest.approx(0.1)
+
+
+def test_diffaug_view_has_no_gradient_to_score_params():
+  state, sp, fn = _setup()
+
+  def loss_wrt_score(p):
+    _, m = fn(state, _batch(8), jax.random.key(3), p)
+    return m["loss"]
+  g = jax.grad(loss_wrt_score)(sp)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
+
+
+def test_score_train_step_ema_and_eval():
+  mod = TinyEps()
+  variables = mod.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  tx = optax.adam(1e-2)
+  state = TrainState.create(variables, tx, ema=True)
+  cfg = steps.ScoreStepConfig(schedule=diffusion.linear_schedule(1000), ema_decay=0.5)
+  step = jax.jit(functools.partial(steps.score_train_step, apply_fn=mod.apply, tx=tx, cfg=cfg))
+  b = _batch(8)
+  new, m = step(state, b, jax.random.key(1))
+  assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
+  for e, p0, p1 in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(state.params),
+                       jax.tree.leaves(new.params)):
+    np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * p1, rtol=1e-6, atol=1e-7)
+  ev = steps.score_eval_step(new, b, jax.random.key(2), apply_fn=mod.apply, cfg=cfg)
+  assert ev["count"] == 8 and np.isfinite(ev["loss"])
+
+
+def test_eval_step_counts_mask():
+  state, _, _ = _setup()
+  clf = TinyClassifier(4)
+  b = _batch(8)
+  b["mask"] = np.array([1, 1, 1, 0, 0, 0, 0, 0], np.int32)
+  out = steps.eval_step(state, b, apply_fn=clf.apply)
+  assert float(out["count"]) == 3.0 and 0 <= float(out["correct"]) <= 3

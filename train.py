@@ -1,0 +1,44 @@
+"""Training entry point.
+
+  python train.py                                        # the embedded digits demo (configs/default.py)
+  python train.py --config configs/cifar10_resnet18.py:diffaug --workdir runs/c10_r18_diffaug
+  python train.py --config configs/score_cifar10.py --workdir runs/score_c10
+
+A run resumes from the latest checkpoint in --workdir; SIGTERM saves a checkpoint and exits.
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Config file (path[:arg]).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+
+
+def main(argv):
+  del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  if workdir is None:
+    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename or "default"))[0]
+    workdir = os.path.join(_HERE, "runs", "demo" if name == "default" else name)
+  from diffaug_jax import sharding
+  sharding.initialize_distributed()  # before any other JAX call
+  if config.get("mode") == "demo":
+    from diffaug_jax import demo
+    demo.run_demo(config, workdir)
+  else:
+    from diffaug_jax import trainer
+    summary = trainer.train_and_evaluate(config, workdir)
+    if summary.get("eval"):
+      print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()), flush=True)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, _HERE)
+  app.run(main)
