@@ -9,6 +9,7 @@ import pytest
 from diffaug_jax.convert import common
 from diffaug_jax.convert import timm as timm_convert
 from diffaug_jax.convert import torchvision as tv_convert
+from diffaug_jax.models.classifiers import get_classifier
 
 
 def _params(npz_path):
@@ -54,6 +55,8 @@ def test_torchvision_wrapped_module_prefix_gives_same_variables(golden_dir):
 def test_torchvision_resnet50_full_key_list(golden_dir):
   spec = json.loads((golden_dir / "torchvision_resnet50_shapes.json").read_text())["shapes"]
   module = tv_convert.resnet_module("resnet50", 1000)
+  # Converted weights must load into the registry's module (training / evaluation build it by name).
+  assert module == get_classifier("resnet50", 1000)
   expected = tv_convert.expected_torch_shapes(module, (1, 64, 64, 3))
   ignored = {k for k in spec if k.endswith("num_batches_tracked")}
   assert len(ignored) == 53
@@ -82,6 +85,9 @@ def test_torchvision_cli_reports_wrong_arch(golden_dir, tmp_path):
   with pytest.raises(common.CheckpointMismatchError, match="layer1.1.conv1.weight"):
     tv_convert.main([str(src), str(tmp_path / "out.msgpack"), "--num-classes", "10"])
   assert not (tmp_path / "out.msgpack").exists()
+  # AugMix / DeepAugment release files are named checkpoint.pth.tar: read as torch files, not "unknown format".
+  with pytest.raises(FileNotFoundError, match="checkpoint.pth.tar"):
+    tv_convert.main([str(tmp_path / "checkpoint.pth.tar"), str(tmp_path / "out.msgpack")])
 
 
 def _tiny_deit_kw(golden_dir):
@@ -106,6 +112,7 @@ def test_deit3_tiny_golden_parity(golden_dir, naming):
 def test_deit3_base_full_key_list_both_namings(golden_dir):
   spec = json.loads((golden_dir / "timm_deit3_base_patch16_224_shapes.json").read_text())["shapes"]
   module = timm_convert.vit_module("deit3_base_patch16_224", 1000)
+  assert module == get_classifier("vit_b16", 1000)
   expected = tv_convert.expected_torch_shapes(module, (1, 224, 224, 3))
   assert expected == {k: tuple(s) for k, s in spec.items()}
   common.check_keys(expected, timm_convert.deit_to_timm_names(_shape_only(spec)), "deit3 timm")

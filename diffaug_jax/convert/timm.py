@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from diffaug_jax.convert import common
-from diffaug_jax.convert.torchvision import convert_state_dict
+from diffaug_jax.convert.torchvision import convert_state_dict, read_state_dict
 from diffaug_jax.models.vit import VisionTransformer
 
 # timm deit3_* model args (timm 1.0 vision_transformer.py).
@@ -69,7 +69,7 @@ def load_deit(source: Any, *, variant: str = "deit3_base_patch16_224", num_class
       which is what DeiT-III was trained with).
   """
   module = vit_module(variant, num_classes, **module_kw)
-  sd = deit_to_timm_names(common.load_state_dict(source))
+  sd = deit_to_timm_names(read_state_dict(source))
   size = module.img_size
   variables = convert_state_dict(module, sd, x_shape=(1, size, size, 3),
                                  what=f"DeiT-III {variant} (num_classes={num_classes}"

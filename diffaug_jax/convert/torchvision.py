@@ -15,6 +15,8 @@ CLI: `python -m diffaug_jax.convert torchvision SRC DST [--arch resnet50] [--num
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +47,24 @@ _LEAF_TO_TORCH = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
+
+
+def read_state_dict(source: Any) -> dict[str, np.ndarray]:
+  """`common.load_state_dict`, plus torch files named `*.tar` (AugMix/DeepAugment release `checkpoint.pth.tar`).
+
+  Local shim: the lead's reader dispatches on the last suffix only, and `.tar` is not among its torch ones.
+  """
+  if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".tar"):
+    path = pathlib.Path(source)
+    if not path.is_file():
+      raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+      import torch  # optional dependency, as in common.load_state_dict
+    except ImportError:
+      raise ImportError(f"reading {path} needs PyTorch (pip install 'diffaug_jax[torch]'); or convert it to "
+                        ".npz / .safetensors first") from None
+    source = torch.load(str(path), map_location="cpu", weights_only=True)
+  return common.load_state_dict(source)
 
 
 def torch_key(path: Sequence[str]) -> str:
@@ -108,8 +128,8 @@ def load_torchvision_resnet(source: Any, *, arch: str = "resnet50", num_classes:
   """torchvision ResNet checkpoint -> (ResNet module, {"params", "batch_stats"} float32 numpy).
 
   Args:
-    source: .pt/.pth (needs torch), .npz, .safetensors path, or a mapping name -> array; `module.` prefixes
-      and `{"state_dict": ...}` / `{"model": ...}` wrappers are removed.
+    source: .pt/.pth/.pth.tar (needs torch), .npz, .safetensors path, or a mapping name -> array; `module.`
+      prefixes and `{"state_dict": ...}` / `{"model": ...}` wrappers are removed.
     arch: resnet18/34/50/101/152.
     num_classes: classes of the checkpoint's fc layer (a mismatch is reported as a mis-shaped key).
     module_kw: ResNet attributes, e.g. dtype=jnp.bfloat16, or mean=None, std=None when the caller feeds
@@ -117,7 +137,7 @@ def load_torchvision_resnet(source: Any, *, arch: str = "resnet50", num_classes:
       what torchvision's training transforms produced.
   """
   module = resnet_module(arch, num_classes, **module_kw)
-  sd = common.load_state_dict(source)
+  sd = read_state_dict(source)
   variables = convert_state_dict(module, sd, x_shape=(1, 64, 64, 3),
                                  what=f"torchvision {arch} (num_classes={num_classes})")
   return module, variables
@@ -126,7 +146,7 @@ def load_torchvision_resnet(source: Any, *, arch: str = "resnet50", num_classes:
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m diffaug_jax.convert torchvision",
                                description="torchvision ResNet checkpoint -> flax msgpack (+ .sha256)")
-  ap.add_argument("src", help=".pt/.pth (needs torch), .npz or .safetensors state dict")
+  ap.add_argument("src", help=".pt/.pth/.pth.tar (needs torch), .npz or .safetensors state dict")
   ap.add_argument("dst", help="output .msgpack path")
   ap.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
   ap.add_argument("--num-classes", type=int, default=1000)
