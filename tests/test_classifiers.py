@@ -1,4 +1,8 @@
 """Classifier registry and interface: shapes, features/head split, normalisation, dtype, BatchNorm, training."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +137,18 @@ def test_cnn_small_learns_a_toy_task():
   assert losses[-1] < 0.2 * losses[0]
   acc = (jax.jit(module.apply)({"params": params, "batch_stats": stats}, x).argmax(-1) == y).mean()
   assert acc > 0.95
+
+
+def test_imports_stay_light():
+  # Models/converters must import without the data stack; on-device AugMix is pure jax (no flax, no PIL).
+  code = (
+      "import sys\n"
+      "import diffaug_jax.augmix\n"
+      "pure = sorted(m for m in sys.modules if m.split('.')[0] in ('flax', 'PIL', 'optax', 'orbax'))\n"
+      "import diffaug_jax.models.classifiers, diffaug_jax.convert.torchvision, diffaug_jax.convert.timm\n"
+      "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+      "               ('grain', 'tensorflow_datasets', 'tensorflow', 'orbax', 'torch', 'ml_collections'))\n"
+      "print(','.join(pure) + '|' + ','.join(heavy))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "|", out.stdout
