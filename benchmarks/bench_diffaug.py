@@ -1,0 +1,759 @@
+"""DiffAug throughput benchmark: fused train step, one-step denoise, DiffAug-Ensemble (issue 7).
+
+Builds the real presets with random weights (ADM-256 unconditional UNet run at 224x224 + ResNet-50, 1000
+classes) on synthetic uint8 data, jits each program once, times it after warm-up with `block_until_ready`,
+and prints ONE table: images/s (ms/image for the ensemble), model FLOPs, achieved TFLOP/s and the fraction of
+the card's measured bf16 matmul peak (the "roofline" of these conv-dominated programs), compile time and
+memory. Also a correctness check (bf16 vs float32-HIGHEST x0_hat / eps relative error on the same inputs).
+
+    python benchmarks/bench_diffaug.py                       # GPU: default plan, batch 128 main, sweep 64/256
+    python benchmarks/bench_diffaug.py --tiny                # CPU smoke test (tiny presets, seconds)
+    python benchmarks/bench_diffaug.py --cases denoise:bf16:cudnn:128,train:bf16:xla:64 --out /tmp/b
+    python benchmarks/bench_diffaug.py --time-budget 300 --profile /tmp/trace --out $OUT
+
+Case syntax `program:dtype:attention:batch`: program in {train, denoise, ensemble}; dtype in {bf16, f32
+(float32, XLA default precision = TF32 on Hopper), f32hi (float32, HIGHEST precision: the reference)};
+attention in {xla, cudnn, best (the faster of the two measured denoise variants)}.
+
+Programs (each one jitted function, weights are arguments, never constants):
+- train: `steps.train_step` (DiffAug view from ONE UNet call + ResNet-50 fwd/bwd on the 2B concatenation +
+  SGD momentum), state donated, as the trainer jits it. images/s counts the B input images.
+- denoise: uint8 batch -> `augment.diffaug` (t ~ U{0..999}, fresh noise, one UNet call, clipped x0_hat).
+- ensemble: `augment.diffaug_ensemble` with the 10 default members (t = 0, 50, ..., 450; 9 UNet calls + 10
+  classifier calls per image), reported as ms/image.
+
+FLOPs: "model FLOPs" are XLA's cost analysis of the lowered (device-independent) program with XLA attention;
+the ensemble's are summed from its parts (XLA's count of a `lax.scan` body is not multiplied by the trip
+count; the compiled program's own count is kept as `xla_flops`). roofline = model FLOP/s / measured peak.
+
+Nothing here imports tensorflow_datasets or grain. Flags: `diffaug_jax.perf.set_xla_gpu_flags()` runs before
+JAX initialises (disable with --no-xla-flags).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+from diffaug_jax import perf  # noqa: E402  (no jax import: safe before flags are set)
+
+# Reference figures quoted from issue 7 (one NVIDIA H200, batch 128, 224x224, 2026-11-26) and the goals.
+REFERENCE = {
+    "train": {"unit": "img/s", "goal": 300.0, "torch_official": 100.0, "torch_tuned": 219.0},
+    "denoise": {"unit": "img/s", "goal": 330.0, "torch_official": 111.0, "torch_tuned": 240.0},
+    "ensemble": {"unit": "ms/img", "goal": 25.0, "torch_official": 82.8, "torch_tuned": None},
+}
+PROGRAMS = ("train", "denoise", "ensemble")
+DTYPES = ("bf16", "f32", "f32hi")
+ATTENTIONS = ("xla", "cudnn", "best")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """Model/data sizes of one benchmark mode."""
+  unet_preset: str
+  unet_overrides: tuple
+  image: int
+  classifier: str
+  num_classes: int
+  main_batch: int
+  sweep_batches: tuple
+  peak_n: int
+
+
+FULL = Size("adm_256_uncond", (), 224, "resnet50", 1000, 128, (64, 256), 8192)
+# Tiny: every code path of the real programs (learn_sigma, scale-shift norm, resblock up/down, attention,
+# BatchNorm classifier) at sizes that compile and run on 2 CPU cores in seconds.
+TINY = Size("digits", (("in_channels", 3), ("learn_sigma", True), ("channel_mult", "1,2"),
+                      ("resblock_updown", True), ("attention_resolutions", "16")), 16, "cnn_small", 10, 4, (2,),
+            256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  program: str
+  dtype: str
+  attention: str
+  batch: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.program}:{self.dtype}:{self.attention}:{self.batch}"
+
+  @classmethod
+  def parse(cls, spec: str) -> "Case":
+    parts = spec.strip().split(":")
+    if len(parts) != 4:
+      raise ValueError(f"case {spec!r}: expected program:dtype:attention:batch")
+    prog, dt, attn, b = parts
+    if prog not in PROGRAMS or dt not in DTYPES or attn not in ATTENTIONS or not b.isdigit() or int(b) < 1:
+      raise ValueError(f"case {spec!r}: program in {PROGRAMS}, dtype in {DTYPES}, attention in {ATTENTIONS}, "
+                       f"batch a positive int")
+    return cls(prog, dt, attn, int(b))
+
+
+def default_plan(size: Size) -> list[Case]:
+  """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
+  ensemble, the cuDNN-attention variants, the batch sweep, float32 (TF32) speed, the rest."""
+  b = size.main_batch
+  plan = [Case("denoise", "bf16", "xla", b), Case("train", "bf16", "xla", b),
+          Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
+          Case("ensemble", "bf16", "xla", b),
+          Case("denoise", "bf16", "cudnn", b), Case("train", "bf16", "cudnn", b)]
+  plan += [Case("train", "bf16", "best", s) for s in size.sweep_batches]
+  plan += [Case("denoise", "f32", "xla", b), Case("ensemble", "bf16", "cudnn", b)]
+  plan += [Case("denoise", "bf16", "best", s) for s in size.sweep_batches]
+  return plan
+
+
+# --------------------------------------------------------------------------------------------------------
+# Everything below imports jax; `main` sets the XLA flags first.
+
+
+def _jax():
+  import jax
+  return jax
+
+
+def _dtype(name: str):
+  import jax.numpy as jnp
+  return {"bf16": jnp.bfloat16, "f32": jnp.float32, "f32hi": jnp.float32}[name]
+
+
+def _precision_ctx(dtype_name: str):
+  jax = _jax()
+  return jax.default_matmul_precision("highest") if dtype_name == "f32hi" else contextlib.nullcontext()
+
+
+def attention_switch() -> str:
+  """How the attention implementation is chosen: 'field:<name>' when the UNet exposes one, 'shim' when this
+  benchmark patches `unet._attention` at trace time, '' when neither is possible."""
+  from diffaug_jax.models import unet as unet_mod
+  fields = {f.name for f in dataclasses.fields(unet_mod.UNet)}
+  for f in ("attention_impl", "attn_impl", "attention_implementation", "attention"):
+    if f in fields:
+      return f"field:{f}"
+  return "shim" if callable(getattr(unet_mod, "_attention", None)) else ""
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str):
+  """Trace-time attention implementation for the shim (no-op for 'xla' or when the UNet has a field).
+
+  Local shim until the UNet exposes a switch: replaces `diffaug_jax.models.unet._attention` (looked up by name
+  when AttentionBlock is traced) with `jax.nn.dot_product_attention(..., implementation=impl)`.
+  """
+  switch = attention_switch()
+  if impl == "xla" or switch.startswith("field:"):
+    yield
+    return
+  if switch != "shim":
+    raise RuntimeError("the UNet exposes no attention switch and has no `_attention` helper to patch")
+  from diffaug_jax.models import unet as unet_mod
+  jax = _jax()
+  orig = unet_mod._attention
+
+  def patched(q, k, v, scale, *args, **kwargs):
+    del args, kwargs
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+  unet_mod._attention = patched
+  try:
+    yield
+  finally:
+    unet_mod._attention = orig
+
+
+def _with_attention(module, impl: str):
+  switch = attention_switch()
+  if switch.startswith("field:"):
+    return module.clone(**{switch.split(":", 1)[1]: impl})
+  return module
+
+
+def random_like(seed: int, tree, *, kind: str = "params"):
+  """Random non-zero host values for a tree of ShapeDtypeStructs: weights ~ N(0, 1/fan_in), norm scales ~
+  1 + 0.1 N, biases ~ 0.1 N; BatchNorm mean ~ 0.1 N, var ~ 1 + 0.1 |N|. numpy on the host (no compile; a
+  jitted generator over ~700 leaves takes minutes to compile on CPU), then one device_put."""
+  jax = _jax()
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  vals = []
+  for path, s in leaves:
+    name = str(path[-1]).lower()
+    z = rng.standard_normal(s.shape, dtype=np.float32)
+    if kind == "batch_stats":
+      v = (1.0 + 0.1 * np.abs(z)) if "var" in name else 0.1 * z
+    elif len(s.shape) >= 2:
+      v = z * np.float32(1.0 / math.sqrt(max(1, math.prod(s.shape[:-1]))))
+    elif "scale" in name:
+      v = 1.0 + 0.1 * z
+    else:
+      v = 0.1 * z
+    vals.append(np.asarray(v, dtype=s.dtype))
+  return jax.device_put(jax.tree_util.tree_unflatten(treedef, vals), jax.devices()[0])
+
+
+class Bench:
+  """Holds the models, random weights and synthetic data of one mode; builds and runs cases."""
+
+  def __init__(self, size: Size, args):
+    jax = _jax()
+    import jax.numpy as jnp
+    import numpy as np
+    from diffaug_jax import diffusion
+    from diffaug_jax.models.classifiers import get_classifier
+    from diffaug_jax.models.unet import unet_from_preset
+
+    self.size, self.args = size, args
+    self.device = jax.devices()[0]
+    self.platform = self.device.platform
+    self.unet = unet_from_preset(size.unet_preset, **dict(size.unet_overrides))
+    self.clf_name = size.classifier
+    self.get_classifier = get_classifier
+    self.schedule = diffusion.linear_schedule(1000)
+    s = size.image
+    x = jnp.zeros((1, s, s, self.unet.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    ushape = jax.eval_shape(lambda: self.unet.init(jax.random.key(0), x, t))
+    self.score_params = random_like(args.seed + 1, ushape["params"])
+    clf = get_classifier(self.clf_name, size.num_classes)
+    cshape = jax.eval_shape(lambda: clf.init(jax.random.key(0), x, train=False))
+    self.clf_vars = {"params": random_like(args.seed + 2, cshape["params"])}
+    if "batch_stats" in cshape:
+      self.clf_vars["batch_stats"] = random_like(args.seed + 3, cshape["batch_stats"], kind="batch_stats")
+    self.num_params = {"unet": sum(int(np.prod(l.shape)) for l in jax.tree.leaves(ushape["params"])),
+                       "classifier": sum(int(np.prod(l.shape)) for l in jax.tree.leaves(cshape["params"]))}
+    self._data: dict[int, dict] = {}
+    self.outputs: dict[str, Any] = {}  # host copies of denoise outputs, for the correctness check
+    self.model_flops: dict[tuple, float] = {}
+    self.programs: dict[str, tuple] = {}  # program -> (case, call(i)) of its first good bf16 case
+
+  # ---- data
+  def batch(self, b: int) -> dict:
+    if b not in self._data:
+      jax = _jax()
+      import numpy as np
+      rng = np.random.default_rng(1234 + b)
+      s, c = self.size.image, self.unet.in_channels
+      host = {"image": rng.integers(0, 256, (b, s, s, c), dtype=np.uint8),
+              "image_da": rng.integers(0, 256, (b, s, s, c), dtype=np.uint8),
+              "label": rng.integers(0, self.size.num_classes, (b,), dtype=np.int32)}
+      self._data[b] = jax.device_put(host, self.device)
+    return self._data[b]
+
+  # ---- program builders: each returns (jitted_fn, args_factory(i) -> args, donate)
+  def _eps_factory(self, dtype_name: str, attention: str):
+    from diffaug_jax.models.score import make_eps_fn
+    module = _with_attention(self.unet, attention)
+    dt = _dtype(dtype_name)
+    return lambda p: make_eps_fn(module, {"params": p}, dtype=dt)
+
+  def build(self, case: Case):
+    jax = _jax()
+    import jax.numpy as jnp
+    from diffaug_jax import augment, steps
+    from diffaug_jax.state import TrainState
+    import optax
+
+    eps_factory = self._eps_factory(case.dtype, case.attention)
+    sched = self.schedule
+    data = self.batch(case.batch)
+    base_key = jax.random.key(self.args.seed + 7)
+    keys = [jax.random.fold_in(base_key, i) for i in range(8)]
+
+    if case.program == "denoise":
+      def denoise(score_params, image, key):
+        x0 = image.astype(jnp.float32) / 127.5 - 1.0
+        eps_fn = eps_factory(jax.lax.stop_gradient(score_params))
+        eps_box = []
+
+        def eps_capture(x_t, t):
+          e = eps_fn(x_t, t)
+          eps_box.append(e)
+          return e
+        x0_hat, t = augment.diffaug(key, x0, eps_capture, sched)
+        return x0_hat, eps_box[0], t
+
+      fn = jax.jit(denoise)
+      return fn, (lambda i: (self.score_params, data["image"], keys[i % len(keys)])), None
+
+    if case.program == "ensemble":
+      clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=_dtype(case.dtype))
+      members = tuple(range(0, 50 * self.args.members, 50))
+
+      def ensemble(score_params, clf_vars, image, key):
+        x = image.astype(jnp.float32) / 127.5 - 1.0
+        eps_fn = eps_factory(score_params)
+        classify = lambda im: clf.apply(clf_vars, im, train=False)
+        mean_probs, _ = augment.diffaug_ensemble(key, x, classify, eps_fn, sched, ts=members)
+        return mean_probs
+
+      fn = jax.jit(ensemble)
+      return fn, (lambda i: (self.score_params, self.clf_vars, data["image"], keys[i % len(keys)])), None
+
+    # train
+    clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=_dtype(case.dtype))
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    cfg = steps.StepConfig(schedule=sched, diffaug=True, lr_schedule=optax.constant_schedule(0.1))
+    step = functools.partial(steps.train_step, apply_fn=clf.apply, score_eps_fn=eps_factory, tx=tx, cfg=cfg)
+    fn = jax.jit(step, donate_argnums=(0,))
+    # Own copies of the weights: the state is donated (consumed) by every call.
+    state0 = TrainState.create(jax.tree.map(jnp.array, self.clf_vars), tx)
+    holder = {"state": state0}
+
+    def args_for(i):
+      return (holder["state"], data, keys[i % len(keys)], self.score_params)
+
+    return fn, args_for, holder
+
+  # ---- FLOPs
+  def model_flops_for(self, case: Case, lowered=None) -> Optional[float]:
+    """Device-independent FLOPs of one call (XLA attention math); cached per (program, batch)."""
+    k = (case.program, case.batch)
+    if k in self.model_flops:
+      return self.model_flops[k]
+    jax = _jax()
+    import jax.numpy as jnp
+    flops = None
+    try:
+      if case.program == "ensemble":
+        b, s, c = case.batch, self.size.image, self.unet.in_channels
+        xs = jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
+        ts = jax.ShapeDtypeStruct((b,), jnp.int32)
+        clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=jnp.float32)
+        u = _flops_of(jax.jit(lambda p, x, t: self.unet.apply({"params": p}, x, t)).lower(
+            self.score_params, xs, ts))
+        cl = _flops_of(jax.jit(lambda v, x: clf.apply(v, x, train=False)).lower(self.clf_vars, xs))
+        n = self.args.members
+        n_noisy = n - 1  # member t = 0 classifies the raw image (no UNet call)
+        flops = n_noisy * u + n * cl
+      elif lowered is not None and case.attention == "xla":
+        flops = _flops_of(lowered)
+      else:
+        fn, args_for, _ = self.build(Case(case.program, "f32", "xla", case.batch))
+        flops = _flops_of(fn.lower(*args_for(0)))
+    except Exception as e:  # noqa: BLE001 - FLOPs are informative; keep the timing
+      print(f"  [flops] {case.name}: {type(e).__name__}: {e}", flush=True)
+    self.model_flops[k] = flops
+    return flops
+
+
+def _flops_of(lowered_or_compiled) -> float:
+  ca = lowered_or_compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", float("nan")))
+
+
+def _mem_analysis(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes"):
+    v = getattr(m, k, None)
+    if v is not None:
+      out[k] = int(v)
+  return out
+
+
+def _peak_bytes(device) -> Optional[int]:
+  try:
+    st = device.memory_stats()
+  except Exception:  # noqa: BLE001
+    return None
+  if not st:
+    return None
+  return int(st.get("peak_bytes_in_use", st.get("bytes_in_use", 0)))
+
+
+def measure_peak(device, n: int, iters: int = 10) -> dict:
+  """Measured matmul rate of this card: n x n x n products on random data (bf16 and f32 default precision)."""
+  jax = _jax()
+  import jax.numpy as jnp
+  out = {"n": n}
+  for name, dt in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
+    ks = jax.random.split(jax.random.key(0), 4)
+    mats = [jax.device_put(jax.random.normal(k, (n, n), dt), device) for k in ks]
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(mats[0], mats[1]))
+    for _ in range(2):
+      jax.block_until_ready(f(mats[2], mats[3]))
+    times = []
+    for r in range(3):
+      t0 = time.perf_counter()
+      for i in range(iters):
+        o = f(mats[(i % 2) * 2], mats[(i % 2) * 2 + 1])  # two input sets, alternated
+      jax.block_until_ready(o)
+      times.append((time.perf_counter() - t0) / iters)
+    t = statistics.median(times)
+    out[f"{name}_tflops"] = 2.0 * n ** 3 / t / 1e12
+    out[f"{name}_ms"] = t * 1e3
+    del mats
+  return out
+
+
+def time_calls(call: Callable[[int], Any], *, warmup: int, target_s: float, repeats: int,
+               max_iters: int) -> dict:
+  """Median seconds per call over `repeats` runs of `iters` back-to-back calls, synchronised at the end."""
+  jax = _jax()
+  first_out = None
+  done = 0
+  t_first = 0.0
+  for i in range(max(1, warmup)):
+    t0 = time.perf_counter()
+    out = call(i)
+    jax.block_until_ready(out)
+    t_first = time.perf_counter() - t0
+    done += 1
+    if i == 0:
+      first_out = out  # call(0): the same key/inputs for every dtype (the correctness check uses it)
+    if t_first > target_s / 3:  # an expensive call: one warm-up is enough
+      break
+  iters = int(max(1, min(max_iters, round(target_s / max(repeats, 1) / max(t_first, 1e-6)))))
+  times = []
+  k = done
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = call(k)
+      k += 1
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / iters)
+  return {"s_per_call": statistics.median(times), "times_s": times, "iters": iters, "warmup_calls": done,
+          "last_warmup_s": t_first, "last": out, "first": first_out}
+
+
+def run_case(bench: Bench, case: Case, args, log) -> dict:
+  """Compile, time and account one case -> result row (status 'ok' / 'skipped' / 'error')."""
+  jax = _jax()
+  import numpy as np
+  row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
+         "batch": case.batch}
+  if case.attention == "cudnn" and case.dtype != "bf16":
+    return {**row, "status": "skipped", "reason": "cuDNN attention needs bf16/fp16"}
+  if case.attention == "cudnn" and bench.platform != "gpu":
+    return {**row, "status": "skipped", "reason": f"cuDNN attention needs a GPU (platform {bench.platform})"}
+  if case.attention == "cudnn" and not attention_switch():
+    return {**row, "status": "skipped", "reason": "no attention switch in the UNet"}
+  fn, args_for, holder = bench.build(case)
+  t0 = time.perf_counter()
+  with attention_impl(case.attention), _precision_ctx(case.dtype):
+    lowered = fn.lower(*args_for(0))
+  row["trace_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  row["compile_s"] = time.perf_counter() - t0
+  row["xla_flops"] = _flops_of(compiled)
+  row["memory"] = _mem_analysis(compiled)
+  row["model_flops"] = bench.model_flops_for(case, lowered)
+
+  if holder is not None:  # train: thread the donated state through the compiled step
+    def call(i):
+      state, metrics = compiled(*args_for(i))
+      holder["state"] = state
+      return metrics
+  else:
+    def call(i):
+      return compiled(*args_for(i))
+
+  if case.dtype == "f32hi":  # the reference: its speed is informative only, keep its calls few
+    res = time_calls(call, warmup=1, target_s=0.0, repeats=1, max_iters=1)
+  else:
+    res = time_calls(call, warmup=args.warmup, target_s=args.target_s, repeats=args.repeats,
+                     max_iters=args.max_iters)
+  s = res.pop("last")
+  first = res.pop("first")
+  row.update({k: v for k, v in res.items()})
+  sec = row["s_per_call"]
+  row["images_per_s"] = case.batch / sec
+  row["ms_per_image"] = 1e3 * sec / case.batch
+  if row["model_flops"] and math.isfinite(row["model_flops"]):
+    row["tflops_per_s"] = row["model_flops"] / sec / 1e12
+    if args.peak_tflops:
+      row["roofline"] = row["tflops_per_s"] / args.peak_tflops
+  row["peak_bytes_in_use"] = _peak_bytes(bench.device)
+  # Sanity of the outputs (NaN never passes).
+  leaves = [np.asarray(jax.device_get(l), np.float32) for l in jax.tree.leaves(s)
+            if hasattr(l, "dtype") and np.issubdtype(np.dtype(l.dtype), np.floating)]
+  row["finite"] = bool(all(np.isfinite(l).all() for l in leaves))
+  if case.program == "train":
+    row["loss"] = float(jax.device_get(s["loss"]))
+  if case.program == "denoise":
+    # Same inputs and key (call 0's arguments) for every dtype: the correctness check compares these.
+    x0_hat, eps, t = first
+    bench.outputs[(case.dtype, case.attention, case.batch)] = {
+        "x0_hat": np.asarray(jax.device_get(x0_hat), np.float32), "eps": np.asarray(jax.device_get(eps), np.float32),
+        "t": np.asarray(jax.device_get(t))}
+  row["status"] = "ok" if row["finite"] else "error"
+  if not row["finite"]:
+    row["reason"] = "non-finite output"
+  if row["finite"] and case.dtype == "bf16" and case.program not in bench.programs:
+    # First good bf16 program of its kind: kept for the profile (no second compile).
+    bench.programs[case.program] = (case, call)
+  del lowered
+  return row
+
+
+def correctness(bench: Bench) -> list[dict]:
+  """Relative L2 error of each denoise variant's x0_hat / eps against the f32hi reference, same inputs."""
+  import numpy as np
+  rows = []
+  refs = {k[2]: v for k, v in bench.outputs.items() if k[0] == "f32hi"}
+  for (dt, attn, b), out in sorted(bench.outputs.items()):
+    if dt == "f32hi" or b not in refs:
+      continue
+    ref = refs[b]
+    if not np.array_equal(ref["t"], out["t"]):
+      rows.append({"variant": f"{dt}:{attn}:{b}", "error": "different t draws (inputs differ)"})
+      continue
+    r = {"variant": f"{dt}:{attn}:{b}", "reference": f"f32hi:xla:{b}"}
+    for k in ("x0_hat", "eps"):
+      d = out[k] - ref[k]
+      r[f"{k}_rel_l2"] = float(np.linalg.norm(d) / max(np.linalg.norm(ref[k]), 1e-30))
+      r[f"{k}_max_abs"] = float(np.abs(d).max())
+    # x0_hat error grows with t (eps error scaled by sqrt(1/abar - 1)); report the low-t half separately.
+    low = ref["t"] < 500
+    if low.any():
+      d = out["x0_hat"][low] - ref["x0_hat"][low]
+      r["x0_hat_rel_l2_t_lt_500"] = float(np.linalg.norm(d) / max(np.linalg.norm(ref["x0_hat"][low]), 1e-30))
+    r["finite"] = bool(np.isfinite(out["x0_hat"]).all() and np.isfinite(out["eps"]).all())
+    rows.append(r)
+  return rows
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return none
+  return format(v, spec)
+
+
+def table_markdown(result: dict) -> str:
+  meta = result["meta"]
+  peak = result.get("peak", {})
+  lines = [f"Device: {meta['device']} ({meta['platform']}), jax {meta['jax']}, jaxlib {meta['jaxlib']}, "
+           f"flax {meta['flax']}; mode {meta['mode']}; {meta['time_utc']}",
+           f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
+           f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
+           f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; attention switch: {meta['attention_switch']}",
+           "",
+           "| case | status | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline | compile s "
+           "| XLA temp GiB | peak GiB | goal |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  gib = 1024 ** 3
+  for r in result["cases"]:
+    if r.get("status") != "ok":
+      lines.append(f"| {r['case']} | {r.get('status')}: {r.get('reason', '')[:60]} | | | | | | | | | | |")
+      continue
+    ref = REFERENCE[r["program"]]
+    if r["program"] == "ensemble":
+      goal = f"<= {ref['goal']} ms/img (torch {ref['torch_official']})"
+    else:
+      goal = f">= {ref['goal']:.0f} img/s (torch {ref['torch_official']:.0f} / tuned {ref['torch_tuned']:.0f})"
+    temp = r.get("memory", {}).get("temp_size_in_bytes")
+    lines.append(
+        f"| {r['case']} | ok | {_fmt(r['images_per_s'], '.1f')} | {_fmt(r['ms_per_image'], '.2f')} | "
+        f"{_fmt(1e3 * r['s_per_call'], '.1f')} | {_fmt((r.get('model_flops') or float('nan')) / 1e12, '.4g')} | "
+        f"{_fmt(r.get('tflops_per_s'), '.4g')} | {_fmt(r.get('roofline'), '.1%')} | {_fmt(r.get('compile_s'), '.0f')} "
+        f"| {_fmt(temp / gib if temp else None, '.1f')} | "
+        f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.1f')} | {goal} |")
+  if result.get("correctness"):
+    lines += ["", "| correctness (vs float32 HIGHEST, same inputs) | x0_hat rel L2 | x0_hat rel L2 (t<500) "
+              "| x0_hat max abs | eps rel L2 | finite |", "|---|---:|---:|---:|---:|---|"]
+    for c in result["correctness"]:
+      if "error" in c:
+        lines.append(f"| {c['variant']} | {c['error']} | | | | |")
+        continue
+      lines.append(f"| {c['variant']} | {c['x0_hat_rel_l2']:.2e} | {_fmt(c.get('x0_hat_rel_l2_t_lt_500'), '.2e')} "
+                   f"| {c['x0_hat_max_abs']:.2e} | {c['eps_rel_l2']:.2e} | {c['finite']} |")
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+  ap = argparse.ArgumentParser(description="DiffAug throughput benchmark (issue 7)",
+                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  ap.add_argument("--tiny", action="store_true", help="tiny presets and sizes (CPU smoke test)")
+  ap.add_argument("--cases", default=None, help="comma list program:dtype:attention:batch (default: the plan)")
+  ap.add_argument("--batch", default=None, help="override the main batch (and the sweep: '128,64,256')")
+  ap.add_argument("--members", type=int, default=10, help="DiffAug-Ensemble members (t = 0, 50, ...)")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--target-s", type=float, default=4.0, help="timed seconds per case (sets iters)")
+  ap.add_argument("--max-iters", type=int, default=20)
+  ap.add_argument("--time-budget", type=float, default=None, help="seconds; later cases are skipped")
+  ap.add_argument("--compile-estimate", type=float, default=None,
+                  help="assumed seconds per case before one has been measured (default 150 full, 10 tiny)")
+  ap.add_argument("--out", default=None, help="dir for results.json / results.md (written after each case)")
+  ap.add_argument("--profile", default=None, help="dir: capture a jax.profiler trace of --profile-cases")
+  ap.add_argument("--profile-cases", default="train,denoise",
+                  help="programs to trace: the first good bf16 case of each (plan order), a few calls")
+  ap.add_argument("--profile-steps", type=int, default=3)
+  ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+  ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
+  ap.add_argument("--no-xla-flags", action="store_true", help="do not call perf.set_xla_gpu_flags()")
+  ap.add_argument("--seed", type=int, default=0)
+  return ap.parse_args(argv)
+
+
+def _write(out_dir: Optional[str], result: dict) -> None:
+  if not out_dir:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(table_markdown(result))
+
+
+def profile_program(bench: Bench, prog: str, args, result: dict, log) -> None:
+  """Trace `--profile-steps` calls of the kept compiled `prog` (see run_case) and summarise its kernels."""
+  jax = _jax()
+  if prog not in bench.programs or prog in result.setdefault("profile", {}):
+    return
+  case, call = bench.programs[prog]
+  trace_dir = os.path.join(args.profile, prog)
+  try:
+    jax.block_until_ready(call(0))
+    jax.profiler.start_trace(trace_dir)
+    try:
+      for i in range(args.profile_steps):
+        jax.block_until_ready(call(i + 1))  # synchronised calls: isolated, comparable steps
+    finally:
+      jax.profiler.stop_trace()
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+      sys.path.insert(0, here)
+    import profile_summary
+    s = profile_summary.summarize(trace_dir)
+    s.pop("files", None)
+    s.update(case=case.name, steps=args.profile_steps)
+    result["profile"][prog] = s
+    md = profile_summary.to_markdown(s)
+    log(f"\n## profile {case.name} ({args.profile_steps} calls)\n" + md)
+    if args.out:
+      with open(os.path.join(args.out, f"profile_{prog}.md"), "w") as f:
+        f.write(f"# {case.name}, {args.profile_steps} calls\n\n" + md)
+  except Exception as e:  # noqa: BLE001 - the profile is informative; keep the numbers
+    log(f"[profile] {prog}: {type(e).__name__}: {e}")
+    result["profile"][prog] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  added = [] if args.no_xla_flags else perf.set_xla_gpu_flags()
+  jax = _jax()
+  perf.enable_compilation_cache()
+  import flax
+  import jaxlib
+
+  size = TINY if args.tiny else FULL
+  if args.batch:
+    bs = [int(v) for v in args.batch.split(",") if v.strip()]
+    size = dataclasses.replace(size, main_batch=bs[0], sweep_batches=tuple(bs[1:]))
+  cases = [Case.parse(c) for c in args.cases.split(",")] if args.cases else default_plan(size)
+  budget = args.time_budget
+  t_start = time.perf_counter()
+  log = lambda msg: print(msg, flush=True)
+
+  result = {"meta": {
+      "mode": "tiny" if args.tiny else "full", "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__, "python": platform.python_version(),
+      "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": added,
+      "attention_switch": attention_switch() or "none", "size": dataclasses.asdict(size),
+      "members": args.members}, "cases": []}
+  device = jax.devices()[0]
+  result["meta"]["device"] = getattr(device, "device_kind", str(device))
+  result["meta"]["platform"] = device.platform
+  result["meta"]["num_devices"] = jax.device_count()
+  log(f"[bench] {result['meta']['device']} ({device.platform}); jax {jax.__version__}; "
+      f"{len(cases)} cases; budget {budget}")
+
+  if args.peak_tflops:
+    result["peak"] = {"bf16_tflops": args.peak_tflops, "source": "--peak-tflops"}
+  elif not args.no_peak:
+    result["peak"] = measure_peak(device, size.peak_n)
+    args.peak_tflops = result["peak"]["bf16_tflops"]
+    log(f"[bench] matmul peak: {result['peak']}")
+  _write(args.out, result)
+
+  t0 = time.perf_counter()
+  bench = Bench(size, args)
+  result["meta"]["setup_s"] = time.perf_counter() - t0
+  result["meta"]["num_params"] = bench.num_params
+  log(f"[bench] models ready in {result['meta']['setup_s']:.1f}s: {bench.num_params}")
+
+  profile_progs = {p.strip() for p in args.profile_cases.split(",") if p.strip()}
+  est_default = args.compile_estimate or (10.0 if args.tiny else 150.0)
+  case_costs: list[float] = []
+  speed = {}  # (program, attention, batch) -> s_per_call, to resolve 'best'
+  for case in cases:
+    if case.attention == "best":
+      x = speed.get(("denoise", "xla", size.main_batch))
+      c = speed.get(("denoise", "cudnn", size.main_batch))
+      case = dataclasses.replace(case, attention="cudnn" if (x and c and c < x) else "xla")
+      result["best_attention"] = case.attention
+    if any(r["case"] == case.name for r in result["cases"]):
+      continue  # 'best' resolved to an already measured case
+    elapsed = time.perf_counter() - t_start
+    est = max(case_costs) if case_costs else est_default
+    if budget is not None and elapsed + est > budget:
+      result["cases"].append({"case": case.name, "program": case.program, "status": "skipped",
+                              "reason": f"time budget ({elapsed:.0f}s used, ~{est:.0f}s needed)"})
+      log(f"[bench] skip {case.name}: budget")
+      _write(args.out, result)
+      continue
+    log(f"[bench] {case.name} ...")
+    tc = time.perf_counter()
+    try:
+      row = run_case(bench, case, args, log)
+    except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+      row = {"case": case.name, "program": case.program, "status": "error",
+             "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+      log(traceback.format_exc(limit=3))
+    row["wall_s"] = time.perf_counter() - tc
+    if row.get("status") == "ok":
+      case_costs.append(row["wall_s"])
+      speed[(case.program, case.attention, case.batch)] = row["s_per_call"]
+      log(f"[bench]   {case.name}: {row['images_per_s']:.2f} img/s, {row['ms_per_image']:.2f} ms/img, "
+          f"roofline {_fmt(row.get('roofline'), '.1%')}, compile {row['compile_s']:.1f}s, wall {row['wall_s']:.1f}s")
+    else:
+      log(f"[bench]   {case.name}: {row.get('status')} ({row.get('reason', '')})")
+    result["cases"].append(row)
+    result["correctness"] = correctness(bench)
+    if args.profile and row.get("status") == "ok" and case.program in profile_progs:
+      profile_program(bench, case.program, args, result, log)
+    _write(args.out, result)
+
+  if "best_attention" not in result:
+    x = speed.get(("denoise", "xla", size.main_batch))
+    c = speed.get(("denoise", "cudnn", size.main_batch))
+    result["best_attention"] = "cudnn" if (x and c and c < x) else "xla"
+  result["meta"]["total_s"] = time.perf_counter() - t_start
+  _write(args.out, result)
+  log("\n" + table_markdown(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
