@@ -53,3 +53,22 @@ def test_normalize_gradients():
   assert n.min() == 0.0 and n.max() == 1.0
   assert np.isclose(np.median(n), 0.5)  # outliers clipped, the bulk sits mid-range
   np.testing.assert_array_equal(pag.normalize_gradients(np.ones((1, 2, 2, 1))), np.zeros((1, 2, 2, 1)))
+
+
+def test_run_task_dispatch_writes_png(tmp_path):
+  import json
+  import ml_collections
+  from diffaug_jax.convert.common import save_params
+  from diffaug_jax.evaluation import run_task
+  from diffaug_jax.models.classifiers import get_classifier
+  module = get_classifier("cnn_small", 10, width=4)
+  save_params(tmp_path / "clf.msgpack", _fast_init(module, (1, 16, 16, 1)))
+  cfg = ml_collections.ConfigDict({
+      "task": "pag", "seed": 0, "t": 300, "contrast": True, "percentile": 1.0, "num_images": 3,
+      "models": {"m": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
+                       "params_path": str(tmp_path / "clf.msgpack")}},
+      "data": {"source": "digits", "image_size": 16, "channels": 1, "split": "test", "skip": 7}})
+  info = run_task(cfg, str(tmp_path / "wd"))
+  assert info["columns"] == ["x0", "x_t", "m"] and len(info["labels"]) == 3
+  assert os.path.getsize(tmp_path / "wd" / "pag.png") > 0
+  assert json.load(open(tmp_path / "wd" / "results.json"))["t"] == 300

@@ -182,6 +182,14 @@ def plot_curves(summary: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
+def write_results(workdir: str, result: dict, markdown: str) -> None:
+  """evaluate.py's common outputs: results.json (every number) and results.md."""
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown)
+
+
 def write_rows(rows: list[dict], path: str) -> None:
   with open(path, "w") as f:
     f.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
@@ -356,6 +364,7 @@ def run(config, workdir: str) -> dict:
   table = markdown_table(summary)
   with open(os.path.join(workdir, "certify.md"), "w") as f:
     f.write("Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + table)
+  write_results(workdir, summary, "Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + table)
   plot_curves(summary, os.path.join(workdir, "certify.png"),
               "diffusion-denoised smoothing" if denoise else "Gaussian smoothing")
   return summary

@@ -343,4 +343,5 @@ def run(config, workdir: str) -> dict:
   md += [f"| {k} | {100 * v:.1f} |" for k, v in samples_out.items()]
   with open(os.path.join(workdir, "da_classifier.md"), "w") as f:
     f.write("\n".join(md) + "\n")
+  _io.write_results(workdir, results, "\n".join(md) + "\n")
   return results

@@ -154,4 +154,5 @@ def run(config, workdir: str) -> dict:
     json.dump(result, f, indent=1)
   with open(os.path.join(workdir, "ood.md"), "w") as f:
     f.write(markdown_table(result))
+  _io.write_results(workdir, result, markdown_table(result))
   return result

@@ -121,4 +121,6 @@ def run(config, workdir: str) -> dict:
           "columns": ["x0", "x_t"] + list(fns)}
   with open(os.path.join(workdir, "pag.json"), "w") as f:
     json.dump(info, f, indent=1)
+  _io.write_results(workdir, info, f"Perceptually aligned gradients at t={t}: pag.png (rows: images; "
+                    f"columns: {', '.join(info['columns'])})\n")
   return info
