@@ -111,10 +111,17 @@ def sample_counts(counts_fn, params, key: Array, x: Array, num: int, batch_size:
 
 
 def certify(counts_fn, params, key: Array, x: Array, *, sigma: float, n0: int = 100, n: int = 10_000,
-            alpha: float = 0.001, batch_size: int = 1000) -> tuple[int, float, float]:
-  """Cohen et al. CERTIFY for one image (1, H, W, C): (prediction or -1, radius, pA_lower)."""
+            alpha: float = 0.001, batch_size: int = 1000, counts_fn0=None,
+            batch_size0: int | None = None) -> tuple[int, float, float]:
+  """Cohen et al. CERTIFY for one image (1, H, W, C): (prediction or -1, radius, pA_lower).
+
+  `counts_fn0` / `batch_size0`: an optional smaller-batch counts function for the n0 selection samples
+  (n0 = 100 would otherwise run a full, mostly masked, estimation batch).
+  """
   key0, key1 = jax.random.split(key)
-  c0 = sample_counts(counts_fn, params, key0, x, n0, batch_size)
+  if counts_fn0 is None:
+    counts_fn0, batch_size0 = counts_fn, batch_size
+  c0 = sample_counts(counts_fn0, params, key0, x, n0, batch_size0)
   c = sample_counts(counts_fn, params, key1, x, n, batch_size)
   return scoring.certify_from_counts(c0, c, sigma, alpha)
 
@@ -127,14 +134,16 @@ def predict(counts_fn, params, key: Array, x: Array, *, n: int = 1000, alpha: fl
 
 def certify_dataset(counts_fn, params, key: Array, images: np.ndarray, labels: np.ndarray, *, sigma: float,
                     n0: int, n: int, alpha: float, batch_size: int,
-                    indices: Sequence[int] | None = None) -> list[dict]:
+                    indices: Sequence[int] | None = None, counts_fn0=None,
+                    batch_size0: int | None = None) -> list[dict]:
   """Certifies images (N, H, W, C) in [-1, 1]; rows (index, label, prediction, radius, correct, seconds)."""
   rows = []
   indices = range(len(images)) if indices is None else indices
   for i in indices:
     t0 = time.time()
     pred, radius, p_a = certify(counts_fn, params, jax.random.fold_in(key, int(i)), images[i:i + 1],
-                                sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+                                sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                                counts_fn0=counts_fn0, batch_size0=batch_size0)
     rows.append({"index": int(i), "label": int(labels[i]), "prediction": int(pred),
                  "radius": float(radius), "correct": int(pred == int(labels[i])),
                  "seconds": round(time.time() - t0, 4), "pA_lower": float(p_a)})
@@ -346,10 +355,13 @@ def run(config, workdir: str) -> dict:
   rows_by_sigma, meta = {}, {}
   for s in sigmas:
     predict_fn = make_noisy_predict_fn(classify_fn, s, eps_fn=eps_fn, schedule=schedule, denoise=denoise)
-    counts_fn = make_counts_fn(predict_fn, num_classes, int(config.batch_size), mesh)
+    bs = int(config.batch_size)
+    counts_fn = make_counts_fn(predict_fn, num_classes, bs, mesh)
+    bs0 = -(-int(config.n0) // mesh.size) * mesh.size  # n0 rounded up to the device count
+    counts_fn0 = make_counts_fn(predict_fn, num_classes, bs0, mesh) if bs0 < bs else None
     rows = certify_dataset(counts_fn, params, jax.random.fold_in(key, int(round(s * 1000))), images, labels,
                            sigma=s, n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
-                           batch_size=int(config.batch_size))
+                           batch_size=bs, counts_fn0=counts_fn0, batch_size0=bs0 if counts_fn0 else None)
     write_rows(rows, os.path.join(workdir, f"certify_sigma{s:g}.tsv"))
     rows_by_sigma[s] = rows
     if denoise:
