@@ -59,7 +59,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
     elif suffix == ".safetensors":
       from safetensors.numpy import load_file  # optional dependency
       raw = load_file(str(path))
-    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt", ".tar"):  # .tar: AugMix/DeepAugment's .pth.tar
       try:
         import torch  # optional dependency: pip install diffaug_jax[torch]
       except ImportError:

@@ -15,8 +15,6 @@ CLI: `python -m diffaug_jax.convert torchvision SRC DST [--arch resnet50] [--num
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -50,20 +48,7 @@ _LEAF_TO_TORCH = {
 
 
 def read_state_dict(source: Any) -> dict[str, np.ndarray]:
-  """`common.load_state_dict`, plus torch files named `*.tar` (AugMix/DeepAugment release `checkpoint.pth.tar`).
-
-  Local shim: the lead's reader dispatches on the last suffix only, and `.tar` is not among its torch ones.
-  """
-  if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".tar"):
-    path = pathlib.Path(source)
-    if not path.is_file():
-      raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-      import torch  # optional dependency, as in common.load_state_dict
-    except ImportError:
-      raise ImportError(f"reading {path} needs PyTorch (pip install 'diffaug_jax[torch]'); or convert it to "
-                        ".npz / .safetensors first") from None
-    source = torch.load(str(path), map_location="cpu", weights_only=True)
+  """`common.load_state_dict` (also reads the AugMix/DeepAugment release files `checkpoint.pth.tar`)."""
   return common.load_state_dict(source)
 
 
