@@ -141,3 +141,14 @@ def test_ood_run_end_to_end(tmp_path):
   si = scoring.msp_score(module.apply(variables, jnp.asarray(xi)))
   so = scoring.msp_score(module.apply(variables, jnp.asarray(xo)))
   assert res["metrics"]["noise"]["msp"]["auroc"] == pytest.approx(scoring.ood_metrics(si, so)["auroc"], abs=1e-6)
+
+
+def test_scoring_is_pure():
+  """scoring.py is pure math: importing it pulls in no flax / orbax / grain / tfds / optax."""
+  import subprocess
+  import sys
+  code = ("import sys, diffaug_jax.scoring\n"
+          "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('flax', 'orbax', 'grain', 'tensorflow_datasets', 'tensorflow', 'optax', 'torch'))))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "", out.stdout
