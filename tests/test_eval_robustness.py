@@ -192,6 +192,7 @@ def test_mce_hand_computed():
   assert len(suites.expand_suite("imagenet_c", {"severities": [5]})) == 15
 
 
+@pytest.mark.slow
 def test_suite_table_and_figures(setup, tmp_path):
   params, sp, images, labels = setup
 
@@ -260,3 +261,32 @@ def test_missing_dataset_message():
   (es,) = suites.expand_suite("imagenet_r", {"source": "folder", "path": "/nonexistent/imagenet-r"})
   with pytest.raises(suites.DatasetMissingError, match="/nonexistent/imagenet-r"):
     suites.make_batches(es, Cfg(), batch_size=8, loader_fn=loader_fn)
+
+
+def test_imagenet_c_folder_tree_recorded(setup, tmp_path):
+  params, _, images, labels = setup
+  for c in ("fog", "contrast"):
+    (tmp_path / c / "5").mkdir(parents=True)
+  seen = []
+
+  def loader_fn(cfg, split, bs):
+    seen.append((cfg.source, cfg.data_dir, split, cfg.class_names))
+    return _batches(images, labels, bs)
+
+  class Cfg:
+    source, data_dir, class_names = "tfds", "", ""
+
+  def make_batches(es):
+    return suites.make_batches(es, Cfg(), batch_size=8, loader_fn=loader_fn)
+
+  specs = {"imagenet_c": {"source": "folder", "path": str(tmp_path), "corruptions": ["fog", "contrast"],
+                          "severities": [5]}}
+  res = robustness.evaluate_models([{"name": "m", "classify_fn": classify_fn, "params": params}], specs,
+                                   ["default"], make_batches=make_batches)
+  r = res["models"]["m"]["imagenet_c"]
+  assert r["imagenet_c_release"].startswith("official JPEG")
+  assert seen == [("folder", str(tmp_path / "fog" / "5"), "", "imagenet2012"),
+                  ("folder", str(tmp_path / "contrast" / "5"), "", "imagenet2012")]
+  accs = {c: 1 - r["sets"][f"{c}/5"]["default"]["accuracy"] for c in ("fog", "contrast")}
+  want = np.mean([100 * accs[c] / suites.ALEXNET_ERRORS[c][4] for c in accs])
+  assert r["summary"]["default"]["mCE"] == pytest.approx(want)

@@ -79,7 +79,12 @@ class ShardedRunner:
     self._params = None
 
   def _replicated_params(self, params: PyTree) -> PyTree:
-    if self._params_src is not params:
+    # Re-place only when the caller passes different weights (identity of params or of each element
+    # of a (classifier, score) tuple): a 2 GB score model is not re-sent for each of 95 datasets.
+    src = self._params_src
+    same = src is params or (isinstance(src, tuple) and isinstance(params, tuple)
+                             and len(src) == len(params) and all(a is b for a, b in zip(src, params)))
+    if not same:
       self._params = shd.replicate(params, self.mesh)
       self._params_src = params
     return self._params

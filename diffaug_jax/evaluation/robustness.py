@@ -318,6 +318,10 @@ def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[s
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
       per_mode.setdefault("seconds", {})[mode] = round(time.time() - t0, 3)
     suite = results.setdefault(es.suite, {"sets": {}, "source": dict(es.source)})
+    if es.suite == "imagenet_c":
+      # Record which ImageNet-C was read: the two differ slightly (REFERENCE.md).
+      suite["imagenet_c_release"] = ("official JPEG release (folder)" if es.source["kind"] == "folder"
+                                     else "TFDS imagenet2012_corrupted (regenerated)")
     suite["sets"][es.name] = per_mode
   for suite_name, suite in results.items():
     done = set(modes) | ({"dda", "dda_se"} if {"dda", "dda_se"} & set(modes) else set())
