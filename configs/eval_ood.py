@@ -1,9 +1,8 @@
 """OOD detection (MSP, energy, ReAct, ASH-B, ASH-S, SCALE; AUROC / AUPR / FPR@95) with a trained classifier.
 
-Run (embedded digits demo, after `python train.py`; digits are ID, the OOD set is any npz of uint8 NHWC
-16x16x1 images (arrays `image`, `label`), a folder or a TFDS name):
-  python evaluate.py --config configs/eval_ood.py --workdir runs/demo/ood \
-      --config.ood_data.noise.path=/path/to/ood_images.npz
+Run (embedded digits demo, after `python train.py`; digits are ID, OOD = offline stand-ins: pixel-shuffled
+digits and uniform noise; add any npz / folder / TFDS set under config.ood_data):
+  python evaluate.py --config configs/eval_ood.py --workdir runs/demo/ood
 ImageNet near-OOD (OpenOOD v1.5: SSB-hard and NINCO as image folders; paper Table 6):
   python evaluate.py --config configs/eval_ood.py:imagenet --workdir runs/ood_rn50 \
       --config.classifier.workdir=runs/rn50_diffaug --config.id_data.data_dir=/data/imagenet \
@@ -38,5 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(workdir="runs/demo/diffaug", name="", num_classes=10,
                                                 params_path=""))
   c.id_data = ml_collections.ConfigDict(dict(source="digits", image_size=16, channels=1, split="test"))
-  c.ood_data = ml_collections.ConfigDict({"noise": dict(source="npz", path="")})
+  # Offline stand-ins (the digits have no natural OOD set): pixel-shuffled test digits and uniform noise.
+  # Any npz ({"source": "npz", "path": ...}), image folder or TFDS set can be added here.
+  c.ood_data = ml_collections.ConfigDict({
+      "pixel_shuffle": dict(source="synthetic", kind="pixel_shuffle", image_size=16, channels=1),
+      "uniform_noise": dict(source="synthetic", kind="uniform_noise", image_size=16, channels=1)})
   return c

@@ -125,7 +125,8 @@ def test_ood_run_end_to_end(tmp_path):
       "classifier": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
                      "params_path": str(tmp_path / "clf.msgpack")},
       "id_data": {"source": "digits", "image_size": 16, "split": "test", "max_examples": 40},
-      "ood_data": {"noise": {"source": "npz", "path": str(tmp_path / "noise.npz")}}})
+      "ood_data": {"noise": {"source": "npz", "path": str(tmp_path / "noise.npz")},
+                   "shuffled": {"source": "synthetic", "kind": "pixel_shuffle", "image_size": 16}}})
   res = ood.run(cfg, str(tmp_path / "wd"))
   assert res["num_id"] == 40
   assert set(res["metrics"]["noise"]) == set(ood.DEFAULT_METHODS)

@@ -281,7 +281,13 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
   """
   skip = int(_cfg_get(data_cfg, "skip", 1) or 1)
   cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
+  if _cfg_get(data_cfg, "source") == "synthetic":
+    images, labels = synthetic_ood_arrays(data_cfg)
+    images, labels = images[::skip], labels[::skip]
+    return (images[:cap], labels[:cap]) if cap else (images, labels)
   if _cfg_get(data_cfg, "source") == "npz":
+    if not _cfg_get(data_cfg, "path"):
+      raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
     with np.load(data_cfg.path) as z:
       images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
       labels = z["label"][::skip].astype(np.int32)
@@ -305,10 +311,33 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
   return np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
 
 
+def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+  """Offline OOD stand-ins for the embedded demo (labels -1), from the digits test split (same size/channels):
+  kind "pixel_shuffle" (each digit's pixels randomly permuted: same intensity histogram, no digit shape) or
+  "uniform_noise" (uniform pixels). `seed` fixes them."""
+  kind = _cfg_get(data_cfg, "kind", "pixel_shuffle")
+  base = {"source": "digits", "image_size": int(_cfg_get(data_cfg, "image_size", 16)),
+          "channels": int(_cfg_get(data_cfg, "channels", 1)), "split": "test"}
+  images, _ = load_arrays(_AttrDict(base))
+  rng = np.random.default_rng(int(_cfg_get(data_cfg, "seed", 0)))
+  if kind == "pixel_shuffle":
+    flat = images.reshape(len(images), -1, images.shape[-1])
+    out = np.stack([f[rng.permutation(f.shape[0])] for f in flat]).reshape(images.shape)
+  elif kind == "uniform_noise":
+    out = rng.integers(0, 256, images.shape).astype(np.float32) / 127.5 - 1.0
+  else:
+    raise ValueError(f"unknown synthetic OOD kind {kind!r}: use pixel_shuffle or uniform_noise")
+  return out.astype(np.float32), np.full(len(out), -1, np.int32)
+
+
+class _AttrDict(dict):
+  __getattr__ = dict.__getitem__
+
+
 def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None):
   """Streams {"image" float32 [-1, 1], "label", "mask"} batches (padded last batch, mask 0 on padding)
   through `data.make_eval_loader`; npz sources are batched in memory. max_examples caps the count."""
-  if _cfg_get(data_cfg, "source") == "npz":
+  if _cfg_get(data_cfg, "source") in ("npz", "synthetic"):
     images, labels = load_arrays(data_cfg, split=split)
     for start in range(0, len(images), batch_size):
       batch, mask = sharding.pad_to_multiple(
