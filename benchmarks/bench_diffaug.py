@@ -178,6 +178,48 @@ def attention_impl(impl: str):
     unet_mod._attention = orig
 
 
+@contextlib.contextmanager
+def groupnorm_variant(variant: str, dtype_name: str):
+  """Trace-time GroupNorm variant (experiment shim, reduced precision only; float32 keeps the parity code).
+
+  'onepass': statistics from ONE read of the activation (sum and sum of squares in float32, a single
+  multi-output reduction fusion) instead of the two-pass mean / centred variance (two reads), i.e. 2 reads + 1
+  write per GroupNorm instead of 3 + 1. Swaps `diffaug_jax.models.unet.GroupNorm32` (looked up by name when
+  ResBlock / AttentionBlock / UNet are traced) for a subclass with the same parameters.
+  """
+  if variant == "twopass" or dtype_name in ("f32", "f32hi"):
+    yield
+    return
+  if variant != "onepass":
+    raise ValueError(f"--gn {variant!r}: expected 'twopass' or 'onepass'")
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from diffaug_jax.models import unet as unet_mod
+  jax = _jax()
+  base = unet_mod.GroupNorm32
+
+  class GroupNorm32OnePass(base):
+    @nn.compact
+    def __call__(self, x):
+      c = x.shape[-1]
+      if c % self.num_groups:
+        raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups")
+      scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+      g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+      mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+      mean_sq = jnp.mean(jnp.square(g), axis=(1, 3), keepdims=True)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape) * scale + bias
+      return y.astype(x.dtype)
+
+  unet_mod.GroupNorm32 = GroupNorm32OnePass
+  try:
+    yield
+  finally:
+    unet_mod.GroupNorm32 = base
+
+
 def _with_attention(module, impl: str):
   switch = attention_switch()
   if switch.startswith("field:"):
@@ -444,21 +486,29 @@ def time_calls(call: Callable[[int], Any], *, warmup: int, target_s: float, repe
           "last_warmup_s": t_first, "last": out, "first": first_out}
 
 
+def static_skip(case: Case, platform_name: str) -> str:
+  """Why `case` cannot run here at all ('' when it can)."""
+  if case.attention == "cudnn" and case.dtype != "bf16":
+    return "cuDNN attention needs bf16/fp16"
+  if case.attention == "cudnn" and platform_name != "gpu":
+    return f"cuDNN attention needs a GPU (platform {platform_name})"
+  if case.attention == "cudnn" and not attention_switch():
+    return "no attention switch in the UNet"
+  return ""
+
+
 def run_case(bench: Bench, case: Case, args, log) -> dict:
   """Compile, time and account one case -> result row (status 'ok' / 'skipped' / 'error')."""
   jax = _jax()
   import numpy as np
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
          "batch": case.batch}
-  if case.attention == "cudnn" and case.dtype != "bf16":
-    return {**row, "status": "skipped", "reason": "cuDNN attention needs bf16/fp16"}
-  if case.attention == "cudnn" and bench.platform != "gpu":
-    return {**row, "status": "skipped", "reason": f"cuDNN attention needs a GPU (platform {bench.platform})"}
-  if case.attention == "cudnn" and not attention_switch():
-    return {**row, "status": "skipped", "reason": "no attention switch in the UNet"}
+  reason = static_skip(case, bench.platform)
+  if reason:
+    return {**row, "status": "skipped", "reason": reason}
   fn, args_for, holder = bench.build(case)
   t0 = time.perf_counter()
-  with attention_impl(case.attention), _precision_ctx(case.dtype):
+  with attention_impl(case.attention), groupnorm_variant(args.gn, case.dtype), _precision_ctx(case.dtype):
     lowered = fn.lower(*args_for(0))
   row["trace_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -555,7 +605,8 @@ def table_markdown(result: dict) -> str:
            f"flax {meta['flax']}; mode {meta['mode']}; {meta['time_utc']}",
            f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
            f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
-           f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; attention switch: {meta['attention_switch']}",
+           f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; attention switch: {meta['attention_switch']}; "
+           f"GroupNorm (bf16 cases): {meta.get('groupnorm', 'twopass')}",
            "",
            "| case | status | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline | compile s "
            "| XLA temp GiB | peak GiB | goal |",
@@ -575,8 +626,8 @@ def table_markdown(result: dict) -> str:
         f"| {r['case']} | ok | {_fmt(r['images_per_s'], '.1f')} | {_fmt(r['ms_per_image'], '.2f')} | "
         f"{_fmt(1e3 * r['s_per_call'], '.1f')} | {_fmt((r.get('model_flops') or float('nan')) / 1e12, '.4g')} | "
         f"{_fmt(r.get('tflops_per_s'), '.4g')} | {_fmt(r.get('roofline'), '.1%')} | {_fmt(r.get('compile_s'), '.0f')} "
-        f"| {_fmt(temp / gib if temp else None, '.1f')} | "
-        f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.1f')} | {goal} |")
+        f"| {_fmt(temp / gib if temp else None, '.3g')} | "
+        f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.3g')} | {goal} |")
   if result.get("correctness"):
     lines += ["", "| correctness (vs float32 HIGHEST, same inputs) | x0_hat rel L2 | x0_hat rel L2 (t<500) "
               "| x0_hat max abs | eps rel L2 | finite |", "|---|---:|---:|---:|---:|---|"]
@@ -611,6 +662,8 @@ def parse_args(argv):
   ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
   ap.add_argument("--no-xla-flags", action="store_true", help="do not call perf.set_xla_gpu_flags()")
+  ap.add_argument("--gn", default="twopass", choices=("twopass", "onepass"),
+                  help="GroupNorm statistics in bf16 cases: the UNet's own two-pass code, or the one-pass shim")
   ap.add_argument("--seed", type=int, default=0)
   return ap.parse_args(argv)
 
@@ -681,7 +734,7 @@ def main(argv=None) -> dict:
       "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": added,
       "attention_switch": attention_switch() or "none", "size": dataclasses.asdict(size),
-      "members": args.members}, "cases": []}
+      "members": args.members, "groupnorm": args.gn}, "cases": []}
   device = jax.devices()[0]
   result["meta"]["device"] = getattr(device, "device_kind", str(device))
   result["meta"]["platform"] = device.platform
@@ -715,6 +768,10 @@ def main(argv=None) -> dict:
       result["best_attention"] = case.attention
     if any(r["case"] == case.name for r in result["cases"]):
       continue  # 'best' resolved to an already measured case
+    if static_skip(case, bench.platform):
+      result["cases"].append({"case": case.name, "program": case.program, "status": "skipped",
+                              "reason": static_skip(case, bench.platform)})
+      continue
     elapsed = time.perf_counter() - t_start
     est = max(case_costs) if case_costs else est_default
     if budget is not None and elapsed + est > budget:
