@@ -225,6 +225,10 @@ def test_suite_table_and_figures(setup, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == len(header.strip("|").split("|")) and "-" not in cells[1:], row
+  # m2 shares m1's compiled programs (same callables) but must be scored with its own weights.
+  for name, m in (("m1", models[0]), ("m2", models[1])):
+    direct = robustness.evaluate_default(classify_fn, m["params"], _batches(images, labels))
+    assert res["models"][name]["clean"]["sets"]["test"]["default"]["accuracy"] == direct["accuracy"]
   summ = res["models"]["m1"]["corrupted"]["summary"]
   assert set(summ) == {"default", "de", "dda", "dda_se"} and "mCE" in summ["default"]
   sets = res["models"]["m1"]["corrupted"]["sets"]

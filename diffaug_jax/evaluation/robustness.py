@@ -263,19 +263,23 @@ def _suite_summary(suite: str, per_set: Mapping[str, Mapping[str, Any]], modes: 
 
 def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[str], *,
                            make_batches: Callable, cfg: Mapping[str, Any], mesh=None,
-                           key=None) -> dict[str, dict[str, Any]]:
+                           key=None, runners: dict | None = None) -> dict[str, dict[str, Any]]:
   """Runs every mode of one model over a list of EvalSets. `model` holds classify_fn, params and
   (for de/dda) eps_fn / model_fn, score_params, schedule, learn_sigma.
+  `runners`: a cache shared across models; models with the same classify_fn / eps_fn / model_fn
+  objects (same architecture: `load_models` shares them) reuse one compiled program.
   Returns {suite: {"sets": {set_name: {mode: result}}, "summary": {mode: ...}}}."""
   key = _key(key)
   results: dict[str, dict[str, Any]] = {}
-  runners: dict[tuple, classify.ShardedRunner] = {}
+  runners = {} if runners is None else runners
+  fkey = (id(model["classify_fn"]), id(model.get("eps_fn")), id(model.get("model_fn")),
+          id(model.get("schedule")), id(model.get("dda_schedule")))
   de_cfg = dict(cfg.get("de", {}))
   dda_cfg = dict(cfg.get("dda", {}))
   for i, es in enumerate(evalsets):
     per_mode: dict[str, Any] = {}
     h = Head(es.class_subset, es.head, es.labels)
-    hkey = (es.class_subset is not None, es.head, es.labels)
+    hkey = (es.class_subset is not None, es.head, es.labels) + fkey
     set_key = jax.random.fold_in(key, i)
     for mode in modes:
       if mode == "dda_se" and "dda" in modes:
@@ -348,9 +352,13 @@ def evaluate_models(models: Sequence[Mapping[str, Any]], suite_specs: Mapping[st
   for name, opts in suite_specs.items():
     evalsets += suites_lib.expand_suite(name, opts, data_dir=data_dir)
   out = {"modes": list(modes), "suites": {k: dict(v) for k, v in suite_specs.items()}, "models": {}}
+  names = [m["name"] for m in models]
+  if len(set(names)) != len(names):
+    raise ValueError(f"model names must be unique, got {names}")
+  runners: dict = {}
   for model in models:
     out["models"][model["name"]] = evaluate_model_on_sets(model, evalsets, modes, make_batches=make_batches,
-                                                          cfg=cfg, mesh=mesh, key=key)
+                                                          cfg=cfg, mesh=mesh, key=key, runners=runners)
   return out
 
 
@@ -388,6 +396,11 @@ def load_models(config) -> list[dict[str, Any]]:
   score = _to_dict(config.get("score", {}) or {})
   dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(score.get("dtype", "")), None)
   models = []
+  shared: dict[str, Any] = {}  # one classify_fn per architecture -> one compilation for all its models
+  if loaded is not None:
+    s_module, s_vars, schedule, learn_sigma = loaded
+    score_fns = dict(eps_fn=flax_eps_fn(s_module, dtype=dtype), model_fn=flax_model_fn(s_module, dtype=dtype),
+                     score_params=s_vars, schedule=schedule, learn_sigma=learn_sigma)
   for spec in config.models:
     spec = _to_dict(spec)
     if spec.get("workdir"):
@@ -400,13 +413,13 @@ def load_models(config) -> list[dict[str, Any]]:
       variables = common.load_params(spec["params_path"])
     else:
       raise ValueError(f"model {spec.get('name')!r}: give workdir (a train.py run) or params_path + arch")
+    arch = repr(module)
+    if arch not in shared:
+      shared[arch] = flax_classify_fn(module)
     m = {"name": spec.get("name") or os.path.basename(os.path.normpath(spec.get("workdir", "model"))),
-         "classify_fn": flax_classify_fn(module), "params": variables,
-         "schedule": diffusion.linear_schedule(1000), "learn_sigma": True}
+         "classify_fn": shared[arch], "params": variables}
     if loaded is not None:
-      s_module, s_vars, schedule, learn_sigma = loaded
-      m.update(eps_fn=flax_eps_fn(s_module, dtype=dtype), model_fn=flax_model_fn(s_module, dtype=dtype),
-               score_params=s_vars, schedule=schedule, learn_sigma=learn_sigma)
+      m.update(score_fns)
     models.append(m)
   return models
 
