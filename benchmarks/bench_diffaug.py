@@ -517,12 +517,16 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   row["xla_flops"] = _flops_of(compiled)
   row["memory"] = _mem_analysis(compiled)
   row["model_flops"] = bench.model_flops_for(case, lowered)
+  row["flops_source"] = "model (lowered, XLA attention)"
+  if not row["model_flops"] or not math.isfinite(row["model_flops"]):
+    # Fallback: the compiled program's own count (undercounts a scan body, and cuDNN custom calls may count 0).
+    row["model_flops"], row["flops_source"] = row["xla_flops"], "compiled program (fallback)"
 
   if holder is not None:  # train: thread the donated state through the compiled step
     def call(i):
       state, metrics = compiled(*args_for(i))
       holder["state"] = state
-      return metrics
+      return metrics, state  # blocking on both: the parameter update is part of the step
   else:
     def call(i):
       return compiled(*args_for(i))
@@ -534,6 +538,8 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
                      max_iters=args.max_iters)
   s = res.pop("last")
   first = res.pop("first")
+  if holder is not None:
+    s = s[0]  # train: (metrics, state) -> metrics
   row.update({k: v for k, v in res.items()})
   sec = row["s_per_call"]
   row["images_per_s"] = case.batch / sec
@@ -658,7 +664,7 @@ def parse_args(argv):
   ap.add_argument("--profile", default=None, help="dir: capture a jax.profiler trace of --profile-cases")
   ap.add_argument("--profile-cases", default="train,denoise",
                   help="programs to trace: the first good bf16 case of each (plan order), a few calls")
-  ap.add_argument("--profile-steps", type=int, default=3)
+  ap.add_argument("--profile-steps", type=int, default=2)
   ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
   ap.add_argument("--no-xla-flags", action="store_true", help="do not call perf.set_xla_gpu_flags()")
