@@ -1,6 +1,5 @@
 """OOD scores and metrics against small hand-computed cases."""
 import math
-import os
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from diffaug_jax import diffusion
 from diffaug_jax.evaluation import pag
