@@ -72,6 +72,9 @@ if [ $rc -ne 0 ] && grep -q "Unknown flag in XLA_FLAGS" "$OUT/bench.log"; then
 fi
 echo "bench exit: $rc (124 = killed at the time limit; results.json holds every finished case)" | tee -a "$LOG"
 
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 \
+  | sed 's/^/after bench: /' | tee -a "$LOG"
+
 # ---- 3. pack the trace (if small enough to come back) and print the summary last (the reply shows the tail).
 if [ -d /tmp/diffaug_trace ]; then
   tar czf "$OUT/trace.tgz" -C /tmp diffaug_trace 2>/dev/null
