@@ -43,13 +43,14 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-from diffaug_jax import perf  # noqa: E402  (no jax import: safe before flags are set)
+from diffaug_jax import perf
 
 # Reference figures quoted from issue 7 (one NVIDIA H200, batch 128, 224x224, 2026-11-26) and the goals.
 REFERENCE = {
@@ -95,7 +96,7 @@ class Case:
     return f"{self.program}:{self.dtype}:{self.attention}:{self.batch}"
 
   @classmethod
-  def parse(cls, spec: str) -> "Case":
+  def parse(cls, spec: str) -> Case:
     parts = spec.strip().split(":")
     if len(parts) != 4:
       raise ValueError(f"case {spec!r}: expected program:dtype:attention:batch")
@@ -194,6 +195,7 @@ def groupnorm_variant(variant: str, dtype_name: str):
     raise ValueError(f"--gn {variant!r}: expected 'twopass' or 'onepass'")
   import flax.linen as nn
   import jax.numpy as jnp
+
   from diffaug_jax.models import unet as unet_mod
   jax = _jax()
   base = unet_mod.GroupNorm32
@@ -258,6 +260,7 @@ class Bench:
     jax = _jax()
     import jax.numpy as jnp
     import numpy as np
+
     from diffaug_jax import diffusion
     from diffaug_jax.models.classifiers import get_classifier
     from diffaug_jax.models.unet import unet_from_preset
@@ -309,9 +312,10 @@ class Bench:
   def build(self, case: Case):
     jax = _jax()
     import jax.numpy as jnp
+    import optax
+
     from diffaug_jax import augment, steps
     from diffaug_jax.state import TrainState
-    import optax
 
     eps_factory = self._eps_factory(case.dtype, case.attention)
     sched = self.schedule
@@ -365,7 +369,7 @@ class Bench:
     return fn, args_for, holder
 
   # ---- FLOPs
-  def model_flops_for(self, case: Case, lowered=None) -> Optional[float]:
+  def model_flops_for(self, case: Case, lowered=None) -> float | None:
     """Device-independent FLOPs of one call (XLA attention math); cached per (program, batch)."""
     k = (case.program, case.batch)
     if k in self.model_flops:
@@ -419,7 +423,7 @@ def _mem_analysis(compiled) -> dict:
   return out
 
 
-def _peak_bytes(device) -> Optional[int]:
+def _peak_bytes(device) -> int | None:
   try:
     st = device.memory_stats()
   except Exception:  # noqa: BLE001
@@ -607,16 +611,15 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 def table_markdown(result: dict) -> str:
   meta = result["meta"]
   peak = result.get("peak", {})
-  lines = [f"Device: {meta['device']} ({meta['platform']}), jax {meta['jax']}, jaxlib {meta['jaxlib']}, "
-           f"flax {meta['flax']}; mode {meta['mode']}; {meta['time_utc']}",
-           f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
+  device = (f"Device: {meta['device']} ({meta['platform']}), jax {meta['jax']}, jaxlib {meta['jaxlib']}, "
+            f"flax {meta['flax']}; mode {meta['mode']}; {meta['time_utc']}")
+  setup = (f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
            f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
            f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; attention switch: {meta['attention_switch']}; "
-           f"GroupNorm (bf16 cases): {meta.get('groupnorm', 'twopass')}",
-           "",
-           "| case | status | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline | compile s "
-           "| XLA temp GiB | peak GiB | goal |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           f"GroupNorm (bf16 cases): {meta.get('groupnorm', 'twopass')}")
+  header = ("| case | status | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline | compile s "
+            "| XLA temp GiB | peak GiB | goal |")
+  lines = [device, setup, "", header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   gib = 1024 ** 3
   for r in result["cases"]:
     if r.get("status") != "ok":
@@ -635,8 +638,9 @@ def table_markdown(result: dict) -> str:
         f"| {_fmt(temp / gib if temp else None, '.3g')} | "
         f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.3g')} | {goal} |")
   if result.get("correctness"):
-    lines += ["", "| correctness (vs float32 HIGHEST, same inputs) | x0_hat rel L2 | x0_hat rel L2 (t<500) "
-              "| x0_hat max abs | eps rel L2 | finite |", "|---|---:|---:|---:|---:|---|"]
+    corr_header = ("| correctness (vs float32 HIGHEST, same inputs) | x0_hat rel L2 | x0_hat rel L2 (t<500) "
+                   "| x0_hat max abs | eps rel L2 | finite |")
+    lines += ["", corr_header, "|---|---:|---:|---:|---:|---|"]
     for c in result["correctness"]:
       if "error" in c:
         lines.append(f"| {c['variant']} | {c['error']} | | | | |")
@@ -674,7 +678,7 @@ def parse_args(argv):
   return ap.parse_args(argv)
 
 
-def _write(out_dir: Optional[str], result: dict) -> None:
+def _write(out_dir: str | None, result: dict) -> None:
   if not out_dir:
     return
   os.makedirs(out_dir, exist_ok=True)

@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Any
 
-__all__ = ["summarize", "categorize", "to_markdown"]
+__all__ = ["categorize", "summarize", "to_markdown"]
 
 # Order matters: first match wins. Kernel names from cuDNN / cuBLAS / XLA codegen on Hopper.
 _CATEGORIES = (
@@ -42,7 +42,7 @@ def categorize(name: str) -> str:
 def _stats(ev) -> dict:
   try:
     return dict(ev.stats)
-  except Exception:  # pragma: no cover - defensive against API drift
+  except Exception:  # noqa: BLE001 - defensive against API drift of ProfileData
     return {}
 
 
@@ -123,12 +123,12 @@ def summarize(trace_dir: str, top: int = 25) -> dict[str, Any]:
 
 def to_markdown(s: dict[str, Any]) -> str:
   busy = s["busy_ms"] or 1e-9
-  out = [f"Profile summary ({s['source']}; planes: {', '.join(s['device_planes']) or '-'})", "",
-         f"- kernel time (sum over streams): {s['busy_ms']:.2f} ms; first-to-last kernel span: "
-         f"{s['span_ms']:.2f} ms; kernels: {s['num_kernels']}",
-         f"- span not covered by kernels (launch gaps / host waits, single stream): "
-         f"{max(0.0, s['span_ms'] - s['busy_ms']):.2f} ms", "",
-         "| category | ms | share |", "|---|---:|---:|"]
+  kernels = (f"- kernel time (sum over streams): {s['busy_ms']:.2f} ms; first-to-last kernel span: "
+             f"{s['span_ms']:.2f} ms; kernels: {s['num_kernels']}")
+  gaps = (f"- span not covered by kernels (launch gaps / host waits, single stream): "
+          f"{max(0.0, s['span_ms'] - s['busy_ms']):.2f} ms")
+  out = [f"Profile summary ({s['source']}; planes: {', '.join(s['device_planes']) or '-'})", "", kernels, gaps,
+         "", "| category | ms | share |", "|---|---:|---:|"]
   out += [f"| {k} | {v:.2f} | {100 * v / busy:.1f}% |" for k, v in s["categories"].items()]
   out += ["", "| XLA module | ms |", "|---|---:|"]
   out += [f"| {k} | {v:.2f} |" for k, v in list(s["modules"].items())[:8]]

@@ -29,10 +29,16 @@ import os
 import shlex
 import sys
 import warnings
-from typing import Mapping, MutableMapping, Optional, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
-__all__ = ["DEFAULT_GPU_FLAGS", "CUBLAS_GEMMS", "set_xla_gpu_flags", "backend_initialized",
-           "enable_compilation_cache", "flag_names"]
+__all__ = [
+  "CUBLAS_GEMMS",
+  "DEFAULT_GPU_FLAGS",
+  "backend_initialized",
+  "enable_compilation_cache",
+  "flag_names",
+  "set_xla_gpu_flags",
+]
 
 DEFAULT_GPU_FLAGS: Mapping[str, str] = {
     "xla_gpu_enable_latency_hiding_scheduler": "true",
@@ -54,15 +60,16 @@ def backend_initialized() -> bool:
   if "jax" not in sys.modules:
     return False
   try:
-    from jax._src import xla_bridge  # private, but the only way to ask without initialising
+    # Private, but the only way to ask without initialising a backend.
+    from jax._src import xla_bridge
   except ImportError:  # pragma: no cover - layout change in a future jax
     return False
   fn = getattr(xla_bridge, "backends_are_initialized", None)
   return bool(fn()) if fn is not None else bool(getattr(xla_bridge, "_backends", {}))
 
 
-def set_xla_gpu_flags(extra: Optional[Mapping[str, str]] = None, *, defaults: bool = True,
-                      env: Optional[MutableMapping[str, str]] = None) -> list[str]:
+def set_xla_gpu_flags(extra: Mapping[str, str] | None = None, *, defaults: bool = True,
+                      env: MutableMapping[str, str] | None = None) -> list[str]:
   """Appends performance flags to `XLA_FLAGS` unless already set; returns the flags it appended.
 
   Args:
@@ -95,7 +102,7 @@ def set_xla_gpu_flags(extra: Optional[Mapping[str, str]] = None, *, defaults: bo
   return added
 
 
-def enable_compilation_cache(path: Optional[str] = None, *, min_compile_time_s: float = 1.0) -> Optional[str]:
+def enable_compilation_cache(path: str | None = None, *, min_compile_time_s: float = 1.0) -> str | None:
   """Turns on JAX's persistent compilation cache at `path` (default `$DIFFAUG_JAX_CACHE`, else off).
 
   Saves minutes per start of the big ADM programs (a rerun on the same machine skips XLA compilation and

@@ -16,8 +16,8 @@ from diffaug_jax import perf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import bench_diffaug  # noqa: E402
-import profile_summary  # noqa: E402
+import bench_diffaug
+import profile_summary
 
 FAST = ["--tiny", "--warmup", "1", "--repeats", "1", "--max-iters", "1", "--target-s", "0.01",
         "--no-xla-flags"]
