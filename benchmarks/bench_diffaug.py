@@ -225,7 +225,8 @@ def groupnorm_variant(variant: str, dtype_name: str):
 def _with_attention(module, impl: str):
   switch = attention_switch()
   if switch.startswith("field:"):
-    return module.clone(**{switch.split(":", 1)[1]: impl})
+    # None is the UNet's default (= jax's XLA implementation); only "cudnn" needs naming.
+    return module.clone(**{switch.split(":", 1)[1]: None if impl == "xla" else impl})
   return module
 
 
