@@ -17,7 +17,7 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+GOLDEN = pathlib.Path(os.environ.get("DIFFAUG_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 
 @pytest.fixture(scope="session")

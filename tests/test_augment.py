@@ -95,7 +95,8 @@ def test_jit_and_vmap():
 
 
 def test_sharded_equals_single_device():
-  assert jax.device_count() == 8
+  if jax.device_count() < 8:  # e.g. on a one-GPU machine
+    pytest.skip("needs 8 devices (conftest fakes 8 CPU devices)")
   x0 = images(16)
   key = jax.random.key(11)
   f = lambda k, x: augment.diffaug(k, x, toy_eps_fn, SCHED)
