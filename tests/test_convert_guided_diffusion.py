@@ -93,6 +93,19 @@ def test_cli_round_trip(golden_dir, tmp_path, capsys):
     gd.load_guided_diffusion(dst, **flags)
 
 
+def test_safetensors_source(golden_dir, tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  name = "adm_uncond_tiny"
+  sd = common.load_state_dict(golden_dir / f"{name}.npz")
+  src = tmp_path / "adm.safetensors"
+  safetensors_numpy.save_file({f"module.{k}": v for k, v in sd.items()}, str(src))  # DataParallel prefix
+  dst = tmp_path / "adm.msgpack"
+  assert gd.main([str(src), str(dst), "--flags-json", str(golden_dir / f"{name}.json")]) == 0
+  flags = json.loads((golden_dir / f"{name}.json").read_text())
+  _, direct = gd.load_guided_diffusion(golden_dir / f"{name}.npz", **flags)
+  jax.tree.map(np.testing.assert_array_equal, common.load_params(dst), direct)
+
+
 def test_flags_from_preset_name():
   assert gd.resolve_flags("adm_256_uncond")["num_head_channels"] == 64
   with pytest.raises(ValueError, match="preset"):

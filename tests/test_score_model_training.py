@@ -15,6 +15,9 @@ from diffaug_jax import diffusion, losses, sampling
 from diffaug_jax.models.score import make_eps_fn, make_model_fn
 from diffaug_jax.models.unet import unet_from_preset
 
+# The shared training fixture takes ~25 s of CPU time (compile + 150 steps).
+pytestmark = pytest.mark.slow
+
 STEPS = 150
 BATCH = 16
 ZERO_INIT = ("out_layers_3", "proj_out", "out_2")  # guided-diffusion zero_module layers

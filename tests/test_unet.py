@@ -54,8 +54,12 @@ def test_flags_semantics():
   assert m.out_channels == 6 and m.dtype == jnp.float16 and m.num_classes is None
   m = unet_lib.unet_from_flags(image_size=64, num_channels=192, channel_mult="1,2", class_cond=True)
   assert m.channel_mult == (1, 2) and m.num_classes == 1000 and m.out_channels == 3
-  with pytest.raises(ValueError, match="diffusion_steps"):
-    unet_lib.unet_from_flags(image_size=64, diffusion_steps=1000)
+  # Diffusion flags of a full guided-diffusion args dump are ignored; unknown (typo) flags are not.
+  assert unet_lib.unet_from_flags(image_size=64, diffusion_steps=1000, noise_schedule="cosine").image_size == 64
+  with pytest.raises(ValueError, match="num_chanels"):
+    unet_lib.unet_from_flags(image_size=64, num_chanels=128)
+  with pytest.raises(ValueError, match="predict_xstart"):
+    unet_lib.unet_from_flags(image_size=64, predict_xstart=True)
   with pytest.raises(ValueError, match="channel_mult"):
     unet_lib.unet_from_flags(image_size=48, channel_mult="")
 

@@ -18,10 +18,12 @@ path segment is joined to the previous one with "_"; weight -> kernel / scale / 
 Compute dtype (`dtype`): params stay float32 (flax casts them to `dtype` inside each layer); GroupNorm and the
 attention softmax always run in float32. The timestep MLP and the final `out` block run in float32 (as the
 official fp16 mode does, which only converts the conv stacks); the output is float32.
+
+GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
+float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -128,17 +130,19 @@ class ResBlock(nn.Module):
     return x + h
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+               implementation: Optional[str] = None) -> jax.Array:
   """Fused softmax(q k^T * scale) v on (B, L, heads, ch); logits and softmax in float32.
 
-  `jax.nn.dot_product_attention` everywhere except float16 on CPU, where XLA:CPU rejects the F16_F16_F32 dot
-  algorithm it requests; there the same math is spelled out (f32 accumulation, f32 softmax).
+  `jax.nn.dot_product_attention` (implementation None = XLA, or "cudnn" for the fused GPU kernel in
+  bf16/fp16) everywhere except float16 on CPU, where XLA:CPU rejects the F16_F16_F32 dot algorithm it
+  requests; there the same math is spelled out (f32 accumulation, f32 softmax).
   """
   if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
 
 class AttentionBlock(nn.Module):
@@ -150,6 +154,7 @@ class AttentionBlock(nn.Module):
   num_head_channels: int = -1
   use_new_attention_order: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,7 +177,7 @@ class AttentionBlock(nn.Module):
     else:  # legacy: split heads before qkv
       qkv = qkv.reshape(b, hh * ww, heads, 3, ch)
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    a = _attention(q, k, v, 1.0 / math.sqrt(ch))  # (B, L, heads, ch)
+    a = _attention(q, k, v, 1.0 / math.sqrt(ch), self.attention_impl)  # (B, L, heads, ch)
     a = a.reshape(b, hh * ww, c)
     h = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.zeros,
                  name="proj_out")(a)
@@ -237,6 +242,9 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   dtype: Dtype = jnp.float32
+  # jax.nn.dot_product_attention `implementation`: None (XLA, any backend) or "cudnn" (fused GPU kernel,
+  # bf16/fp16 only). Not a checkpoint property: params are identical.
+  attention_impl: Optional[str] = None
 
   @property
   def learn_sigma(self) -> bool:
@@ -276,7 +284,8 @@ class UNet(nn.Module):
 
     def attn(name, heads):
       return AttentionBlock(num_heads=heads, num_head_channels=self.num_head_channels,
-                            use_new_attention_order=self.use_new_attention_order, dtype=dt, name=name)
+                            use_new_attention_order=self.use_new_attention_order, dtype=dt,
+                            attention_impl=self.attention_impl, name=name)
 
     h = x.astype(dt)
     ch = int(self.channel_mult[0] * mc)
@@ -339,22 +348,33 @@ def _parse_ints(spec) -> tuple:
   return tuple(int(s) for s in spec)
 
 
+# guided-diffusion create_gaussian_diffusion arguments: irrelevant to the network, ignored by unet_from_flags.
+_DIFFUSION_FLAGS = frozenset({"diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
+                              "rescale_timesteps", "rescale_learned_sigmas", "sigma_small"})
+
+
 def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_blocks: int = 2,
                     channel_mult: Any = "", learn_sigma: bool = False, class_cond: bool = False,
                     use_checkpoint: bool = False, attention_resolutions: Any = "16,8", num_heads: int = 1,
                     num_head_channels: int = -1, num_heads_upsample: int = -1,
                     use_scale_shift_norm: bool = False, dropout: float = 0.0, resblock_updown: bool = False,
                     use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
-                    num_classes: int = 1000, dtype: Optional[Dtype] = None, **unknown) -> UNet:
+                    num_classes: int = 1000, dtype: Optional[Dtype] = None,
+                    attention_impl: Optional[str] = None, **unknown) -> UNet:
   """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
 
   channel_mult "" -> default per image_size; "1,2,2" or a tuple otherwise. attention_resolutions are
   resolutions ("32,16,8") converted to downsample factors image_size // res. use_fp16 -> dtype float16 (unless
   `dtype` is given). use_checkpoint is accepted and ignored (use jax.checkpoint in the program if needed).
-  Extra diffusion flags (diffusion_steps, noise_schedule, ...) are rejected with a ValueError so a typo does not
-  silently build a different net; pass only model flags.
+  guided-diffusion's diffusion flags (diffusion_steps, noise_schedule, timestep_respacing, ...) are accepted
+  and ignored (they do not change the network), so a full `args` dump works; any other unknown flag raises a
+  ValueError so a typo does not silently build a different net. predict_xstart=True is rejected (the
+  eps-prediction factories would misread such a model).
   """
   del use_checkpoint
+  if unknown.get("predict_xstart"):
+    raise ValueError("unet_from_flags: predict_xstart=True (x0-predicting models) is not supported")
+  unknown = {k: v for k, v in unknown.items() if k not in _DIFFUSION_FLAGS}
   if unknown:
     raise ValueError(f"unet_from_flags: unknown model flag(s) {sorted(unknown)}")
   if channel_mult in ("", None, ()):
@@ -372,7 +392,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
               num_classes=(num_classes if class_cond else None), num_heads=int(num_heads),
               num_head_channels=int(num_head_channels), num_heads_upsample=int(num_heads_upsample),
               use_scale_shift_norm=bool(use_scale_shift_norm), resblock_updown=bool(resblock_updown),
-              use_new_attention_order=bool(use_new_attention_order), dtype=dtype)
+              use_new_attention_order=bool(use_new_attention_order), dtype=dtype, attention_impl=attention_impl)
 
 
 # create_model flags, exactly as in the guided-diffusion / improved-diffusion READMEs (model flags only).
