@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 def main(argv):
   del argv
   from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
+  logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore at INFO/WARNING
   config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:

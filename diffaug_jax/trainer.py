@@ -480,7 +480,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress.close()
     ckpt.close()
     writer.close()
-  if not eval_every and not preempted and mode == "classifier":
+  if not eval_every and not preempted and mode == "classifier" and config.get("final_eval", True):
     last_eval = run_eval(state)
     writer = metrics_lib.MetricWriter(workdir)
     writer.write(step, last_eval, split="eval")

@@ -1,0 +1,60 @@
+"""The embedded demo end to end in its reduced-size mode (configs/default.py:smoke). Runtime ~60 s on 2 cores."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path, capsys):
+  from PIL import Image
+  from diffaug_jax import demo
+  cfg = _config("default", "smoke")
+  out = demo.run_demo(cfg, str(tmp_path))
+  printed = capsys.readouterr().out
+  assert "| CNN+DiffAug |" in printed and "Corrupted DE" in printed
+  res = json.loads((tmp_path / "results.json").read_text())
+  for name in ("baseline", "diffaug"):
+    r = res["results"][name]
+    assert set(r["per_corruption"]) == {"gaussian_noise", "defocus_blur", "contrast"}
+    for k in ("clean_default", "clean_de", "corrupted_default", "corrupted_de"):
+      assert 0.0 <= r[k] <= 100.0
+  grid = Image.open(out["grid"])
+  # 8 examples x 10 timesteps of 8x8 cells (2-px borders), upscaled by 16.
+  assert grid.size == ((10 * 10 + 2) * 16, (8 * 10 + 2) * 16)
+  for sub in ("score", "baseline", "diffaug"):
+    assert (tmp_path / sub / "config.json").is_file()
+
+
+def test_all_configs_load_and_build():
+  """Every config's get_config(arg) returns a complete config whose models can be built (no init)."""
+  from diffaug_jax import trainer
+  cases = [("default", None), ("default", "smoke"), ("cifar10_resnet18", "baseline"),
+           ("cifar10_resnet18", "diffaug"), ("cifar10_wrn28_10", None), ("imagenet_resnet50_diffaug", None),
+           ("imagenet_resnet50_diffaug", "augmix"), ("imagenet_vit_b16_diffaug", None), ("score_digits", None),
+           ("score_cifar10", None), ("score_cifar10", "iddpm")]
+  for name, arg in cases:
+    cfg = _config(name, arg)
+    runs = [cfg.demo.score, cfg.demo.classifier] if cfg.mode == "demo" else [cfg]
+    for c in runs:
+      assert c.batch_size > 0 and c.optim.name in ("sgd", "adam", "adamw", "lamb"), name
+      if c.mode == "classifier":
+        assert trainer.build_classifier(c) is not None
+      else:
+        assert trainer.build_score_model(c) is not None
+  r50 = _config("imagenet_resnet50_diffaug")
+  assert (r50.optim.learning_rate, r50.optim.lr_batch_base, r50.optim.momentum, r50.optim.nesterov,
+          r50.optim.weight_decay, r50.optim.decay_epochs, r50.optim.decay_factor, r50.num_epochs) == \
+      (0.1, 256, 0.9, False, 1e-4, 30.0, 0.1, 90)
+  with pytest.raises(ValueError, match="arg"):
+    _config("cifar10_resnet18", "nope")
