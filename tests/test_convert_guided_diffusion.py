@@ -82,6 +82,10 @@ def test_cli_round_trip(golden_dir, tmp_path, capsys):
   module, via_path = gd.load_guided_diffusion(dst, **flags)  # converted file reloads through the same entry
   jax.tree.map(np.testing.assert_array_equal, via_path, direct)
   assert module.num_classes == 1000 and module.use_new_attention_order
+  # The CLI reports a mismatch (wrong flags) with exit code 1 and the key list on stderr.
+  assert convert_main(["guided-diffusion", str(golden_dir / f"{name}.npz"), str(tmp_path / "bad.msgpack"),
+                       "--flags-json", "adm_256_uncond"]) == 1
+  assert "missing" in capsys.readouterr().err and not (tmp_path / "bad.msgpack").exists()
   # A converted file does not load into a different model.
   with pytest.raises(common.CheckpointMismatchError):
     gd.load_guided_diffusion(dst, **{**flags, "num_channels": 64})

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -149,7 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   help=f"JSON file of create_model flags, or a preset name: {sorted(UNET_PRESETS)}")
   args = ap.parse_args(argv)
   flags = resolve_flags(args.flags_json)
-  module, variables = load_guided_diffusion(args.src, **flags)
+  try:
+    module, variables = load_guided_diffusion(args.src, **flags)
+  except common.CheckpointMismatchError as e:  # a clear message, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   common.save_params(args.dst, variables)
   n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables))
   print(f"converted {args.src} -> {args.dst}: {n:,} params, image_size {module.image_size}, "
