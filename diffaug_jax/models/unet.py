@@ -208,7 +208,8 @@ class Upsample(nn.Module):
 
 
 def default_channel_mult(image_size: int) -> tuple:
-  """guided-diffusion create_model's channel_mult for channel_mult == ""."""
+  """guided-diffusion create_model's channel_mult for channel_mult == "" (32 -> (1, 2, 2, 2) is
+  improved-diffusion's CIFAR-10 default; guided-diffusion itself raises for 32)."""
   table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
            32: (1, 2, 2, 2)}
   if image_size not in table:
