@@ -34,7 +34,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
   def save(self, directory: epath.Path, args: "DataSave") -> None:
-    state = args.item.get_state()
+    state = args.state  # captured when the save was requested (the iterator keeps moving meanwhile)
     text = state.decode() if isinstance(state, (bytes, bytearray)) else json.dumps(state, indent=1)
     self._file(directory).write_text(text)
 
@@ -66,7 +66,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DataSave(ocp.args.CheckpointArgs):
-  item: Any
+  state: Any  # iterator.get_state() snapshot: bytes or a JSON-able value
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -112,7 +112,7 @@ class Checkpointer:
       return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None and hasattr(data_iter, "get_state"):
-      items["data"] = DataSave(data_iter)
+      items["data"] = DataSave(data_iter.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, state_like: TrainState, data_iter: Any = None, step: int | None = None

@@ -111,6 +111,17 @@ def format_table(results: dict, corruptions, severity: int) -> str:
   return "\n".join(head + tuple(rows) + tuple(per))
 
 
+class Preempted(SystemExit):
+  """A stage stopped on SIGTERM (its checkpoint is saved): the demo stops; rerun the command to resume."""
+
+
+def _check_finished(summary: dict, what: str) -> None:
+  if summary.get("preempted"):
+    print(f"{what}: stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command "
+          f"to resume", flush=True)
+    raise Preempted(0)
+
+
 def run_demo(config, workdir: str) -> dict:
   """Runs the whole demo in `workdir`; returns the results dict (also written to results.json)."""
   t0 = time.perf_counter()
@@ -123,7 +134,7 @@ def run_demo(config, workdir: str) -> dict:
   print("== 1/4 score model (DDPM) ==", flush=True)
   t = time.perf_counter()
   score_dir = os.path.join(workdir, "score")
-  trainer.train_and_evaluate(d.score, score_dir)
+  _check_finished(trainer.train_and_evaluate(d.score, score_dir), "score model")
   timings["score"] = time.perf_counter() - t
 
   # 2-3. Baseline and +DiffAug classifiers: same recipe and seed, DiffAug on/off.
@@ -133,7 +144,7 @@ def run_demo(config, workdir: str) -> dict:
     c = copy.deepcopy(d.classifier)
     c.diffaug.enabled = enabled
     c.score.workdir = score_dir
-    trainer.train_and_evaluate(c, os.path.join(workdir, name))
+    _check_finished(trainer.train_and_evaluate(c, os.path.join(workdir, name)), f"{name} classifier")
     timings[name] = time.perf_counter() - t
 
   # 4. Evaluation: Default and DE, clean and corrupted.

@@ -85,6 +85,9 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
   a, _ = ckpt_lib.restore_raw_state(str(wd))
   b, _ = ckpt_lib.restore_raw_state(str(ref))
   assert int(a["step"]) == int(b["step"]) == STEPS
+  # The frozen score params are never in the checkpoint: only the classifier's state.
+  assert set(a) <= {"step", "params", "batch_stats", "opt_state", "ema_params"} and not a.get("ema_params")
+  assert set(a["params"]) == {"Conv_0", "BatchNorm_0", "Dense_0"}
   for x, y in zip(__import__("jax").tree.leaves((a["params"], a["batch_stats"], a["opt_state"])),
                   __import__("jax").tree.leaves((b["params"], b["batch_stats"], b["opt_state"]))):
     np.testing.assert_array_equal(x, y)
