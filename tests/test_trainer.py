@@ -100,3 +100,16 @@ def test_fsdp_rule_shards_big_leaves():
   rule = trainer.fsdp_rule(min_size=64, axis_size=8)
   assert rule((), np.zeros((3, 3, 16, 32))) == jax.sharding.PartitionSpec(None, None, None, "data")
   assert rule((), np.zeros((10,))) == jax.sharding.PartitionSpec()
+
+
+def test_program_modules_do_not_import_data_libraries():
+  """steps/state/optim/trainer/checkpoint/demo import without grain, TFDS or TensorFlow (lazy data imports)."""
+  import subprocess
+  import sys
+  code = ("import sys; import diffaug_jax.steps, diffaug_jax.state, diffaug_jax.optim, diffaug_jax.trainer, "
+          "diffaug_jax.checkpoint, diffaug_jax.metrics, diffaug_jax.demo; "
+          "bad = sorted({m.split('.')[0] for m in sys.modules} & {'grain', 'tensorflow_datasets', 'tensorflow'}); "
+          "print('BAD', bad); sys.exit(1 if bad else 0)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stdout + r.stderr
