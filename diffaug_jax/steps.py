@@ -106,7 +106,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
     (clean view), accuracy_diffaug, grad_norm, learning_rate.
   """
   labels = batch["label"].astype(jnp.int32)
-  b = labels.shape[0]
   da_key, dropout_key = jax.random.split(key)
   views = [to_model_range(batch["image"])]
   aug_keys = next((k for k in (("image_aug1", "image_aug2"), ("augmix1", "augmix2"))
@@ -151,7 +150,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                             opt_state=new_opt_state)
   metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
              "learning_rate": _lr(cfg.lr_schedule, state.step)}
-  del b
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
