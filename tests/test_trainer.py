@@ -113,3 +113,24 @@ def test_program_modules_do_not_import_data_libraries():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_image_folder_run_with_a_corrupt_file(tmp_path):
+  """The grain folder pipeline through the program: class sub-folders of PNGs, one corrupt file that is
+  skipped (counted by the source), not a crash."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("val", 8)):
+    for k, cls in enumerate(("a", "b", "c", "d")):
+      d = tmp_path / "imgs" / split / cls
+      d.mkdir(parents=True)
+      for i in range(n // 4):
+        Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8) // (k + 1)).save(d / f"{i}.png")
+  (tmp_path / "imgs" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+  cfg = tiny_config(steps=3, diffaug=True)
+  cfg.data = ml_collections.ConfigDict(dict(
+      source="folder", name="mine", data_dir=str(tmp_path / "imgs"), train_split="train", eval_split="val",
+      image_size=8, channels=1, train_transform="cifar", eval_transform="none", crop_padding=1,
+      resize_size=0, num_classes=0, class_names="", num_workers=0, read_threads=1, prefetch_buffer_size=4))
+  out = trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert out["step"] == 3 and np.isfinite(out["train"]["loss"]) and out["eval"]["eval_count"] == 8
