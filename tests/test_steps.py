@@ -170,3 +170,27 @@ def test_eval_step_counts_mask():
   b["mask"] = np.array([1, 1, 1, 0, 0, 0, 0, 0], np.int32)
   out = steps.eval_step(state, b, apply_fn=clf.apply)
   assert float(out["count"]) == 3.0 and 0 <= float(out["correct"]) <= 3
+
+
+def test_imagenet_recipe_schedule_and_sgd_semantics():
+  """SGD 0.1 per 256 scaled linearly, x0.1 every 30 epochs; torch-style coupled weight decay + momentum."""
+  import ml_collections
+  from diffaug_jax import optim
+  cfg = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, lr_batch_base=256, momentum=0.9,
+                                       nesterov=False, weight_decay=1e-4, schedule="step", decay_epochs=30.0,
+                                       decay_factor=0.1, warmup_epochs=0.0))
+  spe = 100
+  tx, sched = optim.make_optimizer(cfg, global_batch_size=1024, steps_per_epoch=spe, total_steps=90 * spe)
+  for step, lr in ((0, 0.4), (30 * spe - 1, 0.4), (30 * spe, 0.04), (60 * spe, 0.004), (90 * spe - 1, 0.004)):
+    assert float(sched(step)) == pytest.approx(lr, rel=1e-6), step
+  # Two updates by hand (torch.optim.SGD): buf = m*buf + (g + wd*p); p -= lr*buf.
+  p = {"w": jnp.array([1.0, -2.0])}
+  g = {"w": jnp.array([0.5, 0.25])}
+  st = tx.init(p)
+  pt, buf = np.array([1.0, -2.0]), np.zeros(2)
+  for _ in range(2):
+    u, st = tx.update(g, st, p)
+    p = optax.apply_updates(p, u)
+    buf = 0.9 * buf + (np.array([0.5, 0.25]) + 1e-4 * pt)
+    pt = pt - 0.4 * buf
+  np.testing.assert_allclose(p["w"], pt, rtol=1e-6)
