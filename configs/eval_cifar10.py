@@ -6,7 +6,7 @@ Run:
       --config.models='[{"name": "R18+DiffAug", "workdir": "runs/c10_r18_diffaug"}]' \
       --config.score.workdir=runs/score_c10
 Prepare CIFAR-10-C once (needs TensorFlow only for this step): `pip install -e .[prepare]` then
-`tfds build cifar10_corrupted --data_dir <dir>` (each config, e.g. cifar10_corrupted/fog_5). Arg "sev5":
+`python -m diffaug_jax.data.prepare cifar10_corrupted/fog_5 --data_dir <dir>` (one per config). Arg "sev5":
 only severity 5.
 """
 import ml_collections

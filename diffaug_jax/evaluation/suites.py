@@ -181,23 +181,25 @@ def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: s
 SUITES = ("clean", "cifar10_c", "imagenet_c", "imagenet_r", "imagenet_a", "imagenet_sketch",
           "imagenet_v2", "corrupted")
 
+_PREPARE_CMD = "`pip install diffaug_jax[prepare]` then `python -m diffaug_jax.data.prepare {name} --data_dir <data_dir>`"
 _PREPARE = {
-    "imagenet2012": "ImageNet needs a MANUAL download: put ILSVRC2012_img_train.tar and "
-                    "ILSVRC2012_img_val.tar in <data_dir>/downloads/manual, then `pip install "
-                    "diffaug_jax[prepare]` and `tfds build imagenet2012 --data_dir <data_dir>`",
+    "imagenet2012": "ImageNet needs a MANUAL download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                    "from image-net.org, then " + _PREPARE_CMD.format(name="imagenet2012")[:-1]
+                    + " --manual_dir <dir with the tars>`",
     "imagenet2012_corrupted": "TFDS regenerates ImageNet-C from ImageNet (manual download of ImageNet "
-                              "first, see imagenet2012), `tfds build imagenet2012_corrupted/<config>`; "
-                              "or use the official JPEG release with suite option source='folder', "
-                              "path=<root containing <corruption>/<severity>/<wnid>/*.JPEG>",
-    "cifar10_corrupted": "`pip install diffaug_jax[prepare]` then "
-                         "`tfds build cifar10_corrupted/<corruption>_<severity> --data_dir <data_dir>`",
+                              "first, see imagenet2012): "
+                              + _PREPARE_CMD.format(name="imagenet2012_corrupted/<config>")[:-1]
+                              + " --manual_dir <dir with the tars>`; or use the official JPEG release with "
+                              "suite option source='folder', path=<root containing "
+                              "<corruption>/<severity>/<wnid>/*.JPEG>",
+    "cifar10_corrupted": _PREPARE_CMD.format(name="cifar10_corrupted/<corruption>_<severity>"),
 }
 
 
 def prepare_hint(tfds_name: str) -> str:
   base = tfds_name.split("/")[0].split(":")[0]
-  return _PREPARE.get(base, f"`pip install diffaug_jax[prepare]` then `tfds build {tfds_name} "
-                            f"--data_dir <data_dir>` (reading a prepared data_dir needs no TensorFlow)")
+  return _PREPARE.get(base, _PREPARE_CMD.format(name=tfds_name)
+                      + " (reading a prepared data_dir needs no TensorFlow)")
 
 
 def _need_path(cfg, suite):
