@@ -314,6 +314,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mode = config.get("mode", "classifier")
   if mode not in ("classifier", "score"):
     raise ValueError(f"config.mode={mode!r}: expected 'classifier' or 'score'")
+  if config.get("require_init_checkpoint") and not config.get("init_checkpoint"):
+    raise ValueError("this config fine-tunes released weights: set --config.init_checkpoint=<converted "
+                     "params file or training workdir>")
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
 

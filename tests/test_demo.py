@@ -42,7 +42,8 @@ def test_all_configs_load_and_build():
   cases = [("default", None), ("default", "smoke"), ("cifar10_resnet18", "baseline"),
            ("cifar10_resnet18", "diffaug"), ("cifar10_wrn28_10", None), ("imagenet_resnet50_diffaug", None),
            ("imagenet_resnet50_diffaug", "augmix"), ("imagenet_vit_b16_diffaug", None), ("score_digits", None),
-           ("score_cifar10", None), ("score_cifar10", "iddpm")]
+           ("score_cifar10", None), ("score_cifar10", "iddpm"), ("imagenet_finetune_diffaug", "augmix"),
+           ("imagenet_finetune_diffaug", "deepaugment"), ("imagenet_finetune_diffaug", "dam")]
   for name, arg in cases:
     cfg = _config(name, arg)
     runs = [cfg.demo.score, cfg.demo.classifier] if cfg.mode == "demo" else [cfg]
@@ -58,3 +59,15 @@ def test_all_configs_load_and_build():
       (0.1, 256, 0.9, False, 1e-4, 30.0, 0.1, 90)
   with pytest.raises(ValueError, match="arg"):
     _config("cifar10_resnet18", "nope")
+  # Issue 8's fine-tuning recipes: the release's final lr, constant, ~50k steps, AugMix views where named.
+  for arg, lr, augmix in (("augmix", 1e-3, True), ("deepaugment", 1e-6, False), ("dam", 1e-6, True)):
+    ft = _config("imagenet_finetune_diffaug", arg)
+    assert (ft.optim.learning_rate, ft.optim.schedule, ft.num_train_steps, ft.augmix, ft.diffaug.enabled,
+            ft.require_init_checkpoint) == (lr, "constant", 50_000, augmix, True, True)
+
+
+def test_finetune_config_refuses_to_start_without_weights(tmp_path):
+  from diffaug_jax import trainer
+  with pytest.raises(ValueError, match="init_checkpoint"):
+    trainer.train_and_evaluate(_config("imagenet_finetune_diffaug", "augmix"), str(tmp_path))
+  assert not any(tmp_path.iterdir())  # nothing written
