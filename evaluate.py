@@ -21,7 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from diffaug_jax import sharding
+  from diffaug_jax import perf, sharding
+  perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
   sharding.initialize_distributed()  # before any other JAX call
   from diffaug_jax.evaluation import run_task
   run_task(_CONFIG.value, _WORKDIR.value)

@@ -27,7 +27,8 @@ def main(argv):
   if workdir is None:
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename or "default"))[0]
     workdir = os.path.join(_HERE, "runs", "demo" if name == "default" else name)
-  from diffaug_jax import sharding
+  from diffaug_jax import perf, sharding
+  perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
   sharding.initialize_distributed()  # before any other JAX call
   if config.get("mode") == "demo":
     from diffaug_jax import demo
