@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffaug_jax import diffusion, sampling
-from diffaug_jax.evaluation import certify, da_classifier as dac
+from diffaug_jax.evaluation import da_classifier as dac, loading
 from diffaug_jax.models.time_classifier import time_classifier
 
 SCHED = diffusion.linear_schedule(1000)
@@ -15,8 +15,8 @@ SCHED = diffusion.linear_schedule(1000)
 @pytest.fixture(scope="module")
 def digits():
   dc = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1))
-  xtr, ytr = certify.load_arrays(dc, split="train")
-  xte, yte = certify.load_arrays(dc, split="test")
+  xtr, ytr = loading.load_arrays(dc, split="train")
+  xte, yte = loading.load_arrays(dc, split="test")
   eps_fn, sp = dac.gaussian_denoiser(xtr, SCHED)
   return xtr, ytr, xte, yte, eps_fn, sp
 

@@ -135,8 +135,8 @@ def test_ood_run_end_to_end(tmp_path):
   assert "noise AUROC" in open(tmp_path / "wd" / "ood.md").read()
   json.load(open(tmp_path / "wd" / "ood.json"))
   # The task's MSP AUROC equals the metric computed directly from a plain forward pass.
-  from diffaug_jax.evaluation import certify
-  xi, _ = certify.load_arrays(cfg.id_data)
+  from diffaug_jax.evaluation import loading
+  xi, _ = loading.load_arrays(cfg.id_data)
   xo = noise.astype(np.float32) / 127.5 - 1
   si = scoring.msp_score(module.apply(variables, jnp.asarray(xi)))
   so = scoring.msp_score(module.apply(variables, jnp.asarray(xo)))

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffaug_jax import augment, diffusion, scoring, sharding
+from diffaug_jax.evaluation import loading
 
 Array = jax.Array
 ClassifyFn = Callable[[Any, Array], Array]  # (params, (B, H, W, C) in [-1, 1]) -> logits (B, K)
@@ -190,175 +191,6 @@ def plot_curves(summary: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
-def write_results(workdir: str, result: dict, markdown: str) -> None:
-  """evaluate.py's common outputs: results.json (every number) and results.md."""
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown)
-
-
-def write_rows(rows: list[dict], path: str) -> None:
-  with open(path, "w") as f:
-    f.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
-    for r in rows:
-      f.write(f"{r['index']}\t{r['label']}\t{r['prediction']}\t{r['radius']:.4f}\t{r['correct']}\t"
-              f"{r['seconds']:.4f}\n")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Program-level helpers shared by the task modules (certify, ood, pag): build models and data from config.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _cfg_get(config, name: str, default=None):
-  try:
-    return config[name] if name in config else default
-  except TypeError:
-    return getattr(config, name, default)
-
-
-def load_classifier(config) -> tuple[Any, Any]:
-  """(module, variables) from config.classifier (see `load_classifier_cfg`)."""
-  return load_classifier_cfg(config.classifier)
-
-
-def load_classifier_cfg(c) -> tuple[Any, Any]:
-  """(module, variables) from {workdir} (a train.py run) or {name, num_classes, kwargs, params_path}."""
-  if _cfg_get(c, "workdir"):
-    from diffaug_jax import checkpoint
-    module, variables, _ = checkpoint.load_trained_classifier(c.workdir)
-    return module, variables
-  from diffaug_jax.models.classifiers import get_classifier
-  module = get_classifier(c.name, int(c.num_classes), **dict(_cfg_get(c, "kwargs", {}) or {}))
-  if _cfg_get(c, "params_path"):
-    from diffaug_jax.convert.common import load_params
-    return module, load_params(c.params_path)
-  raise ValueError("config.classifier needs `workdir` or `params_path`")
-
-
-def load_score(config):
-  """(eps_fn(params, x_t, t), score variables, schedule) from config.score ({workdir} or {params_path,
-  preset}; schedule "linear" (default) or "cosine" with num_timesteps, default 1000)."""
-  from diffaug_jax import checkpoint
-  from diffaug_jax.models.score import make_eps_fn
-  s = config.score
-  module, params = checkpoint.load_score_model(
-      workdir=_cfg_get(s, "workdir"), params_path=_cfg_get(s, "params_path"),
-      preset=_cfg_get(s, "preset"), overrides=dict(_cfg_get(s, "overrides", {}) or {}))
-  variables = params if "params" in params else {"params": params}
-  steps = int(_cfg_get(s, "num_timesteps", 1000) or 1000)
-  sched = diffusion.cosine_schedule(steps) if _cfg_get(s, "schedule", "linear") == "cosine" \
-      else diffusion.linear_schedule(steps)
-  eps_fn = lambda v, x_t, t: make_eps_fn(module, v)(x_t, t)
-  return eps_fn, variables, sched
-
-
-_OWN_DATA_KEYS = ("split", "max_examples", "skip", "path")
-
-
-def data_config(data_cfg):
-  """The data package's config (diffaug_jax.data.default_config) updated with data_cfg's fields, minus the
-  evaluation-only ones (split, max_examples, skip, path)."""
-  from diffaug_jax import data as data_lib
-  cfg = data_lib.default_config()
-  with cfg.unlocked():
-    for k in data_cfg.keys():
-      if k not in _OWN_DATA_KEYS:
-        cfg[k] = data_cfg[k]
-  return cfg
-
-
-def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for a small evaluation subset.
-
-  data_cfg: the data package's fields (source "digits" | "tfds" | "folder", name, data_dir, eval_split,
-  image_size, channels, eval_transform, ...; see `diffaug_jax/data/config.py`), plus
-  split (default eval_split), skip (every skip-th example, Cohen's convention), max_examples (0 = all);
-  or source "npz" with `path` holding arrays `image` (uint8 NHWC) and `label`.
-  Examples are read by random access (`data.make_source`) and the deterministic eval transform.
-  """
-  skip = int(_cfg_get(data_cfg, "skip", 1) or 1)
-  cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
-  if _cfg_get(data_cfg, "source") == "synthetic":
-    images, labels = synthetic_ood_arrays(data_cfg)
-    images, labels = images[::skip], labels[::skip]
-    return (images[:cap], labels[:cap]) if cap else (images, labels)
-  if _cfg_get(data_cfg, "source") == "npz":
-    if not _cfg_get(data_cfg, "path"):
-      raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
-    with np.load(data_cfg.path) as z:
-      images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
-      labels = z["label"][::skip].astype(np.int32)
-    return (images[:cap], labels[:cap]) if cap else (images, labels)
-  from diffaug_jax.data import pipeline, sources, transforms
-  cfg = data_config(data_cfg)
-  split = split or _cfg_get(data_cfg, "split") or cfg.eval_split
-  src = pipeline.make_source(cfg, split)
-  transform = transforms.make_eval_transform(
-      cfg.eval_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None)
-  idx = np.arange(0, len(src), skip)
-  if cap:
-    idx = idx[:cap]
-  images, labels = [], []
-  for i in idx:
-    ex = src[int(i)]
-    images.append(transform(sources.to_channels(ex["image"], int(cfg.channels))))
-    labels.append(int(ex["label"]))
-  if not images:
-    raise ValueError(f"no examples in {cfg.source}:{cfg.name} split {split!r}")
-  return np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
-
-
-def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
-  """Offline OOD stand-ins for the embedded demo (labels -1), from the digits test split (same size/channels):
-  kind "pixel_shuffle" (each digit's pixels randomly permuted: same intensity histogram, no digit shape) or
-  "uniform_noise" (uniform pixels). `seed` fixes them."""
-  kind = _cfg_get(data_cfg, "kind", "pixel_shuffle")
-  base = {"source": "digits", "image_size": int(_cfg_get(data_cfg, "image_size", 16)),
-          "channels": int(_cfg_get(data_cfg, "channels", 1)), "split": "test"}
-  images, _ = load_arrays(_AttrDict(base))
-  rng = np.random.default_rng(int(_cfg_get(data_cfg, "seed", 0)))
-  if kind == "pixel_shuffle":
-    flat = images.reshape(len(images), -1, images.shape[-1])
-    out = np.stack([f[rng.permutation(f.shape[0])] for f in flat]).reshape(images.shape)
-  elif kind == "uniform_noise":
-    out = rng.integers(0, 256, images.shape).astype(np.float32) / 127.5 - 1.0
-  else:
-    raise ValueError(f"unknown synthetic OOD kind {kind!r}: use pixel_shuffle or uniform_noise")
-  return out.astype(np.float32), np.full(len(out), -1, np.int32)
-
-
-class _AttrDict(dict):
-  __getattr__ = dict.__getitem__
-
-
-def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None):
-  """Streams {"image" float32 [-1, 1], "label", "mask"} batches (padded last batch, mask 0 on padding)
-  through `data.make_eval_loader`; npz sources are batched in memory. max_examples caps the count."""
-  if _cfg_get(data_cfg, "source") in ("npz", "synthetic"):
-    images, labels = load_arrays(data_cfg, split=split)
-    for start in range(0, len(images), batch_size):
-      batch, mask = sharding.pad_to_multiple(
-          {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}, batch_size)
-      yield {**batch, "mask": mask}
-    return
-  from diffaug_jax import data as data_lib
-  cfg = data_config(data_cfg)
-  loader = data_lib.make_eval_loader(cfg, split or _cfg_get(data_cfg, "split") or None,
-                                     global_batch_size=batch_size)
-  cap = int(_cfg_get(data_cfg, "max_examples", 0) or 0)
-  seen = 0
-  for batch in loader:
-    mask = np.asarray(batch["mask"], np.float32)
-    if cap:  # keep only the first `cap` real examples
-      mask = mask * ((seen + np.cumsum(mask)) <= cap)
-    seen += int(mask.sum())
-    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
-    if cap and seen >= cap:
-      return
-
-
 def run(config, workdir: str) -> dict:
   """certify task: for each sigma, certify a subset of the test set; write TSV/JSON/markdown/PNG.
 
@@ -366,20 +198,21 @@ def run(config, workdir: str) -> dict:
   batch_size, seed, denoise, radii, num_classes.
   """
   os.makedirs(workdir, exist_ok=True)
-  module, variables = load_classifier(config)
-  denoise = bool(_cfg_get(config, "denoise", True))
+  module, variables = loading.load_classifier(config.classifier)
+  denoise = bool(loading.cfg_get(config, "denoise", True))
   params = {"classifier": variables}
   eps_fn = schedule = None
   if denoise:
-    score_eps_fn, params["score"], schedule = load_score(config)
-    eps_fn = lambda p, x_t, t: score_eps_fn(p["score"], x_t, t)
-  images, labels = load_arrays(config.data)
+    score = loading.load_score(loading.cfg_get(config, "score"))
+    params["score"], schedule = score.variables, score.schedule
+    eps_fn = lambda p, x_t, t: score.eps_fn(p["score"], x_t, t)
+  images, labels = loading.load_arrays(config.data)
   num_classes = int(config.classifier.num_classes)
   mesh = sharding.make_mesh()
   params = sharding.replicate(params, mesh)
   classify_fn = lambda p, x: module.apply(p["classifier"], x, train=False)
-  key = jax.random.key(int(_cfg_get(config, "seed", 0)))
-  sigmas = tuple(float(s) for s in _cfg_get(config, "sigmas", DEFAULT_SIGMAS))
+  key = jax.random.key(int(loading.cfg_get(config, "seed", 0)))
+  sigmas = tuple(float(s) for s in loading.cfg_get(config, "sigmas", DEFAULT_SIGMAS))
   rows_by_sigma, meta = {}, {}
   for s in sigmas:
     predict_fn = make_noisy_predict_fn(classify_fn, s, eps_fn=eps_fn, schedule=schedule, denoise=denoise)
@@ -390,21 +223,21 @@ def run(config, workdir: str) -> dict:
     rows = certify_dataset(counts_fn, params, jax.random.fold_in(key, int(round(s * 1000))), images, labels,
                            sigma=s, n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
                            batch_size=bs, counts_fn0=counts_fn0, batch_size0=bs0 if counts_fn0 else None)
-    write_rows(rows, os.path.join(workdir, f"certify_sigma{s:g}.tsv"))
+    loading.write_rows(rows, os.path.join(workdir, f"certify_sigma{s:g}.tsv"))
     rows_by_sigma[s] = rows
     if denoise:
       t = diffusion.t_for_sigma(schedule, s)
       meta[str(s)] = {"t": t, "sigma_eff": effective_sigma(schedule, t)}
-  radii = tuple(_cfg_get(config, "radii", DEFAULT_RADII))
+  radii = tuple(loading.cfg_get(config, "radii", DEFAULT_RADII))
   summary = summarize(rows_by_sigma, radii)
   summary.update(num_examples=len(images), n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
                  denoise=denoise, timesteps=meta)
   with open(os.path.join(workdir, "certify.json"), "w") as f:
     json.dump({"summary": summary, "rows": {str(s): r for s, r in rows_by_sigma.items()}}, f, indent=1)
-  table = markdown_table(summary)
+  md = "Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + markdown_table(summary)
   with open(os.path.join(workdir, "certify.md"), "w") as f:
-    f.write("Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + table)
-  write_results(workdir, summary, "Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + table)
+    f.write(md)
+  loading.write_results(workdir, summary, md)
   plot_curves(summary, os.path.join(workdir, "certify.png"),
               "diffusion-denoised smoothing" if denoise else "Gaussian smoothing")
   return summary

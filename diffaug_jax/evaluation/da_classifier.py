@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from diffaug_jax import diffusion, sampling, sharding
-from diffaug_jax.evaluation import certify as _io
+from diffaug_jax.evaluation import loading
 from diffaug_jax.models.time_classifier import TimeClassifier, time_classifier
 
 Array = jax.Array
@@ -263,19 +263,11 @@ def guided_sample(key: Array, module: TimeClassifier, variables: Any, y: Array, 
 
 def _score_model(config, train_images, schedule):
   """(model_fn, eps_fn, score_params, learn_sigma) from config.score.kind: "gaussian" or "unet"."""
-  g = lambda k, d=None: _io._cfg_get(config.score, k, d)  # pylint: disable=protected-access
-  if g("kind", "gaussian") == "gaussian":
+  if loading.cfg_get(config.score, "kind", "gaussian") == "gaussian":
     eps_fn, params = gaussian_denoiser(train_images, schedule)
     return eps_fn, eps_fn, params, False
-  from diffaug_jax import checkpoint
-  from diffaug_jax.models.score import make_eps_fn, make_model_fn
-  module, params = checkpoint.load_score_model(workdir=g("workdir"), params_path=g("params_path"),
-                                               preset=g("preset"), overrides=dict(g("overrides", {}) or {}))
-  variables = params if "params" in params else {"params": params}
-  learn_sigma = module.out_channels == 2 * module.in_channels
-  model_fn = lambda v, x, t: make_model_fn(module, v)(x, t)
-  eps_fn = lambda v, x, t: make_eps_fn(module, v)(x, t)
-  return model_fn, eps_fn, variables, learn_sigma
+  score = loading.load_score(config.score)
+  return score.model_fn, score.eps_fn, score.variables, score.learn_sigma
 
 
 def run(config, workdir: str) -> dict:
@@ -285,15 +277,15 @@ def run(config, workdir: str) -> dict:
   from diffaug_jax.evaluation import pag
 
   os.makedirs(workdir, exist_ok=True)
-  g = lambda k, d=None: _io._cfg_get(config, k, d)  # pylint: disable=protected-access
+  g = lambda k, d=None: loading.cfg_get(config, k, d)
   mesh = sharding.make_mesh()
   schedule = diffusion.linear_schedule(int(g("num_timesteps", 1000)))
-  x_train, y_train = _io.load_arrays(config.data, split=_io._cfg_get(config.data, "train_split", "train"))
-  x_test, y_test = _io.load_arrays(config.data, split=_io._cfg_get(config.data, "eval_split", "test"))
+  x_train, y_train = loading.load_arrays(config.data, split=loading.cfg_get(config.data, "train_split", "train"))
+  x_test, y_test = loading.load_arrays(config.data, split=loading.cfg_get(config.data, "eval_split", "test"))
   model_fn, eps_fn, score_params, learn_sigma = _score_model(config, x_train, schedule)
   num_classes = int(g("num_classes", 10))
   key = jax.random.key(int(g("seed", 0)))
-  results: dict[str, Any] = {"score_model": _io._cfg_get(config.score, "kind", "gaussian")}
+  results: dict[str, Any] = {"score_model": loading.cfg_get(config.score, "kind", "gaussian")}
   models = {}
   for name, da in (("noisy", False), ("da", True)):
     module = time_classifier(num_classes, denoising_augmented=da, **dict(g("model", {}) or {}))
@@ -343,5 +335,5 @@ def run(config, workdir: str) -> dict:
   md += [f"| {k} | {100 * v:.1f} |" for k, v in samples_out.items()]
   with open(os.path.join(workdir, "da_classifier.md"), "w") as f:
     f.write("\n".join(md) + "\n")
-  _io.write_results(workdir, results, "\n".join(md) + "\n")
+  loading.write_results(workdir, results, "\n".join(md) + "\n")
   return results

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffaug_jax import scoring, sharding
-from diffaug_jax.evaluation import certify as _io
+from diffaug_jax.evaluation import loading
 
 DEFAULT_METHODS = ("msp", "energy", "react", "ash_b", "ash_s", "scale")
 NEAR_OOD_AVERAGE = ("msp", "react", "ash_b", "scale")  # the paper's "MSP, ReAct, ASH, SCALE" average
@@ -140,19 +140,19 @@ def run(config, workdir: str) -> dict:
   """ood task. config: classifier {...}, id_data {...}, ood_data {name: data cfg}, react_data (optional),
   methods, react_percentile, ash_percentile, scale_percentile, batch_size. Writes ood.json and ood.md."""
   os.makedirs(workdir, exist_ok=True)
-  module, variables = _io.load_classifier(config)
+  module, variables = loading.load_classifier(config.classifier)
   bs = int(config.batch_size)
-  g = lambda k, d: _io._cfg_get(config, k, d)  # pylint: disable=protected-access
+  g = lambda k, d: loading.cfg_get(config, k, d)
   react_cfg = g("react_data", None)
   result = evaluate_ood(
-      module, variables, _io.iterate_batches(config.id_data, bs),
-      {name: _io.iterate_batches(cfg, bs) for name, cfg in config.ood_data.items()},
-      react_batches=_io.iterate_batches(react_cfg, bs) if react_cfg else None,
+      module, variables, loading.iterate_batches(config.id_data, bs),
+      {name: loading.iterate_batches(cfg, bs) for name, cfg in config.ood_data.items()},
+      react_batches=loading.iterate_batches(react_cfg, bs) if react_cfg else None,
       methods=tuple(g("methods", DEFAULT_METHODS)), react_percentile=float(g("react_percentile", 90.0)),
       ash_percentile=float(g("ash_percentile", 90.0)), scale_percentile=float(g("scale_percentile", 85.0)))
   with open(os.path.join(workdir, "ood.json"), "w") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(workdir, "ood.md"), "w") as f:
     f.write(markdown_table(result))
-  _io.write_results(workdir, result, markdown_table(result))
+  loading.write_results(workdir, result, markdown_table(result))
   return result

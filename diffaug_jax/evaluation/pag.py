@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffaug_jax import diffusion
-from diffaug_jax.evaluation import certify as _io
+from diffaug_jax.evaluation import loading
 
 Array = jax.Array
 LogitFn = Callable[[Array, Array], Array]  # (x_t (B, H, W, C), t (B,)) -> logits (B, K)
@@ -104,13 +104,13 @@ def run(config, workdir: str) -> dict:
   """pag task. config: models {name: classifier cfg (workdir | name+num_classes+params_path)}, data {...},
   t (300), contrast (True), percentile (1.0), num_images (8), seed. Writes pag.png and pag.json."""
   os.makedirs(workdir, exist_ok=True)
-  g = lambda k, d: _io._cfg_get(config, k, d)  # pylint: disable=protected-access
-  images, labels = _io.load_arrays(config.data)
+  g = lambda k, d: loading.cfg_get(config, k, d)
+  images, labels = loading.load_arrays(config.data)
   n = int(g("num_images", 8))
   images, labels = images[:n], labels[:n]
   fns = {}
   for name, mcfg in config.models.items():
-    module, variables = _io.load_classifier_cfg(mcfg)
+    module, variables = loading.load_classifier(mcfg, what=f"config.models.{name}")
     fns[name] = (lambda x, t, m=module, v=variables: m.apply(v, x, train=False))
   t = int(g("t", 300))
   sched = diffusion.linear_schedule(int(g("num_timesteps", 1000)))
@@ -121,6 +121,6 @@ def run(config, workdir: str) -> dict:
           "columns": ["x0", "x_t"] + list(fns)}
   with open(os.path.join(workdir, "pag.json"), "w") as f:
     json.dump(info, f, indent=1)
-  _io.write_results(workdir, info, f"Perceptually aligned gradients at t={t}: pag.png (rows: images; "
-                    f"columns: {', '.join(info['columns'])})\n")
+  loading.write_results(workdir, info, f"Perceptually aligned gradients at t={t}: pag.png (rows: images; "
+                        f"columns: {', '.join(info['columns'])})\n")
   return info

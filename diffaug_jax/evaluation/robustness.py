@@ -34,31 +34,15 @@ from diffaug_jax import augment
 from diffaug_jax import diffusion
 from diffaug_jax.evaluation import classify
 from diffaug_jax.evaluation import dda as dda_lib
+from diffaug_jax.evaluation import loading
+# Re-exported (documented above, used from notebooks); the one implementation is in `loading`.
+from diffaug_jax.evaluation.loading import (  # pylint: disable=unused-import
+    flax_classify_fn, flax_eps_fn, flax_model_fn)
 from diffaug_jax.evaluation import suites as suites_lib
 
 PyTree = Any
 Batches = Iterable[Mapping[str, np.ndarray]]
 MODES = ("default", "de", "dda", "dda_se")
-
-
-# ------------------------------------------------------------------------------------- callables
-
-
-def flax_classify_fn(module) -> Callable[[PyTree, jax.Array], jax.Array]:
-  """(variables, x) -> logits for a Flax classifier (eval mode)."""
-  return lambda variables, x: module.apply(variables, x, train=False)
-
-
-def flax_eps_fn(module, *, dtype=None) -> Callable:
-  """(variables, x_t, t) -> eps for the score UNet (`models.score.make_eps_fn`)."""
-  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
-  return lambda variables, x_t, t: score.make_eps_fn(module, variables, dtype=dtype)(x_t, t)
-
-
-def flax_model_fn(module, *, dtype=None) -> Callable:
-  """(variables, x_t, t) -> full model output (eps + variance channels) for DDA."""
-  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
-  return lambda variables, x_t, t: score.make_model_fn(module, variables, dtype=dtype)(x_t, t)
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -371,55 +355,27 @@ def _to_dict(x):
   return dict(x)
 
 
-def load_score(config):
-  """(module, variables, schedule, learn_sigma) of config.score ({workdir} of a score-mode train run, or
-  {params_path, preset, overrides} of converted weights), or None when no score model is configured."""
-  score = _to_dict(config.get("score", {}) or {})
-  if not (score.get("workdir") or score.get("params_path")):
-    return None
-  from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  module, params = checkpoint.load_score_model(
-      workdir=score.get("workdir") or None, params_path=score.get("params_path") or None,
-      preset=score.get("preset") or None, overrides=dict(score.get("overrides", {}) or {}))
-  variables = params if isinstance(params, Mapping) and "params" in params else {"params": params}
-  kind, steps = score.get("schedule", "linear"), int(score.get("num_timesteps", 1000))
-  schedule = (diffusion.linear_schedule(steps) if kind == "linear" else diffusion.cosine_schedule(steps))
-  learn_sigma = int(module.out_channels) == 2 * int(module.in_channels)
-  return module, variables, schedule, learn_sigma
-
-
 def load_models(config) -> list[dict[str, Any]]:
-  """config.models: list of {name, workdir} (train.py runs, `checkpoint.load_trained_classifier`) or
-  {name, arch, num_classes, params_path} (converted weights, `convert.common.load_params`).
-  config.score (optional, needed by de/dda): see `load_score`. Returns model dicts for `evaluate_models`."""
-  loaded = load_score(config)
-  score = _to_dict(config.get("score", {}) or {})
-  dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(score.get("dtype", "")), None)
+  """config.models: list of {name, workdir[, step]} (train.py runs) or {name, arch, num_classes, params_path}
+  (converted weights), loaded by `loading.load_classifier`. config.score (optional, needed by de/dda):
+  see `loading.load_score`. Returns model dicts for `evaluate_models`."""
+  score_spec = config.get("score", {}) or {}
+  score_fns = {}
+  if loading.has_score(score_spec):
+    score = loading.load_score(score_spec)
+    score_fns = dict(eps_fn=score.eps_fn, model_fn=score.model_fn, score_params=score.variables,
+                     schedule=score.schedule, learn_sigma=score.learn_sigma)
   models = []
   shared: dict[str, Any] = {}  # one classify_fn per architecture -> one compilation for all its models
-  if loaded is not None:
-    s_module, s_vars, schedule, learn_sigma = loaded
-    score_fns = dict(eps_fn=flax_eps_fn(s_module, dtype=dtype), model_fn=flax_model_fn(s_module, dtype=dtype),
-                     score_params=s_vars, schedule=schedule, learn_sigma=learn_sigma)
   for spec in config.models:
     spec = _to_dict(spec)
-    if spec.get("workdir"):
-      from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
-      module, variables, _ = checkpoint.load_trained_classifier(spec["workdir"], spec.get("step"))
-    elif spec.get("params_path"):
-      from diffaug_jax.convert import common  # pylint: disable=g-import-not-at-top
-      from diffaug_jax.models import classifiers  # pylint: disable=g-import-not-at-top
-      module = classifiers.get_classifier(spec["arch"], int(spec["num_classes"]))
-      variables = common.load_params(spec["params_path"])
-    else:
-      raise ValueError(f"model {spec.get('name')!r}: give workdir (a train.py run) or params_path + arch")
+    module, variables = loading.load_classifier(spec, what=f"model {spec.get('name')!r}")
     arch = repr(module)
     if arch not in shared:
-      shared[arch] = flax_classify_fn(module)
+      shared[arch] = loading.flax_classify_fn(module)
     m = {"name": spec.get("name") or os.path.basename(os.path.normpath(spec.get("workdir", "model"))),
          "classify_fn": shared[arch], "params": variables}
-    if loaded is not None:
-      m.update(score_fns)
+    m.update(score_fns)
     models.append(m)
   return models
 
@@ -441,11 +397,8 @@ def run(config, workdir: str) -> dict:
                             data_dir=str(base_data.get("data_dir", "")))
   results["config"] = json.loads(config.to_json()) if hasattr(config, "to_json") else {}
   results["device"] = {"backend": jax.default_backend(), "count": jax.device_count()}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
   md = tables.results_table(results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(md)
+  loading.write_results(workdir, results, md, default=float)
   if jax.process_index() == 0:
     print(md)
   if "de" in config.modes:

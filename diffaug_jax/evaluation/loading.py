@@ -1,0 +1,263 @@
+"""Loading for the evaluation tasks: classifiers, score models and data from config specs; common outputs.
+
+One implementation shared by every task module (robustness, certify, ood, pag, da_classifier):
+
+  load_classifier(spec)  -> (module, variables)
+      spec {workdir[, step]} (a train.py run, `checkpoint.load_trained_classifier`) or
+      {arch | name, num_classes, kwargs, params_path} (converted weights, `convert.common.load_params`).
+  load_score(spec)       -> ScoreModel(module, variables, schedule, learn_sigma, eps_fn, model_fn)
+      spec {workdir} (a score-mode train.py run) or {params_path, preset, overrides}; schedule "linear"
+      (default) | "cosine" with num_timesteps (default 1000); dtype "" | "bfloat16" | "float16".
+  load_arrays / iterate_batches / synthetic_ood_arrays / data_config: small evaluation data subsets.
+  write_results / write_rows: evaluate.py's results.json + results.md, Cohen-format certify TSVs.
+
+Callables are param-first so weights stay jit ARGUMENTS (never baked-in constants):
+  flax_classify_fn(module)(variables, x) -> logits (B, K), x float32 NHWC in [-1, 1];
+  flax_eps_fn(module)(variables, x_t, t) -> eps; flax_model_fn(module)(variables, x_t, t) -> full output,
+  built on `models.score.make_eps_fn` / `make_model_fn`.
+
+`spec` / config arguments may be dicts, ml_collections.ConfigDicts or attribute objects (`cfg_get`).
+Heavy dependencies (checkpoint/orbax, the data package/grain/TFDS, convert) are imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffaug_jax import diffusion, sharding
+
+PyTree = Any
+
+
+def cfg_get(config, name: str, default=None):
+  """config[name] (dict / ConfigDict) or config.name (attribute object), else `default`."""
+  try:
+    return config[name] if name in config else default
+  except TypeError:
+    return getattr(config, name, default)
+
+
+class _AttrDict(dict):
+  __getattr__ = dict.__getitem__
+
+
+# ------------------------------------------------------------------------------------- callables
+
+
+def flax_classify_fn(module) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """(variables, x) -> logits for a Flax classifier (eval mode)."""
+  return lambda variables, x: module.apply(variables, x, train=False)
+
+
+def flax_eps_fn(module, *, dtype=None) -> Callable:
+  """(variables, x_t, t) -> eps for the score UNet (`models.score.make_eps_fn`)."""
+  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
+  return lambda variables, x_t, t: score.make_eps_fn(module, variables, dtype=dtype)(x_t, t)
+
+
+def flax_model_fn(module, *, dtype=None) -> Callable:
+  """(variables, x_t, t) -> full model output (eps + variance channels with learn_sigma)."""
+  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
+  return lambda variables, x_t, t: score.make_model_fn(module, variables, dtype=dtype)(x_t, t)
+
+
+# ------------------------------------------------------------------------------------- classifiers
+
+
+def load_classifier(spec, *, what: str = "config.classifier") -> tuple[Any, PyTree]:
+  """(module, variables) from {workdir[, step]} or {arch | name, num_classes, kwargs, params_path}.
+
+  `arch` names the architecture when both are given (robustness specs use `name` as the display name);
+  `what` names the spec in the error message.
+  """
+  if cfg_get(spec, "workdir"):
+    from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    module, variables, _ = checkpoint.load_trained_classifier(cfg_get(spec, "workdir"), cfg_get(spec, "step"))
+    return module, variables
+  arch = cfg_get(spec, "arch") or cfg_get(spec, "name")
+  if not (cfg_get(spec, "params_path") and arch and cfg_get(spec, "num_classes")):
+    raise ValueError(f"{what}: give `workdir` (a train.py run) or `params_path` + `arch` (or `name`) + "
+                     f"`num_classes`")
+  from diffaug_jax.convert.common import load_params  # pylint: disable=g-import-not-at-top
+  from diffaug_jax.models.classifiers import get_classifier  # pylint: disable=g-import-not-at-top
+  module = get_classifier(arch, int(cfg_get(spec, "num_classes")), **dict(cfg_get(spec, "kwargs", {}) or {}))
+  return module, load_params(cfg_get(spec, "params_path"))
+
+
+# ------------------------------------------------------------------------------------- score model
+
+
+class ScoreModel(NamedTuple):
+  """A frozen score model: pass `variables` as the first argument of eps_fn / model_fn."""
+  module: Any
+  variables: PyTree
+  schedule: diffusion.Schedule
+  learn_sigma: bool
+  eps_fn: Callable  # (variables, x_t, t) -> eps (B, H, W, C) float32
+  model_fn: Callable  # (variables, x_t, t) -> full output (B, H, W, C or 2C) float32
+
+
+# "float32" keeps the module's own compute dtype (as the robustness task always did).
+_DTYPES = {"": None, "none": None, "float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def has_score(spec) -> bool:
+  """Whether `spec` (config.score, possibly None / empty) names a score model."""
+  return bool(spec) and bool(cfg_get(spec, "workdir") or cfg_get(spec, "params_path"))
+
+
+def load_score(spec) -> ScoreModel:
+  """ScoreModel from config.score: {workdir} of a score-mode train run or {params_path, preset, overrides}
+  of converted weights; schedule "linear" (default) | "cosine" over num_timesteps (default 1000); dtype
+  (compute dtype of eps_fn / model_fn: "" = the module's, "bfloat16", "float16")."""
+  if not has_score(spec):
+    raise ValueError("no score model given: set config.score.workdir or config.score.params_path")
+  from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  module, params = checkpoint.load_score_model(
+      workdir=cfg_get(spec, "workdir") or None, params_path=cfg_get(spec, "params_path") or None,
+      preset=cfg_get(spec, "preset") or None, overrides=dict(cfg_get(spec, "overrides", {}) or {}))
+  variables = params if "params" in params else {"params": params}
+  steps = int(cfg_get(spec, "num_timesteps", 1000) or 1000)
+  kind = cfg_get(spec, "schedule", "linear") or "linear"
+  if kind not in ("linear", "cosine"):
+    raise ValueError(f"config.score.schedule must be 'linear' or 'cosine', got {kind!r}")
+  schedule = diffusion.cosine_schedule(steps) if kind == "cosine" else diffusion.linear_schedule(steps)
+  dtype_name = str(cfg_get(spec, "dtype", "") or "").lower()
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"config.score.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+  dtype = _DTYPES[dtype_name]
+  learn_sigma = int(module.out_channels) == 2 * int(module.in_channels)
+  return ScoreModel(module, variables, schedule, learn_sigma, flax_eps_fn(module, dtype=dtype),
+                    flax_model_fn(module, dtype=dtype))
+
+
+# ------------------------------------------------------------------------------------- data
+
+_OWN_DATA_KEYS = ("split", "max_examples", "skip", "path")
+
+
+def data_config(data_cfg):
+  """The data package's config (diffaug_jax.data.default_config) updated with data_cfg's fields, minus the
+  evaluation-only ones (split, max_examples, skip, path)."""
+  from diffaug_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  cfg = data_lib.default_config()
+  with cfg.unlocked():
+    for k in data_cfg.keys():
+      if k not in _OWN_DATA_KEYS:
+        cfg[k] = data_cfg[k]
+  return cfg
+
+
+def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for a small evaluation subset.
+
+  data_cfg: the data package's fields (source "digits" | "tfds" | "folder", name, data_dir, eval_split,
+  image_size, channels, eval_transform, ...; see `diffaug_jax/data/config.py`), plus
+  split (default eval_split), skip (every skip-th example, Cohen's convention), max_examples (0 = all);
+  or source "npz" with `path` holding arrays `image` (uint8 NHWC) and `label`; or source "synthetic"
+  (`synthetic_ood_arrays`).
+  Examples are read by random access (`data.make_source`) and the deterministic eval transform.
+  """
+  skip = int(cfg_get(data_cfg, "skip", 1) or 1)
+  cap = int(cfg_get(data_cfg, "max_examples", 0) or 0)
+  if cfg_get(data_cfg, "source") == "synthetic":
+    images, labels = synthetic_ood_arrays(data_cfg)
+    images, labels = images[::skip], labels[::skip]
+    return (images[:cap], labels[:cap]) if cap else (images, labels)
+  if cfg_get(data_cfg, "source") == "npz":
+    if not cfg_get(data_cfg, "path"):
+      raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
+    with np.load(data_cfg.path) as z:
+      images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
+      labels = z["label"][::skip].astype(np.int32)
+    return (images[:cap], labels[:cap]) if cap else (images, labels)
+  from diffaug_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
+  cfg = data_config(data_cfg)
+  split = split or cfg_get(data_cfg, "split") or cfg.eval_split
+  src = pipeline.make_source(cfg, split)
+  transform = transforms.make_eval_transform(
+      cfg.eval_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None)
+  idx = np.arange(0, len(src), skip)
+  if cap:
+    idx = idx[:cap]
+  images, labels = [], []
+  for i in idx:
+    ex = src[int(i)]
+    images.append(transform(sources.to_channels(ex["image"], int(cfg.channels))))
+    labels.append(int(ex["label"]))
+  if not images:
+    raise ValueError(f"no examples in {cfg.source}:{cfg.name} split {split!r}")
+  return np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
+
+
+def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+  """Offline OOD stand-ins for the embedded demo (labels -1), from the digits test split (same size/channels):
+  kind "pixel_shuffle" (each digit's pixels randomly permuted: same intensity histogram, no digit shape) or
+  "uniform_noise" (uniform pixels). `seed` fixes them."""
+  kind = cfg_get(data_cfg, "kind", "pixel_shuffle")
+  base = {"source": "digits", "image_size": int(cfg_get(data_cfg, "image_size", 16)),
+          "channels": int(cfg_get(data_cfg, "channels", 1)), "split": "test"}
+  images, _ = load_arrays(_AttrDict(base))
+  rng = np.random.default_rng(int(cfg_get(data_cfg, "seed", 0)))
+  if kind == "pixel_shuffle":
+    flat = images.reshape(len(images), -1, images.shape[-1])
+    out = np.stack([f[rng.permutation(f.shape[0])] for f in flat]).reshape(images.shape)
+  elif kind == "uniform_noise":
+    out = rng.integers(0, 256, images.shape).astype(np.float32) / 127.5 - 1.0
+  else:
+    raise ValueError(f"unknown synthetic OOD kind {kind!r}: use pixel_shuffle or uniform_noise")
+  return out.astype(np.float32), np.full(len(out), -1, np.int32)
+
+
+def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None):
+  """Streams {"image" float32 [-1, 1], "label", "mask"} batches (padded last batch, mask 0 on padding)
+  through `data.make_eval_loader`; npz / synthetic sources are batched in memory. max_examples caps the
+  count."""
+  if cfg_get(data_cfg, "source") in ("npz", "synthetic"):
+    images, labels = load_arrays(data_cfg, split=split)
+    for start in range(0, len(images), batch_size):
+      batch, mask = sharding.pad_to_multiple(
+          {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}, batch_size)
+      yield {**batch, "mask": mask}
+    return
+  from diffaug_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  cfg = data_config(data_cfg)
+  loader = data_lib.make_eval_loader(cfg, split or cfg_get(data_cfg, "split") or None,
+                                     global_batch_size=batch_size)
+  cap = int(cfg_get(data_cfg, "max_examples", 0) or 0)
+  seen = 0
+  for batch in loader:
+    mask = np.asarray(batch["mask"], np.float32)
+    if cap:  # keep only the first `cap` real examples
+      mask = mask * ((seen + np.cumsum(mask)) <= cap)
+    seen += int(mask.sum())
+    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
+    if cap and seen >= cap:
+      return
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def write_results(workdir: str, result: dict, markdown: str, *, default: Callable | None = None) -> None:
+  """evaluate.py's common outputs: results.json (every number) and results.md. `default`: json.dump's
+  fallback for values it cannot encode (e.g. `float` for numpy scalars)."""
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1, default=default)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown)
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+  """Certify rows -> Cohen et al.'s TSV (idx, label, predict, radius, correct, time)."""
+  with open(path, "w") as f:
+    f.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    for r in rows:
+      f.write(f"{r['index']}\t{r['label']}\t{r['prediction']}\t{r['radius']:.4f}\t{r['correct']}\t"
+              f"{r['seconds']:.4f}\n")
