@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import signal
 import threading

@@ -36,7 +36,7 @@ from diffaug_jax.evaluation import classify
 from diffaug_jax.evaluation import dda as dda_lib
 from diffaug_jax.evaluation import loading
 # Re-exported (documented above, used from notebooks); the one implementation is in `loading`.
-from diffaug_jax.evaluation.loading import (  # pylint: disable=unused-import
+from diffaug_jax.evaluation.loading import (  # noqa: F401  pylint: disable=unused-import
     flax_classify_fn, flax_eps_fn, flax_model_fn)
 from diffaug_jax.evaluation import suites as suites_lib
 
