@@ -68,13 +68,14 @@ def test_q_sample_and_p_mean_variance_match_reference(g):
   for clip in (True, False):
     tag = "clip" if clip else "noclip"
     out = diffusion.p_mean_variance(s, model_out, xt, t, clip=clip, learn_sigma=True)
-    # Entries near 0 make a pure relative tolerance meaningless; atol is 1e-6 of the O(1) scale.
-    close(out["pred_x0"], g[f"pred_xstart_{tag}"], rtol=1e-5, atol=1e-5)
-    close(out["mean"], g[f"mean_{tag}"], rtol=1e-5, atol=1e-5)
+    # Bit-exact today; rtol 1e-6 as the issue asks. atol covers entries near 0 (DDIM's eps re-derivation
+    # rounds differently by ~1e-7 of the O(1) scale), where a pure relative bound is meaningless.
+    close(out["pred_x0"], g[f"pred_xstart_{tag}"], rtol=1e-6, atol=1e-6)
+    close(out["mean"], g[f"mean_{tag}"], rtol=1e-6, atol=1e-6)
     close(out["log_variance"], g[f"log_variance_{tag}"], rtol=1e-6, atol=1e-6)
     eps = out["eps"]
     x_prev, _ = diffusion.ddim_step(jax.random.key(0), s, eps, xt, t, eta=0.0, clip=clip)
-    close(x_prev, g[f"ddim_eta0_{tag}"], rtol=1e-5, atol=1e-5)
+    close(x_prev, g[f"ddim_eta0_{tag}"], rtol=1e-6, atol=1e-6)
 
 
 def test_predict_x0_inverts_q_sample():
