@@ -133,3 +133,30 @@ def test_deit3_base_full_key_list_both_namings(golden_dir):
 def test_deit_mixed_namings_rejected():
   with pytest.raises(common.CheckpointMismatchError, match="both DeiT and timm"):
     timm_convert.deit_to_timm_names({"blocks.0.gamma_1": np.zeros(3), "blocks.0.ls1.gamma": np.zeros(3)})
+
+
+def _f32_views(shapes):
+  # Zero-stride float32 views: the loaders' float32 cast and transposes keep them views (no 350 MB alloc).
+  return {k: np.broadcast_to(np.zeros((), np.float32), tuple(s)) for k, s in shapes.items()}
+
+
+def test_full_size_key_lists_convert_through_the_loaders(golden_dir):
+  """The real loaders (not only check_keys) on full-size ResNet-50 / DeiT-III-B state dicts: every key
+  consumed, every module variable filled, with the module's own shapes (nothing missing or left over)."""
+  from flax import traverse_util
+  spec = json.loads((golden_dir / "torchvision_resnet50_shapes.json").read_text())["shapes"]
+  module, variables = tv_convert.load_torchvision_resnet(_f32_views(spec), arch="resnet50")
+  flat = {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(variables).items()}
+  assert flat == tv_convert.variable_shapes(module, (1, 64, 64, 3))
+  used = {tv_convert.torch_key(p) for p in flat}
+  assert used == {k for k in spec if not k.endswith("num_batches_tracked")}  # no key left over
+  assert sum(int(np.prod(s)) for p, s in flat.items() if p[0] == "params") == 25_557_032  # torchvision R50
+  spec = json.loads((golden_dir / "timm_deit3_base_patch16_224_shapes.json").read_text())["shapes"]
+  deit_names = {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): s
+                for k, s in spec.items()}
+  for naming, shapes in (("timm", spec), ("deit_repo", deit_names)):
+    module, variables = timm_convert.load_deit({"model": _f32_views(shapes)})
+    flat = {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(variables).items()}
+    assert flat == tv_convert.variable_shapes(module, (1, 224, 224, 3)), naming
+    assert {tv_convert.torch_key(p) for p in flat} == set(spec), naming
+    assert sum(int(np.prod(s)) for s in flat.values()) == 86_585_320, naming  # timm deit3_base_patch16_224
