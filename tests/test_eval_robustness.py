@@ -82,6 +82,9 @@ def test_de_sharded_equals_single_and_cumulative(setup):
   res = robustness.evaluate_de(classify_fn, params, eps_fn, sp, _batches(images, labels), schedule=sched,
                                ts=ts, key=key)
   assert res["cumulative"][-1] == res["accuracy"]
+  # Per example, not only in aggregate: the last cumulative prediction is the full ensemble's.
+  np.testing.assert_array_equal(out8["cum_pred"][:, -1], out8["pred"])
+  np.testing.assert_array_equal(out8["cum_pred"][:, 0], out8["member_pred"][:, 0])
   assert res["cumulative"][0] == res["members"][0]
   # Member t=0 is the plain classifier.
   plain = robustness.evaluate_default(classify_fn, params, _batches(images, labels))
@@ -116,6 +119,38 @@ def test_dda_scale0_is_plain_respaced_sampling():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   guided = jax.jit(lambda k, r: dda.dda_adapt(k, r, mf, sched, start_step=4, factor=2, scale=5.0))(key, ref)
   assert np.abs(np.asarray(guided) - np.asarray(want)).max() > 1e-3  # guidance does something
+  # Independent reference: the library's DDPM sampler (`sampling.ddpm_sample`, not written for DDA) from
+  # x_N = q_sample(ref, N) over respaced indices N-1 .. 0 (the original's `range(N)[::-1]`). Its step i
+  # uses fold_in(key, i), so handing it DDA's loop key gives the same per-step noise.
+  from diffaug_jax import sampling
+  k_start, k_loop = jax.random.split(key)
+  x_n = diffusion.q_sample(sched, ref, jnp.full((2,), 4, jnp.int32), jax.random.normal(k_start, ref.shape))
+  lib = jax.jit(lambda k, x: sampling.ddpm_sample(k, mf, sched, ref.shape, learn_sigma=True, x_init=x,
+                                                  start_step=3))(k_loop, x_n)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(lib), rtol=1e-5, atol=1e-5)
+
+
+def test_dda_defaults_match_the_paper_setting():
+  """DDA: 100 respaced steps of the 1000-step linear schedule, start at N = 50 (t about 500), D = 4,
+  scale = 6 (REFERENCE.md), in the pure function, the evaluator, the suite runner and the ImageNet config."""
+  import importlib.util
+  import inspect
+  import os
+  sched = dda.dda_schedule()
+  assert sched.num_timesteps == 100
+  assert abs(int(np.asarray(sched.timestep_map)[50]) - 500) <= 10
+  for fn in (dda.dda_adapt, robustness.evaluate_dda):
+    d = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    assert (d["start_step"], d["factor"], d["scale"]) == (50, 4, 6.0), fn.__name__
+  src = inspect.getsource(robustness.evaluate_model_on_sets)
+  for want in ('"start_step", 50', '"factor", 4', '"scale", 6.0', '"spacing", "100"'):
+    assert want in src, want
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "eval_imagenet.py")
+  spec = importlib.util.spec_from_file_location("eval_imagenet", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("dda").dda
+  assert (c.spacing, c.start_step, c.factor, c.scale) == ("100", 50, 4, 6.0)
 
 
 def test_dda_guidance_decreases_lowpass_distance():
@@ -190,6 +225,23 @@ def test_mce_hand_computed():
   assert u["mCE"] == pytest.approx(30.0)
   assert len(suites.expand_suite("cifar10_c", {})) == 19 * 5
   assert len(suites.expand_suite("imagenet_c", {"severities": [5]})) == 15
+
+
+def test_alexnet_errors_match_hendrycks_release():
+  """Every AlexNet constant (15 corruptions x 5 severities) against the list in Hendrycks' ImageNet-C
+  evaluation code (`imagenetc_alexnet_error_rates_list`, typed here independently)."""
+  hendrycks = [
+      (0.69528, 0.82542, 0.93554, 0.98138, 0.99452), (0.71224, 0.85108, 0.93574, 0.98182, 0.99146),
+      (0.78374, 0.89808, 0.9487, 0.9872, 0.99548), (0.65624, 0.73202, 0.85036, 0.91364, 0.94714),
+      (0.64308, 0.75054, 0.88806, 0.91622, 0.93344), (0.5843, 0.70048, 0.82108, 0.8975, 0.92638),
+      (0.70008, 0.76992, 0.80784, 0.84198, 0.87198), (0.71726, 0.88392, 0.86468, 0.9187, 0.94952),
+      (0.6139, 0.79734, 0.8879, 0.89942, 0.9343), (0.67474, 0.7605, 0.84378, 0.8726, 0.945),
+      (0.4514, 0.48502, 0.54048, 0.62166, 0.7244), (0.64548, 0.7615, 0.88874, 0.9776, 0.9927),
+      (0.52596, 0.70116, 0.55686, 0.64076, 0.80554), (0.52218, 0.5462, 0.73728, 0.87092, 0.91262),
+      (0.51002, 0.54718, 0.57294, 0.65458, 0.74778)]
+  assert tuple(suites.ALEXNET_ERRORS) == suites.IMAGENET_C_CORRUPTIONS
+  for c, want in zip(suites.IMAGENET_C_CORRUPTIONS, hendrycks):
+    np.testing.assert_allclose(suites.ALEXNET_ERRORS[c], want, rtol=0, atol=1e-9, err_msg=c)
 
 
 @pytest.mark.slow
