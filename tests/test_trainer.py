@@ -115,7 +115,7 @@ def test_program_modules_do_not_import_data_libraries():
   assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_image_folder_run_with_a_corrupt_file(tmp_path):
+def test_image_folder_run_with_a_corrupt_file(tmp_path, caplog):
   """The grain folder pipeline through the program: class sub-folders of PNGs, one corrupt file that is
   skipped (counted by the source), not a crash."""
   from PIL import Image
@@ -132,5 +132,41 @@ def test_image_folder_run_with_a_corrupt_file(tmp_path):
       source="folder", name="mine", data_dir=str(tmp_path / "imgs"), train_split="train", eval_split="val",
       image_size=8, channels=1, train_transform="cifar", eval_transform="none", crop_padding=1,
       resize_size=0, num_classes=0, class_names="", num_workers=0, read_threads=1, prefetch_buffer_size=4))
+  caplog.set_level("WARNING")
   out = trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
   assert out["step"] == 3 and np.isfinite(out["train"]["loss"]) and out["eval"]["eval_count"] == 8
+  # Reported with its file name (3 steps x 16 = 48 draws from 25 files: the broken one is read).
+  assert "broken.png" in caplog.text, caplog.text[-2000:]
+
+
+def test_empty_dataset_fails_before_compiling(tmp_path, monkeypatch):
+  """Class sub-folders without a single image: a clear error naming the path, before any jit."""
+  for cls in ("a", "b"):
+    (tmp_path / "empty_ds" / "train" / cls).mkdir(parents=True)
+    (tmp_path / "empty_ds" / "train" / cls / "readme.txt").write_text("no images here")
+  cfg = tiny_config()
+  cfg.data = ml_collections.ConfigDict(dict(source="folder", name="mine", data_dir=str(tmp_path / "empty_ds"),
+                                            train_split="train", eval_split="train", image_size=8, channels=1,
+                                            train_transform="none", eval_transform="none", num_classes=2))
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before checking the dataset"))
+  with pytest.raises((FileNotFoundError, ValueError), match="empty_ds"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
+
+
+def test_program_traces_the_train_step_once(tmp_path, monkeypatch):
+  """The jitted step of train_and_evaluate is traced once over many steps, across blocking, logging and
+  checkpoint saves (a weak-typed step counter or a Python scalar in the state would retrace at step 2)."""
+  from diffaug_jax import steps
+  traces = []
+  real = steps.train_step
+
+  def counting(*a, **k):
+    traces.append(1)
+    return real(*a, **k)
+  monkeypatch.setattr(steps, "train_step", counting)
+  cfg = tiny_config(steps=6)
+  cfg.block_every = 2
+  cfg.checkpoint_every = 2
+  out = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert out["step"] == 6
+  assert len(traces) == 1, f"train step traced {len(traces)} times in 6 steps"
