@@ -194,3 +194,19 @@ def test_imagenet_recipe_schedule_and_sgd_semantics():
     buf = 0.9 * buf + (np.array([0.5, 0.25]) + 1e-4 * pt)
     pt = pt - 0.4 * buf
   np.testing.assert_allclose(p["w"], pt, rtol=1e-6)
+
+
+def test_score_params_never_in_state_or_optimizer():
+  """The frozen score model is only an argument: the new state's params and optimizer state are exactly the
+  classifier's (same tree as tx.init(classifier params)), and no score-model leaf is carried along."""
+  state, sp, fn = _setup()
+  new, _ = jax.jit(fn)(state, _batch(8), jax.random.key(3), sp)
+  tx = optax.sgd(0.1, momentum=0.9)  # the optimizer of _setup
+  shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+  assert shapes(new.params) == shapes(state.params)
+  assert jax.tree.structure(new.opt_state) == jax.tree.structure(tx.init(state.params))
+  assert shapes(new.opt_state) == shapes(tx.init(state.params))
+  assert new.ema_params is None
+  n_state = sum(np.size(x) for x in jax.tree.leaves(new))
+  n_clf = sum(np.size(x) for x in jax.tree.leaves((state.params, state.batch_stats, tx.init(state.params))))
+  assert n_state == n_clf + 1, (n_state, n_clf)  # + the step counter; nothing of the score model
