@@ -123,6 +123,56 @@ def test_denoised_smoothing_with_oracle_denoiser_gives_exact_radius():
   assert certify.effective_sigma(schedule, t) >= SIGMA
 
 
+def test_selection_counts_pick_class_estimation_counts_bound_it():
+  """Cohen's CERTIFY: cA comes from the n0 selection votes only; pA_lower from the n estimation votes of
+  THAT class only (a majority among the estimation votes for another class must not be certified)."""
+  alpha, sigma = 0.001, 0.5
+  # Selection says class 1, estimation votes mostly class 0: pA_lower(class 1) = LCB(10 / 100) -> abstain.
+  pred, radius, p_a = scoring.certify_from_counts([3, 97], [90, 10], sigma, alpha)
+  assert pred == scoring.ABSTAIN and radius == 0.0
+  assert p_a == pytest.approx(stats.beta.ppf(alpha, 10, 91))
+  # Selection says class 0: certified with the estimation counts (n = 100), not the selection ones.
+  pred, radius, p_a = scoring.certify_from_counts([97, 3], [90, 10], sigma, alpha)
+  assert pred == 0 and p_a == pytest.approx(stats.beta.ppf(alpha, 90, 11))
+  assert radius == pytest.approx(sigma * stats.norm.ppf(stats.beta.ppf(alpha, 90, 11)))
+  # certify(): n0 and n samples are drawn in separate calls with different keys.
+  calls = []
+
+  def counts_fn(params, key, x, num_valid):
+    calls.append((jax.random.key_data(key).tolist(), int(num_valid)))
+    return np.array([0, int(num_valid)])
+
+  pred, _, _ = certify.certify(counts_fn, None, jax.random.key(0), None, sigma=sigma, n0=30, n=250,
+                               alpha=alpha, batch_size=100)
+  assert pred == 1
+  assert [c[1] for c in calls] == [30, 100, 100, 50]
+  assert calls[0][0] not in [c[0] for c in calls[1:]]
+  assert len({tuple(c[0]) for c in calls}) == 4  # fresh noise key for every batch
+
+
+def test_denoised_predict_uses_t_for_sigma():
+  """The denoiser sees t* = t_for_sigma(sigma) (smallest t with sqrt((1 - abar)/abar) >= 2 sigma): an eps
+  model whose x0_hat is the constant image t / 1000, and a 1000-way classifier reading that t back."""
+  schedule = diffusion.linear_schedule(1000)
+  sab, s1m = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
+
+  def eps_fn(params, x_t, t):
+    c = (t.astype(jnp.float32) / 1000.0)[:, None, None, None]
+    return (x_t - sab[t][:, None, None, None] * c) / s1m[t][:, None, None, None]
+
+  def classify(params, xb):
+    return -jnp.abs(jnp.arange(1000.0)[None] - 1000.0 * xb.mean(axis=(1, 2, 3))[:, None])
+
+  x = jnp.zeros((1, 4, 4, 1))
+  for sigma in (0.25, 0.5, 1.0):
+    predict_fn = certify.make_noisy_predict_fn(classify, sigma, eps_fn=eps_fn, schedule=schedule)
+    pred = np.asarray(jax.jit(predict_fn)(None, jax.random.key(0), jnp.broadcast_to(x, (8, 4, 4, 1))))
+    t_star = diffusion.t_for_sigma(schedule, sigma)
+    np.testing.assert_array_equal(pred, t_star)
+    lv = np.sqrt((1 - np.asarray(schedule.alphas_cumprod, np.float64)) / np.asarray(schedule.alphas_cumprod))
+    assert lv[t_star] >= 2 * sigma > lv[t_star - 1]
+
+
 def test_summary_table_and_best_sigma():
   rows = {0.25: [{"radius": 0.3, "correct": 1}, {"radius": 0.0, "correct": 0}],
           0.5: [{"radius": 0.9, "correct": 1}, {"radius": 0.1, "correct": 1}]}
