@@ -52,6 +52,35 @@ def test_geometric_ops_hand_made():
   np.testing.assert_array_equal(out[:, :28], rows[:, :28])
 
 
+def test_remaining_ops_hand_made():
+  """shear_y and the all_ops enhancers (color, contrast, brightness, sharpness) on hand-computed pixels.
+
+  Enhancers are Image.blend(degenerate, img, f) with f = level * 1.8 / 10 + 0.1, truncated; the values are
+  chosen so that no result sits on an integer boundary (float32 f = 1.8999999 or ~0.5)."""
+  # shear_y at level 1: y_in = y + 0.03 x; columns constant along y stay unchanged where inside.
+  cols = np.repeat(np.arange(30)[None, :, None] * 8, 30, axis=0)
+  np.testing.assert_array_equal(_op("shear_y", cols, level=1.0)[:28], cols[:28])
+  assert not np.array_equal(_op("shear_y", cols.transpose(1, 0, 2), level=1.0), cols.transpose(1, 0, 2))
+  f05 = (0.5 - 0.1) * 10 / 1.8  # level giving f ~ 0.5
+  # brightness: degenerate = black -> f * x.
+  np.testing.assert_array_equal(_op("brightness", _col([5, 101, 200]), level=10.0).ravel(), [9, 191, 255])
+  np.testing.assert_array_equal(_op("brightness", _col([1, 11, 101, 255]), level=f05).ravel(), [0, 5, 50, 127])
+  # contrast: degenerate = mean gray level rounded (mean(0, 30, 101) = 43.7 -> 44); 44 + 1.9 (x - 44).
+  np.testing.assert_array_equal(_op("contrast", _col([0, 30, 101]), level=10.0).ravel(), [0, 17, 152])
+  # color: degenerate = L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 = 62 for (101, 53, 10).
+  np.testing.assert_array_equal(_op("color", np.array([[[101, 53, 10]]]), level=10.0).ravel(), [136, 44, 0])
+  # sharpness: degenerate = SMOOTH (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, border kept). A single bright
+  # pixel 131 in a 5x5 zero image: smooth centre 655/13 -> 50, ring 131/13 -> 10; blended with f = 1.9:
+  # centre 50 + 1.9 * 81 = 203.9 -> 203, ring 10 - 19 -> 0, border 0 (unchanged).
+  img = np.zeros((5, 5, 1), np.uint8)
+  img[2, 2] = 131
+  want = np.zeros((5, 5, 1), np.int64)
+  want[2, 2] = 203
+  np.testing.assert_array_equal(_op("sharpness", img, level=10.0), want)
+  # f ~ 0.5: centre 50 + 40.5 -> 90 (the ring, 10 - 5 = 5.0, sits on a boundary: not checked).
+  assert _op("sharpness", img, level=f05)[2, 2, 0] == 90
+
+
 def _pil(name, img, level, sign):
   p = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
   h, w = img.shape[:2]
