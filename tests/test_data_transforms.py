@@ -95,3 +95,57 @@ def test_augmix_views_deterministic_and_mixed():
   assert all(not np.array_equal(o, img) for o in outs)
   g = fn(_img(16, 16, 1), np.random.default_rng(0))
   assert g.shape == (16, 16, 1)
+
+
+class _FixedRng:
+  """Stands in for np.random.Generator in the host AugMix ops: uniform(low, high) returns the queued values
+  in order (the sampled level first, then the sign draw, which flips the sign when > 0.5)."""
+
+  def __init__(self, *values):
+    self.values = list(values)
+
+  def uniform(self, low=0.0, high=1.0):
+    del low, high
+    return self.values.pop(0)
+
+
+def test_host_augmix_ops_hand_made():
+  """Each op of the pipeline's AugMix (what the trainer uses) on a hand-made case, level -> PIL argument."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from diffaug_jax.data import augmix as H  # pylint: disable=g-import-not-at-top
+
+  def run(op, arr, *values):
+    gray = arr.shape[-1] == 1
+    out = op(Image.fromarray(np.asarray(arr, np.uint8)[..., 0] if gray else np.asarray(arr, np.uint8)), 1,
+             _FixedRng(*values))
+    out = np.asarray(out).astype(np.int64)
+    return out[..., None] if gray else out
+
+  col = lambda v: np.asarray(v, np.uint8).reshape(1, -1, 1)
+  # posterize at level 1: 4 - int(0.4) = 4 bits kept; solarize: threshold 256 - int(25.6) = 231.
+  np.testing.assert_array_equal(run(H._posterize, col([0, 15, 16, 255, 100]), 1.0).ravel(), [0, 0, 16, 240, 96])
+  np.testing.assert_array_equal(run(H._solarize, col([230, 231, 255, 0]), 1.0).ravel(), [230, 24, 0, 0])
+  np.testing.assert_array_equal(run(H._autocontrast, col([50, 100, 150])).ravel(), [0, 127, 255])
+  img = np.full((32, 32, 1), 10, np.uint8)
+  img[16:] = 200
+  out = run(H._equalize, img)
+  assert (out[:16] == 0).all() and (out[16:] == 255).all()
+  grid = np.arange(30 * 30 * 3).reshape(30, 30, 3) % 251
+  # translate_x at level 1: int(1 * 10 / 10) = 1 px; sign draw 0.2 -> +1: output x shows input x + 1.
+  out = run(H._translate_x, grid, 1.0, 0.2)
+  np.testing.assert_array_equal(out[:, :-1], grid[:, 1:])
+  assert (out[:, -1] == 0).all()
+  out = run(H._translate_y, grid, 1.0, 0.9)  # sign draw 0.9 -> -1: shifted down by one row
+  np.testing.assert_array_equal(out[1:], grid[:-1])
+  assert (out[0] == 0).all()
+  np.testing.assert_array_equal(run(H._rotate, grid, 0.2, 0.2), grid)  # int(0.2 * 3) = 0 degrees
+  np.testing.assert_array_equal(run(H._rotate, grid, 30.0, 0.2), np.rot90(grid))  # 90 deg counter-clockwise
+  np.testing.assert_array_equal(run(H._rotate, grid, 30.0, 0.9), np.rot90(grid, -1))  # sign flipped
+  # shear at level 1: 0.03 per pixel; rows (columns) constant along the sheared axis stay unchanged inside.
+  rows = np.repeat(np.arange(30)[:, None, None] * 8, 30, axis=1)
+  np.testing.assert_array_equal(run(H._shear_x, rows, 1.0, 0.2)[:, :28], rows[:, :28])
+  assert not np.array_equal(run(H._shear_x, rows.transpose(1, 0, 2), 1.0, 0.2), rows.transpose(1, 0, 2))
+  cols = rows.transpose(1, 0, 2)
+  np.testing.assert_array_equal(run(H._shear_y, cols, 1.0, 0.2)[:28], cols[:28])
+  assert not np.array_equal(run(H._shear_y, rows, 1.0, 0.2), rows)
+  assert len(H.OPS) == 9  # the reference's `augmentations` list
