@@ -141,6 +141,22 @@ def test_ood_run_end_to_end(tmp_path):
   si = scoring.msp_score(module.apply(variables, jnp.asarray(xi)))
   so = scoring.msp_score(module.apply(variables, jnp.asarray(xo)))
   assert res["metrics"]["noise"]["msp"]["auroc"] == pytest.approx(scoring.ood_metrics(si, so)["auroc"], abs=1e-6)
+  # Feature-shaping scores: ReAct's clip is the 90th percentile of the ID features (not the OOD ones), and
+  # every method's metrics equal the pure functions applied to a direct forward pass.
+  li, fi = module.apply(variables, jnp.asarray(xi), return_features=True)
+  lo, fo = module.apply(variables, jnp.asarray(xo), return_features=True)
+  assert res["react_source"] == "id_test"
+  assert res["react_clip"] == pytest.approx(scoring.react_threshold(fi, 90.0), rel=1e-5)
+  head = lambda h: module.apply(variables, h, method="logits_from_features")
+  kw = dict(react_clip=res["react_clip"], ash_percentile=90.0, scale_percentile=85.0)
+  di = scoring.ood_scores(li, fi, head, methods=ood.DEFAULT_METHODS, **kw)
+  do = scoring.ood_scores(lo, fo, head, methods=ood.DEFAULT_METHODS, **kw)
+  for m in ood.DEFAULT_METHODS:
+    want = scoring.ood_metrics(di[m], do[m])
+    # Sharded vs direct forward passes round differently; near-tied scores (ASH-B fills many rows with the
+    # same value) may swap, which moves AUPR by ~1e-5. A wrong formula or threshold moves these by >> 1e-3.
+    for k in ("auroc", "aupr_in", "aupr_out", "fpr95_openood", "fpr95_odin"):
+      assert res["metrics"]["noise"][m][k] == pytest.approx(want[k], abs=1e-3), (m, k)
 
 
 def test_scoring_is_pure():
