@@ -149,3 +149,34 @@ def test_host_augmix_ops_hand_made():
   np.testing.assert_array_equal(run(H._shear_y, cols, 1.0, 0.2)[:28], cols[:28])
   assert not np.array_equal(run(H._shear_y, rows, 1.0, 0.2), rows)
   assert len(H.OPS) == 9  # the reference's `augmentations` list
+
+
+def test_host_augmix_all_ops_enhancers_hand_made():
+  """all_ops adds color, contrast, brightness, sharpness: ImageEnhance.*(img).enhance(level * 1.8 / 10 + 0.1)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from diffaug_jax.data import augmix as H  # pylint: disable=g-import-not-at-top
+
+  def run(op, arr, level):
+    arr = np.asarray(arr, np.uint8)
+    out = op(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), 1, _FixedRng(level))
+    out = np.asarray(out).astype(np.int64)
+    return out[..., None] if out.ndim == 2 else out
+
+  col = lambda v: np.asarray(v, np.uint8).reshape(1, -1, 1)
+  assert H.ALL_OPS[:9] == H.OPS and len(H.ALL_OPS) == 13
+  # Level 10 -> factor 1.9 (values chosen away from integer boundaries).
+  np.testing.assert_array_equal(run(H._brightness, col([5, 101, 200]), 10.0).ravel(), [9, 191, 255])
+  np.testing.assert_array_equal(run(H._contrast, col([0, 30, 101]), 10.0).ravel(), [0, 17, 152])  # mean 44
+  np.testing.assert_array_equal(run(H._color, [[[101, 53, 10]]], 10.0).ravel(), [136, 44, 0])  # L = 62
+  img = np.zeros((5, 5, 1), np.uint8)
+  img[2, 2] = 131
+  want = np.zeros((5, 5, 1), np.int64)
+  want[2, 2] = 203  # SMOOTH centre 50, blended 50 + 1.9 * 81
+  np.testing.assert_array_equal(run(H._sharpness, img, 10.0), want)
+  fn = H.make_augmix_fn({"augmix_all_ops": True})
+  assert fn.all_ops and not H.make_augmix_fn(None).all_ops
+  x = _img(24, 24)
+  a = [fn(x, np.random.default_rng(s)) for s in range(4)]
+  np.testing.assert_array_equal(a[0], fn(x, np.random.default_rng(0)))
+  b = [H.make_augmix_fn(None)(x, np.random.default_rng(s)) for s in range(4)]
+  assert any(not np.array_equal(u, v) for u, v in zip(a, b))  # a different op set is drawn
