@@ -69,3 +69,51 @@ def test_run_end_to_end_digits(tmp_path):
   assert res["models"]["cnn"]["corrupted"]["sets"]["contrast/5"]["default"]["n"] > 300
   md = open(os.path.join(out, "results.md")).read()
   assert "| cnn |" in md and "Corrupted Def" in md
+
+
+@pytest.mark.slow  # ~18 s on 2 busy cores: UNet compile + DE over the digits test set
+def test_run_de_with_score_model_writes_figures(tmp_path):
+  """robustness.run on the real path for `de`: a score model loaded from a params file + UNet preset by
+  `loading.load_score`, DE with its cumulative curve, and all three figures (Fig. 1 grid, Fig. 2 entropy
+  vs t, DE curve) written and non-empty; the DE ensemble's last cumulative point is the full DE."""
+  from diffaug_jax.convert import common
+  from diffaug_jax.data.config import digits_config
+  from diffaug_jax.models import classifiers
+  from diffaug_jax.models.unet import unet_from_preset
+
+  def numpy_init(module, *args):
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.ones(x.shape, np.float32) if "var" in str(p[-1]) or "scale" in str(p[-1])
+        else (0.1 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+  clf = classifiers.get_classifier("cnn_small", 10, width=4)
+  common.save_params(str(tmp_path / "cnn.msgpack"), numpy_init(clf, jnp.zeros((1, 8, 8, 1))))
+  unet = unet_from_preset("digits", image_size=8)
+  common.save_params(str(tmp_path / "unet.msgpack"),
+                     numpy_init(unet, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)))
+  c = ml_collections.ConfigDict()
+  c.task = "robustness"
+  c.models = [dict(name="cnn", arch="cnn_small", num_classes=10, kwargs={"width": 4},
+                   params_path=str(tmp_path / "cnn.msgpack"))]
+  c.score = dict(params_path=str(tmp_path / "unet.msgpack"), preset="digits", overrides={"image_size": 8})
+  c.data = digits_config(image_size=8, channels=1)
+  c.batch_size = 200
+  c.suites = ml_collections.ConfigDict({"clean": {}})
+  c.modes = ("default", "de")
+  c.de = dict(ts=(0, 300))
+  c.figures = dict(augmentation_grid=True, num_images=3, entropy_vs_t=True, entropy_ts=(0, 500),
+                   entropy_batches=1)
+  out = str(tmp_path / "eval")
+  res = evaluation.run_task(c, out)
+  de = res["models"]["cnn"]["clean"]["sets"]["test"]["de"]
+  assert de["ts"] == [0, 300] and de["cumulative"][-1] == de["accuracy"]
+  assert de["members"][0] == res["models"]["cnn"]["clean"]["sets"]["test"]["default"]["accuracy"]
+  for f in ("de_curve.png", "diffaug_grid.png", "entropy_vs_t.png"):
+    with open(os.path.join(out, f), "rb") as fh:
+      assert fh.read(8).startswith(b"\x89PNG"), f
+    assert os.path.getsize(os.path.join(out, f)) > 1000, f
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["entropy_vs_t"]["cnn"]["ts"] == [0, 500]
+  assert "Clean DE" in open(os.path.join(out, "results.md")).read()
