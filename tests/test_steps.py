@@ -210,3 +210,39 @@ def test_score_params_never_in_state_or_optimizer():
   n_state = sum(np.size(x) for x in jax.tree.leaves(new))
   n_clf = sum(np.size(x) for x in jax.tree.leaves((state.params, state.batch_stats, tx.init(state.params))))
   assert n_state == n_clf + 1, (n_state, n_clf)  # + the step counter; nothing of the score model
+
+
+def test_four_view_step_equals_direct_computation():
+  """[clean, aug1, aug2, diffaug]: loss = CE(clean) + CE(diffaug) + 12 JSD(clean, aug1, aug2), computed here
+  directly (NumPy softmax / CE / JSD) from ONE train-mode forward over the four views; BatchNorm statistics
+  are those of the concatenated 4B batch (the step's new batch_stats equal this forward's)."""
+  from diffaug_jax.trainer import make_score_eps_factory
+  state, sp, fn = _setup(diffaug=True, weight=1.0)
+  b = _batch(8, seed=5, augmix=True)
+  key = jax.random.key(11)
+  new, m = fn(state, b, key, sp)
+  # The step's DiffAug view: same key derivation (da_key = first split of the step key).
+  cfg = steps.StepConfig(schedule=diffusion.linear_schedule(1000), diffaug=True)
+  x_da, _ = steps.make_diffaug_view(jax.random.split(key)[0], steps.to_model_range(b["image_da"]), sp,
+                                    make_score_eps_factory(TinyEps()), cfg)
+  views = [steps.to_model_range(b[k]) for k in ("image", "image_aug1", "image_aug2")] + [x_da]
+  logits, upd = TinyClassifier(4).apply({"params": state.params, "batch_stats": state.batch_stats},
+                                        jnp.concatenate(views), train=True, mutable=["batch_stats"])
+  lc, l1, l2, ld = np.split(np.asarray(logits, np.float64), 4)
+  y = b["label"]
+  sm = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  ce = lambda z: float(-np.log(sm(z)[np.arange(len(y)), y]).mean())
+  ps = [sm(z) for z in (lc, l1, l2)]
+  mix = np.clip(sum(ps) / 3, 1e-7, 1)
+  jsd = sum((p * (np.log(p) - np.log(mix))).sum(-1).mean() for p in ps) / 3
+  np.testing.assert_allclose(m["loss_clean"], ce(lc), rtol=1e-5)
+  np.testing.assert_allclose(m["loss_diffaug"], ce(ld), rtol=1e-5)
+  np.testing.assert_allclose(m["loss_jsd"], jsd, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(m["loss"], ce(lc) + ce(ld) + 12 * jsd, rtol=1e-5)
+  assert jsd > 1e-4  # the AugMix views really differ
+  for a, c in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(upd["batch_stats"])):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+  # ... and not those of the clean view alone (statistics are shared across the views).
+  _, clean_only = TinyClassifier(4).apply({"params": state.params, "batch_stats": state.batch_stats},
+                                          views[0], train=True, mutable=["batch_stats"])
+  assert not np.allclose(jax.tree.leaves(new.batch_stats)[0], jax.tree.leaves(clean_only["batch_stats"])[0])
