@@ -82,8 +82,14 @@ def test_score_mode_then_classifier_from_its_workdir(tmp_path):
 def test_nonfinite_loss_names_the_step(tmp_path):
   cfg = tiny_config(steps=30, diffaug=False)
   cfg.optim.learning_rate = 1e12
-  with pytest.raises(metrics_lib.NonFiniteLossError, match=r"at step \d+"):
+  with pytest.raises(metrics_lib.NonFiniteLossError, match=r"at step \d+") as err:
     trainer.train_and_evaluate(cfg, str(tmp_path))
+  # The named step is the FIRST non-finite one: every earlier step was logged with a finite loss.
+  import re
+  bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+  train = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+  assert 1 <= bad < 30 and [r["step"] for r in train] == list(range(1, bad)), (bad, [r["step"] for r in train])
+  assert all(np.isfinite(r["loss"]) for r in train)
 
 
 def test_bad_data_path_fails_before_compiling(tmp_path, monkeypatch):
