@@ -114,3 +114,24 @@ def test_flags_from_preset_name():
   assert gd.resolve_flags("adm_256_uncond")["num_head_channels"] == 64
   with pytest.raises(ValueError, match="preset"):
     gd.resolve_flags("no_such_preset")
+
+
+def test_pt_files_load_with_weights_only(tmp_path, monkeypatch):
+  """.pt/.pth go through torch.load(..., weights_only=True) (a stand-in torch records the call); without
+  torch the error says how to proceed instead of failing obscurely."""
+  import sys
+  import types
+  src = tmp_path / "model.pt"
+  src.write_bytes(b"stand-in")
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  with pytest.raises(ImportError, match=r"model\.pt needs PyTorch"):
+    common.load_state_dict(src)
+  calls = []
+
+  def fake_load(path, **kw):
+    calls.append((path, kw))
+    return {"state_dict": {"module.out.2.bias": np.ones(3, np.float32)}}
+  monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=fake_load))
+  sd = common.load_state_dict(src)
+  assert calls and calls[0][0] == str(src) and calls[0][1].get("weights_only") is True
+  assert list(sd) == ["out.2.bias"] and sd["out.2.bias"].dtype == np.float32  # unwrapped, prefix stripped
