@@ -151,3 +151,36 @@ def test_reduced_precision_x0_hat_error(golden_models):
   assert 0 < eps_fp16 < FP16_EPS_BOUND
   # Master params untouched (still float32).
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables))
+
+
+def test_groupnorm_statistics_in_float32_for_bf16_inputs():
+  """GroupNorm32 on bf16 activations: statistics in float32, only the result rounded to bf16 (bit-exact to
+  the float32 computation cast down). An input with a large offset makes bf16 statistics visibly wrong."""
+  gn = unet_lib.GroupNorm32()
+  x = (40.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 64))).astype(jnp.bfloat16)
+  v = {"params": {"scale": 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (64,)),
+                  "bias": 0.1 * jax.random.normal(jax.random.key(2), (64,))}}
+  out = gn.apply(v, x)
+  assert out.dtype == jnp.bfloat16
+  want = gn.apply(v, x.astype(jnp.float32)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  # The same normalisation with bf16 statistics is far off: the test above can tell the two apart.
+  g = x.reshape(2, -1, 32, 2)
+  mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+  var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+  low = ((g - mean) * jax.lax.rsqrt(var + jnp.bfloat16(1e-5))).reshape(x.shape)
+  low = (low.astype(jnp.float32) * v["params"]["scale"] + v["params"]["bias"]).astype(jnp.bfloat16)
+  assert np.abs(np.asarray(low, np.float32) - np.asarray(want, np.float32)).max() > 0.05
+
+
+def test_attention_softmax_in_float32_for_bf16_inputs():
+  """_attention on bf16 q/k/v matches float32 softmax(q k^T s) v (computed from the same bf16 values) to
+  bf16 output rounding."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)).astype(jnp.bfloat16) * 3 for i in range(3))
+  s = 1.0 / np.sqrt(8)
+  out = unet_lib._attention(q, k, v, s)
+  qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+  p = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", qf, kf) * s, axis=-1)
+  want = jnp.einsum("bnts,bsnh->btnh", p, vf)
+  err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+  assert err < 2e-2, err  # bf16 has 8 bits of mantissa (~4e-3 per rounding)
