@@ -109,3 +109,30 @@ def test_guidance_scale_zero_equals_unguided_and_cond_fn_is_grad(digits):
     else:  # condition_score recomputes eps from the clipped x0_hat: equal up to float rounding
       np.testing.assert_allclose(zero, unguided, atol=1e-5)
     assert float(jnp.abs(guided(key, 50.0) - unguided).max()) > 1e-3  # guidance acts when scale > 0
+
+
+@pytest.mark.slow
+def test_run_writes_table_grids_and_params(tmp_path):
+  """The da_classifier task end to end (evaluate.py's path) at toy size: both classifiers trained and
+  evaluated on diffused test digits, guided DDPM/DDIM grids for unguided / noisy / DA written."""
+  import json
+  import os
+  from diffaug_jax.evaluation import run_task
+  c = ml_collections.ConfigDict(dict(
+      task="da_classifier", seed=0, num_classes=10, num_timesteps=1000,
+      data=dict(source="digits", image_size=8, channels=1, train_split="train", eval_split="test"),
+      score=dict(kind="gaussian"), model=dict(width=8, channel_mult=(1, 2), num_res_blocks=1),
+      train_steps=3, batch_size=16, learning_rate=2e-3, eval_batch_size=128, guidance_scale=2.0,
+      samples_per_class=1, ddpm_steps="3", ddim_steps=3))
+  res = run_task(c, str(tmp_path))
+  for name in ("noisy", "da"):
+    assert res[name]["num_examples"] > 300 and 0.0 <= res[name]["accuracy"] <= 1.0
+    assert os.path.getsize(tmp_path / f"{name}_classifier.msgpack") > 0
+  assert set(res["guided_label_accuracy"]) == {f"{m}_{n}" for m in ("ddpm", "ddim")
+                                               for n in ("unguided", "noisy", "da")}
+  for m in ("ddpm", "ddim"):
+    for n in ("unguided", "noisy", "da"):
+      with open(tmp_path / f"guided_{m}_{n}.png", "rb") as f:
+        assert f.read(8).startswith(b"\x89PNG")
+  assert json.load(open(tmp_path / "da_classifier.json"))["guidance_scale"] == 2.0
+  assert "| da |" in open(tmp_path / "da_classifier.md").read()
