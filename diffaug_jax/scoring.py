@@ -19,8 +19,9 @@ Metric conventions (made explicit because papers differ):
   * AUROC is convention-free (swapping the positive class and negating the score gives the same value).
   * AUPR-in: ID is the positive class, ranked by the score. AUPR-out: OOD positive, ranked by -score.
     Both are the trapezoidal area (sklearn.metrics.auc) under sklearn's precision-recall curve, as OpenOOD
-    computes them. Note: OpenOOD v1.5's `auc_and_fpr_recall` swaps the two labels (Jingkang50/OpenOOD
-    issue #211, fix PR #212); we keep the definitions above, so OpenOOD v1.5's "AUPR-In" is our aupr_out.
+    computes them. Note: some OpenOOD v1.5 revisions of `auc_and_fpr_recall` swap the two labels
+    (Jingkang50/OpenOOD issue #211, Dec 2023; fix PR #212); we keep the definitions above, so a number
+    reported as "AUPR-In" by such a revision corresponds to our aupr_out.
   * FPR@95 "openood": OOD is the positive class; threshold where >= 95% of OOD examples are flagged
     (TPR over OOD), report the fraction of ID examples wrongly flagged as OOD.
   * FPR@95 "odin" (ODIN / energy / ReAct papers): ID is the positive class; threshold where >= 95% of ID
