@@ -117,3 +117,23 @@ def test_run_de_with_score_model_writes_figures(tmp_path):
   saved = json.load(open(os.path.join(out, "results.json")))
   assert saved["entropy_vs_t"]["cnn"]["ts"] == [0, 500]
   assert "Clean DE" in open(os.path.join(out, "results.md")).read()
+
+
+@pytest.mark.parametrize("arg", [None, "imagenet"])
+def test_issue6_configs_build_with_reference_defaults(arg):
+  """The certify / ood / pag / da_classifier configs load, name a known task, and carry REFERENCE.md's
+  defaults (sigmas {0.25, 0.5, 1}, n0 = 100, alpha = 0.001; ReAct/ASH 90, SCALE 85; PAG t = 300)."""
+  cert = _load_config("eval_certify", arg)
+  assert cert.task in evaluation.TASKS and tuple(cert.sigmas) == (0.25, 0.5, 1.0)
+  assert cert.n0 == 100 and cert.alpha == 0.001 and cert.n >= 1000 and cert.denoise
+  if arg == "imagenet":
+    assert cert.n == 10_000 and cert.score.preset == "adm_256_uncond"
+  ood = _load_config("eval_ood", arg)
+  assert ood.task in evaluation.TASKS
+  assert (ood.react_percentile, ood.ash_percentile, ood.scale_percentile) == (90.0, 90.0, 85.0)
+  assert {"msp", "react", "ash_b", "scale"} <= set(ood.methods)
+  pag = _load_config("eval_pag", arg)
+  assert pag.task in evaluation.TASKS and pag.get("t", 300) == 300
+  if arg is None:
+    for a in (None, "smoke"):
+      assert _load_config("da_classifier_digits", a).task in evaluation.TASKS
