@@ -137,3 +137,33 @@ def test_issue6_configs_build_with_reference_defaults(arg):
   if arg is None:
     for a in (None, "smoke"):
       assert _load_config("da_classifier_digits", a).task in evaluation.TASKS
+
+
+def test_evaluate_py_cli(tmp_path):
+  """`python evaluate.py --config <file> --workdir DIR` (absl flags, XLA flags, distributed init, task
+  dispatch) writes the task's outputs: the pag task on digits with a converted-params classifier."""
+  import subprocess
+  import sys
+  from diffaug_jax.convert import common
+  from diffaug_jax.models import classifiers
+  module = classifiers.get_classifier("cnn_small", 10, width=4)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+  rng = np.random.default_rng(0)
+  common.save_params(str(tmp_path / "cnn.msgpack"), jax.tree_util.tree_map_with_path(
+      lambda p, x: np.ones(x.shape, np.float32) if "var" in str(p[-1])
+      else (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes))
+  (tmp_path / "cfg.py").write_text(
+      "import ml_collections\n"
+      "def get_config(arg=None):\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.task, c.seed, c.t, c.num_images = 'pag', 0, 300, 2\n"
+      f"  c.models = {{'m': dict(name='cnn_small', num_classes=10, kwargs={{'width': 4}}, "
+      f"params_path={str(tmp_path / 'cnn.msgpack')!r})}}\n"
+      "  c.data = dict(source='digits', image_size=16, channels=1, split='test', skip=3)\n"
+      "  return c\n")
+  out = tmp_path / "wd"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), f"--config={tmp_path / 'cfg.py'}",
+                         f"--workdir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.getsize(out / "pag.png") > 0
+  assert json.load(open(out / "results.json"))["columns"] == ["x0", "x_t", "m"]
