@@ -184,3 +184,23 @@ def test_attention_softmax_in_float32_for_bf16_inputs():
   want = jnp.einsum("bnts,bsnh->btnh", p, vf)
   err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
   assert err < 2e-2, err  # bf16 has 8 bits of mantissa (~4e-3 per rounding)
+
+
+def test_num_heads_upsample_applies_to_output_blocks_only():
+  """num_heads_upsample (-1 = num_heads) sets the heads of the decoder's attention only (guided-diffusion)."""
+  kw = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+            num_heads=1)
+  base = unet_lib.unet_from_flags(**kw)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
+  t = jnp.array([10])
+  # Random, non-zero everywhere (zero_module layers would hide the attention); drawn with numpy from the
+  # abstract shapes: jitting init and apply costs ~45 s of CPU here, eager apply ~1 s.
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(base.init, jax.random.key(1), x, t)
+  v = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1]))),
+                                         jnp.float32), shapes)
+  out = lambda m: np.asarray(m.apply(v, x, t))
+  same = unet_lib.unet_from_flags(**kw, num_heads_upsample=1)
+  other = unet_lib.unet_from_flags(**kw, num_heads_upsample=4)
+  np.testing.assert_array_equal(out(same), out(base))
+  assert np.abs(out(other) - out(base)).max() > 1e-3 * np.abs(out(base)).max()
