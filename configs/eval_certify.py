@@ -38,6 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 params_path=""))
   c.score = ml_collections.ConfigDict(dict(workdir="runs/demo/score", params_path="", preset="",
                                            schedule="linear", num_timesteps=1000))
-  c.data = ml_collections.ConfigDict(dict(source="digits", image_size=16, channels=1, split="test", skip=9,
+  c.data = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1, split="test", skip=9,
                                           max_examples=100 if arg != "smoke" else 10))
   return c

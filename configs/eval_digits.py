@@ -1,4 +1,4 @@
-"""Robustness evaluation of the embedded demo's classifiers (digits, 16x16 grayscale), on CPU.
+"""Robustness evaluation of the embedded demo's classifiers (digits, 8x8 grayscale as the demo trains them), on CPU.
 
 Run (after `python train.py`, which writes runs/demo/{score,baseline,diffaug}):
   python evaluate.py --config configs/eval_digits.py --workdir runs/demo/eval
@@ -24,7 +24,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
               dict(name="CNN+DiffAug", workdir="runs/demo/diffaug")]
   c.score = ml_collections.ConfigDict(dict(workdir="runs/demo/score", params_path="", preset="",
                                            overrides={}, dtype="", schedule="linear", num_timesteps=1000))
-  c.data = digits_config(image_size=16, channels=1)
+  c.data = digits_config(image_size=8, channels=1)
   c.batch_size = 128
   corruptions = ("gaussian_noise", "contrast") if arg == "smoke" else (
       "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -37,7 +37,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   })
   c.modes = ("default", "de", "dda") if arg == "full" else ("default", "de")
   c.de = ml_collections.ConfigDict(dict(ts=tuple(range(0, 500, 50))))
-  # DDA on 16 px digits: D=2 (D=4 would leave 4x4 px), 100 respaced steps, start at 50.
+  # DDA on 8 px digits: D=2 (D=4 would leave 2x2 px), 100 respaced steps, start at 50.
   c.dda = ml_collections.ConfigDict(dict(spacing="100", start_step=50, factor=2, scale=6.0,
                                          norm="per_example", image_size=0))
   c.figures = ml_collections.ConfigDict(dict(augmentation_grid=True, num_images=6, entropy_vs_t=arg != "smoke",

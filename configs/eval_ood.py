@@ -36,10 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.classifier = ml_collections.ConfigDict(dict(workdir="runs/demo/diffaug", name="", num_classes=10,
                                                 params_path=""))
-  c.id_data = ml_collections.ConfigDict(dict(source="digits", image_size=16, channels=1, split="test"))
+  c.id_data = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1, split="test"))
   # Offline stand-ins (the digits have no natural OOD set): pixel-shuffled test digits and uniform noise.
   # Any npz ({"source": "npz", "path": ...}), image folder or TFDS set can be added here.
   c.ood_data = ml_collections.ConfigDict({
-      "pixel_shuffle": dict(source="synthetic", kind="pixel_shuffle", image_size=16, channels=1),
-      "uniform_noise": dict(source="synthetic", kind="uniform_noise", image_size=16, channels=1)})
+      "pixel_shuffle": dict(source="synthetic", kind="pixel_shuffle", image_size=8, channels=1),
+      "uniform_noise": dict(source="synthetic", kind="uniform_noise", image_size=8, channels=1)})
   return c

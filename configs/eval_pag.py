@@ -29,5 +29,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
   c.models = ml_collections.ConfigDict({"baseline": dict(workdir="runs/demo/baseline"),
                                         "diffaug": dict(workdir="runs/demo/diffaug")})
-  c.data = ml_collections.ConfigDict(dict(source="digits", image_size=16, channels=1, split="test", skip=7))
+  c.data = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1, split="test", skip=7))
   return c

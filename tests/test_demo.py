@@ -34,6 +34,17 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
   assert grid.size == ((10 * 10 + 2) * 16, (8 * 10 + 2) * 16)
   for sub in ("score", "baseline", "diffaug"):
     assert (tmp_path / sub / "config.json").is_file()
+  # The evaluate.py configs for the demo must match what the demo trained (a mismatched image size would
+  # run and report a wrong accuracy; the loader refuses it instead).
+  from diffaug_jax.evaluation import loading
+  evals = {"eval_digits": lambda c: c.data, "eval_certify": lambda c: c.data, "eval_pag": lambda c: c.data,
+           "eval_ood": lambda c: c.id_data}
+  for name, data_of in evals.items():
+    data_cfg = data_of(_config(name))
+    loading.load_classifier({"workdir": str(tmp_path / "baseline")}, data_cfg=data_cfg)
+    data_cfg.image_size = 2 * data_cfg.image_size
+    with pytest.raises(ValueError, match="trained on"):
+      loading.load_classifier({"workdir": str(tmp_path / "baseline")}, data_cfg=data_cfg)
 
 
 def test_all_configs_load_and_build():

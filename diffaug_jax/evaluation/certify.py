@@ -198,7 +198,7 @@ def run(config, workdir: str) -> dict:
   batch_size, seed, denoise, radii, num_classes.
   """
   os.makedirs(workdir, exist_ok=True)
-  module, variables = loading.load_classifier(config.classifier)
+  module, variables = loading.load_classifier(config.classifier, data_cfg=config.data)
   denoise = bool(loading.cfg_get(config, "denoise", True))
   params = {"classifier": variables}
   eps_fn = schedule = None

@@ -70,15 +70,20 @@ def flax_model_fn(module, *, dtype=None) -> Callable:
 # ------------------------------------------------------------------------------------- classifiers
 
 
-def load_classifier(spec, *, what: str = "config.classifier") -> tuple[Any, PyTree]:
+def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> tuple[Any, PyTree]:
   """(module, variables) from {workdir[, step]} or {arch | name, num_classes, kwargs, params_path}.
 
   `arch` names the architecture when both are given (robustness specs use `name` as the display name);
-  `what` names the spec in the error message.
+  `what` names the spec in the error message. With `data_cfg`, a train.py run is checked against the data
+  it will be evaluated on: a classifier fed images of another size or channel count would still run
+  (global pooling) and report a silently wrong accuracy, so a mismatch is an error instead.
   """
   if cfg_get(spec, "workdir"):
     from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    module, variables, _ = checkpoint.load_trained_classifier(cfg_get(spec, "workdir"), cfg_get(spec, "step"))
+    workdir = cfg_get(spec, "workdir")
+    module, variables, train_cfg = checkpoint.load_trained_classifier(workdir, cfg_get(spec, "step"))
+    if data_cfg is not None:
+      _check_image_shape(train_cfg, data_cfg, what, workdir)
     return module, variables
   arch = cfg_get(spec, "arch") or cfg_get(spec, "name")
   if not (cfg_get(spec, "params_path") and arch and cfg_get(spec, "num_classes")):
@@ -88,6 +93,21 @@ def load_classifier(spec, *, what: str = "config.classifier") -> tuple[Any, PyTr
   from diffaug_jax.models.classifiers import get_classifier  # pylint: disable=g-import-not-at-top
   module = get_classifier(arch, int(cfg_get(spec, "num_classes")), **dict(cfg_get(spec, "kwargs", {}) or {}))
   return module, load_params(cfg_get(spec, "params_path"))
+
+
+def _image_shape(data_cfg) -> tuple[int, int] | None:
+  size, channels = cfg_get(data_cfg, "image_size"), cfg_get(data_cfg, "channels")
+  return None if not size or not channels else (int(size), int(channels))
+
+
+def _check_image_shape(train_cfg, data_cfg, what: str, workdir: str) -> None:
+  trained = _image_shape(cfg_get(train_cfg, "data", {}) or {})
+  evaluated = _image_shape(data_cfg)
+  if trained and evaluated and trained != evaluated:
+    raise ValueError(
+        f"{what}: the classifier in {workdir} was trained on {trained[0]}x{trained[0]}x{trained[1]} images "
+        f"(its config.json) but the evaluation data yields {evaluated[0]}x{evaluated[0]}x{evaluated[1]}: "
+        "set the evaluation config's data.image_size / data.channels to match")
 
 
 # ------------------------------------------------------------------------------------- score model

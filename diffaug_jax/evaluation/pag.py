@@ -110,7 +110,7 @@ def run(config, workdir: str) -> dict:
   images, labels = images[:n], labels[:n]
   fns = {}
   for name, mcfg in config.models.items():
-    module, variables = loading.load_classifier(mcfg, what=f"config.models.{name}")
+    module, variables = loading.load_classifier(mcfg, what=f"config.models.{name}", data_cfg=config.data)
     fns[name] = (lambda x, t, m=module, v=variables: m.apply(v, x, train=False))
   t = int(g("t", 300))
   sched = diffusion.linear_schedule(int(g("num_timesteps", 1000)))

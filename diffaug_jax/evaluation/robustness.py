@@ -360,6 +360,7 @@ def load_models(config) -> list[dict[str, Any]]:
   (converted weights), loaded by `loading.load_classifier`. config.score (optional, needed by de/dda):
   see `loading.load_score`. Returns model dicts for `evaluate_models`."""
   score_spec = config.get("score", {}) or {}
+  data_cfg = config.get("data", None)
   score_fns = {}
   if loading.has_score(score_spec):
     score = loading.load_score(score_spec)
@@ -369,7 +370,7 @@ def load_models(config) -> list[dict[str, Any]]:
   shared: dict[str, Any] = {}  # one classify_fn per architecture -> one compilation for all its models
   for spec in config.models:
     spec = _to_dict(spec)
-    module, variables = loading.load_classifier(spec, what=f"model {spec.get('name')!r}")
+    module, variables = loading.load_classifier(spec, what=f"model {spec.get('name')!r}", data_cfg=data_cfg)
     arch = repr(module)
     if arch not in shared:
       shared[arch] = loading.flax_classify_fn(module)
