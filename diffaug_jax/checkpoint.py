@@ -11,8 +11,10 @@ scratch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -137,6 +139,25 @@ class Checkpointer:
     self.manager.close()
 
 
+class _DropReadOnlyNoise(logging.Filter):
+  """orbax warns on every read-only open and about items a weights-only restore leaves alone."""
+  _NOISE = ("read_only=True", "is read only", "could not be restored")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in self._NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_read_only_restore():
+  f = _DropReadOnlyNoise()
+  logger = logging.getLogger("absl")
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def restore_raw_state(workdir_or_ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
   """Restores a saved TrainState as plain nested dicts of numpy arrays (no target structure needed).
 
@@ -148,6 +169,11 @@ def restore_raw_state(workdir_or_ckpt_dir: str, step: int | None = None) -> tupl
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  with _quiet_read_only_restore():
+    return _restore_raw_state(path, step)
+
+
+def _restore_raw_state(path: str, step: int | None) -> tuple[dict, int]:
   mngr = ocp.CheckpointManager(path, item_names=("state", "data"),
                                options=ocp.CheckpointManagerOptions(read_only=True))
   try:

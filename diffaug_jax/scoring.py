@@ -119,22 +119,27 @@ def ash_p_features(h: Array, percentile: float = 90.0) -> Array:
   return _topk_mask(h, num_kept(h.shape[1], percentile)) * h
 
 
+def _sum_ratio(h: Array, pruned: Array) -> Array:
+  """sum(h) / sum(top-k h) per row, (B, 1). A row of all-zero (post-ReLU) features has 0 / 0; the
+  reference code returns NaN there, which breaks AUROC. Its features are zero whatever the factor, so the
+  ratio is taken as 1 (the value for a row whose mass is all in its top k)."""
+  s1 = jnp.sum(h, axis=1, keepdims=True)
+  s2 = jnp.sum(pruned, axis=1, keepdims=True)
+  return jnp.where(s2 != 0, s1 / jnp.where(s2 != 0, s2, 1.0), 1.0)
+
+
 def ash_s_features(h: Array, percentile: float = 90.0) -> Array:
   """ASH-S (ASH paper): top-k kept, others 0, then scaled by exp(sum(h) / sum(top-k h))."""
   h = _check_features(h, "ash_s_features")
   pruned = _topk_mask(h, num_kept(h.shape[1], percentile)) * h
-  s1 = jnp.sum(h, axis=1, keepdims=True)
-  s2 = jnp.sum(pruned, axis=1, keepdims=True)
-  return pruned * jnp.exp(s1 / s2)
+  return pruned * jnp.exp(_sum_ratio(h, pruned))
 
 
 def scale_features(h: Array, percentile: float = 85.0) -> Array:
   """SCALE: h * exp(sum(h) / sum(top-k h)) (no pruning)."""
   h = _check_features(h, "scale_features")
   pruned = _topk_mask(h, num_kept(h.shape[1], percentile)) * h
-  s1 = jnp.sum(h, axis=1, keepdims=True)
-  s2 = jnp.sum(pruned, axis=1, keepdims=True)
-  return h * jnp.exp(s1 / s2)
+  return h * jnp.exp(_sum_ratio(h, pruned))
 
 
 OOD_METHODS = ("msp", "energy", "max_logit", "react", "ash_b", "ash_s", "scale")

@@ -42,6 +42,13 @@ def test_ash_and_scale_shaping():
   h2 = np.stack([H[0], H[0][::-1]])
   out = np.asarray(scoring.ash_b_features(h2, 80))
   np.testing.assert_allclose(out[1, :2], [27.5, 27.5]) and np.testing.assert_allclose(out[1, 2:], 0)
+  # A row of all-zero (post-ReLU) features stays zero and finite (the reference's 0/0 would be NaN);
+  # seen on uniform-noise inputs to the demo's CNN.
+  z = np.stack([np.zeros(10, np.float32), H[0]])
+  for fn in (scoring.ash_s_features, scoring.scale_features):
+    out = np.asarray(fn(z, 80))
+    assert np.isfinite(out).all() and (out[0] == 0).all()
+    np.testing.assert_allclose(out[1], np.asarray(fn(H, 80))[0], rtol=1e-6)
   with pytest.raises(ValueError):
     scoring.ash_b_features(H[0], 80)  # (D,) instead of (B, D)
   with pytest.raises(ValueError):
