@@ -21,6 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   from diffaug_jax import perf, sharding
   perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
   sharding.initialize_distributed()  # before any other JAX call
