@@ -28,6 +28,7 @@ def main(argv):
   sharding.initialize_distributed()  # before any other JAX call
   from diffaug_jax.evaluation import run_task
   run_task(_CONFIG.value, _WORKDIR.value)
+  print(f"results: {os.path.join(_WORKDIR.value, 'results.md')} (table), results.json (every number)", flush=True)
 
 
 if __name__ == "__main__":
