@@ -5,7 +5,7 @@ Run (~3-5 min on 2 CPU cores; `:smoke` ~1 min):
   python evaluate.py --config configs/da_classifier_digits.py --workdir runs/demo/da_classifier
 With the demo's trained UNet as the score model instead of the closed-form Gaussian denoiser:
   python evaluate.py --config configs/da_classifier_digits.py --workdir runs/demo/da_unet \
-      --config.score.kind=unet --config.score.workdir=runs/demo/score --config.data.image_size=16
+      --config.score.kind=unet --config.score.workdir=runs/demo/score
 What it does: trains a noisy classifier (input x_t) and a DA-classifier (input [x_t, x0_hat] on channels),
 same seed/steps; reports accuracy on test digits diffused to t ~ U{0..999} overall and per t-bin
 (da_classifier.md/json); samples 4 digits per class with DDPM (250 steps) and DDIM (50 steps), unguided and
