@@ -17,19 +17,11 @@ dataset, not a per-batch transform). `init_checkpoint` is required: a run withou
 Expected (paper Table 1, severity 5): AugMix+DiffAug IN-C Default 29.47 / DE 38.58, IN-Test 77.34 / 75.88.
 Not measured here.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from diffaug_jax.config_files import sibling
+
 _FINAL_LR = {"augmix": 1e-3, "deepaugment": 1e-6, "dam": 1e-6}
-
-
-def _sibling(name):
-  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name(name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -38,7 +30,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg not in _FINAL_LR:
     raise ValueError(f"imagenet_finetune_diffaug: arg must be one of {sorted(_FINAL_LR)}, got {arg!r}")
   with_augmix = arg in ("augmix", "dam")
-  c = _sibling("imagenet_resnet50_diffaug").get_config("augmix" if with_augmix else "diffaug")
+  c = sibling(__file__, "imagenet_resnet50_diffaug").get_config("augmix" if with_augmix else "diffaug")
   c.optim.learning_rate = _FINAL_LR[arg]
   c.optim.lr_batch_base = 0  # the release's final lr as is, not rescaled
   c.optim.schedule = "constant"

@@ -16,7 +16,11 @@ def main(argv: list[str]) -> int:
           file=sys.stderr)
     return 2
   module = importlib.import_module(CONVERTERS[argv[0]])
-  return module.main(argv[1:]) or 0
+  try:
+    return module.main(argv[1:]) or 0
+  except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -140,6 +140,16 @@ def save_params(path: str | os.PathLike, variables: Any) -> str:
   return digest
 
 
+def write_converted(dst: str | os.PathLike, variables: Any, description: str) -> str:
+  """`save_params` plus the one-line report the converter CLIs print; returns the digest."""
+  import jax
+  digest = save_params(dst, variables)
+  params = variables.get("params", variables) if isinstance(variables, Mapping) else variables
+  n = sum(int(np.size(a)) for a in jax.tree.leaves(params))
+  print(f"wrote {dst}: {description}, {n:,} params, sha256 {digest[:12]}")
+  return digest
+
+
 def load_params(path: str | os.PathLike, *, verify: bool = True) -> Any:
   """Reads variables written by `save_params`; checks the sha256 sidecar when present."""
   from flax import serialization

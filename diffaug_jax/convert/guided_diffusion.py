@@ -155,8 +155,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except common.CheckpointMismatchError as e:  # a clear message, not a traceback
     print(f"error: {e}", file=sys.stderr)
     return 1
-  common.save_params(args.dst, variables)
-  n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables))
-  print(f"converted {args.src} -> {args.dst}: {n:,} params, image_size {module.image_size}, "
-        f"out_channels {module.out_channels}")
+  common.write_converted(args.dst, variables, f"guided-diffusion UNet from {args.src} (image_size "
+                         f"{module.image_size}, out_channels {module.out_channels})")
   return 0

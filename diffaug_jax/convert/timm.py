@@ -15,8 +15,6 @@ import argparse
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
-import numpy as np
 
 from diffaug_jax.convert import common
 from diffaug_jax.convert.torchvision import convert_state_dict, read_state_dict
@@ -86,7 +84,5 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--num-classes", type=int, default=1000)
   args = ap.parse_args(argv)
   _, variables = load_deit(args.src, variant=args.variant, num_classes=args.num_classes)
-  digest = common.save_params(args.dst, variables)
-  n = sum(np.size(a) for a in jax.tree.leaves(variables["params"]))
-  print(f"wrote {args.dst} ({args.variant}, {n:,} params, sha256 {digest[:12]})")
+  common.write_converted(args.dst, variables, f"{args.variant} from {args.src}")
   return 0

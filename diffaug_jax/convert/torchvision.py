@@ -137,7 +137,5 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--num-classes", type=int, default=1000)
   args = ap.parse_args(argv)
   _, variables = load_torchvision_resnet(args.src, arch=args.arch, num_classes=args.num_classes)
-  digest = common.save_params(args.dst, variables)
-  n = sum(np.size(a) for a in jax.tree.leaves(variables["params"]))
-  print(f"wrote {args.dst} ({args.arch}, {n:,} params, sha256 {digest[:12]})")
+  common.write_converted(args.dst, variables, f"{args.arch} from {args.src}")
   return 0
