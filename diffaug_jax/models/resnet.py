@@ -18,6 +18,7 @@ instead of torch's unbiased one (a factor n/(n-1) on the update, negligible for 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -63,6 +64,19 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+def _conv(features: int, kernel: int, strides: int, name: str, *, dtype: Any) -> nn.Conv:
+  """torchvision's bias-free conv with symmetric padding (created inside the caller's compact scope)."""
+  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=_pad(kernel), use_bias=False,
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_init, name=name)
+
+
+def _batch_norm(name: str, zero: bool = False, *, train: bool, dtype: Any) -> nn.BatchNorm:
+  """torchvision BatchNorm2d (momentum 0.1 == flax 0.9, eps 1e-5); `zero` = zero-init gamma."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32, name=name,
+                      scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+
+
 class BasicBlock(nn.Module):
   """torchvision BasicBlock (expansion 1): conv3x3(stride)-bn-relu-conv3x3-bn (+ downsample) - relu."""
   features: int
@@ -73,11 +87,8 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=_pad(k), use_bias=False, dtype=self.dtype,
-                                         param_dtype=jnp.float32, kernel_init=conv_init, name=name)
-    norm = lambda name, zero=False: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
-        scale_init=nn.initializers.zeros if zero else nn.initializers.ones, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     out = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, "conv1")(x)))
     out = norm("bn2", self.zero_init_residual)(conv(self.features, 3, 1, "conv2")(out))
     if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
@@ -95,11 +106,8 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=_pad(k), use_bias=False, dtype=self.dtype,
-                                         param_dtype=jnp.float32, kernel_init=conv_init, name=name)
-    norm = lambda name, zero=False: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
-        scale_init=nn.initializers.zeros if zero else nn.initializers.ones, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     out = nn.relu(norm("bn1")(conv(self.features, 1, 1, "conv1")(x)))
     out = nn.relu(norm("bn2")(conv(self.features, 3, self.strides, "conv2")(out)))
     out = norm("bn3", self.zero_init_residual)(conv(self.features * 4, 1, 1, "conv3")(out))
