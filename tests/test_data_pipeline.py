@@ -42,25 +42,63 @@ def test_tfds_mock_shapes_and_determinism():
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
+def _concat_hosts(cfg, *, gbs, hosts, steps, seed=0, state=None):
+  """The host batches of each step concatenated in process order (what make_array_from_process_local_data
+  builds), optionally after setting each host iterator to `state`."""
+  its = [pipeline.make_train_loader(cfg, global_batch_size=gbs, seed=seed, process_index=h,
+                                    process_count=hosts) for h in range(hosts)]
+  if state is not None:
+    for it in its:
+      it.set_state(state)
+  per_host = [_take(it, steps) for it in its]
+  for batches in per_host:
+    assert batches[0]["image"].shape[0] == gbs // hosts
+  return [{k: np.concatenate([per_host[h][s][k] for h in range(hosts)]) for k in per_host[0][s]}
+          for s in range(steps)]
+
+
+def test_host_slices_concatenate_to_the_one_host_global_batch():
+  """P = 1, 2, 4 hosts see the same global batches (images with random crop/flip, views, labels) over
+  2+ epochs incl. the reshuffle; each epoch is N // B full batches without repeats (remainder dropped)."""
+  n, gbs = 18, 8  # K = 2 batches per epoch, 2 examples of each epoch's permutation skipped
+  with tfds.testing.mock_data(num_examples=n):
+    cfg = _cifar_cfg("cifar")
+    ref = _concat_hosts(cfg, gbs=gbs, hosts=1, steps=6)  # 3 epochs
+    for hosts in (2, 4):
+      got = _concat_hosts(cfg, gbs=gbs, hosts=hosts, steps=6)
+      for s, (x, y) in enumerate(zip(ref, got)):
+        assert set(x) == set(y) == {"image", "image_da", "label"}
+        for k in x:
+          np.testing.assert_array_equal(x[k], y[k], err_msg=f"{hosts} hosts, step {s}, {k!r}")
+    # image_da (the un-augmented cifar view) identifies the example: no repeats inside an epoch, and
+    # a new order each epoch.
+    epochs = [[_hash(im) for b in ref[2 * e:2 * e + 2] for im in b["image_da"]] for e in range(3)]
+    assert all(len(set(e)) == 2 * gbs for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    # The per-example rng follows the global position, so the random crops differ from a reseeded run.
+    other = _concat_hosts(cfg, gbs=gbs, hosts=2, steps=2, seed=1)
+    assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(ref, other))
+
+
 def test_tfds_host_sharding_covers_each_example_once_per_epoch():
-  n, hosts, gbs = 12, 2, 4  # per host: 6 examples = 3 batches of 2 per epoch
+  """Across hosts, every example appears exactly once per epoch (N divisible by B), reshuffled per epoch,
+  and each host holds a contiguous slice of the global batch. (Replaces the old per-host assertion that a
+  host sees the same fixed shard every epoch: hosts now slice one global permutation per epoch.)"""
+  n, hosts, gbs = 12, 2, 4  # 3 global batches of 4 per epoch, 2 per host per step
   with tfds.testing.mock_data(num_examples=n):
     cfg = _cifar_cfg("none")
     everything = {_hash(pipeline.make_source(cfg, "train")[i]["image"]) for i in range(n)}
     assert len(everything) == n
-    seen, orders = [], []
-    for h in range(hosts):
-      it = pipeline.make_train_loader(cfg, global_batch_size=gbs, seed=0, process_index=h,
-                                      process_count=hosts)
-      batches = _take(it, 6)  # two epochs
-      assert batches[0]["image"].shape[0] == gbs // hosts
-      hashes = [_hash(im) for b in batches for im in b["image"]]
-      epoch1, epoch2 = hashes[:6], hashes[6:]
-      assert len(set(epoch1)) == 6 and set(epoch1) == set(epoch2)  # each example once per epoch
-      orders.append(epoch1 != epoch2)  # reshuffled each epoch
-      seen.append(set(epoch1))
-  assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == everything
-  assert any(orders)
+    per_host = [_take(pipeline.make_train_loader(cfg, global_batch_size=gbs, seed=0, process_index=h,
+                                                 process_count=hosts), 6) for h in range(hosts)]
+  assert per_host[0][0]["image"].shape[0] == gbs // hosts
+  epochs = []
+  for e in range(2):
+    hashes = [_hash(im) for s in range(3 * e, 3 * e + 3) for h in range(hosts)
+              for im in per_host[h][s]["image"]]
+    assert len(hashes) == n and set(hashes) == everything  # each example exactly once per epoch
+    epochs.append(hashes)
+  assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
 def test_state_restore_continues_identically(tmp_path):
@@ -86,6 +124,10 @@ def test_state_restore_continues_identically(tmp_path):
   for x, y in zip(expected, _take(restored, 3)):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
+  # Resuming on another host count: the 1-host state set on 2 hosts continues the same global batches.
+  for x, y in zip(expected, _concat_hosts(cfg, gbs=8, hosts=2, steps=3, seed=3, state=state)):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
 
 
 def test_folder_pipeline_with_corrupt_file(tmp_path):
@@ -113,6 +155,8 @@ def test_wrong_path_fails_before_iterating(tmp_path):
   with pytest.raises(ValueError, match="multiple of process_count"):
     pipeline.make_train_loader(data_config.default_config(), global_batch_size=5, seed=0,
                                process_count=2)
+  with pytest.raises(ValueError, match="fewer than global_batch_size 2000"):  # < 1 batch per epoch
+    pipeline.make_train_loader(data_config.digits_config(8, 1), global_batch_size=2000, seed=0)
 
 
 def test_eval_loader_padding_and_host_shards():

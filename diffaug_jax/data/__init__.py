@@ -11,7 +11,9 @@ Public API (names re-exported lazily from the sub-modules):
   make_train_loader(cfg, *, global_batch_size, seed, process_index=0, process_count=1,
                     augmix_fn=None, source=None, num_workers=None) -> grain.DatasetIterator
       infinite; yields {"image", "image_da": uint8 (B,S,S,C), "label": int32 (B,)}
-      (+ "image_aug1", "image_aug2" with augmix_fn); B = global_batch_size // process_count;
+      (+ "image_aug1", "image_aug2" with augmix_fn); B = global_batch_size // process_count: this
+      host's contiguous slice of one global batch sequence that does not depend on process_count
+      (per-epoch global permutation; N // global_batch_size batches per epoch, remainder dropped);
       get_state()/set_state() for exact resume.                                          [pipeline.py]
   make_eval_loader(cfg, split=None, *, global_batch_size, process_index=0, process_count=1,
                    source=None, num_workers=None) -> EvalLoader (re-iterable; num_examples,

@@ -12,8 +12,11 @@ The trainer's `checkpoint.py` must not import grain; it asks this module for the
   # restore sets the position of `train_iter` in place (and returns it as restored["data"]).
 
 Each process writes `process_<i>-of-<n>.json` with its own iterator state, so multi-host runs resume
-each host's shard exactly. A plain alternative (single process): `state = it.get_state()` (JSON-able
-dict) saved any way, then `it.set_state(state)` on a freshly made iterator with the same config/seed.
+each host's slice exactly. (The train stream is global, so with num_workers=0 every host's state is the
+same global step: a run restored on a different host count can copy one state into every iterator with
+`it.set_state(...)`; grain's handler itself only restores the same process count.)
+A plain alternative (single process): `state = it.get_state()` (JSON-able dict) saved any way, then
+`it.set_state(state)` on a freshly made iterator with the same config/seed.
 """
 
 from typing import Any

@@ -1,17 +1,30 @@
 """grain pipelines: an infinite, checkpointable train iterator and a padded, deterministic eval loader.
 
-Train (`make_train_loader`), per host:
-  source[process_index::process_count]       # each host reads its own disjoint shard
-  -> shuffle(seed) -> repeat()                 # infinite epochs, a fresh permutation per epoch (grain
-                                               #   reseeds the shuffle with the epoch number)
-  -> map_with_index(decode + transform)        # per-example rng = f(seed, process_index, stream index)
-  -> batch(global_batch_size // process_count, drop_remainder=True)
-  -> to_iter_dataset(ReadOptions)  [-> mp_prefetch(num_workers) when num_workers > 0]
-The returned `grain.DatasetIterator` yields numpy dicts {"image": uint8 (B, S, S, C), "image_da": uint8
-(B, S, S, C), "label": int32 (B,)} (+ "image_aug1", "image_aug2" with an `augmix_fn`). Its position is
+Train (`make_train_loader`): one GLOBAL example stream, identical for any number of hosts.
+  N = len(source), B = global batch size, P = process count, b = B // P, K = N // B batches per epoch.
+  Epoch e uses the permutation perm_e of range(N) given by (seed, e) only (grain's index shuffle, reseeded
+  with the epoch number). Global batch k of epoch e (stream step s = e * K + k) holds the source
+  examples perm_e[k * B : (k + 1) * B]; host h reads only its contiguous slice
+  perm_e[k * B + h * b : k * B + (h + 1) * b], so `jax.make_array_from_process_local_data` (host slices
+  concatenated in process order) rebuilds exactly the 1-host global batch. Per-example augmentation
+  rng = f(seed, global stream position s * B + i), never the host. Drop-remainder per epoch: every epoch
+  is exactly K full global batches and the last N - K * B positions of perm_e are skipped (different
+  examples each epoch); so `num_train // batch_size` steps are one epoch, for any host count (N >= B is
+  required).
+  Per host, as grain ops (index arithmetic first, so each host decodes only its own examples):
+    MapDataset.range(K * b).repeat()           # host-local stream position j
+    -> map_with_index(j -> (source index, global position))
+    -> map(read source + decode + transform)   # rng from the global position
+    -> batch(b, drop_remainder=True)           # local batch s = global step s
+    -> to_iter_dataset(ReadOptions)  [-> mp_prefetch(num_workers) when num_workers > 0]
+The returned `grain.DatasetIterator` yields numpy dicts {"image": uint8 (b, S, S, C), "image_da": uint8
+(b, S, S, C), "label": int32 (b,)} (+ "image_aug1", "image_aug2" with an `augmix_fn`). Its position is
 `it.get_state()` (a small JSON-able dict) / `it.set_state(state)`; orbax checkpoints it with
-`diffaug_jax.data.checkpointing` (grain's per-process handler). Because the augmentation rng depends only
-on (seed, host, index), a restored iterator continues bit-identically, for any worker count.
+`diffaug_jax.data.checkpointing` (grain's per-process handler). Because the stream depends only on
+(seed, global step), a restored iterator continues bit-identically, for any worker count; with
+num_workers=0 the state is the global step count, so a state saved with one host count can be set on
+iterators made for another host count (the orbax handler stores one file per process, so a different host
+count there needs the state copied by hand).
 
 Eval (`make_eval_loader`): each host reads source[process_index::process_count] in order, pads to the same
 number of batches on every host (so a sharded eval step sees a full global batch each call) and yields
@@ -53,19 +66,38 @@ def make_source(cfg: ml_collections.ConfigDict, split: str) -> sources_lib._Robu
                                 label_key=cfg.get("label_key", "label"))
 
 
-def _example_rng(seed: int, process_index: int, index: int) -> np.random.Generator:
-  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(process_index), int(index)])
+def _example_rng(seed: int, position: int) -> np.random.Generator:
+  # Keyed by the GLOBAL stream position only, so the same example view comes out on any host count.
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(position)])
+
+
+class _GlobalIndex:
+  """Host-local stream position j -> (source index, global stream position). Picklable for workers."""
+
+  def __init__(self, num_examples, global_batch, per_host, process_index, seed):
+    self.n, self.gb, self.b, self.pi = num_examples, global_batch, per_host, process_index
+    self.per_epoch = num_examples // global_batch  # K full global batches per epoch (drop remainder)
+    # perm[e * N + p] = perm_e[p]: grain's shuffle reseeds each epoch from (seed + epoch).
+    self.perm = grain.MapDataset.range(num_examples).shuffle(seed=int(seed) & 0x7FFFFFFF)
+
+  def __call__(self, j: int, _) -> tuple[int, int]:
+    step, r = divmod(int(j), self.b)
+    epoch, k = divmod(step, self.per_epoch)
+    offset = self.pi * self.b + r  # position inside the global batch
+    return int(self.perm[epoch * self.n + k * self.gb + offset]) % self.n, step * self.gb + offset
 
 
 class _TrainMap:
-  """(stream index, example) -> views. A picklable class so grain workers can run it."""
+  """(source index, global position) -> views. A picklable class so grain workers can run it."""
 
-  def __init__(self, transform, channels, seed, process_index, augmix_fn):
-    self.transform, self.channels = transform, channels
-    self.seed, self.process_index, self.augmix_fn = seed, process_index, augmix_fn
+  def __init__(self, source, transform, channels, seed, augmix_fn):
+    self.source, self.transform, self.channels = source, transform, channels
+    self.seed, self.augmix_fn = seed, augmix_fn
 
-  def __call__(self, index: int, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    rng = _example_rng(self.seed, self.process_index, index)
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    index, position = item
+    example = self.source[index]
+    rng = _example_rng(self.seed, position)
     image = sources_lib.to_channels(example["image"], self.channels)
     view, view_da = self.transform(image, rng)
     out = {"image": view, "image_da": view_da, "label": np.int32(example["label"])}
@@ -105,15 +137,16 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int
   config_lib.validate(cfg)
   per_host = _check_hosts(global_batch_size, process_index, process_count)
   source = make_source(cfg, cfg.train_split) if source is None else source
-  if len(source) < process_count:
-    raise ValueError(f"{source!r} has {len(source)} examples, fewer than process_count {process_count}")
+  if len(source) < global_batch_size:  # an epoch is N // B full global batches: at least one
+    raise ValueError(f"{source!r} has {len(source)} examples, fewer than global_batch_size "
+                     f"{global_batch_size}")
   transform = transforms.make_train_transform(
       cfg.train_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None,
       crop_padding=int(cfg.get("crop_padding", 4)), rrc_scale=tuple(cfg.get("rrc_scale", (0.08, 1.0))),
       rrc_ratio=tuple(cfg.get("rrc_ratio", (3 / 4, 4 / 3))))
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=int(seed) & 0x7FFFFFFF).repeat(None)
-  ds = ds.map_with_index(_TrainMap(transform, int(cfg.channels), seed, process_index, augmix_fn))
+  ds = grain.MapDataset.range((len(source) // global_batch_size) * per_host).repeat(None)
+  ds = ds.map_with_index(_GlobalIndex(len(source), global_batch_size, per_host, process_index, seed))
+  ds = ds.map(_TrainMap(source, transform, int(cfg.channels), seed, augmix_fn))
   ds = ds.batch(per_host, drop_remainder=True)
   ds = ds.to_iter_dataset(_read_options(cfg))
   return _maybe_workers(ds, cfg, num_workers)
@@ -123,7 +156,10 @@ def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
                       process_index: int = 0, process_count: int = 1,
                       augmix_fn: AugmixFn | None = None, source=None,
                       num_workers: int | None = None) -> grain.DatasetIterator:
-  """Infinite train iterator of per-host batches (global_batch_size // process_count examples).
+  """Infinite train iterator of this host's slice of each global batch (see module docstring).
+
+  Host h of P gets positions [h * b, (h + 1) * b) of every global batch (b = global_batch_size // P), so the
+  host batches concatenated in process order are the 1-host batch, for any P.
 
   Yields {"image", "image_da": uint8 (B, S, S, C), "label": int32 (B,)} (+ "image_aug1"/"image_aug2" when
   `augmix_fn` is given). Checkpoint with `it.get_state()`/`it.set_state()` or
