@@ -1,8 +1,9 @@
 """Two processes x 4 CPU devices (jax.distributed on localhost) == one process x 8 devices: same loss curve.
 
-The in-memory "arrays" source yields the same GLOBAL batch sequence for any process count (each process feeds
-its rows, `make_array_from_process_local_data` assembles the global batch), so the curves must agree up to
-float reduction order (rtol 1e-5). Runtime ~40 s on 2 cores (two subprocesses in parallel)."""
+Both the in-memory "arrays" source and the real grain pipeline (digits, with per-example random crops) yield
+the same GLOBAL batch sequence for any process count (each process feeds its slice,
+`make_array_from_process_local_data` assembles the global batch), so the curves must agree up to float
+reduction order (rtol 1e-5). Runtime ~40 s per source on 2 cores (two subprocesses in parallel)."""
 import os
 import pathlib
 import socket
@@ -23,15 +24,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _config():
+EVAL_COUNT = {"arrays": 40, "digits": 364}
+
+
+def _config(source):
   from test_trainer import tiny_config
   cfg = tiny_config(steps=STEPS)
   cfg.block_every = 2
+  if source == "digits":  # the grain pipeline: global permutation, host slices, per-example crops
+    from diffaug_jax.data.config import digits_config
+    cfg.data = digits_config(image_size=8, channels=1)
+    cfg.num_classes = 10
   return cfg
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("source", ["arrays", "digits"])
+def test_two_processes_match_one_process(tmp_path, source):
   from diffaug_jax import trainer
   from diffaug_jax.metrics import read_jsonl
   port = _free_port()
@@ -39,7 +48,7 @@ def test_two_processes_match_one_process(tmp_path):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path / "multi"), str(port), str(i)], env=env,
+  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path / "multi"), str(port), str(i), source], env=env,
                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = []
@@ -53,7 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
     assert f"CHILD step={STEPS} processes=2 devices=8" in out, out[-4000:]
-  ref = trainer.train_and_evaluate(_config(), str(tmp_path / "single"))
+  ref = trainer.train_and_evaluate(_config(source), str(tmp_path / "single"))
   multi = [r for r in read_jsonl(str(tmp_path / "multi" / "metrics.jsonl")) if r["split"] == "train"]
   single = [r for r in read_jsonl(str(tmp_path / "single" / "metrics.jsonl")) if r["split"] == "train"]
   assert [r["step"] for r in multi] == [r["step"] for r in single] == list(range(1, STEPS + 1))
@@ -61,18 +70,18 @@ def test_two_processes_match_one_process(tmp_path):
     for k in ("loss", "loss_clean", "loss_diffaug", "accuracy", "grad_norm"):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {k}")
   ev_m = [r for r in read_jsonl(str(tmp_path / "multi" / "metrics.jsonl")) if r["split"] == "eval"][-1]
-  assert ev_m["eval_count"] == 40
+  assert ev_m["eval_count"] == EVAL_COUNT[source]
   np.testing.assert_allclose(ev_m["eval_accuracy"], ref["eval"]["eval_accuracy"], atol=1e-6)
 
 
 if __name__ == "__main__":
-  # Child: argv = workdir, port, process id.
+  # Child: argv = workdir, port, process id, source.
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
                              process_id=int(sys.argv[3]), initialization_timeout=120)
   from diffaug_jax import trainer
-  out = trainer.train_and_evaluate(_config(), sys.argv[1])
+  out = trainer.train_and_evaluate(_config(sys.argv[4]), sys.argv[1])
   print(f"CHILD step={out['step']} processes={jax.process_count()} devices={jax.device_count()}", flush=True)
   jax.distributed.shutdown()
