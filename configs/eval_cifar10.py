@@ -3,7 +3,7 @@ severities), Default and DE modes; CE on CIFAR-10-C is the unnormalised mean err
 
 Run:
   python evaluate.py --config configs/eval_cifar10.py --workdir runs/eval_c10 \
-      --config.models='[{"name": "R18+DiffAug", "workdir": "runs/c10_r18_diffaug"}]' \
+      --config.models="({'name': 'R18+DiffAug', 'workdir': 'runs/c10_r18_diffaug'},)" \
       --config.score.workdir=runs/score_c10
 Prepare CIFAR-10-C once (needs TensorFlow only for this step): `pip install -e .[prepare]` then
 `python -m diffaug_jax.data.prepare cifar10_corrupted/fog_5 --data_dir <dir>` (one per config). Arg "sev5":
@@ -17,7 +17,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "robustness"
   c.seed = 0
-  c.models = [dict(name="R18", workdir="runs/c10_r18"), dict(name="R18+DiffAug", workdir="runs/c10_r18_diffaug")]
+  # A tuple (not a list) so that --config.models="({'name': ..., 'workdir': ...},)" can replace it.
+  c.models = (dict(name="R18", workdir="runs/c10_r18"), dict(name="R18+DiffAug", workdir="runs/c10_r18_diffaug"))
   c.score = ml_collections.ConfigDict(dict(workdir="runs/score_c10", params_path="", preset="", overrides={},
                                            dtype="bfloat16", schedule="linear", num_timesteps=1000))
   c.data = cifar10_config()

@@ -20,8 +20,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.task = "robustness"
   c.seed = 0
   c.demo_dir = "runs/demo"
-  c.models = [dict(name="CNN", workdir="runs/demo/baseline"),
-              dict(name="CNN+DiffAug", workdir="runs/demo/diffaug")]
+  # A tuple (not a list) so that --config.models="({'name': ..., 'workdir': ...},)" can replace it.
+  c.models = (dict(name="CNN", workdir="runs/demo/baseline"),
+              dict(name="CNN+DiffAug", workdir="runs/demo/diffaug"))
   c.score = ml_collections.ConfigDict(dict(workdir="runs/demo/score", params_path="", preset="",
                                            overrides={}, dtype="", schedule="linear", num_timesteps=1000))
   c.data = digits_config(image_size=8, channels=1)

@@ -5,7 +5,7 @@ scale 6).
 
 Run:
   python evaluate.py --config configs/eval_imagenet.py --workdir runs/eval_in \
-      --config.models='[{"name": "RN50+DiffAug", "workdir": "runs/in_rn50_diffaug"}]' \
+      --config.models="({'name': 'RN50+DiffAug', 'workdir': 'runs/in_rn50_diffaug'},)" \
       --config.score.params_path=weights/256x256_diffusion_uncond.msgpack
 ImageNet needs a MANUAL download (ILSVRC2012 tars into <data_dir>/downloads/manual, then
 `python -m diffaug_jax.data.prepare imagenet2012 --data_dir DIR --manual_dir TARS`); ImageNet-C either TFDS `imagenet2012_corrupted` (regenerated from ImageNet) or
@@ -24,7 +24,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "robustness"
   c.seed = 0
-  c.models = [dict(name="RN50+DiffAug", workdir="runs/in_rn50_diffaug")]
+  # A tuple (not a list) so that --config.models="({'name': ..., 'workdir': ...},)" can replace it.
+  c.models = (dict(name="RN50+DiffAug", workdir="runs/in_rn50_diffaug"),)
   c.score = ml_collections.ConfigDict(dict(workdir="", params_path="weights/256x256_diffusion_uncond.msgpack",
                                            preset="adm_256_uncond", overrides={}, dtype="bfloat16",
                                            schedule="linear", num_timesteps=1000))

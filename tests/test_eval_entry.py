@@ -167,3 +167,20 @@ def test_evaluate_py_cli(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.getsize(out / "pag.png") > 0
   assert json.load(open(out / "results.json"))["columns"] == ["x0", "x_t", "m"]
+
+
+@pytest.mark.parametrize("name", ["eval_digits", "eval_cifar10", "eval_imagenet"])
+def test_models_can_be_replaced_from_the_command_line(name):
+  """The docstrings' `--config.models=...` override must parse (ml_collections cannot override lists)."""
+  import subprocess
+  import sys
+  script = ("from absl import app\n"
+            "from ml_collections import config_flags\n"
+            "C = config_flags.DEFINE_config_file('config', None, '', lock_config=False)\n"
+            "app.run(lambda _: print([m['name'] for m in C.value.models]))\n")
+  out = subprocess.run(
+      [sys.executable, "-c", script, f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+       "--config.models=({'name': 'X', 'workdir': 'runs/x'}, {'name': 'Y', 'workdir': 'runs/y'})"],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "['X', 'Y']"
