@@ -10,17 +10,9 @@ from scipy import stats
 
 from diffaug_jax import diffusion, scoring
 from diffaug_jax.evaluation import certify
+from fast_init import fast_init
 
 SIGMA = 0.5
-
-
-def fast_init(module, shape, seed=0):
-  """Random variables from shapes only: compiling RNG-based initialisers costs seconds on a busy CPU."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: np.ones(x.shape, np.float32) if "var" in str(p[-1])
-      else (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
 
 
 def _linear_problem(p_true, dim=16, seed=0):

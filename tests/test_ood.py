@@ -1,12 +1,12 @@
 """OOD scores and metrics against small hand-computed cases."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffaug_jax import scoring
+from fast_init import fast_init
 
 H = np.array([[1., 2., 3., 4., 5., 6., 7., 8., 9., 10.]], np.float32)  # sum 55
 
@@ -104,14 +104,6 @@ def test_fpr95_conventions_differ():
     scoring.ood_metrics([1., np.nan], [0.])
 
 
-def _fast_init(module, shape, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: np.ones(x.shape, np.float32) if "var" in str(p[-1])
-      else (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
-
-
 def test_ood_run_end_to_end(tmp_path):
   """digits (ID) vs uniform-noise images (an npz 'OOD set'): run() writes JSON + markdown, scores agree with
   the pure functions on the same features."""
@@ -122,7 +114,7 @@ def test_ood_run_end_to_end(tmp_path):
   from diffaug_jax.models.classifiers import get_classifier
 
   module = get_classifier("cnn_small", 10, width=4)
-  variables = _fast_init(module, (1, 16, 16, 1))
+  variables = fast_init(module, (1, 16, 16, 1))
   save_params(tmp_path / "clf.msgpack", variables)
   noise = np.random.default_rng(0).integers(0, 256, size=(20, 16, 16, 1), dtype=np.uint8)
   np.savez(tmp_path / "noise.npz", image=noise, label=np.zeros(20, np.int32))

@@ -7,20 +7,13 @@ import numpy as np
 
 from diffaug_jax import diffusion
 from diffaug_jax.evaluation import pag
-
-
-def _fast_init(module, shape, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: np.ones(x.shape, np.float32) if "var" in str(p[-1])
-      else (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+from fast_init import fast_init
 
 
 def test_gradients_match_direct_grad_and_png(tmp_path):
   from diffaug_jax.models.classifiers import get_classifier
   module = get_classifier("cnn_small", 10, width=4)
-  variables = _fast_init(module, (1, 16, 16, 1))
+  variables = fast_init(module, (1, 16, 16, 1))
   schedule = diffusion.linear_schedule(1000)
   x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 1)), jnp.float32)
   labels = jnp.array([1, 4, 7])
@@ -61,7 +54,7 @@ def test_run_task_dispatch_writes_png(tmp_path):
   from diffaug_jax.evaluation import run_task
   from diffaug_jax.models.classifiers import get_classifier
   module = get_classifier("cnn_small", 10, width=4)
-  save_params(tmp_path / "clf.msgpack", _fast_init(module, (1, 16, 16, 1)))
+  save_params(tmp_path / "clf.msgpack", fast_init(module, (1, 16, 16, 1)))
   cfg = ml_collections.ConfigDict({
       "task": "pag", "seed": 0, "t": 300, "contrast": True, "percentile": 1.0, "num_images": 3,
       "models": {"m": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
