@@ -356,3 +356,31 @@ def test_lowered_unet_has_no_transpose_or_gather(monkeypatch, upsample_impl):
     assert "stablehlo.convolution" in text
     assert "stablehlo.transpose" not in text
     assert "stablehlo.gather" not in text
+
+
+def test_programs_hold_frozen_score_params_in_compute_dtype(tmp_path):
+  """`score.frozen_params_for_compute` (what train.py and evaluate.py hold): bf16 weights for a bf16 UNet,
+  untouched params for float32 or for a module that is not our UNet; `loading.load_score` with
+  dtype bfloat16 returns such params and its eps_fn gives the float32-params result bit for bit."""
+  from diffaug_jax.convert import common
+  from diffaug_jax.evaluation import loading
+  from diffaug_jax.models import score
+
+  unet = unet_lib.unet_from_preset("digits", image_size=8)
+  x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+  params = jax.tree.map(lambda a: a + 0.05, unet.init(jax.random.key(0), x, t)["params"])
+  assert score.frozen_params_for_compute(unet, params) is params  # float32 module
+  assert score.frozen_params_for_compute(nn.Dense(3), params, jnp.bfloat16) is params  # not a UNet
+  cast = score.frozen_params_for_compute(unet.clone(dtype=jnp.bfloat16), params)  # the module's dtype
+  assert cast["input_blocks_0_0"]["kernel"].dtype == jnp.bfloat16
+  assert cast["time_embed_0"]["kernel"].dtype == jnp.float32
+
+  path = str(tmp_path / "unet.msgpack")
+  common.save_params(path, {"params": params})
+  loaded = loading.load_score(dict(params_path=path, preset="digits", overrides={"image_size": 8},
+                                   dtype="bfloat16"))
+  assert loaded.variables["params"]["input_blocks_0_0"]["kernel"].dtype == jnp.bfloat16
+  x_t = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  tt = jnp.array([10, 600])
+  want = make_eps_fn(unet, {"params": params}, dtype=jnp.bfloat16)(x_t, tt)
+  np.testing.assert_array_equal(loaded.eps_fn(loaded.variables, x_t, tt), want)

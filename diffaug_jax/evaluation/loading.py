@@ -153,6 +153,9 @@ def load_score(spec) -> ScoreModel:
     raise ValueError(f"config.score.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
   dtype = _DTYPES[dtype_name]
   learn_sigma = int(module.out_channels) == 2 * int(module.in_channels)
+  # Frozen: weights held in the compute dtype (cast once; the same outputs as casting inside every call).
+  from diffaug_jax.models import score  # pylint: disable=g-import-not-at-top
+  variables = {**variables, "params": score.frozen_params_for_compute(module, variables["params"], dtype)}
   return ScoreModel(module, variables, schedule, learn_sigma, flax_eps_fn(module, dtype=dtype),
                     flax_model_fn(module, dtype=dtype))
 

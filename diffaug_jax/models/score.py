@@ -1,7 +1,8 @@
 """(UNet module, variables) -> the `model_fn` / `eps_fn` closures the diffusion core and DiffAug expect.
 
-Compute dtype: `dtype` (float32 / bfloat16 / float16) overrides the module's compute dtype. Params stay as
-given (float32 master copy); flax casts them to the compute dtype inside each layer. GroupNorm and the
+Compute dtype: `dtype` (float32 / bfloat16 / float16) overrides the module's compute dtype. Params are used as
+given: float32 params are cast to the compute dtype inside each layer on every call, so programs that hold a
+frozen score model pass `frozen_params_for_compute(...)` (cast once, bit-identical outputs). GroupNorm and the
 attention softmax run in float32 whatever the dtype, the timestep MLP and output head too (see unet.py), and
 the returned arrays are float32. `variables` may be traced values (closures built inside a jitted step).
 """
@@ -12,9 +13,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from diffaug_jax.models.unet import UNet
+from diffaug_jax.models.unet import UNet, cast_params_for_compute
 
-__all__ = ["make_model_fn", "make_eps_fn"]
+__all__ = ["make_model_fn", "make_eps_fn", "frozen_params_for_compute"]
 
 Array = jax.Array
 
@@ -64,3 +65,16 @@ def make_eps_fn(module: UNet, variables: Any, *, dtype: Optional[Any] = None,
     return model_fn(x_t, t)[..., :c]
 
   return eps_fn
+
+
+def frozen_params_for_compute(module: Any, params: Any, dtype: Optional[Any] = None) -> Any:
+  """The frozen score params a program should hold for compute dtype `dtype` (default: the module's).
+
+  For a UNet in bf16/fp16: `unet.cast_params_for_compute` (weights of the reduced-precision layers stored in
+  that dtype: same outputs bit for bit, half the memory, no per-call cast of every weight). float32, or a
+  module that is not our UNet (a user factory): the params unchanged. Never for params being trained.
+  """
+  dtype = jnp.dtype(dtype if dtype is not None else getattr(module, "dtype", jnp.float32))
+  if not isinstance(module, UNet) or dtype == jnp.float32:
+    return params
+  return cast_params_for_compute(params, dtype)
