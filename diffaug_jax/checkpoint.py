@@ -263,6 +263,12 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
     if config.get("mode") != "score":
       raise ValueError(f"{workdir} holds a {config.get('mode')!r} run, not a score model")
     module = trainer.build_score_model(config, dtype=dtype)
+    if overrides:  # the architecture is the run's own; only execution choices may be overridden here
+      execution = {"attention_impl", "norm_stats", "upsample_impl"}
+      if not set(overrides) <= execution:
+        raise ValueError(f"score.overrides {sorted(set(overrides) - execution)} cannot change the architecture "
+                         f"of the score run in {workdir}; only {sorted(execution)} may be overridden")
+      module = module.clone(**overrides)
     tree, _ = restore_raw_state(workdir, step)
     params = tree.get("ema_params") or tree["params"]
     return module, params

@@ -72,6 +72,9 @@ def test_score_mode_then_classifier_from_its_workdir(tmp_path):
   sc.optim = ml_collections.ConfigDict(dict(name="adam", learning_rate=1e-3, schedule="constant"))
   out = trainer.train_and_evaluate(sc, str(tmp_path / "score"))
   assert out["step"] == 4 and out["state"].ema_params is not None
+  from diffaug_jax import checkpoint as ckpt_lib
+  with pytest.raises(ValueError, match="cannot change the architecture"):
+    ckpt_lib.load_score_model(workdir=str(tmp_path / "score"), overrides={"model_channels": 8})
   cc = tiny_config(steps=2)
   cc.score.factory = ""
   cc.score.workdir = str(tmp_path / "score")
