@@ -4,16 +4,24 @@ Builds the real presets with random weights (ADM-256 unconditional UNet run at 2
 classes) on synthetic uint8 data, jits each program once, times it after warm-up with `block_until_ready`,
 and prints ONE table: images/s (ms/image for the ensemble), model FLOPs, achieved TFLOP/s and the fraction of
 the card's measured bf16 matmul peak (the "roofline" of these conv-dominated programs), compile time and
-memory. Also a correctness check (bf16 vs float32-HIGHEST x0_hat / eps relative error on the same inputs).
+memory. Also a correctness check (every denoise variant vs float32-HIGHEST x0_hat / eps, same inputs).
 
-    python benchmarks/bench_diffaug.py                       # GPU: default plan, batch 128 main, sweep 64/256
-    python benchmarks/bench_diffaug.py --tiny                # CPU smoke test (tiny presets, seconds)
-    python benchmarks/bench_diffaug.py --cases denoise:bf16:cudnn:128,train:bf16:xla:64 --out /tmp/b
+    python benchmarks/bench_diffaug.py                       # GPU: default plan, batch 128 main, sweep 256/64
+    python benchmarks/bench_diffaug.py --tiny                # CPU smoke test (tiny presets, minutes)
+    python benchmarks/bench_diffaug.py --cases denoise:bf16:cudnn:128,denoise:bf16:auto:128:up=transposed
     python benchmarks/bench_diffaug.py --time-budget 300 --profile /tmp/trace --out $OUT
 
-Case syntax `program:dtype:attention:batch`: program in {train, denoise, ensemble}; dtype in {bf16, f32
-(float32, XLA default precision = TF32 on Hopper), f32hi (float32, HIGHEST precision: the reference)};
-attention in {xla, cudnn, best (the faster of the two measured denoise variants)}.
+Case syntax `program:dtype:attention:batch[:opts]`:
+- program in {train, denoise, ensemble};
+- dtype in {bf16, f32 (float32, XLA default precision = TF32 on Hopper), f32hi (float32, HIGHEST precision:
+  the correctness reference)};
+- attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
+  bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
+- opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
+  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
+  params are cast to the case dtype once, outside the jitted function, with `unet.cast_params_for_compute`,
+  as the programs do; 0: float32 params, cast inside every call).
+Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
 - train: `steps.train_step` (DiffAug view from ONE UNet call + ResNet-50 fwd/bwd on the 2B concatenation +
@@ -22,9 +30,11 @@ Programs (each one jitted function, weights are arguments, never constants):
 - ensemble: `augment.diffaug_ensemble` with the 10 default members (t = 0, 50, ..., 450; 9 UNet calls + 10
   classifier calls per image), reported as ms/image.
 
-FLOPs: "model FLOPs" are XLA's cost analysis of the lowered (device-independent) program with XLA attention;
-the ensemble's are summed from its parts (XLA's count of a `lax.scan` body is not multiplied by the trip
-count; the compiled program's own count is kept as `xla_flops`). roofline = model FLOP/s / measured peak.
+FLOPs: "model FLOPs" are XLA's cost analysis of the lowered (device-independent) program with XLA attention
+and nearest up-sampling (the case's own lowering when it is that program, else the float32 one), cached per
+(program, batch), so that every variant is divided by the same work; the ensemble's are summed from its parts
+(XLA's count of a `lax.scan` body is not multiplied by the trip count; the compiled program's own count is
+kept as `xla_flops`). roofline = model FLOP/s / measured bf16 matmul peak.
 
 Nothing here imports tensorflow_datasets or grain. Flags: `diffaug_jax.perf.set_xla_gpu_flags()` runs before
 JAX initialises (disable with --no-xla-flags).
@@ -60,7 +70,14 @@ REFERENCE = {
 }
 PROGRAMS = ("train", "denoise", "ensemble")
 DTYPES = ("bf16", "f32", "f32hi")
-ATTENTIONS = ("xla", "cudnn", "best")
+ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
+# Case options (Case fields): key -> (allowed values, default). Values are the UNet field values, except cast
+# (1 = score params pre-cast with cast_params_for_compute, 0 = float32 params).
+OPTIONS = {
+    "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
+    "gn": (("auto", "two_pass", "one_pass"), "auto"),  # UNet.norm_stats
+    "cast": (("1", "0"), "1"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +93,7 @@ class Size:
   peak_n: int
 
 
-FULL = Size("adm_256_uncond", (), 224, "resnet50", 1000, 128, (64, 256), 8192)
+FULL = Size("adm_256_uncond", (), 224, "resnet50", 1000, 128, (256, 64), 8192)
 # Tiny: every code path of the real programs (learn_sigma, scale-shift norm, resblock up/down, attention,
 # BatchNorm classifier) at sizes that compile and run on 2 CPU cores in seconds.
 TINY = Size("digits", (("in_channels", 3), ("learn_sigma", True), ("channel_mult", "1,2"),
@@ -86,38 +103,66 @@ TINY = Size("digits", (("in_channels", 3), ("learn_sigma", True), ("channel_mult
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+  """One benchmark case; `name` is its canonical spec (`Case.parse(c.name) == c`)."""
   program: str
   dtype: str
   attention: str
   batch: int
+  up: str = "nearest"
+  gn: str = "auto"
+  cast: str = "1"
+
+  @property
+  def opts(self) -> str:
+    """The non-default options, in OPTIONS order ('' when all are defaults)."""
+    return "+".join(f"{k}={getattr(self, k)}" for k, (_, d) in OPTIONS.items() if getattr(self, k) != d)
+
+  @property
+  def variant(self) -> str:
+    """The name without the program (the correctness table's row label)."""
+    return self.name.split(":", 1)[1]
 
   @property
   def name(self) -> str:
-    return f"{self.program}:{self.dtype}:{self.attention}:{self.batch}"
+    base = f"{self.program}:{self.dtype}:{self.attention}:{self.batch}"
+    return f"{base}:{self.opts}" if self.opts else base
 
   @classmethod
   def parse(cls, spec: str) -> Case:
     parts = spec.strip().split(":")
-    if len(parts) != 4:
-      raise ValueError(f"case {spec!r}: expected program:dtype:attention:batch")
-    prog, dt, attn, b = parts
+    if len(parts) not in (4, 5):
+      raise ValueError(f"case {spec!r}: expected program:dtype:attention:batch[:key=value+...]")
+    prog, dt, attn, b = parts[:4]
     if prog not in PROGRAMS or dt not in DTYPES or attn not in ATTENTIONS or not b.isdigit() or int(b) < 1:
       raise ValueError(f"case {spec!r}: program in {PROGRAMS}, dtype in {DTYPES}, attention in {ATTENTIONS}, "
                        f"batch a positive int")
-    return cls(prog, dt, attn, int(b))
+    opts = {}
+    for item in (parts[4].split("+") if len(parts) == 5 else []):
+      key, eq, value = item.partition("=")
+      if key not in OPTIONS or not eq:
+        raise ValueError(f"case {spec!r}: option {item!r} is not key=value with key in {sorted(OPTIONS)}")
+      if value not in OPTIONS[key][0]:
+        raise ValueError(f"case {spec!r}: option {key}={value!r}, expected one of {OPTIONS[key][0]}")
+      if key in opts:
+        raise ValueError(f"case {spec!r}: option {key} given twice")
+      opts[key] = value
+    return cls(prog, dt, attn, int(b), **opts)
 
 
 def default_plan(size: Size) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble, the cuDNN-attention variants, the batch sweep, float32 (TF32) speed, the rest."""
+  ensemble, the A/B cases of the UNet's execution choices (attention, up-sampling, GroupNorm statistics), the
+  batch sweep, params cast inside the call, float32 (TF32) speed, transposed up-sampling in the train step."""
   b = size.main_batch
-  plan = [Case("denoise", "bf16", "xla", b), Case("train", "bf16", "xla", b),
+  plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
-          Case("ensemble", "bf16", "xla", b),
-          Case("denoise", "bf16", "cudnn", b), Case("train", "bf16", "cudnn", b)]
-  plan += [Case("train", "bf16", "best", s) for s in size.sweep_batches]
-  plan += [Case("denoise", "f32", "xla", b), Case("ensemble", "bf16", "cudnn", b)]
-  plan += [Case("denoise", "bf16", "best", s) for s in size.sweep_batches]
+          Case("ensemble", "bf16", "auto", b),
+          Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
+          Case("denoise", "bf16", "auto", b, up="transposed"),
+          Case("denoise", "bf16", "auto", b, gn="two_pass")]  # auto = one-pass in bf16
+  plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
+  plan += [Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b),
+           Case("train", "bf16", "auto", b, up="transposed")]
   return plan
 
 
@@ -140,94 +185,28 @@ def _precision_ctx(dtype_name: str):
   return jax.default_matmul_precision("highest") if dtype_name == "f32hi" else contextlib.nullcontext()
 
 
-def attention_switch() -> str:
-  """How the attention implementation is chosen: 'field:<name>' when the UNet exposes one, 'shim' when this
-  benchmark patches `unet._attention` at trace time, '' when neither is possible."""
-  from diffaug_jax.models import unet as unet_mod
-  fields = {f.name for f in dataclasses.fields(unet_mod.UNet)}
-  for f in ("attention_impl", "attn_impl", "attention_implementation", "attention"):
-    if f in fields:
-      return f"field:{f}"
-  return "shim" if callable(getattr(unet_mod, "_attention", None)) else ""
+def unet_for(module, case: Case):
+  """The case's UNet: `module` cloned with its compute dtype and execution choices (same params)."""
+  return module.clone(dtype=_dtype(case.dtype), attention_impl=case.attention, norm_stats=case.gn,
+                      upsample_impl=case.up)
 
 
-@contextlib.contextmanager
-def attention_impl(impl: str):
-  """Trace-time attention implementation for the shim (no-op for 'xla' or when the UNet has a field).
-
-  Local shim until the UNet exposes a switch: replaces `diffaug_jax.models.unet._attention` (looked up by name
-  when AttentionBlock is traced) with `jax.nn.dot_product_attention(..., implementation=impl)`.
-  """
-  switch = attention_switch()
-  if impl == "xla" or switch.startswith("field:"):
-    yield
-    return
-  if switch != "shim":
-    raise RuntimeError("the UNet exposes no attention switch and has no `_attention` helper to patch")
-  from diffaug_jax.models import unet as unet_mod
-  jax = _jax()
-  orig = unet_mod._attention
-
-  def patched(q, k, v, scale, *args, **kwargs):
-    del args, kwargs
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-
-  unet_mod._attention = patched
-  try:
-    yield
-  finally:
-    unet_mod._attention = orig
+CUDNN_ATTENTION_CALL = "__cudnn$fmha"  # prefix of jax's cuDNN fused-attention custom-call targets
 
 
-@contextlib.contextmanager
-def groupnorm_variant(variant: str, dtype_name: str):
-  """Trace-time GroupNorm variant (experiment shim, reduced precision only; float32 keeps the parity code).
+def attention_ran(lowered_text: str) -> str:
+  """Which attention a lowered program runs: 'cudnn' if it holds a cuDNN fused-attention call, else 'xla'."""
+  return "cudnn" if CUDNN_ATTENTION_CALL in lowered_text else "xla"
 
-  'onepass': statistics from ONE read of the activation (sum and sum of squares in float32, a single
-  multi-output reduction fusion) instead of the two-pass mean / centred variance (two reads), i.e. 2 reads + 1
-  write per GroupNorm instead of 3 + 1. Swaps `diffaug_jax.models.unet.GroupNorm32` (looked up by name when
-  ResBlock / AttentionBlock / UNet are traced) for a subclass with the same parameters.
-  """
-  if variant == "twopass" or dtype_name in ("f32", "f32hi"):
-    yield
-    return
-  if variant != "onepass":
-    raise ValueError(f"--gn {variant!r}: expected 'twopass' or 'onepass'")
-  import flax.linen as nn
+
+def auto_attention_here() -> str:
+  """What attention_impl="auto" picks on this device for the UNet's bf16 (B, 784, 8, 64) attention, as the
+  library decides it (before jax's own cuDNN shape/version checks; the rows record what really ran)."""
   import jax.numpy as jnp
 
   from diffaug_jax.models import unet as unet_mod
-  jax = _jax()
-  base = unet_mod.GroupNorm32
-
-  class GroupNorm32OnePass(base):
-    @nn.compact
-    def __call__(self, x):
-      c = x.shape[-1]
-      if c % self.num_groups:
-        raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups")
-      scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-      bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-      g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-      mean = jnp.mean(g, axis=(1, 3), keepdims=True)
-      mean_sq = jnp.mean(jnp.square(g), axis=(1, 3), keepdims=True)
-      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-      y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape) * scale + bias
-      return y.astype(x.dtype)
-
-  unet_mod.GroupNorm32 = GroupNorm32OnePass
-  try:
-    yield
-  finally:
-    unet_mod.GroupNorm32 = base
-
-
-def _with_attention(module, impl: str):
-  switch = attention_switch()
-  if switch.startswith("field:"):
-    # None is the UNet's default (= jax's XLA implementation); only "cudnn" needs naming.
-    return module.clone(**{switch.split(":", 1)[1]: None if impl == "xla" else impl})
-  return module
+  q = jnp.zeros((1, 784, 8, 64), jnp.bfloat16)
+  return "cudnn" if unet_mod._cudnn_attention_candidate(q) else "xla"
 
 
 def random_like(seed: int, tree, *, kind: str = "params"):
@@ -286,9 +265,10 @@ class Bench:
     self.num_params = {"unet": sum(int(np.prod(l.shape)) for l in jax.tree.leaves(ushape["params"])),
                        "classifier": sum(int(np.prod(l.shape)) for l in jax.tree.leaves(cshape["params"]))}
     self._data: dict[int, dict] = {}
-    self.outputs: dict[str, Any] = {}  # host copies of denoise outputs, for the correctness check
+    self.outputs: dict[Case, dict] = {}  # host copies of denoise outputs, for the correctness check
     self.model_flops: dict[tuple, float] = {}
     self.programs: dict[str, tuple] = {}  # program -> (case, call(i)) of its first good bf16 case
+    self._cast_params: dict[str, Any] = {}
 
   # ---- data
   def batch(self, b: int) -> dict:
@@ -303,14 +283,31 @@ class Bench:
       self._data[b] = jax.device_put(host, self.device)
     return self._data[b]
 
-  # ---- program builders: each returns (jitted_fn, args_factory(i) -> args, donate)
-  def _eps_factory(self, dtype_name: str, attention: str):
+  # ---- score params and program builders
+  def score_params_for(self, case: Case):
+    """The frozen score params a case's program takes: cast to the case dtype once, here, outside the jitted
+    function (cast=1, as the programs do; a no-op for float32), or the float32 master copy (cast=0)."""
+    if case.cast == "0":
+      return self.score_params
+    if case.dtype not in self._cast_params:
+      from diffaug_jax.models.unet import cast_params_for_compute
+      self._cast_params[case.dtype] = _jax().block_until_ready(
+          cast_params_for_compute(self.score_params, _dtype(case.dtype)))
+    return self._cast_params[case.dtype]
+
+  def eps_factory(self, case: Case):
+    """`score_params -> eps_fn` (the train step's `score_eps_fn`) over the case's UNet (`unet_for`)."""
     from diffaug_jax.models.score import make_eps_fn
-    module = _with_attention(self.unet, attention)
-    dt = _dtype(dtype_name)
-    return lambda p: make_eps_fn(module, {"params": p}, dtype=dt)
+    module = unet_for(self.unet, case)
+
+    def factory(score_params):
+      return make_eps_fn(module, {"params": score_params}, dtype=module.dtype)
+
+    factory.module = module  # for inspection (tests)
+    return factory
 
   def build(self, case: Case):
+    """-> (jitted fn, args_for(i) = the i-th call's arguments, holder of the donated train state or None)."""
     jax = _jax()
     import jax.numpy as jnp
     import optax
@@ -318,7 +315,8 @@ class Bench:
     from diffaug_jax import augment, steps
     from diffaug_jax.state import TrainState
 
-    eps_factory = self._eps_factory(case.dtype, case.attention)
+    eps_factory = self.eps_factory(case)
+    score_params = self.score_params_for(case)
     sched = self.schedule
     data = self.batch(case.batch)
     base_key = jax.random.key(self.args.seed + 7)
@@ -338,7 +336,7 @@ class Bench:
         return x0_hat, eps_box[0], t
 
       fn = jax.jit(denoise)
-      return fn, (lambda i: (self.score_params, data["image"], keys[i % len(keys)])), None
+      return fn, (lambda i: (score_params, data["image"], keys[i % len(keys)])), None
 
     if case.program == "ensemble":
       clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=_dtype(case.dtype))
@@ -352,7 +350,7 @@ class Bench:
         return mean_probs
 
       fn = jax.jit(ensemble)
-      return fn, (lambda i: (self.score_params, self.clf_vars, data["image"], keys[i % len(keys)])), None
+      return fn, (lambda i: (score_params, self.clf_vars, data["image"], keys[i % len(keys)])), None
 
     # train
     clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=_dtype(case.dtype))
@@ -365,13 +363,17 @@ class Bench:
     holder = {"state": state0}
 
     def args_for(i):
-      return (holder["state"], data, keys[i % len(keys)], self.score_params)
+      return (holder["state"], data, keys[i % len(keys)], score_params)
 
     return fn, args_for, holder
 
   # ---- FLOPs
-  def model_flops_for(self, case: Case, lowered=None) -> float | None:
-    """Device-independent FLOPs of one call (XLA attention math); cached per (program, batch)."""
+  def model_flops_for(self, case: Case, lowered=None, attention: str = "") -> float | None:
+    """Device-independent FLOPs of one call, cached per (program, batch): the cost analysis of the program
+    with XLA attention and default options, i.e. `lowered` itself when it is one (`attention` = what it ran),
+    else the lowered float32 XLA program: cuDNN calls count 0 FLOPs and transposed up-sampling does less
+    arithmetic (4 taps per output instead of 9 in the up-sampling convs); every variant of a (program, batch)
+    is measured against the same work."""
     k = (case.program, case.batch)
     if k in self.model_flops:
       return self.model_flops[k]
@@ -384,13 +386,14 @@ class Bench:
         xs = jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
         ts = jax.ShapeDtypeStruct((b,), jnp.int32)
         clf = self.get_classifier(self.clf_name, self.size.num_classes, dtype=jnp.float32)
-        u = _flops_of(jax.jit(lambda p, x, t: self.unet.apply({"params": p}, x, t)).lower(
+        unet = unet_for(self.unet, Case("denoise", "f32", "xla", b))
+        u = _flops_of(jax.jit(lambda p, x, t: unet.apply({"params": p}, x, t)).lower(
             self.score_params, xs, ts))
         cl = _flops_of(jax.jit(lambda v, x: clf.apply(v, x, train=False)).lower(self.clf_vars, xs))
         n = self.args.members
         n_noisy = n - 1  # member t = 0 classifies the raw image (no UNet call)
         flops = n_noisy * u + n * cl
-      elif lowered is not None and case.attention == "xla":
+      elif lowered is not None and attention == "xla" and not case.opts:
         flops = _flops_of(lowered)
       else:
         fn, args_for, _ = self.build(Case(case.program, "f32", "xla", case.batch))
@@ -497,8 +500,6 @@ def static_skip(case: Case, platform_name: str) -> str:
     return "cuDNN attention needs bf16/fp16"
   if case.attention == "cudnn" and platform_name != "gpu":
     return f"cuDNN attention needs a GPU (platform {platform_name})"
-  if case.attention == "cudnn" and not attention_switch():
-    return "no attention switch in the UNet"
   return ""
 
 
@@ -507,22 +508,24 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   jax = _jax()
   import numpy as np
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
-         "batch": case.batch}
+         "batch": case.batch, "up": case.up, "gn": case.gn, "cast": case.cast}
   reason = static_skip(case, bench.platform)
   if reason:
     return {**row, "status": "skipped", "reason": reason}
   fn, args_for, holder = bench.build(case)
   t0 = time.perf_counter()
-  with attention_impl(case.attention), groupnorm_variant(args.gn, case.dtype), _precision_ctx(case.dtype):
+  with _precision_ctx(case.dtype):
     lowered = fn.lower(*args_for(0))
   row["trace_s"] = time.perf_counter() - t0
+  # What "auto" resolved to, from the program itself (the library may fall back to XLA while tracing).
+  row["attention_ran"] = attention_ran(lowered.as_text())
   t0 = time.perf_counter()
   compiled = lowered.compile()
   row["compile_s"] = time.perf_counter() - t0
   row["xla_flops"] = _flops_of(compiled)
   row["memory"] = _mem_analysis(compiled)
-  row["model_flops"] = bench.model_flops_for(case, lowered)
-  row["flops_source"] = "model (lowered, XLA attention)"
+  row["model_flops"] = bench.model_flops_for(case, lowered, row["attention_ran"])
+  row["flops_source"] = "model (lowered, XLA attention, default options)"
   if not row["model_flops"] or not math.isfinite(row["model_flops"]):
     # Fallback: the compiled program's own count (undercounts a scan body, and cuDNN custom calls may count 0).
     row["model_flops"], row["flops_source"] = row["xla_flops"], "compiled program (fallback)"
@@ -561,9 +564,9 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   if case.program == "train":
     row["loss"] = float(jax.device_get(s["loss"]))
   if case.program == "denoise":
-    # Same inputs and key (call 0's arguments) for every dtype: the correctness check compares these.
+    # Same inputs and key (call 0's arguments) for every variant: the correctness check compares these.
     x0_hat, eps, t = first
-    bench.outputs[(case.dtype, case.attention, case.batch)] = {
+    bench.outputs[case] = {"attention_ran": row["attention_ran"],
         "x0_hat": np.asarray(jax.device_get(x0_hat), np.float32), "eps": np.asarray(jax.device_get(eps), np.float32),
         "t": np.asarray(jax.device_get(t))}
   row["status"] = "ok" if row["finite"] else "error"
@@ -577,18 +580,23 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
 
 
 def correctness(bench: Bench) -> list[dict]:
-  """Relative L2 error of each denoise variant's x0_hat / eps against the f32hi reference, same inputs."""
+  """Relative L2 error of every denoise variant's x0_hat / eps (options included) against the float32-HIGHEST
+  reference of the same batch (`f32hi:xla:B`, else the first f32hi case of that batch), same inputs and key."""
   import numpy as np
+  refs: dict[int, Case] = {}
+  for c in bench.outputs:
+    if c.dtype == "f32hi" and (c.batch not in refs or (refs[c.batch].opts and not c.opts)):
+      refs[c.batch] = c
   rows = []
-  refs = {k[2]: v for k, v in bench.outputs.items() if k[0] == "f32hi"}
-  for (dt, attn, b), out in sorted(bench.outputs.items()):
-    if dt == "f32hi" or b not in refs:
+  for case, out in bench.outputs.items():
+    ref_case = refs.get(case.batch)
+    if ref_case is None or ref_case == case:
       continue
-    ref = refs[b]
+    ref = bench.outputs[ref_case]
+    r = {"variant": case.variant, "reference": ref_case.variant, "attention_ran": out["attention_ran"]}
     if not np.array_equal(ref["t"], out["t"]):
-      rows.append({"variant": f"{dt}:{attn}:{b}", "error": "different t draws (inputs differ)"})
+      rows.append({**r, "error": "different t draws (inputs differ)"})
       continue
-    r = {"variant": f"{dt}:{attn}:{b}", "reference": f"f32hi:xla:{b}"}
     for k in ("x0_hat", "eps"):
       d = out[k] - ref[k]
       r[f"{k}_rel_l2"] = float(np.linalg.norm(d) / max(np.linalg.norm(ref[k]), 1e-30))
@@ -616,15 +624,17 @@ def table_markdown(result: dict) -> str:
             f"flax {meta['flax']}; mode {meta['mode']}; {meta['time_utc']}")
   setup = (f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
            f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
-           f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; attention switch: {meta['attention_switch']}; "
-           f"GroupNorm (bf16 cases): {meta.get('groupnorm', 'twopass')}")
-  header = ("| case | status | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline | compile s "
-            "| XLA temp GiB | peak GiB | goal |")
-  lines = [device, setup, "", header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`. Variants: UNet.clone(attention_impl, "
+           f"norm_stats (gn=), upsample_impl (up=)); attention \"auto\" on this device: "
+           f"{meta['auto_attention']} (library rule; \"attn ran\" = cuDNN call in the lowered program or not); "
+           f"score params pre-cast to the case dtype unless cast=0.")
+  header = ("| case | status | attn ran | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline "
+            "| compile s | XLA temp GiB | peak GiB | goal |")
+  lines = [device, setup, "", header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   gib = 1024 ** 3
   for r in result["cases"]:
     if r.get("status") != "ok":
-      lines.append(f"| {r['case']} | {r.get('status')}: {r.get('reason', '')[:60]} | | | | | | | | | | |")
+      lines.append(f"| {r['case']} | {r.get('status')}: {r.get('reason', '')[:60]} | | | | | | | | | | | |")
       continue
     ref = REFERENCE[r["program"]]
     if r["program"] == "ensemble":
@@ -633,20 +643,22 @@ def table_markdown(result: dict) -> str:
       goal = f">= {ref['goal']:.0f} img/s (torch {ref['torch_official']:.0f} / tuned {ref['torch_tuned']:.0f})"
     temp = r.get("memory", {}).get("temp_size_in_bytes")
     lines.append(
-        f"| {r['case']} | ok | {_fmt(r['images_per_s'], '.1f')} | {_fmt(r['ms_per_image'], '.2f')} | "
-        f"{_fmt(1e3 * r['s_per_call'], '.1f')} | {_fmt((r.get('model_flops') or float('nan')) / 1e12, '.4g')} | "
-        f"{_fmt(r.get('tflops_per_s'), '.4g')} | {_fmt(r.get('roofline'), '.1%')} | {_fmt(r.get('compile_s'), '.0f')} "
-        f"| {_fmt(temp / gib if temp else None, '.3g')} | "
+        f"| {r['case']} | ok | {r.get('attention_ran', '?')} | {_fmt(r['images_per_s'], '.1f')} | "
+        f"{_fmt(r['ms_per_image'], '.2f')} | {_fmt(1e3 * r['s_per_call'], '.1f')} | "
+        f"{_fmt((r.get('model_flops') or float('nan')) / 1e12, '.4g')} | {_fmt(r.get('tflops_per_s'), '.4g')} | "
+        f"{_fmt(r.get('roofline'), '.1%')} | {_fmt(r.get('compile_s'), '.0f')} | "
+        f"{_fmt(temp / gib if temp else None, '.3g')} | "
         f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.3g')} | {goal} |")
   if result.get("correctness"):
-    corr_header = ("| correctness (vs float32 HIGHEST, same inputs) | x0_hat rel L2 | x0_hat rel L2 (t<500) "
-                   "| x0_hat max abs | eps rel L2 | finite |")
-    lines += ["", corr_header, "|---|---:|---:|---:|---:|---|"]
+    corr_header = ("| correctness: denoise variant | vs (same inputs) | attn ran | x0_hat rel L2 "
+                   "| x0_hat rel L2 (t<500) | x0_hat max abs | eps rel L2 | finite |")
+    lines += ["", corr_header, "|---|---|---|---:|---:|---:|---:|---|"]
     for c in result["correctness"]:
+      head = f"| {c['variant']} | {c['reference']} | {c['attention_ran']} |"
       if "error" in c:
-        lines.append(f"| {c['variant']} | {c['error']} | | | | |")
+        lines.append(f"{head} {c['error']} | | | | |")
         continue
-      lines.append(f"| {c['variant']} | {c['x0_hat_rel_l2']:.2e} | {_fmt(c.get('x0_hat_rel_l2_t_lt_500'), '.2e')} "
+      lines.append(f"{head} {c['x0_hat_rel_l2']:.2e} | {_fmt(c.get('x0_hat_rel_l2_t_lt_500'), '.2e')} "
                    f"| {c['x0_hat_max_abs']:.2e} | {c['eps_rel_l2']:.2e} | {c['finite']} |")
   return "\n".join(lines) + "\n"
 
@@ -655,8 +667,9 @@ def parse_args(argv):
   ap = argparse.ArgumentParser(description="DiffAug throughput benchmark (issue 7)",
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   ap.add_argument("--tiny", action="store_true", help="tiny presets and sizes (CPU smoke test)")
-  ap.add_argument("--cases", default=None, help="comma list program:dtype:attention:batch (default: the plan)")
-  ap.add_argument("--batch", default=None, help="override the main batch (and the sweep: '128,64,256')")
+  ap.add_argument("--cases", default=None,
+                  help="comma list program:dtype:attention:batch[:key=value+...] (default: the plan)")
+  ap.add_argument("--batch", default=None, help="override the main batch (and the sweep: '128,256,64')")
   ap.add_argument("--members", type=int, default=10, help="DiffAug-Ensemble members (t = 0, 50, ...)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=3)
@@ -673,8 +686,6 @@ def parse_args(argv):
   ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
   ap.add_argument("--no-xla-flags", action="store_true", help="do not call perf.set_xla_gpu_flags()")
-  ap.add_argument("--gn", default="twopass", choices=("twopass", "onepass"),
-                  help="GroupNorm statistics in bf16 cases: the UNet's own two-pass code, or the one-pass shim")
   ap.add_argument("--seed", type=int, default=0)
   return ap.parse_args(argv)
 
@@ -744,8 +755,8 @@ def main(argv=None) -> dict:
       "flax": flax.__version__, "python": platform.python_version(),
       "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": added,
-      "attention_switch": attention_switch() or "none", "size": dataclasses.asdict(size),
-      "members": args.members, "groupnorm": args.gn}, "cases": []}
+      "auto_attention": auto_attention_here(), "size": dataclasses.asdict(size), "members": args.members},
+      "cases": []}
   device = jax.devices()[0]
   result["meta"]["device"] = getattr(device, "device_kind", str(device))
   result["meta"]["platform"] = device.platform
@@ -770,15 +781,9 @@ def main(argv=None) -> dict:
   profile_progs = {p.strip() for p in args.profile_cases.split(",") if p.strip()}
   est_default = args.compile_estimate or (10.0 if args.tiny else 150.0)
   case_costs: list[float] = []
-  speed = {}  # (program, attention, batch) -> s_per_call, to resolve 'best'
   for case in cases:
-    if case.attention == "best":
-      x = speed.get(("denoise", "xla", size.main_batch))
-      c = speed.get(("denoise", "cudnn", size.main_batch))
-      case = dataclasses.replace(case, attention="cudnn" if (x and c and c < x) else "xla")
-      result["best_attention"] = case.attention
     if any(r["case"] == case.name for r in result["cases"]):
-      continue  # 'best' resolved to an already measured case
+      continue  # listed twice (names are canonical: the same options in another order)
     if static_skip(case, bench.platform):
       result["cases"].append({"case": case.name, "program": case.program, "status": "skipped",
                               "reason": static_skip(case, bench.platform)})
@@ -802,8 +807,8 @@ def main(argv=None) -> dict:
     row["wall_s"] = time.perf_counter() - tc
     if row.get("status") == "ok":
       case_costs.append(row["wall_s"])
-      speed[(case.program, case.attention, case.batch)] = row["s_per_call"]
-      log(f"[bench]   {case.name}: {row['images_per_s']:.2f} img/s, {row['ms_per_image']:.2f} ms/img, "
+      log(f"[bench]   {case.name} (attention {row['attention_ran']}): {row['images_per_s']:.2f} img/s, "
+          f"{row['ms_per_image']:.2f} ms/img, "
           f"roofline {_fmt(row.get('roofline'), '.1%')}, compile {row['compile_s']:.1f}s, wall {row['wall_s']:.1f}s")
     else:
       log(f"[bench]   {case.name}: {row.get('status')} ({row.get('reason', '')})")
@@ -813,10 +818,6 @@ def main(argv=None) -> dict:
       profile_program(bench, case.program, args, result, log)
     _write(args.out, result)
 
-  if "best_attention" not in result:
-    x = speed.get(("denoise", "xla", size.main_batch))
-    c = speed.get(("denoise", "cudnn", size.main_batch))
-    result["best_attention"] = "cudnn" if (x and c and c < x) else "xla"
   result["meta"]["total_s"] = time.perf_counter() - t_start
   _write(args.out, result)
   log("\n" + table_markdown(result))

@@ -1,11 +1,12 @@
 """Benchmarks + XLA flag helper: CPU smoke test of benchmarks/bench_diffaug.py --tiny, the profile summary,
 and diffaug_jax.perf.
 
-Runtime: ~1 s for the fast tests; the two end-to-end smoke runs compile tiny UNet/classifier programs
-(~20-40 s each on a busy 2-core machine) and are marked slow.
+Runtime: ~10 s for the fast tests (one lowers six tiny programs); the two end-to-end smoke runs compile tiny
+UNet/classifier programs (~10-40 s each on a busy 2-core machine) and are marked slow.
 """
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -65,39 +66,86 @@ def test_flags_refused_after_backend_init():
 
 
 def test_case_parse_and_plan():
-  c = bench_diffaug.Case.parse("train:bf16:cudnn:128")
+  Case = bench_diffaug.Case
+  c = Case.parse("train:bf16:cudnn:128")
   assert (c.program, c.dtype, c.attention, c.batch) == ("train", "bf16", "cudnn", 128)
-  for bad in ("train:bf16:128", "fit:bf16:xla:8", "train:fp8:xla:8", "train:bf16:xla:0", "train:bf16:xla:x"):
-    with pytest.raises(ValueError, match="case"):
-      bench_diffaug.Case.parse(bad)
+  assert (c.up, c.gn, c.cast, c.opts) == ("nearest", "auto", "1", "")
+  c = Case.parse("denoise:bf16:auto:4:cast=0+up=transposed+gn=two_pass")
+  assert (c.up, c.gn, c.cast) == ("transposed", "two_pass", "0")
+  # Canonical name: options in a fixed order, defaults left out; it parses back to the same case.
+  assert c.name == "denoise:bf16:auto:4:up=transposed+gn=two_pass+cast=0" and c.variant == c.name[8:]
+  assert Case.parse("denoise:bf16:auto:4:up=nearest+gn=auto+cast=1").name == "denoise:bf16:auto:4"
+  assert Case.parse("denoise:f32:xla:2:gn=one_pass").name == "denoise:f32:xla:2:gn=one_pass"
+  for bad, msg in (("train:bf16:128", "expected program"), ("fit:bf16:xla:8", "program in"),
+                   ("train:fp8:xla:8", "dtype in"), ("train:bf16:best:8", "attention in"),
+                   ("train:bf16:xla:0", "positive int"), ("train:bf16:xla:x", "positive int"),
+                   ("train:bf16:xla:8:", "key=value"), ("train:bf16:xla:8:up", "key=value"),
+                   ("train:bf16:xla:8:attn=cudnn", "key=value"), ("train:bf16:xla:8:up=bilinear", "up='bilinear'"),
+                   ("train:bf16:xla:8:gn=onepass", "gn='onepass'"), ("train:bf16:xla:8:cast=yes", "cast='yes'"),
+                   ("train:bf16:xla:8:up=nearest+up=transposed", "given twice"),
+                   ("train:bf16:xla:8:up=transposed:gn=one_pass", "expected program")):
+    with pytest.raises(ValueError, match=re.escape(f"case {bad!r}") + ".*" + re.escape(msg)):
+      Case.parse(bad)
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
-  assert names[:3] == ["denoise:bf16:xla:128", "train:bf16:xla:128", "denoise:f32hi:xla:128"]
-  assert {"ensemble:bf16:xla:128", "train:bf16:best:64", "train:bf16:best:256"} <= set(names)
-  assert len(set(names)) == len(names)
+  assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
+                   "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed", "denoise:bf16:auto:128:gn=two_pass",
+                   "train:bf16:auto:256", "train:bf16:auto:64", "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128",
+                   "train:bf16:auto:128:up=transposed"]
+  assert all(Case.parse(n) == p for n, p in zip(names, plan))
+  tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
+  assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
+  assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
 
 
-def test_attention_switch_field_or_shim():
-  from diffaug_jax.models import unet as unet_mod
-  switch = bench_diffaug.attention_switch()
-  if switch.startswith("field:"):  # the UNet's own switch: the benchmark sets it by cloning
-    field = switch.split(":", 1)[1]
-    module = unet_mod.unet_from_preset("digits")
-    assert getattr(bench_diffaug._with_attention(module, "cudnn"), field) == "cudnn"
-    assert getattr(bench_diffaug._with_attention(module, "xla"), field) is None
-    return
-  assert switch == "shim"
-  orig = unet_mod._attention
-  with bench_diffaug.attention_impl("cudnn"):
-    assert unet_mod._attention is not orig
-  assert unet_mod._attention is orig
-  with bench_diffaug.attention_impl("xla"):
-    assert unet_mod._attention is orig
+def test_attention_ran_and_static_skip():
+  assert bench_diffaug.attention_ran('%0 = stablehlo.custom_call @"__cudnn$fmhaSoftmax"(%q, %k, %v)') == "cudnn"
+  assert bench_diffaug.attention_ran("%0 = stablehlo.dot_general %q, %k") == "xla"
+  assert bench_diffaug.auto_attention_here() == "xla"  # CPU: "auto" is the XLA path
+  skip = bench_diffaug.static_skip
+  assert "GPU" in skip(bench_diffaug.Case.parse("denoise:bf16:cudnn:2"), "cpu")
+  assert "bf16" in skip(bench_diffaug.Case.parse("denoise:f32:cudnn:2"), "gpu")
+  assert skip(bench_diffaug.Case.parse("denoise:bf16:auto:2:up=transposed"), "cpu") == ""
+
+
+def test_variants_reach_the_module_and_the_program():
+  """Options are UNet fields set by clone (same params), and the lowered programs differ accordingly."""
+  import jax
+  import jax.numpy as jnp
+  Case = bench_diffaug.Case
+  bench = bench_diffaug.Bench(bench_diffaug.TINY, bench_diffaug.parse_args(FAST))
+  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+cast=0")
+  m = bench.eps_factory(case).module
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl) == (
+      jnp.bfloat16, "cudnn", "one_pass", "transposed")
+  m = bench.eps_factory(Case.parse("denoise:f32hi:auto:2")).module
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl) == (jnp.float32, "auto", "auto", "nearest")
+  assert m.clone(dtype=bench.unet.dtype, attention_impl="auto") == bench.unet  # only the case's fields differ
+
+  def lowered(spec):
+    fn, args_for, _ = bench.build(Case.parse(spec))
+    args = args_for(0)
+    score_params = args[3] if spec.startswith("train") else args[0]
+    return fn.lower(*args).as_text(), {str(l.dtype) for l in jax.tree.leaves(score_params)}
+
+  base, base_dtypes = lowered("denoise:bf16:auto:2")
+  up, _ = lowered("denoise:bf16:auto:2:up=transposed")
+  two, _ = lowered("denoise:bf16:auto:2:gn=two_pass")
+  nocast, nocast_dtypes = lowered("denoise:bf16:auto:2:cast=0")
+  _, train_dtypes = lowered("train:bf16:auto:2")
+  assert "lhs_dilate = [2, 2]" in up and "lhs_dilate = [2, 2]" not in base  # stride-2 transposed convs
+  # one-pass statistics subtract the group's pivot (bf16 "auto"); two-pass has fewer subtractions
+  assert two.count("stablehlo.subtract") < base.count("stablehlo.subtract")
+  # cast=1 (default): the score params enter the programs (train step too) already in bf16 (GroupNorm and the
+  # float32 layers stay float32); cast=0: all float32, converted inside the program.
+  assert base_dtypes == train_dtypes == {"bfloat16", "float32"} and nocast_dtypes == {"float32"}
+  assert nocast.count("stablehlo.convert") > base.count("stablehlo.convert")
+  assert bench_diffaug.attention_ran(base) == "xla"
 
 
 def test_time_budget_skips_cases(tmp_path):
   res = bench_diffaug.main(FAST + ["--no-peak", "--time-budget", "0", "--out", str(tmp_path),
-                                   "--cases", "denoise:bf16:xla:2,train:bf16:xla:2"])
+                                   "--cases", "denoise:bf16:auto:2,train:bf16:auto:2:up=transposed"])
   assert [r["status"] for r in res["cases"]] == ["skipped", "skipped"]
   assert "time budget" in res["cases"][0]["reason"]
   assert json.loads((tmp_path / "results.json").read_text())["meta"]["mode"] == "tiny"
@@ -108,22 +156,31 @@ def test_time_budget_skips_cases(tmp_path):
 
 @pytest.mark.slow
 def test_denoise_correctness_and_table(tmp_path):
-  res = bench_diffaug.main(FAST + ["--out", str(tmp_path), "--cases",
-                                   "denoise:bf16:xla:2,denoise:f32hi:xla:2,denoise:bf16:cudnn:2"])
+  variants = ["bf16:auto:2", "bf16:auto:2:up=transposed+gn=two_pass", "bf16:auto:2:cast=0"]
+  cases = ["denoise:" + v for v in ["f32hi:xla:2", "bf16:cudnn:2"] + variants]
+  res = bench_diffaug.main(FAST + ["--out", str(tmp_path), "--cases", ",".join(cases)])
   rows = {r["case"]: r for r in res["cases"]}
-  for name in ("denoise:bf16:xla:2", "denoise:f32hi:xla:2"):
+  assert list(rows) == cases
+  for name in ["denoise:f32hi:xla:2"] + ["denoise:" + v for v in variants]:
     r = rows[name]
-    assert r["status"] == "ok" and r["finite"], r
+    assert r["status"] == "ok" and r["finite"] and r["attention_ran"] == "xla", r  # CPU: "auto" = XLA
     assert r["images_per_s"] > 0 and r["s_per_call"] > 0
     assert r["model_flops"] > 1e6 and r["tflops_per_s"] > 0 and 0 < r["roofline"] < 10
+  # One FLOP count per (program, batch) whatever the variant: throughputs compare the same work.
+  assert len({rows["denoise:" + v]["model_flops"] for v in variants}) == 1
   assert rows["denoise:bf16:cudnn:2"]["status"] == "skipped"  # CPU: no cuDNN attention
-  assert res["peak"]["bf16_tflops"] > 0
-  (corr,) = res["correctness"]
-  assert corr["variant"] == "bf16:xla:2" and corr["finite"]
-  # bf16 really differs from the float32 reference, but stays a bf16-sized error.
-  assert 1e-4 < corr["eps_rel_l2"] < 0.1 and 1e-4 < corr["x0_hat_rel_l2"] < 0.1, corr
+  assert res["peak"]["bf16_tflops"] > 0 and res["meta"]["auto_attention"] == "xla"
+  corr = {c["variant"]: c for c in res["correctness"]}
+  assert list(corr) == variants  # every denoise variant, options included, vs the f32hi reference
+  for c in corr.values():
+    assert c["reference"] == "f32hi:xla:2" and c["finite"] and c["attention_ran"] == "xla", c
+    # bf16 really differs from the float32 reference, but stays a bf16-sized error.
+    assert 1e-4 < c["eps_rel_l2"] < 0.1 and 1e-4 < c["x0_hat_rel_l2"] < 0.1, c
+  # Pre-cast params give the same outputs as the per-call cast (the same rounding, done earlier).
+  assert np.isclose(corr["bf16:auto:2:cast=0"]["eps_rel_l2"], corr["bf16:auto:2"]["eps_rel_l2"], rtol=1e-3)
   md = (tmp_path / "results.md").read_text()
-  assert "| denoise:bf16:xla:2 | ok |" in md and "correctness" in md
+  assert "| denoise:bf16:auto:2:up=transposed+gn=two_pass | ok | xla |" in md
+  assert "| bf16:auto:2:cast=0 | f32hi:xla:2 | xla |" in md
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["case"] for r in saved["cases"]] == list(rows)
 
@@ -133,9 +190,9 @@ def test_train_and_ensemble_with_profile(tmp_path):
   prof = tmp_path / "trace"
   res = bench_diffaug.main(FAST + ["--no-peak", "--peak-tflops", "1.0", "--members", "2", "--out",
                                    str(tmp_path), "--profile", str(prof), "--profile-cases", "train",
-                                   "--profile-steps", "1", "--cases", "train:bf16:xla:2,ensemble:bf16:xla:2"])
+                                   "--profile-steps", "1", "--cases", "train:bf16:auto:2,ensemble:bf16:auto:2"])
   rows = {r["case"]: r for r in res["cases"]}
-  tr, en = rows["train:bf16:xla:2"], rows["ensemble:bf16:xla:2"]
+  tr, en = rows["train:bf16:auto:2"], rows["ensemble:bf16:auto:2"]
   assert tr["status"] == "ok" and np.isfinite(tr["loss"]) and tr["images_per_s"] > 0, tr
   assert en["status"] == "ok" and en["ms_per_image"] > 0, en
   # Ensemble FLOPs are summed from its parts: 1 UNet call (t=50) + 2 classifier calls per image.
