@@ -7,10 +7,12 @@
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=540)
 #   second call only if status says >= ~5 min left, at once (warm machine; the compilation cache in /tmp
 #   makes the measured cases compile fast), for the cases the first call skipped, e.g.:
-#     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 BENCH_ARGS='--cases train:bf16:cudnn:256,denoise:f32:xla:128' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
+#     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 BENCH_ARGS='--cases denoise:f32:xla:128,train:bf16:auto:128:up=transposed' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
 #
+# Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
+# NVIDIA GPU in bf16), opts '+'-separated: up=nearest|transposed, gn=auto|two_pass|one_pass, cast=1|0.
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 420), SKIP_PARITY=1, PARITY_SECONDS (90),
-# BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases train:bf16:cudnn:128,denoise:bf16:cudnn:128"),
+# BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
 # PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
 # Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md,
