@@ -11,7 +11,7 @@
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts '+'-separated: up=nearest|transposed, gn=auto|two_pass|one_pass, cast=1|0.
-# Knobs (environment): GPU_CHECK_SECONDS total budget (default 420), SKIP_PARITY=1, PARITY_SECONDS (90),
+# Knobs (environment): GPU_CHECK_SECONDS total budget (default 420), SKIP_PARITY=1, PARITY_SECONDS (120),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
 # PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
@@ -49,8 +49,8 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
            tests/test_augment.py}; do
     [ -f "$f" ] && FILES="$FILES $f"
   done
-  echo "== parity on GPU:$FILES (limit ${PARITY_SECONDS:-90}s, $(left)s left)" | tee -a "$LOG"
-  JAX_PLATFORMS=${PARITY_PLATFORM:-cuda} JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${PARITY_SECONDS:-90}" \
+  echo "== parity on GPU:$FILES (limit ${PARITY_SECONDS:-120}s, $(left)s left)" | tee -a "$LOG"
+  JAX_PLATFORMS=${PARITY_PLATFORM:-cuda} JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${PARITY_SECONDS:-120}" \
     $PY -m pytest -q -p no:cacheprovider -o addopts="" $FILES \
     --deselect tests/test_augment.py::test_sharded_equals_single_device 2>&1 | tail -25 | tee -a "$LOG"
   echo "parity exit: ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$LOG"

@@ -372,7 +372,9 @@ def test_programs_hold_frozen_score_params_in_compute_dtype(tmp_path):
 
   unet = unet_lib.unet_from_preset("digits", image_size=8)
   x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-  params = jax.tree.map(lambda a: a + 0.05, unet.init(jax.random.key(0), x, t)["params"])
+  rng = np.random.default_rng(0)  # numpy from the shapes: compiling the initialisers costs seconds here
+  params = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32),
+                        jax.eval_shape(unet.init, jax.random.key(0), x, t)["params"])
   assert score.frozen_params_for_compute(unet, params) is params  # float32 module
   assert score.frozen_params_for_compute(nn.Dense(3), params, jnp.bfloat16) is params  # not a UNet
   cast = score.frozen_params_for_compute(unet.clone(dtype=jnp.bfloat16), params)  # the module's dtype
@@ -386,5 +388,5 @@ def test_programs_hold_frozen_score_params_in_compute_dtype(tmp_path):
   assert loaded.variables["params"]["input_blocks_0_0"]["kernel"].dtype == jnp.bfloat16
   x_t = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   tt = jnp.array([10, 600])
-  want = make_eps_fn(unet, {"params": params}, dtype=jnp.bfloat16)(x_t, tt)
-  np.testing.assert_array_equal(loaded.eps_fn(loaded.variables, x_t, tt), want)
+  want = jax.jit(lambda p, x, t: make_eps_fn(unet, {"params": p}, dtype=jnp.bfloat16)(x, t))(params, x_t, tt)
+  np.testing.assert_array_equal(jax.jit(loaded.eps_fn)(loaded.variables, x_t, tt), want)
