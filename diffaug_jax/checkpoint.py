@@ -5,7 +5,9 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}` written by an orbax `Checkpo
     params, which reload from their own file / workdir (`load_score_model`);
   data: the data iterator state, one JSON file per process (`process_<i>-of-<n>.json`, the same format as
     grain's own checkpoint handler, so grain `DataLoader` / `DatasetIterator` iterators and any iterator with
-    `get_state()` / `set_state()` work; grain itself is not imported here).
+    `get_state()` / `set_state()` work; grain itself is not imported here). On another process count the
+    saved state is used only when every process saved the same one (a host-invariant state, like our train
+    pipeline's `{"next_index": steps}`); otherwise the restore fails with a clear error.
 Resume order (`restore_or_init`): latest checkpoint in workdir -> explicit init checkpoint (weights only) ->
 scratch.
 """
@@ -42,15 +44,33 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
     f = self._file(directory)
-    if not f.exists():
-      raise ValueError(f"data iterator state {f} does not exist (checkpoint written by a different number "
-                       f"of processes?)")
-    text = f.read_text()
+    text = f.read_text() if f.exists() else self._host_invariant_state(epath.Path(directory), f.name)
     item = args.item
     current = item.get_state()
     # Same representation as the iterator's own get_state(): bytes (grain DataLoader) or a JSON value.
     item.set_state(text.encode() if isinstance(current, (bytes, bytearray)) else json.loads(text))
     return item
+
+  @staticmethod
+  def _host_invariant_state(directory: epath.Path, wanted: str) -> str:
+    """The state saved by a different number of processes, usable only when all of them saved the same one.
+
+    Our train pipeline's state is `{"next_index": k}` on every host (host h reads its slice of global batch
+    k, for any host count), so a run can resume on more or fewer hosts. A state that differs between hosts
+    (e.g. grain's ShardByJaxProcess shard options) cannot be mapped to another host count: error.
+    """
+    saved = sorted(directory.glob("process_*-of-*.json"))
+    texts = {p.read_text() for p in saved}
+    if len(texts) != 1:
+      raise ValueError(
+          f"data iterator state {directory / wanted} does not exist: the checkpoint was written by "
+          f"{len(saved)} process(es) ({', '.join(p.name for p in saved) or 'no state files'}) whose states "
+          f"differ, so it cannot be restored on {jax.process_count()} process(es); resume on the same process "
+          "count, or restore the state without the data item and call set_state yourself")
+    logging.getLogger(__name__).warning(
+        "data iterator state written by %d process(es), restored on %d: every process saved the same state, "
+        "so it does not depend on the process (%s)", len(saved), jax.process_count(), saved[0].name)
+    return texts.pop()
 
   def structure(self, directory):  # required by the interface
     return None

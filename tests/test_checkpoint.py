@@ -151,6 +151,23 @@ def test_grain_iterator_state_roundtrip(tmp_path):
     np.testing.assert_array_equal(e, g)
   ck.close()
 
+  # Written by 2 processes (simulated: the same state file twice), restored by 1: a host-invariant state is
+  # used; per-process states that differ cannot be mapped to another process count and fail clearly.
+  data_dir = tmp_path / "checkpoints" / "3" / "data"
+  (own,) = data_dir.glob("process_*.json")
+  text = own.read_text()
+  own.unlink()
+  for i in range(2):
+    (data_dir / f"process_{i}-of-2.json").write_text(text)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  it3 = pipeline.make_train_loader(dcfg, global_batch_size=8, seed=3)
+  ck.restore(state, it3)
+  np.testing.assert_array_equal(next(it3)["label"], expected[0])
+  (data_dir / "process_1-of-2.json").write_text(text.replace("3", "4"))
+  with pytest.raises(ValueError, match="states differ"):
+    ck.restore(state, pipeline.make_train_loader(dcfg, global_batch_size=8, seed=3))
+  ck.close()
+
 
 if __name__ == "__main__":
   # Child process of the kill-and-resume test: argv = workdir, "slow"|"fast".

@@ -3,7 +3,9 @@
 Both the in-memory "arrays" source and the real grain pipeline (digits, with per-example random crops) yield
 the same GLOBAL batch sequence for any process count (each process feeds its slice,
 `make_array_from_process_local_data` assembles the global batch), so the curves must agree up to float
-reduction order (rtol 1e-5). Runtime ~40 s per source on 2 cores (two subprocesses in parallel)."""
+reduction order (rtol 1e-5). Then both runs resume for 3 more steps in this one process: the 2-process
+checkpoint must continue exactly like the 1-process one (elastic resume). Runtime ~50 s per source on 2
+cores (two subprocesses in parallel, then two short resumed runs)."""
 import os
 import pathlib
 import socket
@@ -27,9 +29,9 @@ def _free_port() -> int:
 EVAL_COUNT = {"arrays": 40, "digits": 364}
 
 
-def _config(source):
+def _config(source, steps=STEPS):
   from test_trainer import tiny_config
-  cfg = tiny_config(steps=STEPS)
+  cfg = tiny_config(steps=steps)
   cfg.block_every = 2
   if source == "digits":  # the grain pipeline: global permutation, host slices, per-example crops
     from diffaug_jax.data.config import digits_config
@@ -72,6 +74,19 @@ def test_two_processes_match_one_process(tmp_path, source):
   ev_m = [r for r in read_jsonl(str(tmp_path / "multi" / "metrics.jsonl")) if r["split"] == "eval"][-1]
   assert ev_m["eval_count"] == EVAL_COUNT[source]
   np.testing.assert_allclose(ev_m["eval_accuracy"], ref["eval"]["eval_accuracy"], atol=1e-6)
+
+  # Elastic resume: the 2-process checkpoint (state + data iterator) continues in ONE process exactly as the
+  # 1-process checkpoint does (the iterator state is host-invariant; the state is resharded on restore).
+  more = STEPS + 3
+  resumed = trainer.train_and_evaluate(_config(source, more), str(tmp_path / "multi"))
+  same = trainer.train_and_evaluate(_config(source, more), str(tmp_path / "single"))
+  assert resumed["start"] == same["start"] == f"resume@{STEPS}" and resumed["step"] == more
+  tail = lambda d: [r for r in read_jsonl(str(tmp_path / d / "metrics.jsonl"))
+                    if r["split"] == "train" and r["step"] > STEPS]
+  assert [r["step"] for r in tail("multi")] == [r["step"] for r in tail("single")] == [7, 8, 9]
+  for a, b in zip(tail("multi"), tail("single")):
+    for k in ("loss", "accuracy", "grad_norm"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"resumed step {a['step']} {k}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ The trainer's `checkpoint.py` must not import grain; it asks this module for the
 Each process writes `process_<i>-of-<n>.json` with its own iterator state, so multi-host runs resume
 each host's slice exactly. (The train stream is global, so with num_workers=0 every host's state is the
 same global step: a run restored on a different host count can copy one state into every iterator with
-`it.set_state(...)`; grain's handler itself only restores the same process count.)
+`it.set_state(...)`; grain's handler itself only restores the same process count, while train.py's own
+handler, `diffaug_jax.checkpoint.DataIteratorHandler`, does that copy when all saved states are equal.)
 A plain alternative (single process): `state = it.get_state()` (JSON-able dict) saved any way, then
 `it.set_state(state)` on a freshly made iterator with the same config/seed.
 """
