@@ -617,6 +617,26 @@ def _fmt(v, spec: str, none: str = "-") -> str:
   return format(v, spec)
 
 
+AB_TOLERANCE = 0.02  # speed ratios within 2% of 1 are reported as "same" (run-to-run noise on a GPU)
+
+
+def ab_comparisons(result: dict) -> list[dict]:
+  """Each ok variant against the library-default case of its program, dtype and batch (attention "auto",
+  default options), when both ran: the speed ratio that decides whether a default should change."""
+  rows = {r["case"]: r for r in result["cases"] if r.get("status") == "ok"}
+  out = []
+  for name, r in rows.items():
+    case = Case.parse(name)
+    base = Case(case.program, case.dtype, "auto", case.batch)
+    if case == base or base.name not in rows:
+      continue
+    ratio = r["images_per_s"] / rows[base.name]["images_per_s"]
+    verdict = ("same" if abs(ratio - 1.0) <= AB_TOLERANCE else "faster" if ratio > 1.0 else "slower")
+    out.append({"variant": name, "baseline": base.name, "speed_ratio": ratio, "verdict": verdict,
+                "attention_ran": (r.get("attention_ran"), rows[base.name].get("attention_ran"))})
+  return out
+
+
 def table_markdown(result: dict) -> str:
   meta = result["meta"]
   peak = result.get("peak", {})
@@ -649,6 +669,13 @@ def table_markdown(result: dict) -> str:
         f"{_fmt(r.get('roofline'), '.1%')} | {_fmt(r.get('compile_s'), '.0f')} | "
         f"{_fmt(temp / gib if temp else None, '.3g')} | "
         f"{_fmt(r['peak_bytes_in_use'] / gib if r.get('peak_bytes_in_use') else None, '.3g')} | {goal} |")
+  ab = ab_comparisons(result)
+  if ab:
+    lines += ["", f"| A/B: variant | vs library default | speed ratio | verdict (+-{AB_TOLERANCE:.0%}) | attn ran |",
+              "|---|---|---:|---|---|"]
+    for a in ab:
+      lines.append(f"| {a['variant']} | {a['baseline']} | {a['speed_ratio']:.3f} | {a['verdict']} | "
+                   f"{a['attention_ran'][0]} vs {a['attention_ran'][1]} |")
   if result.get("correctness"):
     corr_header = ("| correctness: denoise variant | vs (same inputs) | attn ran | x0_hat rel L2 "
                    "| x0_hat rel L2 (t<500) | x0_hat max abs | eps rel L2 | finite |")
@@ -814,6 +841,7 @@ def main(argv=None) -> dict:
       log(f"[bench]   {case.name}: {row.get('status')} ({row.get('reason', '')})")
     result["cases"].append(row)
     result["correctness"] = correctness(bench)
+    result["ab"] = ab_comparisons(result)
     if args.profile and row.get("status") == "ok" and case.program in profile_progs:
       profile_program(bench, case.program, args, result, log)
     _write(args.out, result)

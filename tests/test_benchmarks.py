@@ -98,6 +98,27 @@ def test_case_parse_and_plan():
   assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
 
 
+def test_ab_comparisons_against_the_library_default():
+  ok = lambda case, ips, attn="xla": {"case": case, "program": case.split(":")[0], "status": "ok",
+                                      "images_per_s": ips, "ms_per_image": 1e3 / ips, "s_per_call": 8 / ips,
+                                      "attention_ran": attn}
+  result = {"cases": [ok("denoise:bf16:auto:8", 100.0, "cudnn"), ok("denoise:bf16:xla:8", 80.0),
+                      ok("denoise:bf16:auto:8:up=transposed", 110.0, "cudnn"),
+                      ok("denoise:bf16:auto:8:gn=two_pass", 101.0, "cudnn"),
+                      ok("train:bf16:auto:8:up=transposed", 50.0),  # its baseline did not run: no row
+                      {"case": "denoise:bf16:auto:8:cast=0", "status": "skipped"},
+                      ok("denoise:f32hi:xla:8", 10.0)]}
+  ab = {a["variant"]: a for a in bench_diffaug.ab_comparisons(result)}
+  assert set(ab) == {"denoise:bf16:xla:8", "denoise:bf16:auto:8:up=transposed", "denoise:bf16:auto:8:gn=two_pass"}
+  assert ab["denoise:bf16:xla:8"]["speed_ratio"] == pytest.approx(0.8)
+  assert [ab[k]["verdict"] for k in sorted(ab)] == ["same", "faster", "slower"]
+  assert ab["denoise:bf16:xla:8"]["attention_ran"] == ("xla", "cudnn")
+  result["meta"] = {k: "" for k in ("device", "platform", "jax", "jaxlib", "flax", "mode", "time_utc",
+                                    "xla_flags", "auto_attention")}
+  md = bench_diffaug.table_markdown(result)
+  assert "| denoise:bf16:auto:8:up=transposed | denoise:bf16:auto:8 | 1.100 | faster | cudnn vs cudnn |" in md
+
+
 def test_attention_ran_and_static_skip():
   assert bench_diffaug.attention_ran('%0 = stablehlo.custom_call @"__cudnn$fmhaSoftmax"(%q, %k, %v)') == "cudnn"
   assert bench_diffaug.attention_ran("%0 = stablehlo.dot_general %q, %k") == "xla"
