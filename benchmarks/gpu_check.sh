@@ -11,7 +11,7 @@
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts '+'-separated: up=nearest|transposed, gn=auto|two_pass|one_pass, cast=1|0.
-# Knobs (environment): GPU_CHECK_SECONDS total budget (default 420), SKIP_PARITY=1, PARITY_SECONDS (120),
+# Knobs (environment): GPU_CHECK_SECONDS total budget (default 420), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
 # PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
@@ -39,7 +39,10 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 } 2>&1 | tee "$LOG"
 
 # ---- 1. golden parity on the GPU (float32 at HIGHEST precision: XLA's default uses TF32 on Hopper, which
-# is ~1e-3 relative, not the goldens' 1e-5). Tests that assert 8 devices are deselected.
+# is ~1e-3 relative, not the goldens' 1e-5). Tests that assert 8 devices are deselected, and so (PARITY_K)
+# are device-independent or slow non-numeric checks already proven on CPU (the lowering's op census, the
+# frozen-params loader) and the bit-identity of pre-cast params (two GPU compilations may pick different
+# cuDNN conv algorithms; the bench's cast=0 correctness row compares them on the GPU instead).
 if [ "${SKIP_PARITY:-0}" != "1" ]; then
   if [ ! -d ../shared/golden ] && [ -d .gpu_carry/golden ]; then
     mkdir -p ../shared && ln -sfn "$PWD/.gpu_carry/golden" ../shared/golden
@@ -52,7 +55,9 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
   echo "== parity on GPU:$FILES (limit ${PARITY_SECONDS:-120}s, $(left)s left)" | tee -a "$LOG"
   JAX_PLATFORMS=${PARITY_PLATFORM:-cuda} JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${PARITY_SECONDS:-120}" \
     $PY -m pytest -q -p no:cacheprovider -o addopts="" $FILES \
-    --deselect tests/test_augment.py::test_sharded_equals_single_device 2>&1 | tail -25 | tee -a "$LOG"
+    --deselect tests/test_augment.py::test_sharded_equals_single_device \
+    -k "${PARITY_K:-not frozen_score_params and not lowered_unet and not num_heads_upsample and not cast_params_for_compute}" \
+    2>&1 | tail -25 | tee -a "$LOG"
   echo "parity exit: ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$LOG"
 fi
 

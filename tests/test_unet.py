@@ -165,8 +165,10 @@ def test_reduced_precision_x0_hat_error(golden_models):
 
 
 def test_groupnorm_statistics_in_float32_for_bf16_inputs():
-  """GroupNorm32 on bf16 activations: statistics in float32, only the result rounded to bf16 (bit-exact to
-  the float32 computation cast down). An input with a large offset makes bf16 statistics visibly wrong."""
+  """GroupNorm32 on bf16 activations: statistics in float32, only the result rounded to bf16 (equal to the
+  float32 computation cast down, up to one bf16 rounding: the bf16 path uses one-pass statistics, whose
+  float32 sums can differ in the last bits). An input with a large offset makes bf16 statistics visibly
+  wrong (> 0.05 off)."""
   gn = unet_lib.GroupNorm32()
   x = (40.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 64))).astype(jnp.bfloat16)
   v = {"params": {"scale": 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (64,)),
@@ -174,7 +176,7 @@ def test_groupnorm_statistics_in_float32_for_bf16_inputs():
   out = gn.apply(v, x)
   assert out.dtype == jnp.bfloat16
   want = gn.apply(v, x.astype(jnp.float32)).astype(jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2 ** -8, atol=2 ** -9)
   # The same normalisation with bf16 statistics is far off: the test above can tell the two apart.
   g = x.reshape(2, -1, 32, 2)
   mean = jnp.mean(g, axis=(1, 3), keepdims=True)
