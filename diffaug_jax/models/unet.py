@@ -129,7 +129,6 @@ def _upsample_nearest2(x: jax.Array) -> jax.Array:
 UPSAMPLE_IMPLS = ("nearest", "transposed")
 
 
-
 def _fold_nearest2(kernel: jax.Array, axis: int) -> jax.Array:
   """3 taps of a conv that follows nearest x2 -> the 4 taps of the equivalent stride-2 transposed conv.
 
@@ -163,8 +162,9 @@ class UpConv(nn.Module):
     if self.impl == "nearest":
       x, pad, dilation = _upsample_nearest2(x), 1, 1
     else:
-      # (4, 4, Cin, Cout) from (3, 3, Cin, Cout), summed in float32 before the compute-dtype cast.
-      kernel = _fold_nearest2(_fold_nearest2(kernel, 0), 1)
+      # (4, 4, Cin, Cout) from (3, 3, Cin, Cout), summed in float32 (also for pre-cast bf16 params) before
+      # the compute-dtype cast: weights only, once per call.
+      kernel = _fold_nearest2(_fold_nearest2(kernel.astype(jnp.float32), 0), 1)
       pad, dilation = 2, 2
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(dilation,) * 2,
