@@ -180,3 +180,43 @@ def test_host_augmix_all_ops_enhancers_hand_made():
   np.testing.assert_array_equal(a[0], fn(x, np.random.default_rng(0)))
   b = [H.make_augmix_fn(None)(x, np.random.default_rng(s)) for s in range(4)]
   assert any(not np.array_equal(u, v) for u, v in zip(a, b))  # a different op set is drawn
+
+
+def _three_augment_branch(image, rng_seed, size):
+  """Re-derive which of the three ops 3-Augment applied (from the same rng stream)."""
+  rng = np.random.default_rng(rng_seed)
+  base = T.random_hflip(T.random_crop_with_padding(T.resize_shorter_bicubic(image, size), rng, size, 4,
+                                                   mode="reflect"), rng)
+  return int(rng.integers(0, 3)), base
+
+
+def test_three_augment_ops_and_determinism():
+  """DeiT-III 3-Augment: deterministic per rng; each of grayscale / solarize / blur is chosen about a third of
+  the time; grayscale views have equal channels (color jitter keeps them gray); without color jitter the
+  solarized view is exactly ImageOps.solarize of the crop and the blurred one is smoother than the crop."""
+  from PIL import Image, ImageOps
+  rng0 = np.random.default_rng(0)
+  image = rng0.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+  image[:, :20] = 200  # a flat bright area (solarization inverts it)
+  size = 32
+  counts = [0, 0, 0]
+  for seed in range(150):
+    view = T.three_augment(image, np.random.default_rng(seed), size)
+    assert view.shape == (size, size, 3) and view.dtype == np.uint8
+    np.testing.assert_array_equal(view, T.three_augment(image, np.random.default_rng(seed), size))
+    branch, base = _three_augment_branch(image, seed, size)
+    counts[branch] += 1
+    if branch == 0:
+      assert np.abs(view[..., 0].astype(int) - view[..., 1]).max() <= 1  # gray stays gray through jitter
+    plain = T.three_augment(image, np.random.default_rng(seed), size, color_jitter=0.0)
+    if branch == 1:
+      np.testing.assert_array_equal(plain, np.asarray(ImageOps.solarize(Image.fromarray(base), 128)))
+    if branch == 2:
+      roughness = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()
+      assert roughness(plain) < roughness(base)
+  assert min(counts) > 30, counts  # ~50 each
+  gray = T.three_augment(image[..., :1], np.random.default_rng(1), size)
+  assert gray.shape == (size, size, 1)
+  view, view_da = T.make_train_transform("three_augment", size, resize_size=36)(image, np.random.default_rng(3))
+  np.testing.assert_array_equal(view, T.three_augment(image, np.random.default_rng(3), size))
+  np.testing.assert_array_equal(view_da, T.resize_center_crop(image, size, 36))

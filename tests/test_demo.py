@@ -50,6 +50,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
 def test_all_configs_load_and_build():
   """Every config's get_config(arg) returns a complete config whose models can be built (no init)."""
   from diffaug_jax import trainer
+  from diffaug_jax.data import config as data_config
   cases = [("default", None), ("default", "smoke"), ("cifar10_resnet18", "baseline"),
            ("cifar10_resnet18", "diffaug"), ("cifar10_wrn28_10", None), ("imagenet_resnet50_diffaug", None),
            ("imagenet_resnet50_diffaug", "augmix"), ("imagenet_vit_b16_diffaug", None), ("score_digits", None),
@@ -62,12 +63,14 @@ def test_all_configs_load_and_build():
       assert c.batch_size > 0 and c.optim.name in ("sgd", "adam", "adamw", "lamb"), name
       if c.mode == "classifier":
         assert trainer.build_classifier(c) is not None
+        data_config.validate(c.data)  # names a known transform, source, ...
       else:
         assert trainer.build_score_model(c) is not None
   r50 = _config("imagenet_resnet50_diffaug")
   assert (r50.optim.learning_rate, r50.optim.lr_batch_base, r50.optim.momentum, r50.optim.nesterov,
           r50.optim.weight_decay, r50.optim.decay_epochs, r50.optim.decay_factor, r50.num_epochs) == \
       (0.1, 256, 0.9, False, 1e-4, 30.0, 0.1, 90)
+  assert _config("imagenet_vit_b16_diffaug").data.train_transform == "three_augment"  # DeiT-III recipe
   with pytest.raises(ValueError, match="arg"):
     _config("cifar10_resnet18", "nope")
   # Issue 8's fine-tuning recipes: the release's final lr, constant, ~50k steps, AugMix views where named.

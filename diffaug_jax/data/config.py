@@ -11,7 +11,8 @@ Fields (see `default_config`; `validate` checks them):
   eval_split        same for evaluation: TFDS "test"/"validation", folder "val", digits "test".
   image_size        output side S: every view is (S, S, channels).
   channels          1 (grayscale, PIL "L") or 3 (RGB).
-  train_transform   "imagenet" (RandomResizedCrop + flip; DiffAug view Resize + CenterCrop) | "cifar"
+  train_transform   "imagenet" (RandomResizedCrop + flip; DiffAug view Resize + CenterCrop) |
+                    "three_augment" (DeiT-III's 3-Augment; DiffAug view as for "imagenet") | "cifar"
                     (RandomCrop with padding + flip; DiffAug view unaugmented) | "digits" (random crop with
                     padding, no flip) | "none".
   eval_transform    "imagenet" (Resize(resize_size) + CenterCrop(image_size)) | "cifar" | "digits" | "none"

@@ -10,7 +10,11 @@ Semantics follow torchvision (what the official DiffAug/AugMix code uses):
   filter is what torchvision applies to PIL images).
 - `resize_shorter`: `transforms.Resize(int)` (shorter side -> size, longer side truncated like torchvision).
 - `center_crop`: `transforms.CenterCrop` (round((h - size) / 2) offsets; zero-pads images smaller than size).
-- `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding).
+- `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding, or reflect).
+- `three_augment`: DeiT-III's 3-Augment (facebookresearch/deit `augment.py`, `new_data_aug_generator`):
+  Simple Random Crop (Resize(size, bicubic) + RandomCrop(size, padding=4, reflect)) + horizontal flip, then
+  ONE of {grayscale, solarization (threshold 128), Gaussian blur (radius ~ U(0.1, 2))} chosen uniformly, then
+  ColorJitter(0.3, 0.3, 0.3) (brightness, contrast, saturation factors ~ U(0.7, 1.3), in a random order).
 
 Transform factories return callables:
 - train: `fn(image uint8 (H, W, C), rng) -> (view uint8 (S, S, C), view_da uint8 (S, S, C))`;
@@ -23,12 +27,12 @@ import math
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 TrainTransform = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 EvalTransform = Callable[[np.ndarray], np.ndarray]
 
-TRAIN_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
+TRAIN_TRANSFORMS = ("imagenet", "three_augment", "cifar", "digits", "none")
 EVAL_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
 
 
@@ -137,17 +141,53 @@ def random_hflip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) ->
 
 
 def random_crop_with_padding(image: np.ndarray, rng: np.random.Generator, size: int,
-                             padding: int) -> np.ndarray:
-  """torchvision `RandomCrop(size, padding)`: zero-pad every side by `padding`, crop a random window."""
+                             padding: int, mode: str = "constant") -> np.ndarray:
+  """torchvision `RandomCrop(size, padding, padding_mode)`: pad every side by `padding` (zeros, or
+  "reflect"), crop a random window."""
   image = _check_image(image)
   if padding:
-    image = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    image = np.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
   h, w = image.shape[:2]
   if h < size or w < size:
     raise ValueError(f"random crop {size} larger than padded image {image.shape}")
   top = int(rng.integers(0, h - size + 1))
   left = int(rng.integers(0, w - size + 1))
   return image[top:top + size, left:left + size]
+
+
+def resize_shorter_bicubic(image: np.ndarray, size: int) -> np.ndarray:
+  """`Resize(size, interpolation=BICUBIC)` (shorter side -> size), DeiT-III's Simple Random Crop resize."""
+  image = _check_image(image)
+  h, w = image.shape[:2]
+  if min(h, w) == size:
+    return image
+  new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  return _from_pil(_to_pil(image).resize((new_w, new_h), Image.BICUBIC), image.shape[-1])
+
+
+def three_augment(image: np.ndarray, rng: np.random.Generator, size: int,
+                  color_jitter: float = 0.3) -> np.ndarray:
+  """DeiT-III 3-Augment (see the module docstring): (H, W, C) uint8 -> (size, size, C) uint8."""
+  view = random_crop_with_padding(resize_shorter_bicubic(image, size), rng, size, 4, mode="reflect")
+  view = random_hflip(view, rng)
+  channels = view.shape[-1]
+  img = _to_pil(view)
+  choice = int(rng.integers(0, 3))
+  if choice == 0:  # grayscale, kept at the input's channel count (torchvision Grayscale(3))
+    img = img.convert("L").convert(img.mode)
+  elif choice == 1:
+    img = ImageOps.solarize(img, threshold=128)
+  else:
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+  if color_jitter:
+    lo, hi = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter
+    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    factors = [float(rng.uniform(lo, hi)) for _ in ops]
+    for i in rng.permutation(len(ops)):  # torchvision ColorJitter applies its factors in a random order
+      if ops[i] is ImageEnhance.Color and img.mode == "L":
+        continue  # saturation of a one-channel image: nothing to do
+      img = ops[i](img).enhance(factors[i])
+  return _from_pil(img, channels)
 
 
 def make_train_transform(name: str, image_size: int, *, resize_size: int | None = None,
@@ -157,6 +197,7 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
 
   - "imagenet": image = RandomResizedCrop(image_size) + flip; image_da = Resize(resize_size) +
     CenterCrop(image_size) (resize_size defaults to round(image_size / 0.875), 256 for 224).
+  - "three_augment": image = DeiT-III's 3-Augment (`three_augment`); image_da as for "imagenet".
   - "cifar": image = RandomCrop(image_size, padding=crop_padding) + flip; image_da = the unaugmented image.
   - "digits": mild: RandomCrop(image_size, padding=crop_padding) (no flip: digits are not mirror
     symmetric); image_da = the unaugmented image.
@@ -172,6 +213,9 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     view = random_hflip(random_resized_crop(image, rng, image_size, scale, ratio), rng)
     return view, resize_center_crop(image, image_size, resize_size)
 
+  def deit3(image, rng):
+    return three_augment(image, rng, image_size), resize_center_crop(image, image_size, resize_size)
+
   def cifar(image, rng):
     base = fit(image, image_size)
     return random_hflip(random_crop_with_padding(base, rng, image_size, crop_padding), rng), base
@@ -185,7 +229,7 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     base = fit(image, image_size)
     return base, base
 
-  return {"imagenet": imagenet, "cifar": cifar, "digits": digits, "none": none}[name]
+  return {"imagenet": imagenet, "three_augment": deit3, "cifar": cifar, "digits": digits, "none": none}[name]
 
 
 def make_eval_transform(name: str, image_size: int, *, resize_size: int | None = None) -> EvalTransform:
