@@ -204,9 +204,9 @@ def auto_attention_here() -> str:
   library decides it (before jax's own cuDNN shape/version checks; the rows record what really ran)."""
   import jax.numpy as jnp
 
-  from diffaug_jax.models import unet as unet_mod
+  from diffaug_jax.models import attention
   q = jnp.zeros((1, 784, 8, 64), jnp.bfloat16)
-  return "cudnn" if unet_mod._cudnn_attention_candidate(q) else "xla"
+  return "cudnn" if attention.cudnn_candidate(q) else "xla"
 
 
 def random_like(seed: int, tree, *, kind: str = "params"):

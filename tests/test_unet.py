@@ -12,6 +12,7 @@ import pytest
 
 from diffaug_jax import diffusion
 from diffaug_jax.convert.guided_diffusion import load_guided_diffusion
+from diffaug_jax.models import attention as attention_lib
 from diffaug_jax.models import unet as unet_lib
 from diffaug_jax.models.score import make_eps_fn, make_model_fn
 
@@ -191,7 +192,7 @@ def test_attention_softmax_in_float32_for_bf16_inputs():
   bf16 output rounding."""
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)).astype(jnp.bfloat16) * 3 for i in range(3))
   s = 1.0 / np.sqrt(8)
-  out = unet_lib._attention(q, k, v, s)
+  out = attention_lib.dot_product_attention(q, k, v, s)
   qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
   p = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", qf, kf) * s, axis=-1)
   want = jnp.einsum("bnts,bsnh->btnh", p, vf)
@@ -287,14 +288,14 @@ def test_attention_auto_is_xla_off_gpu_and_falls_back(monkeypatch):
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)).astype(jnp.bfloat16) for i in range(3))
   s = 1.0 / np.sqrt(8)
   ref = jax.nn.dot_product_attention(q, k, v, scale=s, implementation="xla")
-  auto = unet_lib._attention(q, k, v, s, "auto")
-  if unet_lib._cudnn_attention_candidate(q):  # on an NVIDIA GPU (gpu_check.sh): cuDNN's kernel vs XLA
+  auto = attention_lib.dot_product_attention(q, k, v, s, "auto")
+  if attention_lib.cudnn_candidate(q):  # on an NVIDIA GPU (gpu_check.sh): cuDNN's kernel vs XLA
     np.testing.assert_allclose(np.asarray(auto, np.float32), np.asarray(ref, np.float32), atol=3e-2)
   else:
     np.testing.assert_array_equal(auto, ref)
-  np.testing.assert_array_equal(unet_lib._attention(q, k, v, s, None), ref)
+  np.testing.assert_array_equal(attention_lib.dot_product_attention(q, k, v, s, None), ref)
   with pytest.raises(ValueError, match="attention implementation"):
-    unet_lib._attention(q, k, v, s, "flash")
+    attention_lib.dot_product_attention(q, k, v, s, "flash")
   # Where cuDNN is a candidate, "auto" asks for it and falls back to XLA when jax refuses the shape.
   calls = []
   real = jax.nn.dot_product_attention
@@ -305,19 +306,19 @@ def test_attention_auto_is_xla_off_gpu_and_falls_back(monkeypatch):
       raise NotImplementedError("shape not supported")
     return real(*args, implementation=implementation, **kw)
 
-  monkeypatch.setattr(unet_lib, "_cudnn_attention_candidate", lambda q: True)
+  monkeypatch.setattr(attention_lib, "cudnn_candidate", lambda q: True)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-  np.testing.assert_array_equal(unet_lib._attention(q, k, v, s, "auto"), ref)
+  np.testing.assert_array_equal(attention_lib.dot_product_attention(q, k, v, s, "auto"), ref)
   assert calls == ["cudnn", "xla"]
 
 
 def test_cudnn_candidate_rules():
   f32 = jnp.zeros((1, 4, 2, 64), jnp.float32)
   odd = jnp.zeros((1, 4, 2, 12), jnp.bfloat16)
-  assert not unet_lib._cudnn_attention_candidate(f32)
-  assert not unet_lib._cudnn_attention_candidate(odd)
+  assert not attention_lib.cudnn_candidate(f32)
+  assert not attention_lib.cudnn_candidate(odd)
   bf = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
-  assert unet_lib._cudnn_attention_candidate(bf) == (jax.default_backend() == "gpu")
+  assert attention_lib.cudnn_candidate(bf) == (jax.default_backend() == "gpu")
 
 
 def test_cast_params_for_compute_is_bit_identical(golden_models):

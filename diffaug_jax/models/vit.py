@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffaug_jax.models.attention import QKV, dot_product_attention
 from diffaug_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, normalize_input
 
 _trunc02 = nn.initializers.truncated_normal(0.02)
@@ -46,21 +47,20 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
+  """timm `Attention`: qkv (channels ordered (3, heads, head_dim)), softmax(q k^T / sqrt(hd)) v, proj.
+  Logits and softmax in float32; cuDNN's fused kernel on an NVIDIA GPU in bf16 (`attention_impl`)."""
   dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
     hd = d // self.num_heads
-    qkv = _dense(3 * d, self.dtype, "qkv")(x)
-    # timm: qkv.reshape(B, N, 3, heads, head_dim) -> q, k, v.
-    qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd**-0.5), k).astype(jnp.float32)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+    q, k, v = QKV(self.num_heads, legacy_order=False, dtype=self.dtype, kernel_init=_trunc02,
+                  name="qkv")(x)  # (B, N, H, hd) each
+    out = dot_product_attention(q, k, v, hd ** -0.5, self.attention_impl).reshape(b, n, d)
     return _dense(d, self.dtype, "proj")(out)
 
 
@@ -91,11 +91,13 @@ class Block(nn.Module):
   init_values: float = 1e-6
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     rng_fn = lambda: self.make_rng("dropout")
-    y = Attention(self.dim, self.num_heads, self.dtype, name="attn")(_layernorm(self.dtype, "norm1")(x))
+    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        _layernorm(self.dtype, "norm1")(x))
     x = x + _drop_path(LayerScale(self.dim, self.init_values, self.dtype, name="ls1")(y), self.drop_path,
                        not train, rng_fn)
     y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(_layernorm(self.dtype, "norm2")(x))
@@ -132,6 +134,7 @@ class VisionTransformer(nn.Module):
   mean: Sequence[float] | None = IMAGENET_MEAN
   std: Sequence[float] | None = IMAGENET_STD
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"  # see models.attention: cuDNN on an NVIDIA GPU in bf16/fp16, else XLA
 
   def setup(self):
     self.head = _dense(self.num_classes, self.dtype, "head")
@@ -158,7 +161,7 @@ class VisionTransformer(nn.Module):
     for i in range(self.depth):
       dpr = self.drop_path_rate * i / max(self.depth - 1, 1)  # timm's linear drop-path schedule
       x = Block(self.embed_dim, self.num_heads, self.mlp_ratio, self.init_values, dpr, self.dtype,
-                name=f"blocks_{i}")(x, train)
+                self.attention_impl, name=f"blocks_{i}")(x, train)
     x = _layernorm(self.dtype, "norm")(x)
     feats = x[:, 0].astype(jnp.float32)
     logits = self.logits_from_features(feats)
