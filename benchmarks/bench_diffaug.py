@@ -19,8 +19,9 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
   (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
-  params are cast to the case dtype once, outside the jitted function, with `unet.cast_params_for_compute`,
-  as the programs do; 0: float32 params, cast inside every call).
+  params are cast to the case dtype once, outside the jitted function, with
+  `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
+  call).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -72,7 +73,7 @@ PROGRAMS = ("train", "denoise", "ensemble")
 DTYPES = ("bf16", "f32", "f32hi")
 ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 # Case options (Case fields): key -> (allowed values, default). Values are the UNet field values, except cast
-# (1 = score params pre-cast with cast_params_for_compute, 0 = float32 params).
+# (1 = score params pre-cast with frozen_params_for_compute, as the programs hold them; 0 = float32 params).
 OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass"), "auto"),  # UNet.norm_stats
@@ -290,9 +291,9 @@ class Bench:
     if case.cast == "0":
       return self.score_params
     if case.dtype not in self._cast_params:
-      from diffaug_jax.models.unet import cast_params_for_compute
+      from diffaug_jax.models.score import frozen_params_for_compute
       self._cast_params[case.dtype] = _jax().block_until_ready(
-          cast_params_for_compute(self.score_params, _dtype(case.dtype)))
+          frozen_params_for_compute(self.unet, self.score_params, _dtype(case.dtype)))
     return self._cast_params[case.dtype]
 
   def eps_factory(self, case: Case):

@@ -284,7 +284,8 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
       raise ValueError(f"{workdir} holds a {config.get('mode')!r} run, not a score model")
     module = trainer.build_score_model(config, dtype=dtype)
     if overrides:  # the architecture is the run's own; only execution choices may be overridden here
-      execution = {"attention_impl", "norm_stats", "upsample_impl"}
+      from diffaug_jax.models.unet import EXECUTION_FIELDS
+      execution = set(EXECUTION_FIELDS)
       if not set(overrides) <= execution:
         raise ValueError(f"score.overrides {sorted(set(overrides) - execution)} cannot change the architecture "
                          f"of the score run in {workdir}; only {sorted(execution)} may be overridden")

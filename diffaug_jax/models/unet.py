@@ -46,7 +46,7 @@ Dtype = Any
 __all__ = [
     "UNet", "UNET_PRESETS", "unet_from_preset", "unet_from_flags", "timestep_embedding", "GroupNorm32",
     "default_channel_mult", "count_params", "cast_params_for_compute", "ATTENTION_IMPLS", "NORM_STATS",
-    "UPSAMPLE_IMPLS",
+    "UPSAMPLE_IMPLS", "EXECUTION_FIELDS",
 ]
 
 
@@ -62,6 +62,8 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 NORM_STATS = ("auto", "two_pass", "one_pass")
+# UNet fields that choose how the network runs, never what it computes (same params, same function).
+EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl")
 
 
 class GroupNorm32(nn.Module):
@@ -309,7 +311,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   dtype: Dtype = jnp.float32
-  # Execution choices, not checkpoint properties (the params are the same for every value):
+  # Execution choices (EXECUTION_FIELDS), not checkpoint properties (the params are the same for every value):
   # attention_impl: "auto" (cuDNN fused attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn".
   attention_impl: Optional[str] = "auto"
   # norm_stats: GroupNorm statistics, "auto" (two-pass in float32, one-pass in bf16/fp16), "two_pass",
