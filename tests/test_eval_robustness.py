@@ -208,6 +208,77 @@ def test_200_class_subsets_match_golden(golden_dir):
       sub_full.targets(np.array([not_in]))
 
 
+def test_tfds_imagenet_r_a_labels_are_1000_way(tmp_path):
+  """TFDS imagenet_r / imagenet_a label with the 1000-wnid list (the same list folders are read with), so the
+  suites must say labels="full"; reading them as subset positions scored an oracle at 0%."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from diffaug_jax.data import sources
+  for name in ("imagenet_r", "imagenet_a"):
+    label = tfds.builder(name, data_dir=str(tmp_path)).info.features["label"]
+    assert label.names == sources.imagenet_class_names()
+    for src in ({}, {"source": "folder", "path": "/x"}):
+      (es,) = suites.expand_suite(name, src)
+      assert es.labels == "full"
+  # 1000-way labels declared as subset positions are an error, not a silent 0%.
+  subset = suites.imagenet_200_subsets()["imagenet_r"]
+  with pytest.raises(ValueError, match="1000-way"):
+    robustness.Head(subset, "subset", "subset").targets(np.array([3, 500]))
+
+
+def _oracle_classify(params, x):
+  """Reads the label written into pixel (0, 0) (label = 4 * u0 + u1 of the uint8 image): 1000 logits."""
+  del params
+  u = jnp.round((x[:, 0, 0, :2] + 1.0) * 127.5).astype(jnp.int32)
+  return 10.0 * jax.nn.one_hot(4 * u[:, 0] + u[:, 1], 1000)
+
+
+def test_imagenet_r_and_a_each_use_their_own_subset():
+  """The runner cache must not hand ImageNet-A the program compiled for ImageNet-R's 200 classes."""
+  subsets = suites.imagenet_200_subsets()
+
+  def make_batches(es):
+    labels = np.asarray(subsets[es.suite][::25], np.int32)  # 8 true 1000-way labels of this suite
+    images = np.zeros((len(labels), 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = labels // 4, labels % 4
+    return _batches(images, labels), None
+
+  for order in (("imagenet_r", "imagenet_a"), ("imagenet_a", "imagenet_r")):
+    specs = {name: {"source": "folder", "path": "/unused"} for name in order}
+    res = robustness.evaluate_models([{"name": "oracle", "classify_fn": _oracle_classify, "params": {}}],
+                                     specs, ["default"], make_batches=make_batches)
+    for name in order:
+      assert res["models"]["oracle"][name]["sets"]["subset"]["default"]["accuracy"] == 1.0, (order, name)
+
+
+def test_suite_options_are_checked():
+  with pytest.raises(ValueError, match="unknown option.*severity"):
+    suites.expand_suite("imagenet_c", {"severity": (5,)})
+  with pytest.raises(ValueError, match="source must be 'tfds' or 'folder'"):
+    suites.expand_suite("imagenet_c", {"source": "Folder", "path": "/data/imagenet-c"})
+  with pytest.raises(ValueError, match="unknown option.*corruption"):
+    suites.expand_suite("cifar10_c", {"corruption": ("fog",)})
+
+
+def test_dda_step_hands_the_padding_mask_to_batch_norm(monkeypatch, setup):
+  """DDA's norm="batch" (the official whole-batch guidance norm) must not count padding rows."""
+  params, sp, images, labels = setup
+  seen = []
+  real = dda.dda_adapt
+
+  def spy(*args, **kw):
+    seen.append(kw.get("mask"))
+    return real(*args, **kw)
+
+  monkeypatch.setattr(dda, "dda_adapt", spy)
+  step = robustness.dda_step(classify_fn, model_fn, dda.dda_schedule(spacing="10"), robustness.Head(),
+                             start_step=2, factor=2, scale=3.0, learn_sigma=True, norm="batch",
+                             image_size=None)
+  out = classify.ShardedRunner(step, _mesh1()).run((params, sp), _batches(images[:12], labels[:12]),
+                                                   jax.random.key(0))
+  assert len(out["pred_dda"]) == 12
+  assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (8,)  # traced once, mask passed
+
+
 def test_mce_hand_computed():
   acc = {"gaussian_noise": {1: 0.5, 5: 0.1}, "brightness": {5: 0.6}, "speckle_noise": {5: 0.3}}
   r = suites.mce(acc, normalise=True)

@@ -2,11 +2,12 @@
 
 `run_sharded(step_fn, params, batches, ...)` is the engine every robustness mode uses:
 
-    step_fn(params, images, key) -> dict of per-example arrays (B, ...)
+    step_fn(params, images, key, mask) -> dict of per-example arrays (B, ...)
 
 with `images` float32 NHWC in [-1, 1] (converted on device from the loader's uint8), `params` any pytree
 (replicated on the mesh, passed as a jit argument so big weights are never baked into the program as
-constants), and `key` a per-batch key (`fold_in(key, batch_index)`). The batch is sharded on the mesh's
+constants), `key` a per-batch key (`fold_in(key, batch_index)`) and `mask` (B,) float32, 1 for real rows and
+0 for padding (for whole-batch statistics such as DDA's `norm="batch"`; per-example steps ignore it). The batch is sharded on the mesh's
 `data` axis; every batch is padded to the first batch's size rounded up to a multiple of the device count,
 so the function compiles once. Padding rows (loader `mask` 0 or added here) are dropped on the host.
 
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 from diffaug_jax import sharding as shd
 
 PyTree = Any
-StepFn = Callable[[PyTree, jax.Array, jax.Array], Mapping[str, jax.Array]]
+StepFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], Mapping[str, jax.Array]]
 
 
 def uint8_to_model(images: jax.Array) -> jax.Array:
@@ -68,7 +69,7 @@ class ShardedRunner:
     repl = shd.replicated(self.mesh)
 
     def _step(params, images, labels, mask, key, index):
-      out = dict(step_fn(params, uint8_to_model(images), jax.random.fold_in(key, index)))
+      out = dict(step_fn(params, uint8_to_model(images), jax.random.fold_in(key, index), mask))
       out["label"] = labels
       out["mask"] = mask
       return out

@@ -81,6 +81,9 @@ class Head:
         bad = np.unique(labels[self.subset[pos] != labels])[:10]
         raise ValueError(f"labels {bad.tolist()} are not in the {len(self.subset)}-class subset")
       return pos
+    if self.labels == "subset" and labels.size and (labels.min() < 0 or labels.max() >= len(self.subset)):
+      raise ValueError(f"labels={self.labels!r} means labels index the {len(self.subset)}-class subset, but "
+                       f"they range over [{labels.min()}, {labels.max()}]: are they 1000-way (labels='full')?")
     if self.head == "full" and self.labels == "subset":
       return self.subset[labels].astype(np.int64)
     return labels
@@ -98,8 +101,8 @@ def _acc(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def default_step(classify_fn, head: Head):
-  def step(params, x, key):
-    del key
+  def step(params, x, key, mask):
+    del key, mask
     p = head.probs(classify_fn(params, x))
     return {"pred": jnp.argmax(p, -1).astype(jnp.int32), "entropy": _entropy(p)}
   return step
@@ -108,7 +111,8 @@ def default_step(classify_fn, head: Head):
 def de_step(classify_fn, eps_fn, schedule: diffusion.Schedule, ts: Sequence[int], head: Head):
   ts = tuple(int(t) for t in ts)
 
-  def step(params, x, key):
+  def step(params, x, key, mask):
+    del mask
     cls_params, score_params = params
     mean_probs, member_probs = augment.diffaug_ensemble(
         key, x, lambda im: _logits_as_probs_input(head, classify_fn(cls_params, im)),
@@ -133,7 +137,7 @@ def _logits_as_probs_input(head: Head, logits: jax.Array) -> jax.Array:
 
 def dda_step(classify_fn, model_fn, schedule: diffusion.Schedule, head: Head, *, start_step: int,
              factor: int, scale: float, learn_sigma: bool, norm: str, image_size: int | None):
-  def step(params, x, key):
+  def step(params, x, key, mask):
     cls_params, score_params = params
     ref = x
     if image_size and x.shape[1] != image_size:
@@ -141,7 +145,7 @@ def dda_step(classify_fn, model_fn, schedule: diffusion.Schedule, head: Head, *,
       ref = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "cubic")
     adapted = dda_lib.dda_adapt(key, ref, lambda x_t, t: model_fn(score_params, x_t, t), schedule,
                                 start_step=start_step, factor=factor, scale=scale,
-                                learn_sigma=learn_sigma, norm=norm)
+                                learn_sigma=learn_sigma, norm=norm, mask=mask)
     adapted = jnp.clip(adapted, -1.0, 1.0)
     if adapted.shape != x.shape:
       adapted = jax.image.resize(adapted, x.shape, "cubic")
@@ -263,7 +267,8 @@ def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[s
   for i, es in enumerate(evalsets):
     per_mode: dict[str, Any] = {}
     h = Head(es.class_subset, es.head, es.labels)
-    hkey = (es.class_subset is not None, es.head, es.labels) + fkey
+    # The compiled step closes over the Head, so the key holds the subset itself (ImageNet-R and -A differ).
+    hkey = (es.class_subset, es.head, es.labels) + fkey
     set_key = jax.random.fold_in(key, i)
     for mode in modes:
       if mode == "dda_se" and "dda" in modes:

@@ -84,8 +84,9 @@ class EvalSet:
     {"kind": "base", "split"} (the base data config itself).
   class_subset: the 200 class indices of ImageNet-R/-A (None: all classes).
   head: "subset" (slice the logits to class_subset before the softmax) or "full" (1000-way argmax).
-  labels: "subset" (labels index the subset: TFDS imagenet_r/imagenet_a) or "full" (1000-way labels:
-    folders read with the ImageNet wnid list).
+  labels: "full" (1000-way labels: TFDS imagenet_r/imagenet_a, whose ClassLabel is the 1000-wnid list, and
+    folders read with the ImageNet wnid list; what every suite here produces) or "subset" (labels already
+    index the 200 subset classes, for a user's own source).
   """
   suite: str
   name: str
@@ -117,15 +118,25 @@ def _tfds(name, split, data_dir):
   return {"kind": "tfds", "name": name, "split": split, "data_dir": data_dir}
 
 
+SUITE_OPTIONS = ("source", "path", "data_dir", "split", "corruptions", "severities", "head", "seed", "tfds_name")
+
+
 def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: str = "") -> list[EvalSet]:
   """Suite name + its options -> EvalSets.
 
   Options (all optional): source ("tfds" | "folder"), path (folder root), data_dir (TFDS), split,
-  corruptions, severities, head ("subset" | "full"), seed (for "corrupted").
+  corruptions, severities, head ("subset" | "full"), seed (for "corrupted"), tfds_name (for "clean").
+  A misspelled option or source is an error: silently ignoring `severity=5` would run all five severities,
+  and reading `source="Folder"` as TFDS would swap the official ImageNet-C release for the regenerated one.
   """
   cfg = dict(cfg or {})
+  unknown = sorted(set(cfg) - set(SUITE_OPTIONS))
+  if unknown:
+    raise ValueError(f"suite {name!r}: unknown option(s) {unknown}; known: {', '.join(SUITE_OPTIONS)}")
   cfg.setdefault("data_dir", data_dir)
-  src = cfg.get("source", "tfds")
+  src = cfg.get("source") or "tfds"
+  if src not in ("tfds", "folder"):
+    raise ValueError(f"suite {name!r}: source must be 'tfds' or 'folder', got {src!r}")
   get = cfg.get
   if name == "clean":
     if get("tfds_name"):
@@ -154,11 +165,13 @@ def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: s
     head = get("head", "subset")
     if head not in ("subset", "full"):
       raise ValueError(f"suite {name!r}: head must be 'subset' or 'full', got {head!r}")
+    # Both sources label with the 1000-wnid list (TFDS imagenet_r/imagenet_a's ClassLabel is
+    # imagenet_common's 1000 names; folders are read with the wnid list); Head maps them into the subset.
     if src == "folder":
-      source, labels = {"kind": "folder", "path": _need_path(cfg, name)}, "full"
+      source = {"kind": "folder", "path": _need_path(cfg, name)}
     else:
-      source, labels = _tfds(name, "test", get("data_dir")), "subset"
-    return [EvalSet(name, head, source, class_subset=subset, head=head, labels=labels)]
+      source = _tfds(name, "test", get("data_dir"))
+    return [EvalSet(name, head, source, class_subset=subset, head=head, labels="full")]
   if name in ("imagenet_sketch", "imagenet_v2"):
     if src == "folder":
       source = {"kind": "folder", "path": _need_path(cfg, name)}
