@@ -250,6 +250,22 @@ def test_imagenet_r_and_a_each_use_their_own_subset():
       assert res["models"]["oracle"][name]["sets"]["subset"]["default"]["accuracy"] == 1.0, (order, name)
 
 
+def test_unreadable_examples_are_counted_in_results(setup):
+  """A loader that knows its size (EvalLoader.num_examples) reports how many examples were not scored."""
+  params, _, images, labels = setup
+
+  class Loader(list):
+    num_examples = 21  # one more than the 20 readable rows: one file could not be read
+
+  def make_batches(es):
+    return Loader(_batches(images, labels)), None
+
+  res = robustness.evaluate_models([{"name": "m", "classify_fn": classify_fn, "params": params}],
+                                   {"clean": {}}, ["default"], make_batches=make_batches)
+  s = res["models"]["m"]["clean"]["sets"]["test"]
+  assert s["default"]["n"] == 20 and s["unreadable"] == 1
+
+
 def test_suite_options_are_checked():
   with pytest.raises(ValueError, match="unknown option.*severity"):
     suites.expand_suite("imagenet_c", {"severity": (5,)})

@@ -172,7 +172,7 @@ def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
 
 
 class _EvalMap:
-  """Padded position -> example (or a zero image with mask 0 beyond the host's shard)."""
+  """Padded position -> example (or a zero image with mask 0 beyond the host's shard or when unreadable)."""
 
   def __init__(self, source, indices, transform, shape, channels):
     self.source, self.indices, self.transform = source, indices, transform
@@ -181,7 +181,11 @@ class _EvalMap:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     if position >= len(self.indices):
       return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0)}
-    ex = self.source[int(self.indices[position])]
+    index = int(self.indices[position])
+    load = getattr(self.source, "load_or_none", None)
+    ex = load(index) if load is not None else self.source[index]
+    if ex is None:  # unreadable (logged): not scored, rather than scoring another image twice
+      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0)}
     image = self.transform(sources_lib.to_channels(ex["image"], self.channels))
     return {"image": image, "label": np.int32(ex["label"]), "mask": np.int32(1)}
 
@@ -233,7 +237,8 @@ def make_eval_loader(cfg: ml_collections.ConfigDict, split: str | None = None, *
   """Eval loader for `split` (default cfg.eval_split); batches of global_batch_size // process_count.
 
   Yields {"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,)}; the last batch is padded
-  (zero images, label 0, mask 0). `source` overrides the configured source (e.g. a corrupted copy).
+  (zero images, label 0, mask 0), and an unreadable image is a mask-0 row too (logged; the eval results'
+  "unreadable" = num_examples - scored). `source` overrides the configured source (e.g. a corrupted copy).
   """
   config_lib.validate(cfg)
   split = cfg.eval_split if split is None else split

@@ -6,7 +6,7 @@
 
 Unreadable examples never stop an epoch: `_RobustSource.__getitem__` logs the file name, counts it
 (`num_bad` = failed reads, `bad_files` = unique names) and deterministically returns the next readable
-example instead. The counters live in the process that read the example (with grain workers > 0 that is a
+example instead (training); evaluation reads with `load_or_none` and leaves the example out (mask 0). The counters live in the process that read the example (with grain workers > 0 that is a
 worker process: the log line is the report there; `FolderSource.verify()` scans every file up front when
 a full list is wanted).
 
@@ -75,22 +75,28 @@ class _RobustSource:
   def _describe(self, index: int) -> str:
     return f"{type(self).__name__}[{index}]"
 
+  def load_or_none(self, index: int, *, instead: str = "skipped") -> dict[str, Any] | None:
+    """Example `index`, or None when it cannot be read (logged and counted). Evaluation uses this: an
+    unreadable image is left out of the score (mask 0), never replaced by a second copy of another."""
+    try:
+      return self._load(index)
+    except Exception as e:  # pylint: disable=broad-except
+      name = self._describe(index)
+      self.num_bad += 1
+      if name not in self.bad_files:
+        self.bad_files.append(name)
+      log.warning("unreadable image %s (%s: %s); %s", name, type(e).__name__, e, instead)
+      return None
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     n = len(self)
     index = int(index)
     if not 0 <= index < n:
       raise IndexError(f"index {index} out of range for a source of {n} examples")
     for k in range(n):
-      j = (index + k) % n
-      try:
-        return self._load(j)
-      except Exception as e:  # pylint: disable=broad-except
-        name = self._describe(j)
-        self.num_bad += 1
-        if name not in self.bad_files:
-          self.bad_files.append(name)
-        log.warning("unreadable image %s (%s: %s); using the next example instead", name,
-                    type(e).__name__, e)
+      ex = self.load_or_none((index + k) % n, instead="using the next example instead")
+      if ex is not None:
+        return ex
     raise RuntimeError(f"no readable example in {self!r} ({n} examples, all failed)")
 
   # Grain may fetch several indices at once.

@@ -315,6 +315,10 @@ def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[s
       # Record which ImageNet-C was read: the two differ slightly (REFERENCE.md).
       suite["imagenet_c_release"] = ("official JPEG release (folder)" if es.source["kind"] == "folder"
                                      else "TFDS imagenet2012_corrupted (regenerated)")
+    num_examples = getattr(batches, "num_examples", None)
+    scored = next((r["n"] for r in per_mode.values() if isinstance(r, dict) and "n" in r), None)
+    if num_examples is not None and scored is not None:
+      per_mode["unreadable"] = int(num_examples) - int(scored)  # left out of the score (logged by name)
     suite["sets"][es.name] = per_mode
   for suite_name, suite in results.items():
     done = set(modes) | ({"dda", "dda_se"} if {"dda", "dda_se"} & set(modes) else set())
