@@ -29,6 +29,12 @@ Metrics = dict[str, jax.Array]
 ScoreEpsFactory = Callable[[PyTree], Callable[[jax.Array, jax.Array], jax.Array]]
 
 
+def _global_norm(tree) -> jax.Array:
+  """sqrt of the sum of squares of every leaf (float32). Spelled out: `optax.global_norm` is deprecated
+  and its successor `optax.tree.norm` is newer than the optax versions we support."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the classifier step (bound with functools.partial; never traced).
@@ -148,7 +154,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
   new_params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
                             opt_state=new_opt_state)
-  metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, **aux, "grad_norm": _global_norm(grads),
              "learning_rate": _lr(cfg.lr_schedule, state.step)}
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -180,7 +186,7 @@ def score_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax
     d = cfg.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state, ema_params=ema)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": _lr(cfg.lr_schedule, state.step)}
+  metrics = {"loss": loss, "grad_norm": _global_norm(grads), "learning_rate": _lr(cfg.lr_schedule, state.step)}
   for k, v in (aux or {}).items():
     if jnp.ndim(v) == 0:
       metrics[k] = v
