@@ -5,7 +5,8 @@
 
 `eps_fn(x_t, t) -> eps` is any callable: a Flax `apply` with its params bound
 (`diffaug_jax.models.score.make_eps_fn`), or a lambda in a test. It is called exactly once per image.
-Images are NHWC in [-1, 1]; `t` holds original timestep indices (B,) int32.
+Images are NHWC in [-1, 1]; `t` (B,) int32 indexes `schedule` (the original timestep for the 1000-step
+schedule; on a respaced one the model is called with `schedule.timestep_map[t]`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffaug_jax import diffusion
 
@@ -22,6 +24,18 @@ EpsFn = Callable[[Array, Array], Array]
 ClassifyFn = Callable[[Array], Array]
 
 DEFAULT_ENSEMBLE_TS = tuple(range(0, 500, 50))  # 0, 50, ..., 450; t = 0 is the raw image.
+
+
+def _check_concrete_t(t, num_timesteps: int) -> None:
+  """Rejects a known t outside [0, T): the table gather would clamp it to T - 1 without a word. A traced t
+  (inside jit) cannot be read; `diffaug` draws it in range."""
+  try:
+    tv = np.asarray(t)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if tv.size and (tv.min() < 0 or tv.max() >= num_timesteps):
+    raise ValueError(f"t must lie in [0, {num_timesteps}) (indices into the schedule), got "
+                     f"[{tv.min()}, {tv.max()}]")
 
 
 def diffaug_at(key: Array, x0: Array, t: Array | int, eps_fn: EpsFn,
@@ -35,6 +49,7 @@ def diffaug_at(key: Array, x0: Array, t: Array | int, eps_fn: EpsFn,
   Returns:
     (B, H, W, C) float32 one-step estimate, clipped to [-1, 1] when `clip`.
   """
+  _check_concrete_t(t, schedule.num_timesteps)
   x0 = x0.astype(jnp.float32)
   t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), x0.shape[:1])
   noise = jax.random.normal(key, x0.shape, jnp.float32)

@@ -78,8 +78,10 @@ jax.tree_util.register_dataclass(Schedule, data_fields=list(_FIELDS), meta_field
 def from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = None) -> Schedule:
   """Builds every table from float64 `betas` (T,), as guided-diffusion's `GaussianDiffusion.__init__`."""
   betas = np.asarray(betas, dtype=np.float64)
-  if betas.ndim != 1 or betas.size == 0:
-    raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+  if betas.ndim != 1 or betas.size < 2:
+    # One step has no posterior variance to clip the log of (log 0 = -inf tables, NaN samples);
+    # guided-diffusion fails there too.
+    raise ValueError(f"betas must be a 1-D array of at least 2 steps, got shape {betas.shape}")
   if not ((betas > 0).all() and (betas <= 1).all()):
     raise ValueError("betas must lie in (0, 1]")
   alphas = 1.0 - betas
@@ -87,9 +89,8 @@ def from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = None) -> Sch
   abar_prev = np.append(1.0, abar[:-1])
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
   # The posterior variance is 0 at t = 0; guided-diffusion clips the log by repeating entry 1.
-  post_var_tail = post_var[1] if len(post_var) > 1 else post_var[0]
-  post_logvar = np.log(np.append(post_var_tail, post_var[1:]))
-  fixed_large = np.log(np.append(post_var_tail, betas[1:]))
+  post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+  fixed_large = np.log(np.append(post_var[1], betas[1:]))
   if timestep_map is None:
     timestep_map = np.arange(len(betas))
   tables = dict(

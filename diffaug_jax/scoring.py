@@ -208,6 +208,8 @@ def fpr_at_recall(id_scores: Array, ood_scores_: Array, recall: float = 0.95,
   """FPR at `recall` TPR; see the module docstring for the two conventions ("openood", "odin")."""
   from sklearn import metrics
 
+  if not 0.0 < recall <= 1.0:  # 95 (a percentage) would find no threshold and report a perfect 0.0
+    raise ValueError(f"recall must be a fraction in (0, 1], got {recall}")
   scores, is_id = _scores_and_labels(id_scores, ood_scores_)
   if convention == "openood":  # OOD positive, ranked by -score
     fpr, tpr, _ = metrics.roc_curve(1 - is_id, -scores)

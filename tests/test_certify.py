@@ -142,6 +142,22 @@ def test_selection_counts_pick_class_estimation_counts_bound_it():
   assert len({tuple(c[0]) for c in calls}) == 4  # fresh noise key for every batch
 
 
+def test_votes_outside_num_classes_are_an_error_not_a_bigger_radius():
+  """one_hot drops a class index >= num_classes; counting only the kept votes would shrink n and inflate
+  pA_lower (7069 of 7069 instead of 7069 of 10000). The count must equal the samples drawn."""
+  def predict_fn(params, key, xb):
+    del params, key
+    return jnp.where(jnp.arange(xb.shape[0]) % 10 < 7, 0, 7)  # 70% class 0, 30% class 7
+
+  counts_fn = certify.make_counts_fn(predict_fn, num_classes=5, batch_size=8)
+  with pytest.raises(ValueError, match="outside num_classes"):
+    certify.certify(counts_fn, None, jax.random.key(0), np.zeros((1, 2, 2, 1), np.float32), sigma=0.5,
+                    n0=16, n=80, batch_size=8)
+  ok = certify.make_counts_fn(predict_fn, num_classes=8, batch_size=8)
+  c = certify.sample_counts(ok, None, jax.random.key(0), np.zeros((1, 2, 2, 1), np.float32), 20, 8)
+  assert c.sum() == 20 and c[0] + c[7] == 20
+
+
 def test_denoised_predict_uses_t_for_sigma():
   """The denoiser sees t* = t_for_sigma(sigma) (smallest t with sqrt((1 - abar)/abar) >= 2 sigma): an eps
   model whose x0_hat is the constant image t / 1000, and a 1000-way classifier reading that t back."""

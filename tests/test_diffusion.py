@@ -149,3 +149,5 @@ def test_bad_betas_rejected():
     diffusion.from_betas(np.array([0.1, 1.5]))
   with pytest.raises(ValueError):
     diffusion.linear_schedule(0)
+  with pytest.raises(ValueError, match="at least 2 steps"):  # log(0) posterior variance tables
+    diffusion.respace(diffusion.linear_schedule(1000), "1")

@@ -100,6 +100,9 @@ def test_fpr95_conventions_differ():
   assert m["aupr_in"] == pytest.approx(1.0) and m["aupr_out"] == pytest.approx(1.0)
   with pytest.raises(ValueError):
     scoring.fpr_at_recall(id_s, ood_s, convention="tpr")
+  for recall in (95, 0.0, -1):  # a percentage would find no threshold and report a perfect 0.0
+    with pytest.raises(ValueError, match="recall must be a fraction"):
+      scoring.fpr_at_recall(id_s, ood_s, recall=recall)
   with pytest.raises(ValueError):
     scoring.ood_metrics([1., np.nan], [0.])
 

@@ -107,6 +107,12 @@ def sample_counts(counts_fn, params, key: Array, x: Array, num: int, batch_size:
     c = counts_fn(params, jax.random.fold_in(key, i), x, np.int32(min(batch_size, num - start)))
     c = np.asarray(c, np.int64)  # blocks every step: keeps the dispatch queue short
     total = c if total is None else total + c
+  if total is None or int(total.sum()) != num:
+    # one_hot drops a prediction outside [0, K): fewer votes would shrink n and inflate the bound and radius.
+    got = 0 if total is None else int(total.sum())
+    raise ValueError(f"{got} of {num} noisy predictions fell in [0, {0 if total is None else len(total)}): "
+                     "the classifier predicts classes outside num_classes (check config.classifier."
+                     "num_classes against the head's width)")
   return total
 
 
