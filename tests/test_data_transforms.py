@@ -19,6 +19,18 @@ def test_rrc_shape_and_determinism():
   assert not np.array_equal(a, c)
 
 
+def test_rrc_is_crop_then_resize():
+  """torchvision's F.resized_crop on a PIL image: img.crop(box) then img.resize(size, BILINEAR). The crop's
+  border pixels must not see the image outside the crop (PIL's resize(box=...) does)."""
+  from PIL import Image
+  img = _img(300, 400)
+  got = T.random_resized_crop(img, np.random.default_rng(3), 64)
+  top, left, h, w = T.rrc_params(np.random.default_rng(3), 300, 400)
+  want = np.asarray(Image.fromarray(img).crop((left, top, left + w, top + h)).resize((64, 64),
+                                                                                    Image.BILINEAR))
+  np.testing.assert_array_equal(got, want)
+
+
 def test_rrc_params_within_bounds():
   rng = np.random.default_rng(0)
   for _ in range(200):

@@ -90,7 +90,9 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
   """(H, W, C) uint8 -> (size, size, C) uint8, torchvision RandomResizedCrop semantics."""
   image = _check_image(image)
   top, left, h, w = rrc_params(rng, image.shape[0], image.shape[1], scale, ratio)
-  img = _to_pil(image).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  # Crop, then resize (torchvision's F.resized_crop): PIL's resize(box=...) would let the bilinear filter
+  # read pixels outside the crop, changing the border rows and columns.
+  img = _to_pil(image).crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
   return _from_pil(img, image.shape[-1])
 
 
