@@ -6,8 +6,8 @@ example's position in the stream, whatever the worker count.
 
 Semantics follow torchvision (what the official DiffAug/AugMix code uses):
 - `random_resized_crop`: `transforms.RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))` incl. the
-  10-try loop and the central-crop fallback; crop + bilinear resize in one PIL call (PIL's bilinear
-  filter is what torchvision applies to PIL images).
+  10-try loop and the central-crop fallback; PIL crop, then PIL bilinear resize, as torchvision does for
+  PIL images.
 - `resize_shorter`: `transforms.Resize(int)` (shorter side -> size, longer side truncated like torchvision).
 - `center_crop`: `transforms.CenterCrop` (round((h - size) / 2) offsets; zero-pads images smaller than size).
 - `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding, or reflect).
