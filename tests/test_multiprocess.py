@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (jax.distributed on localhost) == one process x 8 devices: same loss curve.
+"""Two processes x 4 CPU devices (jax.distributed on localhost) == one process x 8 devices: same loss curve
+(and the same OOD metrics, `test_ood_two_processes_match_one_process`).
 
 Both the in-memory "arrays" source and the real grain pipeline (digits, with per-example random crops) yield
 the same GLOBAL batch sequence for any process count (each process feeds its slice,
@@ -89,14 +90,74 @@ def test_two_processes_match_one_process(tmp_path, source):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"resumed step {a['step']} {k}")
 
 
+def _ood_config(tmp):
+  """A tiny OOD task: digits (ID, capped at 45) vs an npz of 21 noise images; batch 12 over the processes."""
+  import ml_collections
+  from diffaug_jax.convert.common import save_params
+  from diffaug_jax.models.classifiers import get_classifier
+  from fast_init import fast_init
+  path = pathlib.Path(tmp)
+  if not (path / "clf.msgpack").exists():
+    path.mkdir(parents=True, exist_ok=True)
+    save_params(path / "clf.msgpack", fast_init(get_classifier("cnn_small", 10, width=4), (1, 8, 8, 1)))
+    noise = np.random.default_rng(0).integers(0, 256, size=(21, 8, 8, 1), dtype=np.uint8)
+    np.savez(path / "noise.npz", image=noise, label=np.zeros(21, np.int32))
+  return ml_collections.ConfigDict({
+      "task": "ood", "batch_size": 16,
+      "classifier": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
+                     "params_path": str(path / "clf.msgpack")},
+      "id_data": {"source": "digits", "image_size": 8, "split": "test", "max_examples": 45},
+      "ood_data": {"noise": {"source": "npz", "path": str(path / "noise.npz")}}})
+
+
+@pytest.mark.slow
+def test_ood_two_processes_match_one_process(tmp_path):
+  """The OOD task under jax.distributed: each process reads its rows (loader and npz), the sharded forward
+  gathers all of them, and the metrics equal the 1-process run (the 45 + 21 examples counted once)."""
+  import json
+  from diffaug_jax.evaluation import ood
+  port = _free_port()
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+  _ood_config(tmp_path / "data")  # written once, before the children read it
+  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path / "multi"), str(port), str(i), "ood",
+                             str(tmp_path / "data")], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  multi = json.loads((tmp_path / "multi" / "ood.json").read_text())
+  single = ood.run(_ood_config(tmp_path / "data"), str(tmp_path / "single"))
+  assert multi["num_id"] == single["num_id"] == 45
+  assert multi["metrics"]["noise"]["msp"]["num_ood"] == 21
+  assert multi["id_accuracy"] == pytest.approx(single["id_accuracy"])
+  for m in ood.DEFAULT_METHODS:
+    for k in ("auroc", "fpr95_openood", "aupr_in"):
+      assert multi["metrics"]["noise"][m][k] == pytest.approx(single["metrics"]["noise"][m][k], abs=1e-6), (m, k)
+
+
 if __name__ == "__main__":
-  # Child: argv = workdir, port, process id, source.
+  # Child: argv = workdir, port, process id, source ("arrays" | "digits": train; "ood": the OOD task,
+  # argv[5] = its data folder).
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
                              process_id=int(sys.argv[3]), initialization_timeout=120)
-  from diffaug_jax import trainer
-  out = trainer.train_and_evaluate(_config(sys.argv[4]), sys.argv[1])
-  print(f"CHILD step={out['step']} processes={jax.process_count()} devices={jax.device_count()}", flush=True)
+  if sys.argv[4] == "ood":
+    from diffaug_jax.evaluation import ood
+    ood.run(_ood_config(sys.argv[5]), sys.argv[1])
+    print(f"CHILD ood processes={jax.process_count()} devices={jax.device_count()}", flush=True)
+  else:
+    from diffaug_jax import trainer
+    out = trainer.train_and_evaluate(_config(sys.argv[4]), sys.argv[1])
+    print(f"CHILD step={out['step']} processes={jax.process_count()} devices={jax.device_count()}",
+          flush=True)
   jax.distributed.shutdown()

@@ -170,3 +170,33 @@ def test_scoring_is_pure():
           "('flax', 'orbax', 'grain', 'tensorflow_datasets', 'tensorflow', 'optax', 'torch'))))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "", out.stdout
+
+
+@pytest.mark.parametrize("source", ["digits", "npz"])
+def test_iterate_batches_splits_global_batches_over_processes(tmp_path, source):
+  """With P processes each yields its rows of every global batch, all yield the same number of batches
+  (the sharded forward is a collective), and together they cover exactly the 1-process examples, the
+  max_examples cap included."""
+  from diffaug_jax.evaluation import loading
+  if source == "npz":
+    images = np.random.default_rng(0).integers(0, 256, size=(37, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", image=images, label=np.arange(37, dtype=np.int32))
+    cfg = {"source": "npz", "path": str(tmp_path / "x.npz")}
+  else:
+    cfg = {"source": "digits", "image_size": 8, "split": "test", "max_examples": 45}
+
+  def examples(pi, pc):
+    batches = list(loading.iterate_batches(cfg, 12, process_index=pi, process_count=pc))
+    assert all(len(b["mask"]) == 12 // pc for b in batches)
+    rows = [(b["image"][j].tobytes(), int(b["label"][j])) for b in batches for j in range(len(b["mask"]))
+            if b["mask"][j] > 0]
+    return len(batches), rows
+
+  n1, one = examples(0, 1)
+  assert len(one) == (37 if source == "npz" else 45) and len(set(one)) == len(one)
+  for pc in (2, 3):
+    parts = [examples(pi, pc) for pi in range(pc)]
+    assert len({n for n, _ in parts}) == 1  # same number of batches on every process
+    assert sorted(r for _, rows in parts for r in rows) == sorted(one)
+  with pytest.raises(ValueError, match="divisible"):
+    next(loading.iterate_batches(cfg, 12, process_index=0, process_count=5))

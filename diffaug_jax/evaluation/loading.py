@@ -196,7 +196,7 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
   if cfg_get(data_cfg, "source") == "npz":
     if not cfg_get(data_cfg, "path"):
       raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
-    with np.load(data_cfg.path) as z:
+    with np.load(cfg_get(data_cfg, "path")) as z:
       images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
       labels = z["label"][::skip].astype(np.int32)
     return (images[:cap], labels[:cap]) if cap else (images, labels)
@@ -211,7 +211,9 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
     idx = idx[:cap]
   images, labels = [], []
   for i in idx:
-    ex = src[int(i)]
+    ex = src.load_or_none(int(i))
+    if ex is None:  # unreadable (logged): left out, not replaced by a copy of its neighbour
+      continue
     images.append(transform(sources.to_channels(ex["image"], int(cfg.channels))))
     labels.append(int(ex["label"]))
   if not images:
@@ -238,31 +240,47 @@ def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
   return out.astype(np.float32), np.full(len(out), -1, np.int32)
 
 
-def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None):
-  """Streams {"image" float32 [-1, 1], "label", "mask"} batches (padded last batch, mask 0 on padding)
-  through `data.make_eval_loader`; npz / synthetic sources are batched in memory. max_examples caps the
-  count."""
+def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None, process_index: int | None = None,
+                    process_count: int | None = None):
+  """Streams THIS process's rows of each global batch of `batch_size`: {"image" float32 [-1, 1], "label",
+  "mask"} (padded, mask 0 on padding), through `data.make_eval_loader`; npz / synthetic sources are batched
+  in memory. max_examples caps the count to the split's first examples. Every process yields the same
+  number of batches (the sharded forward is a collective); `classify.ShardedRunner` reassembles them."""
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if batch_size % pc:
+    raise ValueError(f"eval batch_size {batch_size} must be divisible by the {pc} processes")
+  local = batch_size // pc
   if cfg_get(data_cfg, "source") in ("npz", "synthetic"):
     images, labels = load_arrays(data_cfg, split=split)
-    for start in range(0, len(images), batch_size):
-      batch, mask = sharding.pad_to_multiple(
-          {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}, batch_size)
+    for start in range(0, len(images), batch_size):  # process p takes rows [p * local, (p + 1) * local)
+      lo = min(start + pi * local, len(images))
+      rows = slice(lo, min(lo + local, start + batch_size, len(images)))
+      batch, mask = sharding.pad_to_multiple({"image": images[rows], "label": labels[rows]}, local)
+      if not len(mask):  # nothing left for this process in the last batch: a full padding batch
+        batch = {"image": np.zeros((local,) + images.shape[1:], images.dtype),
+                 "label": np.zeros((local,), labels.dtype)}
+        mask = np.zeros((local,), np.float32)
       yield {**batch, "mask": mask}
     return
   from diffaug_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   cfg = data_config(data_cfg)
   loader = data_lib.make_eval_loader(cfg, split or cfg_get(data_cfg, "split") or None,
-                                     global_batch_size=batch_size)
+                                     global_batch_size=batch_size, process_index=pi, process_count=pc)
   cap = int(cfg_get(data_cfg, "max_examples", 0) or 0)
-  seen = 0
-  for batch in loader:
-    mask = np.asarray(batch["mask"], np.float32)
-    if cap:  # keep only the first `cap` real examples
-      mask = mask * ((seen + np.cumsum(mask)) <= cap)
-    seen += int(mask.sum())
-    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
-    if cap and seen >= cap:
+  num_batches = loader.num_batches
+  if cap:
+    # The loader gives process p examples p, p + P, p + 2P, ...: its row at position j is example p + jP.
+    # Keep examples < cap; process 0 needs the most rows, ceil(cap / P), and every process stops with it.
+    rows_needed = -(-cap // pc)  # ceil
+    num_batches = min(num_batches, -(-rows_needed // local))
+  for i, batch in enumerate(loader):
+    if i >= num_batches:
       return
+    mask = np.asarray(batch["mask"], np.float32)
+    if cap:
+      mask = mask * ((pi + (i * local + np.arange(len(mask))) * pc) < cap)
+    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
 
 
 # ------------------------------------------------------------------------------------- outputs

@@ -5,8 +5,9 @@ Scores (all "higher = more in-distribution"; formulas in `diffaug_jax.scoring`):
 percentile 90, SCALE at 85. Metrics: AUROC, AUPR-in, AUPR-out, FPR@95 under both conventions
 ("openood": OOD positive; "odin": ID positive).
 
-One jitted, sharded forward pass per batch returns (logits, features); the feature-shaping scores then
-run on the host-gathered features through the classifier's head (`logits_from_features`), jitted once.
+One jitted, sharded forward pass per batch (`classify.ShardedRunner`: each process feeds its rows, the
+outputs of all processes are gathered) returns (logits, features); the feature-shaping scores then
+run on the gathered features through the classifier's head (`logits_from_features`), jitted once.
 The ReAct threshold comes from `react_data` (OpenOOD uses the ID training/validation set) or, by
 default, the ID test set itself (stated in the output).
 
@@ -25,39 +26,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffaug_jax import scoring, sharding
-from diffaug_jax.evaluation import loading
+from diffaug_jax.evaluation import classify, loading
 
 DEFAULT_METHODS = ("msp", "energy", "react", "ash_b", "ash_s", "scale")
 NEAR_OOD_AVERAGE = ("msp", "react", "ash_b", "scale")  # the paper's "MSP, ReAct, ASH, SCALE" average
 
 
-def make_forward_fn(module, mesh=None):
-  """Jitted (variables, images (B, H, W, C) sharded on `data`) -> (logits (B, K), features (B, D))."""
-  mesh = sharding.make_mesh() if mesh is None else mesh
-
-  def fwd(variables, x):
+def make_runner(module, mesh=None) -> classify.ShardedRunner:
+  """One sharded forward, jitted once: variables, images (B, H, W, C) -> per-example (logits (B, K),
+  features (B, D)) in float32, gathered from every process for the real rows only. Reusable across
+  datasets of one batch shape."""
+  def step(variables, x, key, mask):
+    del key, mask
     logits, feats = module.apply(variables, x, train=False, return_features=True)
-    return logits.astype(jnp.float32), feats.astype(jnp.float32)
+    return {"logits": logits.astype(jnp.float32), "features": feats.astype(jnp.float32)}
 
-  return jax.jit(fwd, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  return classify.ShardedRunner(step, mesh)
 
 
-def collect(forward_fn, variables, batches: Iterable[Mapping[str, np.ndarray]], mesh
+def collect(runner: classify.ShardedRunner, variables, batches: Iterable[Mapping[str, np.ndarray]]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Runs forward_fn over batches {"image", "label", "mask"}; returns (logits, features, labels) of the
-  real (mask 1) examples as numpy."""
-  logits, feats, labels = [], [], []
-  for b in batches:
-    x = sharding.shard_batch(np.asarray(b["image"], np.float32), mesh)
-    lo, fe = forward_fn(variables, x)
-    keep = np.asarray(b["mask"]) > 0
-    logits.append(np.asarray(lo)[keep])
-    feats.append(np.asarray(fe)[keep])
-    labels.append(np.asarray(b["label"])[keep])
-  if not logits:
-    raise ValueError("no batches to evaluate")
-  return np.concatenate(logits), np.concatenate(feats), np.concatenate(labels)
+  """Runs the forward over batches {"image", "label", "mask"} (this process's rows); returns (logits,
+  features, labels) of the real (mask 1) examples of ALL processes as numpy."""
+  out = runner.run(variables, batches, jax.random.key(0))
+  return out["logits"], out["features"], out["label"]
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int):
@@ -90,14 +82,13 @@ def evaluate_ood(module, variables, id_batches, ood_batches: Mapping[str, Iterab
                  react_percentile: float = 90.0, ash_percentile: float = 90.0,
                  scale_percentile: float = 85.0, mesh=None) -> dict[str, Any]:
   """Scores ID and each OOD set; returns {"id_accuracy", "react_clip", "metrics": {ood: {method: {...}}},
-  "average": {method: {...}}}. Batches are iterables of {"image" float [-1, 1], "label", "mask"} with a
-  batch size divisible by the device count."""
-  mesh = sharding.make_mesh() if mesh is None else mesh
-  variables = sharding.replicate(variables, mesh)
-  fwd = make_forward_fn(module, mesh)
-  id_logits, id_feats, id_labels = collect(fwd, variables, id_batches, mesh)
+  "average": {method: {...}}}. Batches are iterables of this process's {"image" float [-1, 1] or uint8,
+  "label", "mask"} rows (`loading.iterate_batches` splits a global batch over processes); every batch is
+  padded to the first one's size."""
+  runner = make_runner(module, mesh)
+  id_logits, id_feats, id_labels = collect(runner, variables, id_batches)
   if react_batches is not None:
-    _, ref_feats, _ = collect(fwd, variables, react_batches, mesh)
+    _, ref_feats, _ = collect(runner, variables, react_batches)
   else:
     ref_feats = id_feats
   react_clip = scoring.react_threshold(ref_feats, react_percentile) if "react" in methods else None
@@ -106,7 +97,7 @@ def evaluate_ood(module, variables, id_batches, ood_batches: Mapping[str, Iterab
   id_scores = score_all(module, variables, id_logits, id_feats, **kw)
   metrics = {}
   for name, batches in ood_batches.items():
-    lo, fe, _ = collect(fwd, variables, batches, mesh)
+    lo, fe, _ = collect(runner, variables, batches)
     ood_s = score_all(module, variables, lo, fe, **kw)
     metrics[name] = {m: scoring.ood_metrics(id_scores[m], ood_s[m]) for m in methods}
   average = {m: {k: float(np.mean([metrics[o][m][k] for o in metrics]))
@@ -150,9 +141,10 @@ def run(config, workdir: str) -> dict:
       react_batches=loading.iterate_batches(react_cfg, bs) if react_cfg else None,
       methods=tuple(g("methods", DEFAULT_METHODS)), react_percentile=float(g("react_percentile", 90.0)),
       ash_percentile=float(g("ash_percentile", 90.0)), scale_percentile=float(g("scale_percentile", 85.0)))
-  with open(os.path.join(workdir, "ood.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(workdir, "ood.md"), "w") as f:
-    f.write(markdown_table(result))
-  loading.write_results(workdir, result, markdown_table(result))
+  if jax.process_index() == 0:  # every process holds the same gathered result
+    with open(os.path.join(workdir, "ood.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(workdir, "ood.md"), "w") as f:
+      f.write(markdown_table(result))
+    loading.write_results(workdir, result, markdown_table(result))
   return result
