@@ -4,7 +4,8 @@
   python train.py --config configs/cifar10_resnet18.py:diffaug --workdir runs/c10_r18_diffaug
   python train.py --config configs/score_cifar10.py --workdir runs/score_c10
 
-A run resumes from the latest checkpoint in --workdir; SIGTERM saves a checkpoint and exits.
+A run resumes from the latest checkpoint in --workdir (under the config it was started with, apart from its
+length and logging; --allow_config_change to override); SIGTERM saves a checkpoint and exits.
 """
 import os
 import sys
@@ -16,6 +17,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "default.py"), "Config file (path[:arg]).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume the run in --workdir even though --config computes something else "
+    "than its config.json (the old file is kept as config.before_step<N>.json).")
 
 
 def main(argv):
@@ -32,10 +36,10 @@ def main(argv):
   sharding.initialize_distributed()  # before any other JAX call
   if config.get("mode") == "demo":
     from diffaug_jax import demo
-    demo.run_demo(config, workdir)
+    demo.run_demo(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   else:
     from diffaug_jax import trainer
-    summary = trainer.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
     if summary.get("eval"):
       print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()), flush=True)
 

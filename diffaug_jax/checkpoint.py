@@ -110,6 +110,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
+    if int(keep) < 1:  # orbax's max_to_keep=0 deletes every checkpoint, the last one included
+      raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.save_every = int(save_every)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -224,13 +226,31 @@ def weights_from(source: str) -> dict:
   raise FileNotFoundError(f"init checkpoint {source!r} is neither a workdir/checkpoint directory nor a file")
 
 
+def check_variables(loaded: dict, expected: dict, source: str) -> None:
+  """Raises one ValueError listing the missing, unexpected and mis-shaped leaves of `loaded` against
+  `expected` (both {"params", ["batch_stats"]}; expected leaves may be ShapeDtypeStructs)."""
+  def flat(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got = flat({k: v for k, v in loaded.items() if k in ("params", "batch_stats") and v})
+  want = flat({k: v for k, v in expected.items() if v})
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  shapes = sorted(f"{k} {got[k]} (model: {want[k]})" for k in set(got) & set(want) if got[k] != want[k])
+  if missing or unexpected or shapes:
+    parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+             for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+    raise ValueError(f"init checkpoint {source!r} does not fit the model: " + "; ".join(parts))
+
+
 def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], TrainState], data_iter: Any,
-                    *, init_checkpoint: str | None = None, log: Callable[[str], None] = print
-                    ) -> tuple[TrainState, str]:
+                    *, init_checkpoint: str | None = None, log: Callable[[str], None] = print,
+                    expected: dict | None = None) -> tuple[TrainState, str]:
   """Resume order: latest checkpoint in workdir -> `init_checkpoint` (weights only) -> scratch.
 
   init_state_fn(variables_or_None) builds a fresh state (None = random init); its output also gives the
-  structure and shardings for the restore. Returns (state, where) with where in {"resume@<step>", "init:<src>",
+  structure and shardings for the restore. `expected` ({"params", "batch_stats"} shapes of the model): an
+  init checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with where in {"resume@<step>", "init:<src>",
   "scratch"}.
   """
   if ckpt.latest_step() is not None:
@@ -239,6 +259,8 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
     return state, f"resume@{step}"
   if init_checkpoint:
     variables = weights_from(init_checkpoint)
+    if expected is not None:
+      check_variables(variables, expected, init_checkpoint)
     log(f"initialised weights from {init_checkpoint}")
     return init_state_fn(variables), f"init:{init_checkpoint}"
   return init_state_fn(None), "scratch"
@@ -274,14 +296,24 @@ def load_trained_classifier(workdir: str, step: int | None = None, *, dtype: Any
 
 
 def load_score_model(*, workdir: str | None = None, params_path: str | None = None, preset: str | None = None,
-                     overrides: dict | None = None, step: int | None = None, dtype: Any = None):
+                     overrides: dict | None = None, step: int | None = None, dtype: Any = None,
+                     schedule: tuple[str, int] | None = None):
   """(module, params) of a frozen score model: EMA params of a score-mode workdir of ours, or a converted
-  parameter file (`convert.common.load_params`, e.g. the guided-diffusion 256x256 model) with a UNet preset."""
+  parameter file (`convert.common.load_params`, e.g. the guided-diffusion 256x256 model) with a UNet preset.
+
+  schedule: the (kind, num_timesteps) the caller will use; for a workdir it must be the one the score model
+  was trained with (`config.ddpm`), since eps_hat means nothing under another noise schedule."""
   from diffaug_jax import trainer
   if workdir:
     config = read_train_config(workdir)
     if config.get("mode") != "score":
       raise ValueError(f"{workdir} holds a {config.get('mode')!r} run, not a score model")
+    ddpm = config.get("ddpm", {}) or {}
+    trained = (str(ddpm.get("schedule", "linear")), int(ddpm.get("num_timesteps", 1000)))
+    if schedule is not None and (str(schedule[0]), int(schedule[1])) != trained:
+      raise ValueError(f"the score model in {workdir} was trained with the {trained[0]} schedule over "
+                       f"{trained[1]} steps, but config.score asks for {schedule[0]} over {schedule[1]}: set "
+                       f"--config.score.schedule={trained[0]} --config.score.num_timesteps={trained[1]}")
     module = trainer.build_score_model(config, dtype=dtype)
     if overrides:  # the architecture is the run's own; only execution choices may be overridden here
       from diffaug_jax.models.unet import EXECUTION_FIELDS

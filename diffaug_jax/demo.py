@@ -122,8 +122,9 @@ def _check_finished(summary: dict, what: str) -> None:
     raise Preempted(0)
 
 
-def run_demo(config, workdir: str) -> dict:
-  """Runs the whole demo in `workdir`; returns the results dict (also written to results.json)."""
+def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Runs the whole demo in `workdir`; returns the results dict (also written to results.json).
+  `allow_config_change`: resume runs already in `workdir` under a changed config (trainer.train_and_evaluate)."""
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -134,7 +135,8 @@ def run_demo(config, workdir: str) -> dict:
   print("== 1/4 score model (DDPM) ==", flush=True)
   t = time.perf_counter()
   score_dir = os.path.join(workdir, "score")
-  _check_finished(trainer.train_and_evaluate(d.score, score_dir), "score model")
+  _check_finished(trainer.train_and_evaluate(d.score, score_dir, allow_config_change=allow_config_change),
+                  "score model")
   timings["score"] = time.perf_counter() - t
 
   # 2-3. Baseline and +DiffAug classifiers: same recipe and seed, DiffAug on/off.
@@ -144,7 +146,8 @@ def run_demo(config, workdir: str) -> dict:
     c = copy.deepcopy(d.classifier)
     c.diffaug.enabled = enabled
     c.score.workdir = score_dir
-    _check_finished(trainer.train_and_evaluate(c, os.path.join(workdir, name)), f"{name} classifier")
+    _check_finished(trainer.train_and_evaluate(c, os.path.join(workdir, name),
+                                               allow_config_change=allow_config_change), f"{name} classifier")
     timings[name] = time.perf_counter() - t
 
   # 4. Evaluation: Default and DE, clean and corrupted.

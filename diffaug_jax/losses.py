@@ -117,7 +117,7 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
   Args:
     x0: (B, H, W, C) in [-1, 1]. model_fn(x_t, t_original) -> (B, H, W, C or 2C).
   Returns:
-    (scalar loss, dict(mse, vb, t)).
+    (scalar loss, dict(mse, vb, t, per_example (B,) loss)).
   """
   if loss_type not in ("simple", "hybrid"):
     raise ValueError(f"loss_type must be 'simple' or 'hybrid', got {loss_type!r}")
@@ -139,5 +139,5 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
     vb = vb_terms_bpd(schedule, frozen, x0, x_t, t, learn_sigma=True)
     if rescale_vb:
       vb = vb * schedule.num_timesteps / 1000.0
-  loss = (mse + vb).mean()
-  return loss, dict(mse=mse.mean(), vb=vb.mean(), t=t)
+  per_example = mse + vb
+  return per_example.mean(), dict(mse=mse.mean(), vb=vb.mean(), t=t, per_example=per_example)

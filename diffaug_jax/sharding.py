@@ -75,6 +75,8 @@ def state_shardings(mesh: Mesh, state: PyTree,
 def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   """This process's share of the global batch; checks it divides over devices and processes."""
   ndev = jax.device_count() if mesh is None else mesh.size
+  if int(global_batch_size) <= 0:
+    raise ValueError(f"global batch size must be positive, got {global_batch_size}")
   if global_batch_size % ndev:
     raise ValueError(
         f"global batch size {global_batch_size} is not divisible by the {ndev} devices of the mesh")

@@ -208,7 +208,8 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, apply_fn: Ca
 
 def score_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *, apply_fn: Callable,
                     cfg: ScoreStepConfig) -> Metrics:
-  """DDPM loss of the EMA params on a batch at a fixed key (sums over the batch, like `eval_step`)."""
+  """DDPM loss of the EMA params on a padded batch at a fixed key: SUMS over the real rows (optional "mask",
+  0 on padding), like `eval_step`, so every process runs the same number of eval steps."""
   x0 = to_model_range(batch["image"])
   y = batch["label"].astype(jnp.int32) if cfg.class_cond else None
   params = state.ema_params if state.ema_params is not None else state.params
@@ -216,7 +217,7 @@ def score_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.
   def model_fn(x_t, t):
     return apply_fn({"params": params}, x_t, t, y=y, train=False).astype(jnp.float32)
 
-  loss, _ = losses.ddpm_loss(key, x0, model_fn, cfg.schedule, learn_sigma=cfg.learn_sigma,
-                             loss_type=cfg.loss_type)
-  n = jnp.asarray(x0.shape[0], jnp.float32)
-  return {"loss": loss * n, "count": n}
+  _, aux = losses.ddpm_loss(key, x0, model_fn, cfg.schedule, learn_sigma=cfg.learn_sigma,
+                            loss_type=cfg.loss_type)
+  mask = batch.get("mask", jnp.ones(x0.shape[:1], jnp.float32)).astype(jnp.float32)
+  return {"loss": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}

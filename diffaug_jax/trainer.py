@@ -4,6 +4,11 @@ Reads top to bottom: distributed init -> mesh -> data (fails before compiling on
 optimizer -> restore (latest in workdir -> init checkpoint -> scratch) -> jit ONCE -> loop (progress bar,
 JSONL metrics, non-finite guard, periodic eval, checkpoints every N steps / on SIGTERM / at the end).
 
+Bad input loses nothing: config.json is written once the run has built and restored; a workdir's run is
+resumed only under the config it was made with (`RESUME_MAY_CHANGE` lists what may differ, e.g. the run
+length; `allow_config_change=True` overrides and keeps the old file); an init checkpoint must fit the model;
+the loss is checked before every checkpoint, so a non-finite state is never saved.
+
 Modes (`config.mode`):
   "classifier": `steps.train_step`; DiffAug on/off by `config.diffaug.enabled` (off = the baseline run). The
     frozen score model comes from `config.score` (a score-mode workdir of ours, or a converted parameter file
@@ -115,7 +120,8 @@ def load_frozen_score(config):
     return module, variables["params"], schedule
   module, params = ckpt_lib.load_score_model(
       workdir=s.get("workdir"), params_path=s.get("params_path"), preset=s.get("preset"),
-      overrides=dict(s.get("overrides", {}) or {}))
+      overrides=dict(s.get("overrides", {}) or {}),
+      schedule=(s.get("schedule", "linear"), int(s.get("num_timesteps", 1000))))
   return module, params, schedule
 
 
@@ -264,14 +270,18 @@ def _init_variables(module, config, key, image_shape, *, score: bool):
 
 # --------------------------------------------------------------------------------------------------- loop
 class _Preemption:
-  """SIGTERM -> flag (checked each step; the loop saves a checkpoint and returns)."""
+  """SIGTERM -> flag (checked each step; the loop saves a checkpoint and returns).
+
+  One process only: with several, a signal reaches them at different steps, so the flag is left to JAX's
+  preemption sync manager (started by `jax.distributed.initialize`), which orbax's `reached_preemption`
+  reads at the same step on every process; a Python handler here would replace its SIGTERM handler."""
 
   def __init__(self):
     self.flag = False
     self._old = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -291,9 +301,55 @@ def write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+# Fields a resumed run may change: how long it runs and how it reports, not what it computes.
+RESUME_MAY_CHANGE = ("num_train_steps", "num_epochs", "log_every", "block_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "async_checkpoint", "progress", "final_eval",
+                     "distributed", "eval_batch_size", "init_checkpoint", "require_init_checkpoint")
+
+
+def _flat(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, config) -> list[str]:
+  """Dotted keys whose values differ between a workdir's saved config.json and `config` (as JSON), minus
+  RESUME_MAY_CHANGE."""
+  import json
+  now = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
+  before = _flat(saved)
+  keys = sorted(k for k in set(now) | set(before) if now.get(k, "<unset>") != before.get(k, "<unset>"))
+  return [k for k in keys if k.split(".")[0] not in RESUME_MAY_CHANGE]
+
+
+def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool = False) -> list[str]:
+  """Refuses to resume the run in `workdir` under a config that computes something else (model, data,
+  batch size, optimizer, DiffAug, score model, seed, ...) unless `allow`; returns the changed keys (logged
+  and recorded when allowed)."""
+  import json
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    changed = config_changes(json.load(f), config)
+  if changed and not allow:
+    shown = ", ".join(changed[:12]) + (" ..." if len(changed) > 12 else "")
+    raise ValueError(f"{workdir} holds a run at step {resume_step} made with another config ({shown} differ "
+                     f"from {path}); use a new workdir, or train.py --allow_config_change to resume it under "
+                     "this config anyway")
+  return changed
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) a training run in `workdir`. Returns a summary dict (final step, last train metrics,
-  eval metrics, where it started from, whether it stopped on SIGTERM)."""
+  eval metrics, where it started from, whether it stopped on SIGTERM).
+
+  allow_config_change: resume the run in `workdir` even if `config` differs from its config.json in more
+  than `RESUME_MAY_CHANGE` (the old file is kept as config.before_step<N>.json)."""
   # 1. Processes and devices.
   sharding.initialize_distributed(config.get("distributed", None))
   mesh = sharding.make_mesh()
@@ -304,7 +360,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError("this config fine-tunes released weights: set --config.init_checkpoint=<converted "
                      "params file or training workdir>")
   workdir = os.path.abspath(workdir)
-  write_config(config, workdir)
 
   # 2. Data first: a wrong path / empty dataset fails here, before anything compiles.
   data = build_data(config, mesh)
@@ -313,6 +368,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.num_classes={config.num_classes} but the data has {data['num_classes']} classes")
   steps_per_epoch = max(1, data["num_train"] // config.batch_size)
   total_steps = int(config.get("num_train_steps", 0) or 0) or int(config.num_epochs * steps_per_epoch)
+  if total_steps <= 0:
+    raise ValueError(f"nothing to train: num_train_steps={config.get('num_train_steps', 0)}, "
+                     f"num_epochs={config.get('num_epochs', 0)} give {total_steps} steps")
   _log(f"[{mode}] {jax.process_count()} process(es), {jax.device_count()} device(s); {data['num_train']} "
        f"train examples, global batch {config.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
@@ -356,9 +414,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 0) or 0),
                                keep=int(config.get("keep_checkpoints", 3)),
                                async_save=bool(config.get("async_checkpoint", True)))
+  resume_step = ckpt.latest_step()
+  changed = (check_resume_config(config, workdir, resume_step, allow=allow_config_change)
+             if resume_step is not None else [])
+  expected = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
   state, where = ckpt_lib.restore_or_init(ckpt, init_state_placed, train_iter,
-                                          init_checkpoint=config.get("init_checkpoint"), log=_log)
+                                          init_checkpoint=config.get("init_checkpoint"), log=_log,
+                                          expected=expected)
   start_step = int(jax.device_get(state.step))
+  # config.json describes the run; written once it is known to build (a failed rerun loses nothing).
+  if changed and jax.process_index() == 0:
+    _log(f"resuming under a changed config ({', '.join(changed)}); the old one is kept as "
+         f"config.before_step{start_step}.json")
+    os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before_step{start_step}.json"))
+  if resume_step is None or changed or not os.path.isfile(os.path.join(workdir, "config.json")):
+    write_config(config, workdir)
 
   # 5. Jit once: static parts bound with partial, batch sharded, state replicated (or by rule), donated.
   train_key_const = 1  # stream id: fold_in(root, 1) = train stream
@@ -407,10 +477,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def run_eval(state) -> dict:
     totals: dict[str, float] = {}
     for batch in data["eval_fn"]():
-      if mode == "score":  # ddpm_loss is a batch mean: use only full batches
-        if float(np.min(batch["mask"])) < 1:
-          continue
-        batch = {k: v for k, v in batch.items() if k in ("image", "label")}
+      # Masked sums in both modes: every process runs the same number of (collective) eval steps.
+      batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
       out = metrics_lib.to_python(p_eval(state, sharding.shard_batch(batch, mesh)))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + v
@@ -446,9 +514,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, m = p_step(state, sharding.shard_batch(batch, mesh), score_params)
         step += 1
         pending.append((step, m))
+        stopping = preemption.flag or ckpt.manager.reached_preemption(step)
+        saving = stopping or step == total_steps or ckpt.should_save(step)
         # Block on a value every few steps: keeps the dispatch queue short (8 fake CPU devices abort when
-        # ~40 sharded steps queue) and catches a non-finite loss at its step.
-        if len(pending) >= block_every or step % log_every == 0 or step == total_steps:
+        # ~40 sharded steps queue) and catches a non-finite loss at its step; always before a checkpoint,
+        # so a non-finite state is never saved (orbax would then drop the good checkpoints it keeps).
+        if len(pending) >= block_every or step % log_every == 0 or saving:
           for s, mm in pending:
             vals = metrics_lib.to_python(mm)
             metrics_lib.check_finite(vals, s)
@@ -464,7 +535,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           writer.write(step, last_eval, split="eval")
           _log(f"  eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         ckpt.save(step, state, train_iter)
-        if preemption.flag or ckpt.manager.reached_preemption(step):
+        if stopping:
           _log(f"SIGTERM/preemption at step {step}: saving a checkpoint and stopping")
           preempted = True
           break

@@ -70,6 +70,7 @@ def test_score_mode_then_classifier_from_its_workdir(tmp_path):
   sc.ddpm = ml_collections.ConfigDict(dict(learn_sigma=False, loss_type="simple", ema_decay=0.9,
                                            class_cond=False, schedule="linear", num_timesteps=1000))
   sc.optim = ml_collections.ConfigDict(dict(name="adam", learning_rate=1e-3, schedule="constant"))
+  sc.eval_every = 4
   out = trainer.train_and_evaluate(sc, str(tmp_path / "score"))
   assert out["step"] == 4 and out["state"].ema_params is not None
   from diffaug_jax import checkpoint as ckpt_lib
@@ -80,6 +81,94 @@ def test_score_mode_then_classifier_from_its_workdir(tmp_path):
   cc.score.workdir = str(tmp_path / "score")
   out = trainer.train_and_evaluate(cc, str(tmp_path / "clf"))
   assert out["step"] == 2 and out["train"]["loss_diffaug"] > 0
+  # eps_hat of a score model means something only under its own noise schedule.
+  cc.score.schedule, cc.score.num_timesteps = "cosine", 4000
+  with pytest.raises(ValueError, match="trained with the linear schedule over 1000"):
+    trainer.train_and_evaluate(cc, str(tmp_path / "clf2"))
+  # Score-mode eval counts every test example (masked sums; a partial last batch is not skipped, so every
+  # process runs the same number of eval steps).
+  ev = [r for r in metrics_lib.read_jsonl(str(tmp_path / "score" / "metrics.jsonl")) if r["split"] == "eval"]
+  assert ev and ev[-1]["eval_count"] == 40
+
+
+def test_score_eval_step_ignores_padding_rows():
+  import jax.numpy as jnp
+  import optax
+  from diffaug_jax import diffusion, steps
+  from diffaug_jax.state import TrainState
+  from test_steps import TinyEps
+  module = TinyEps()
+  x = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  state = TrainState.create(variables, optax.sgd(0.1), ema=True)
+  cfg = steps.ScoreStepConfig(schedule=diffusion.linear_schedule(1000), learn_sigma=False,
+                              loss_type="simple", ema_decay=0.9, class_cond=False, lr_schedule=None)
+  mask = np.array([1, 1, 0, 0], np.float32)
+  run = lambda im: steps.score_eval_step(state, {"image": im, "label": np.zeros(4, np.int32), "mask": mask},
+                                         jax.random.key(1), apply_fn=module.apply, cfg=cfg)
+  a, b = run(x), run(np.where(mask[:, None, None, None] > 0, x, 255 - x).astype(np.uint8))
+  assert float(a["count"]) == 2.0 and float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+
+
+def test_bad_input_loses_nothing(tmp_path):
+  """A rerun that fails (typo) or computes something else (changed batch size) leaves the run as it was."""
+  from diffaug_jax import checkpoint as ckpt_lib
+  wd = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(steps=4, diffaug=False), wd)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  bad = tiny_config(steps=4, diffaug=False)
+  bad.model.factory = "test_steps:NoSuchModel"
+  with pytest.raises(AttributeError, match="NoSuchModel"):
+    trainer.train_and_evaluate(bad, wd)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+  ckpt_lib.load_trained_classifier(wd)  # the finished run still loads
+  changed = tiny_config(steps=6, diffaug=False)
+  changed.batch_size = 32
+  with pytest.raises(ValueError, match="another config.*batch_size"):
+    trainer.train_and_evaluate(changed, wd)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+  assert ckpt_lib.Checkpointer(wd).all_steps() == [4]
+  # Allowed on request: resumes, records the new config and keeps the old one.
+  changed.batch_size, changed.optim.learning_rate = 16, 0.01
+  out = trainer.train_and_evaluate(changed, wd, allow_config_change=True)
+  assert out["start"] == "resume@4" and out["step"] == 6
+  assert (tmp_path / "run" / "config.before_step4.json").read_text() == saved
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["learning_rate"] == 0.01
+  # Values that cannot run are refused before anything is written.
+  for field, value, msg in (("num_train_steps", 0, "nothing to train"), ("batch_size", 0, "must be positive"),
+                            ("keep_checkpoints", 0, "keep_checkpoints must be >= 1")):
+    cfg = tiny_config(steps=4, diffaug=False)
+    cfg[field] = value
+    if field == "num_train_steps":
+      cfg.num_epochs = 0
+    with pytest.raises(ValueError, match=msg):
+      trainer.train_and_evaluate(cfg, str(tmp_path / field))
+    assert not (tmp_path / field / "config.json").exists()
+
+
+def test_init_checkpoint_must_fit_the_model(tmp_path):
+  trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(tmp_path / "a"))
+  cfg = tiny_config(steps=2, diffaug=False)
+  cfg.num_classes = cfg.data.num_classes = 5
+  cfg.init_checkpoint = str(tmp_path / "a")
+  with pytest.raises(ValueError, match=r"does not fit the model: shape.*Dense_0/bias \(4,\) \(model: \(5,\)\)"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "b"))
+
+
+def test_nonfinite_state_is_never_checkpointed(tmp_path):
+  """Saving every step while checking the loss every 4: the check must come first, or the NaN state is
+  saved and orbax's keep=2 drops the last good checkpoints."""
+  from diffaug_jax import checkpoint as ckpt_lib
+  cfg = tiny_config(steps=30, diffaug=False)
+  cfg.optim.learning_rate = 1e12
+  cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.block_every = 1, 2, 100, 4
+  with pytest.raises(metrics_lib.NonFiniteLossError):
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+  steps_saved = ckpt_lib.Checkpointer(str(tmp_path)).all_steps()
+  assert steps_saved
+  for st in steps_saved:
+    tree, _ = ckpt_lib.restore_raw_state(str(tmp_path), st)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree["params"])), st
 
 
 def test_nonfinite_loss_names_the_step(tmp_path):

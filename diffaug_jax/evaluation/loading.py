@@ -139,14 +139,15 @@ def load_score(spec) -> ScoreModel:
   if not has_score(spec):
     raise ValueError("no score model given: set config.score.workdir or config.score.params_path")
   from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  module, params = checkpoint.load_score_model(
-      workdir=cfg_get(spec, "workdir") or None, params_path=cfg_get(spec, "params_path") or None,
-      preset=cfg_get(spec, "preset") or None, overrides=dict(cfg_get(spec, "overrides", {}) or {}))
-  variables = params if "params" in params else {"params": params}
   steps = int(cfg_get(spec, "num_timesteps", 1000) or 1000)
   kind = cfg_get(spec, "schedule", "linear") or "linear"
   if kind not in ("linear", "cosine"):
     raise ValueError(f"config.score.schedule must be 'linear' or 'cosine', got {kind!r}")
+  module, params = checkpoint.load_score_model(
+      workdir=cfg_get(spec, "workdir") or None, params_path=cfg_get(spec, "params_path") or None,
+      preset=cfg_get(spec, "preset") or None, overrides=dict(cfg_get(spec, "overrides", {}) or {}),
+      schedule=(kind, steps))
+  variables = params if "params" in params else {"params": params}
   schedule = diffusion.cosine_schedule(steps) if kind == "cosine" else diffusion.linear_schedule(steps)
   dtype_name = str(cfg_get(spec, "dtype", "") or "").lower()
   if dtype_name not in _DTYPES:
