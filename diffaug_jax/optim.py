@@ -6,10 +6,12 @@ Config fields (`config.optim`):
     `lr_batch_base=None` means no scaling).
   momentum, nesterov: SGD (PyTorch semantics: v = m v + g + wd p; p -= lr v).
   weight_decay: SGD adds `wd * p` to the gradient before momentum (torch.optim.SGD, as the official recipe);
-    AdamW/LAMB use decoupled decay. `wd_mask`: "all" (torch default) or "no_bias_norm" (skip 1-D params).
+    AdamW/LAMB use decoupled decay. `wd_mask`: "all" (torch default) or "no_bias_norm" (skip 1-D params
+    and the ViT's pos_embed / cls_token / dist_token: timm's `param_groups_weight_decay` with the model's
+    `no_weight_decay()`, as DeiT-III trains).
   b1, b2, eps: Adam-family betas.
   schedule: "step" (x `decay_factor` every `decay_epochs`), "cosine", "constant".
-  warmup_epochs: linear warm-up from 0.
+  warmup_epochs: linear warm-up from 0 (lr * step / warmup_steps), then the schedule.
   grad_clip: global-norm clipping (None = off).
 """
 from __future__ import annotations
@@ -48,8 +50,11 @@ def make_schedule(cfg: Any, *, global_batch_size: int, steps_per_epoch: int,
     return main
   if kind == "step":
     # Step boundaries are in absolute steps: keep them, only ramp the first `warmup` steps.
-    return lambda step: jnp.where(step < warmup, lr * (step + 1) / warmup, main(step))
+    return lambda step: jnp.where(step < warmup, lr * step / warmup, main(step))
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")  # timm VisionTransformer.no_weight_decay()
 
 
 def _decay_mask(cfg: Any) -> Callable | None:
@@ -57,7 +62,10 @@ def _decay_mask(cfg: Any) -> Callable | None:
   if mode == "all":
     return None
   if mode == "no_bias_norm":
-    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    def decays(path, p):
+      name = str(getattr(path[-1], "key", path[-1])) if path else ""
+      return p.ndim > 1 and name not in NO_WEIGHT_DECAY_NAMES
+    return lambda params: jax.tree_util.tree_map_with_path(decays, params)
   raise ValueError(f"config.optim.wd_mask={mode!r}: expected 'all' or 'no_bias_norm'")
 
 

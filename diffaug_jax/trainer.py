@@ -149,6 +149,8 @@ def build_data(config, mesh) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   dcfg = config.data
   if dcfg.source == "arrays":
+    if config.get("augmix", False):  # the in-memory source makes no AugMix views: no JSD term would be added
+      raise ValueError("config.augmix=True needs a grain data source (digits, tfds, folder), not 'arrays'")
     images, labels, test_images, test_labels = synthetic_arrays(dcfg)
     it = InMemoryIterator(images, labels, global_batch=config.batch_size, seed=config.seed,
                           process_index=pi, process_count=pc)

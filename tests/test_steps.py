@@ -196,6 +196,29 @@ def test_imagenet_recipe_schedule_and_sgd_semantics():
   np.testing.assert_allclose(p["w"], pt, rtol=1e-6)
 
 
+def test_warmup_starts_at_zero_and_vit_tokens_are_not_decayed():
+  """Warm-up is lr * step / warmup for every schedule kind; "no_bias_norm" skips 1-D params and the ViT's
+  pos_embed / cls_token (timm's no_weight_decay, as DeiT-III trains)."""
+  import ml_collections
+  from diffaug_jax import optim
+  for kind in ("step", "cosine", "constant"):
+    cfg = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1.0, lr_batch_base=0, schedule=kind,
+                                         decay_epochs=50.0, decay_factor=0.1, warmup_epochs=1.0,
+                                         weight_decay=0.05, wd_mask="no_bias_norm"))
+    sched = optim.make_schedule(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=1000)
+    assert [float(sched(s)) for s in (0, 5)] == pytest.approx([0.0, 0.5]), kind
+  tx, _ = optim.make_optimizer(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=1000)
+  params = {"pos_embed": jnp.ones((1, 4, 8)), "cls_token": jnp.ones((1, 1, 8)),
+            "blocks": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones((8,))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  st = tx.init(params)
+  for _ in range(6):  # past step 0, where the warm-up LR is 0
+    u, st = tx.update(zeros, st, params)
+  moved = {k: float(jnp.abs(v).max()) for k, v in {"pos_embed": u["pos_embed"], "cls_token": u["cls_token"],
+                                                   "kernel": u["blocks"]["kernel"], "bias": u["blocks"]["bias"]}.items()}
+  assert moved["kernel"] > 0 and moved["pos_embed"] == moved["cls_token"] == moved["bias"] == 0.0, moved
+
+
 def test_score_params_never_in_state_or_optimizer():
   """The frozen score model is only an argument: the new state's params and optimizer state are exactly the
   classifier's (same tree as tx.init(classifier params)), and no score-model leaf is carried along."""
