@@ -184,3 +184,25 @@ def test_models_can_be_replaced_from_the_command_line(name):
       capture_output=True, text=True, cwd=REPO, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "['X', 'Y']"
+
+
+def test_only_process_0_writes_outputs(tmp_path, monkeypatch):
+  """Every process holds the same gathered results; only process 0 writes them (no races on shared storage)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from diffaug_jax.evaluation import figures, loading, pag
+
+  def write_all(d):
+    d.mkdir()
+    loading.write_results(str(d), {"a": 1}, "# a\n")
+    loading.write_json(str(d / "x.json"), {"b": 2})
+    loading.write_rows([{"index": 0, "label": 1, "prediction": 1, "radius": 0.5, "correct": 1, "seconds": 0.1}],
+                       str(d / "rows.tsv"))
+    figures._save(plt.figure(), str(d / "f.png"))  # pylint: disable=protected-access
+    pag.save_grid(str(d / "g.png"), [np.zeros((2, 4, 4, 3))])
+    return sorted(p.name for p in d.iterdir())
+
+  assert write_all(tmp_path / "p0") == ["f.png", "g.png", "results.json", "results.md", "rows.tsv", "x.json"]
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert write_all(tmp_path / "p1") == []

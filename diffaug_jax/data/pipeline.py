@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import grain
 import ml_collections

@@ -23,7 +23,6 @@ per radius, paper Table 13 shape) and `certify.png` (paper Fig. 10 shape).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -193,7 +192,8 @@ def plot_curves(summary: dict, path: str, title: str = "") -> None:
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  if loading.is_primary():
+    fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
@@ -238,11 +238,10 @@ def run(config, workdir: str) -> dict:
   summary = summarize(rows_by_sigma, radii)
   summary.update(num_examples=len(images), n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
                  denoise=denoise, timesteps=meta)
-  with open(os.path.join(workdir, "certify.json"), "w") as f:
-    json.dump({"summary": summary, "rows": {str(s): r for s, r in rows_by_sigma.items()}}, f, indent=1)
+  loading.write_json(os.path.join(workdir, "certify.json"),
+                     {"summary": summary, "rows": {str(s): r for s, r in rows_by_sigma.items()}})
   md = "Certified accuracy (%) vs l2 radius (best sigma in parentheses)\n\n" + markdown_table(summary)
-  with open(os.path.join(workdir, "certify.md"), "w") as f:
-    f.write(md)
+  loading.write_text(os.path.join(workdir, "certify.md"), md)
   loading.write_results(workdir, summary, md)
   plot_curves(summary, os.path.join(workdir, "certify.png"),
               "diffusion-denoised smoothing" if denoise else "Gaussian smoothing")

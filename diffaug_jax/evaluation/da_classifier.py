@@ -24,7 +24,6 @@ batches split over the `data` mesh axis, parameters replicated.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Callable
@@ -294,7 +293,8 @@ def run(config, workdir: str) -> dict:
                                        score_params, schedule, steps=int(config.train_steps),
                                        batch_size=int(config.batch_size),
                                        learning_rate=float(g("learning_rate", 2e-3)), mesh=mesh)
-    save_params(os.path.join(workdir, f"{name}_classifier.msgpack"), variables)
+    if loading.is_primary():
+      save_params(os.path.join(workdir, f"{name}_classifier.msgpack"), variables)
     ev = evaluate_diffused(jax.random.fold_in(key, 2), module, variables, x_test, y_test, eps_fn, score_params,
                            schedule, batch_size=int(g("eval_batch_size", 256)), mesh=mesh)
     results[name] = {**ev, "train_seconds": round(time.time() - t0, 1), "history": hist}
@@ -323,8 +323,7 @@ def run(config, workdir: str) -> dict:
                     [grid[:, j] for j in range(n_per)])
   results["guided_label_accuracy"] = samples_out
   results["guidance_scale"] = float(g("guidance_scale", 1.0))
-  with open(os.path.join(workdir, "da_classifier.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  loading.write_json(os.path.join(workdir, "da_classifier.json"), results)
   md = ["| classifier | accuracy on x_t, t ~ U{0..999} (%) |", "|---|---|"]
   md += [f"| {n} | {100 * results[n]['accuracy']:.2f} |" for n in ("noisy", "da")]
   md += ["", "| t-bin | noisy | DA |", "|---|---|---|"]
@@ -333,7 +332,6 @@ def run(config, workdir: str) -> dict:
   md += ["", f"Guided samples (scale {results['guidance_scale']}): fraction judged as the target class by the "
          "noisy classifier at t=0", "", "| sampler | fraction |", "|---|---|"]
   md += [f"| {k} | {100 * v:.1f} |" for k, v in samples_out.items()]
-  with open(os.path.join(workdir, "da_classifier.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+  loading.write_text(os.path.join(workdir, "da_classifier.md"), "\n".join(md) + "\n")
   loading.write_results(workdir, results, "\n".join(md) + "\n")
   return results

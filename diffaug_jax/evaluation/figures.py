@@ -24,8 +24,10 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # one writer per file (multi-host)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
   _plt().close(fig)
   return path
 

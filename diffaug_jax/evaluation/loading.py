@@ -287,17 +287,35 @@ def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None, proc
 # ------------------------------------------------------------------------------------- outputs
 
 
+def is_primary() -> bool:
+  """Whether this process writes the outputs. Every process computes the same gathered results; process 0
+  alone writes them, so N processes never race on one file in shared storage."""
+  return jax.process_index() == 0
+
+
+def write_json(path: str, obj: Any, *, default: Callable | None = None) -> None:
+  if is_primary():
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=1, default=default)
+
+
+def write_text(path: str, text: str) -> None:
+  if is_primary():
+    with open(path, "w") as f:
+      f.write(text)
+
+
 def write_results(workdir: str, result: dict, markdown: str, *, default: Callable | None = None) -> None:
-  """evaluate.py's common outputs: results.json (every number) and results.md. `default`: json.dump's
-  fallback for values it cannot encode (e.g. `float` for numpy scalars)."""
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1, default=default)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown)
+  """evaluate.py's common outputs: results.json (every number) and results.md (process 0 only).
+  `default`: json.dump's fallback for values it cannot encode (e.g. `float` for numpy scalars)."""
+  write_json(os.path.join(workdir, "results.json"), result, default=default)
+  write_text(os.path.join(workdir, "results.md"), markdown)
 
 
 def write_rows(rows: list[dict], path: str) -> None:
-  """Certify rows -> Cohen et al.'s TSV (idx, label, predict, radius, correct, time)."""
+  """Certify rows -> Cohen et al.'s TSV (idx, label, predict, radius, correct, time); process 0 only."""
+  if not is_primary():
+    return
   with open(path, "w") as f:
     f.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
     for r in rows:

@@ -17,7 +17,6 @@ Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -141,10 +140,7 @@ def run(config, workdir: str) -> dict:
       react_batches=loading.iterate_batches(react_cfg, bs) if react_cfg else None,
       methods=tuple(g("methods", DEFAULT_METHODS)), react_percentile=float(g("react_percentile", 90.0)),
       ash_percentile=float(g("ash_percentile", 90.0)), scale_percentile=float(g("scale_percentile", 85.0)))
-  if jax.process_index() == 0:  # every process holds the same gathered result
-    with open(os.path.join(workdir, "ood.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(workdir, "ood.md"), "w") as f:
-      f.write(markdown_table(result))
-    loading.write_results(workdir, result, markdown_table(result))
+  loading.write_json(os.path.join(workdir, "ood.json"), result)  # process 0 writes (every process holds it)
+  loading.write_text(os.path.join(workdir, "ood.md"), markdown_table(result))
+  loading.write_results(workdir, result, markdown_table(result))
   return result

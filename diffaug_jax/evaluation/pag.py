@@ -9,7 +9,6 @@ columns [x0, x_t, grad(model 1), ..., grad(model M)] so models can be compared s
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -80,7 +79,8 @@ def save_grid(path: str, columns: Sequence[np.ndarray], *, upscale: int | None =
     for i in range(b):
       y, x = pad + i * (hh + pad), pad + j * (ww + pad)
       canvas[y:y + hh, x:x + ww] = np.clip(c[i], 0.0, 1.0)
-  Image.fromarray((canvas * 255 + 0.5).astype(np.uint8)).save(path)
+  if jax.process_index() == 0:  # one writer per file (multi-host)
+    Image.fromarray((canvas * 255 + 0.5).astype(np.uint8)).save(path)
 
 
 def pag_figure(key: Array, x0: np.ndarray, labels: np.ndarray, logit_fns: Mapping[str, LogitFn],
@@ -119,8 +119,7 @@ def run(config, workdir: str) -> dict:
              contrast=bool(g("contrast", True)), percentile=float(g("percentile", 1.0)))
   info = {"png": path, "t": t, "models": list(fns), "labels": labels.tolist(),
           "columns": ["x0", "x_t"] + list(fns)}
-  with open(os.path.join(workdir, "pag.json"), "w") as f:
-    json.dump(info, f, indent=1)
+  loading.write_json(os.path.join(workdir, "pag.json"), info)
   loading.write_results(workdir, info, f"Perceptually aligned gradients at t={t}: pag.png (rows: images; "
                         f"columns: {', '.join(info['columns'])})\n")
   return info

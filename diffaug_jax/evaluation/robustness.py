@@ -435,7 +435,6 @@ def run(config, workdir: str) -> dict:
                         schedule=m["schedule"], ts=ts, key=jax.random.key(1))
         curves[m["name"]] = (ts, r["member_entropy"])
       results["entropy_vs_t"] = {k: {"ts": list(v[0]), "entropy": list(v[1])} for k, v in curves.items()}
-      with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+      loading.write_json(os.path.join(workdir, "results.json"), results, default=float)
       figures.entropy_vs_t_figure(curves, os.path.join(workdir, "entropy_vs_t.png"))
   return results
