@@ -27,7 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           eval_split="test"))
   # kind "gaussian": closed-form MMSE denoiser of a Gaussian fit to the training digits (no training);
   # kind "unet": a trained score model (workdir of `train.py` in score mode, or params_path + preset).
-  c.score = ml_collections.ConfigDict(dict(kind="gaussian", workdir="", params_path="", preset=""))
+  # (kind "unet" uses the score model's own schedule: schedule / num_timesteps below must be the ones it
+  # was trained with, which a score workdir checks.)
+  c.score = ml_collections.ConfigDict(dict(kind="gaussian", workdir="", params_path="", preset="", overrides={},
+                                           dtype="", schedule="linear", num_timesteps=1000))
   c.model = ml_collections.ConfigDict(dict(width=32, channel_mult=(1, 2), num_res_blocks=1))
   c.train_steps = 1000
   c.batch_size = 128

@@ -24,8 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "imagenet":
     c.n0, c.n, c.batch_size = 100, 10_000, 1000
     c.classifier = ml_collections.ConfigDict(dict(workdir="", name="vit_b16", num_classes=1000, params_path=""))
-    c.score = ml_collections.ConfigDict(dict(workdir="", params_path="", preset="adm_256_uncond",
-                                             schedule="linear", num_timesteps=1000))
+    # bfloat16 compute (the official code runs the ADM in fp16); overrides: UNet execution choices.
+    c.score = ml_collections.ConfigDict(dict(workdir="", params_path="", preset="adm_256_uncond", overrides={},
+                                             dtype="bfloat16", schedule="linear", num_timesteps=1000))
     c.data = ml_collections.ConfigDict(dict(source="folder", data_dir="", eval_split="val",
                                             class_names="imagenet2012", image_size=224, channels=3,
                                             eval_transform="imagenet", resize_size=256, skip=100,
@@ -36,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.n0, c.n, c.batch_size = 16, 256, 128
   c.classifier = ml_collections.ConfigDict(dict(workdir="runs/demo/diffaug", name="", num_classes=10,
                                                 params_path=""))
-  c.score = ml_collections.ConfigDict(dict(workdir="runs/demo/score", params_path="", preset="",
-                                           schedule="linear", num_timesteps=1000))
+  c.score = ml_collections.ConfigDict(dict(workdir="runs/demo/score", params_path="", preset="", overrides={},
+                                           dtype="", schedule="linear", num_timesteps=1000))
   c.data = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1, split="test", skip=9,
                                           max_examples=100 if arg != "smoke" else 10))
   return c

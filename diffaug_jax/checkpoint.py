@@ -304,6 +304,9 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
   schedule: the (kind, num_timesteps) the caller will use; for a workdir it must be the one the score model
   was trained with (`config.ddpm`), since eps_hat means nothing under another noise schedule."""
   from diffaug_jax import trainer
+  if workdir and params_path:
+    raise ValueError(f"config.score names both a workdir ({workdir}) and a params_path ({params_path}); "
+                     "set one (e.g. --config.score.workdir= to use the params file)")
   if workdir:
     config = read_train_config(workdir)
     if config.get("mode") != "score":
@@ -328,11 +331,21 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
   if params_path:
     if not preset:
       raise ValueError("a score model loaded from params_path needs config.score.preset")
-    from diffaug_jax.convert.common import load_params
+    from flax import traverse_util
+    from diffaug_jax.convert import common, guided_diffusion
     from diffaug_jax.models.unet import unet_from_preset
-    variables = load_params(params_path)
+    variables = common.load_params(params_path)
+    params = variables.get("params", variables) if isinstance(variables, dict) else variables
     kw = dict(overrides or {})
     if dtype is not None:
       kw["dtype"] = dtype
-    return unet_from_preset(preset, **kw), variables["params"]
+    module = unet_from_preset(preset, **kw)
+    # Every key and shape, before anything compiles: an unused key (say label_emb of a class-conditional
+    # model under an unconditional preset) would otherwise be ignored without a word.
+    if not isinstance(params, dict):
+      raise ValueError(f"{params_path} holds no parameter tree (got {type(params).__name__})")
+    common.check_keys({"/".join(k): tuple(v.shape) for k, v in guided_diffusion.flax_shapes(module).items()},
+                      {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()},
+                      f"score params {params_path} for preset {preset!r} (overrides {dict(overrides or {})})")
+    return module, params
   raise ValueError("no score model given: set config.score.workdir or config.score.params_path")

@@ -212,5 +212,7 @@ def test_run_writes_outputs(tmp_path):
     assert os.path.exists(tmp_path / "wd" / f), f
   lines = open(tmp_path / "wd" / "certify_sigma0.5.tsv").read().strip().split("\n")
   assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(lines) == 4
+  # idx is the example's index in the split (Cohen's TSV), not its position in the skip-5 subset.
+  assert [int(r.split("\t")[0]) for r in lines[1:]] == [0, 5, 10]
   assert len(out["best"]) == 3
   json.load(open(tmp_path / "wd" / "certify.json"))

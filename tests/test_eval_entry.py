@@ -206,3 +206,34 @@ def test_only_process_0_writes_outputs(tmp_path, monkeypatch):
   assert write_all(tmp_path / "p0") == ["f.png", "g.png", "results.json", "results.md", "rows.tsv", "x.json"]
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   assert write_all(tmp_path / "p1") == []
+
+
+def test_score_params_file_is_checked_against_its_preset(tmp_path):
+  """A params file + preset is checked key by key before anything runs: a class-conditional model's
+  label_emb under an unconditional preset, or a missing key, is an error (not ignored or a jit-time crash);
+  a workdir AND a params file is ambiguous."""
+  from flax import traverse_util
+  from diffaug_jax import checkpoint
+  from diffaug_jax.convert import common
+  from diffaug_jax.models.unet import unet_from_preset
+  unet = unet_from_preset("digits", image_size=8)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
+                        jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                       jnp.zeros((1,), jnp.int32)))["params"]
+  common.save_params(str(tmp_path / "ok.msgpack"), {"params": params})
+  module, got = checkpoint.load_score_model(params_path=str(tmp_path / "ok.msgpack"), preset="digits",
+                                            overrides={"image_size": 8})
+  assert module.image_size == 8 and jax.tree.structure(got) == jax.tree.structure(params)
+  flat = traverse_util.flatten_dict(params)
+  extra = {**flat, ("label_emb", "embedding"): np.zeros((10, 4), np.float32)}
+  common.save_params(str(tmp_path / "extra.msgpack"), {"params": traverse_util.unflatten_dict(extra)})
+  with pytest.raises(common.CheckpointMismatchError, match="label_emb/embedding"):
+    checkpoint.load_score_model(params_path=str(tmp_path / "extra.msgpack"), preset="digits",
+                                overrides={"image_size": 8})
+  fewer = {k: v for k, v in flat.items() if k[0] != "out_2"}
+  common.save_params(str(tmp_path / "fewer.msgpack"), {"params": traverse_util.unflatten_dict(fewer)})
+  with pytest.raises(common.CheckpointMismatchError, match="out_2"):
+    checkpoint.load_score_model(params_path=str(tmp_path / "fewer.msgpack"), preset="digits",
+                                overrides={"image_size": 8})
+  with pytest.raises(ValueError, match="both a workdir"):
+    checkpoint.load_score_model(workdir=str(tmp_path), params_path=str(tmp_path / "ok.msgpack"), preset="digits")

@@ -140,8 +140,12 @@ def predict(counts_fn, params, key: Array, x: Array, *, n: int = 1000, alpha: fl
 def certify_dataset(counts_fn, params, key: Array, images: np.ndarray, labels: np.ndarray, *, sigma: float,
                     n0: int, n: int, alpha: float, batch_size: int,
                     indices: Sequence[int] | None = None, counts_fn0=None,
-                    batch_size0: int | None = None) -> list[dict]:
-  """Certifies images (N, H, W, C) in [-1, 1]; rows (index, label, prediction, radius, correct, seconds)."""
+                    batch_size0: int | None = None, dataset_indices: Sequence[int] | None = None
+                    ) -> list[dict]:
+  """Certifies images (N, H, W, C) in [-1, 1]; rows (index, label, prediction, radius, correct, seconds).
+
+  indices: which rows of `images` to certify (default all). dataset_indices: (N,) each row's index in its
+  dataset split, written as the row's "index" (Cohen's TSV `idx`; default the row position)."""
   rows = []
   indices = range(len(images)) if indices is None else indices
   for i in indices:
@@ -149,7 +153,8 @@ def certify_dataset(counts_fn, params, key: Array, images: np.ndarray, labels: n
     pred, radius, p_a = certify(counts_fn, params, jax.random.fold_in(key, int(i)), images[i:i + 1],
                                 sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
                                 counts_fn0=counts_fn0, batch_size0=batch_size0)
-    rows.append({"index": int(i), "label": int(labels[i]), "prediction": int(pred),
+    idx = int(i) if dataset_indices is None else int(dataset_indices[i])
+    rows.append({"index": idx, "label": int(labels[i]), "prediction": int(pred),
                  "radius": float(radius), "correct": int(pred == int(labels[i])),
                  "seconds": round(time.time() - t0, 4), "pA_lower": float(p_a)})
   return rows
@@ -212,7 +217,7 @@ def run(config, workdir: str) -> dict:
     score = loading.load_score(loading.cfg_get(config, "score"))
     params["score"], schedule = score.variables, score.schedule
     eps_fn = lambda p, x_t, t: score.eps_fn(p["score"], x_t, t)
-  images, labels = loading.load_arrays(config.data)
+  images, labels, dataset_indices = loading.load_arrays(config.data, return_indices=True)
   num_classes = int(config.classifier.num_classes)
   mesh = sharding.make_mesh()
   params = sharding.replicate(params, mesh)
@@ -228,7 +233,8 @@ def run(config, workdir: str) -> dict:
     counts_fn0 = make_counts_fn(predict_fn, num_classes, bs0, mesh) if bs0 < bs else None
     rows = certify_dataset(counts_fn, params, jax.random.fold_in(key, int(round(s * 1000))), images, labels,
                            sigma=s, n0=int(config.n0), n=int(config.n), alpha=float(config.alpha),
-                           batch_size=bs, counts_fn0=counts_fn0, batch_size0=bs0 if counts_fn0 else None)
+                           batch_size=bs, counts_fn0=counts_fn0, batch_size0=bs0 if counts_fn0 else None,
+                           dataset_indices=dataset_indices)
     loading.write_rows(rows, os.path.join(workdir, f"certify_sigma{s:g}.tsv"))
     rows_by_sigma[s] = rows
     if denoise:

@@ -261,12 +261,13 @@ def guided_sample(key: Array, module: TimeClassifier, variables: Any, y: Array, 
 
 
 def _score_model(config, train_images, schedule):
-  """(model_fn, eps_fn, score_params, learn_sigma) from config.score.kind: "gaussian" or "unet"."""
+  """(model_fn, eps_fn, score_params, learn_sigma, schedule) from config.score.kind: "gaussian" (on
+  `schedule`) or "unet" (a trained score model, with the schedule it was trained with)."""
   if loading.cfg_get(config.score, "kind", "gaussian") == "gaussian":
     eps_fn, params = gaussian_denoiser(train_images, schedule)
-    return eps_fn, eps_fn, params, False
+    return eps_fn, eps_fn, params, False, schedule
   score = loading.load_score(config.score)
-  return score.model_fn, score.eps_fn, score.variables, score.learn_sigma
+  return score.model_fn, score.eps_fn, score.variables, score.learn_sigma, score.schedule
 
 
 def run(config, workdir: str) -> dict:
@@ -281,7 +282,7 @@ def run(config, workdir: str) -> dict:
   schedule = diffusion.linear_schedule(int(g("num_timesteps", 1000)))
   x_train, y_train = loading.load_arrays(config.data, split=loading.cfg_get(config.data, "train_split", "train"))
   x_test, y_test = loading.load_arrays(config.data, split=loading.cfg_get(config.data, "eval_split", "test"))
-  model_fn, eps_fn, score_params, learn_sigma = _score_model(config, x_train, schedule)
+  model_fn, eps_fn, score_params, learn_sigma, schedule = _score_model(config, x_train, schedule)
   num_classes = int(g("num_classes", 10))
   key = jax.random.key(int(g("seed", 0)))
   results: dict[str, Any] = {"score_model": loading.cfg_get(config.score, "kind", "gaussian")}

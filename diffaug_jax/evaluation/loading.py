@@ -178,8 +178,9 @@ def data_config(data_cfg):
   return cfg
 
 
-def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)) for a small evaluation subset.
+def load_arrays(data_cfg, *, split: str | None = None, return_indices: bool = False) -> tuple[np.ndarray, ...]:
+  """(images float32 (N, H, W, C) in [-1, 1], labels int32 (N,)[, indices int64 (N,) into the split]) for a
+  small evaluation subset.
 
   data_cfg: the data package's fields (source "digits" | "tfds" | "folder", name, data_dir, eval_split,
   image_size, channels, eval_transform, ...; see `diffaug_jax/data/config.py`), plus
@@ -190,17 +191,23 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
   """
   skip = int(cfg_get(data_cfg, "skip", 1) or 1)
   cap = int(cfg_get(data_cfg, "max_examples", 0) or 0)
+
+  def out(images, labels, indices):
+    if cap:
+      images, labels, indices = images[:cap], labels[:cap], indices[:cap]
+    return (images, labels, np.asarray(indices, np.int64)) if return_indices else (images, labels)
+
   if cfg_get(data_cfg, "source") == "synthetic":
     images, labels = synthetic_ood_arrays(data_cfg)
-    images, labels = images[::skip], labels[::skip]
-    return (images[:cap], labels[:cap]) if cap else (images, labels)
+    return out(images[::skip], labels[::skip], np.arange(0, len(images), skip))
   if cfg_get(data_cfg, "source") == "npz":
     if not cfg_get(data_cfg, "path"):
       raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
     with np.load(cfg_get(data_cfg, "path")) as z:
+      n = len(z["label"])
       images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
       labels = z["label"][::skip].astype(np.int32)
-    return (images[:cap], labels[:cap]) if cap else (images, labels)
+    return out(images, labels, np.arange(0, n, skip))
   from diffaug_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
   cfg = data_config(data_cfg)
   split = split or cfg_get(data_cfg, "split") or cfg.eval_split
@@ -210,16 +217,17 @@ def load_arrays(data_cfg, *, split: str | None = None) -> tuple[np.ndarray, np.n
   idx = np.arange(0, len(src), skip)
   if cap:
     idx = idx[:cap]
-  images, labels = [], []
+  images, labels, kept = [], [], []
   for i in idx:
     ex = src.load_or_none(int(i))
     if ex is None:  # unreadable (logged): left out, not replaced by a copy of its neighbour
       continue
     images.append(transform(sources.to_channels(ex["image"], int(cfg.channels))))
     labels.append(int(ex["label"]))
+    kept.append(int(i))
   if not images:
     raise ValueError(f"no examples in {cfg.source}:{cfg.name} split {split!r}")
-  return np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32)
+  return out(np.stack(images).astype(np.float32) / 127.5 - 1.0, np.asarray(labels, np.int32), kept)
 
 
 def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
