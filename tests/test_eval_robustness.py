@@ -302,7 +302,13 @@ def test_mce_hand_computed():
   ce_b = 100 * 0.4 / 0.72440
   assert r["CE"]["gaussian_noise"] == pytest.approx(ce_g)
   assert r["CE"]["brightness"] == pytest.approx(ce_b)
-  assert "speckle_noise" not in r["CE"]  # not one of the 15: no AlexNet reference
+  assert "speckle_noise" not in r["CE"]  # not one of the 15: no AlexNet reference, reported apart
+  assert r["error_extra"] == {"speckle_noise": pytest.approx(70.0)}
+  # The suite's IN-C accuracy is over the standard corruptions; an extra one is reported apart.
+  per = {"gaussian_noise/5": {"default": {"accuracy": 0.1}}, "speckle_noise/5": {"default": {"accuracy": 0.3}}}
+  summ = robustness._suite_summary("imagenet_c", per, ["default"])["default"]  # pylint: disable=protected-access
+  assert summ["accuracy"] == pytest.approx(0.1) and summ["accuracy_extra"] == pytest.approx(0.3)
+  assert summ["accuracy_by_severity"] == {"5": pytest.approx(0.1)}
   assert r["mCE"] == pytest.approx((ce_g + ce_b) / 2)
   # All five severities give the familiar AlexNet mean (sum err / sum alexnet): AlexNet itself -> 100.
   alex = {c: {s + 1: 1 - e for s, e in enumerate(v)} for c, v in suites.ALEXNET_ERRORS.items()}

@@ -292,20 +292,22 @@ def mce(accuracies: Mapping[str, Mapping[int, float]], *, normalise: bool = True
   """mean Corruption Error.
 
   normalise=True (ImageNet-C): CE_c = sum_s E_{c,s} / sum_s E^AlexNet_{c,s} over the severities present,
-  mCE = mean over the 15 standard corruptions present (extra corruptions are reported, not averaged).
+  mCE = mean over the 15 standard corruptions present; the extra corruptions (no AlexNet reference) are
+  reported unnormalised (mean error, %) under "error_extra", not averaged.
   normalise=False (CIFAR-10-C): CE_c = mean_s E_{c,s}, mCE = mean over corruptions.
-  Returns {"mCE": percent, "CE": {corruption: percent}}.
+  Returns {"mCE": percent, "CE": {corruption: percent}[, "error_extra": {corruption: percent}]}.
   """
-  ce = {}
+  ce, extra = {}, {}
   for c, by_sev in accuracies.items():
     errs = {int(s): 1.0 - float(a) for s, a in by_sev.items()}
-    if normalise:
-      if c not in ALEXNET_ERRORS:
-        continue
+    if normalise and c in ALEXNET_ERRORS:
       ref = ALEXNET_ERRORS[c]
       ce[c] = 100.0 * sum(errs.values()) / sum(ref[s - 1] for s in errs)
+    elif normalise:
+      extra[c] = 100.0 * float(np.mean(list(errs.values())))
     else:
       ce[c] = 100.0 * float(np.mean(list(errs.values())))
-  if not ce:
-    return {"mCE": float("nan"), "CE": {}}
-  return {"mCE": float(np.mean(list(ce.values()))), "CE": ce}
+  out = {"mCE": float(np.mean(list(ce.values()))) if ce else float("nan"), "CE": ce}
+  if extra:
+    out["error_extra"] = extra
+  return out
