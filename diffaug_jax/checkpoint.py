@@ -240,7 +240,7 @@ def check_variables(loaded: dict, expected: dict, source: str) -> None:
   if missing or unexpected or shapes:
     parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
              for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
-    raise ValueError(f"init checkpoint {source!r} does not fit the model: " + "; ".join(parts))
+    raise ValueError(f"{source!r} does not fit the model: " + "; ".join(parts))
 
 
 def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], TrainState], data_iter: Any,
@@ -260,7 +260,7 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
   if init_checkpoint:
     variables = weights_from(init_checkpoint)
     if expected is not None:
-      check_variables(variables, expected, init_checkpoint)
+      check_variables(variables, expected, f"init checkpoint {init_checkpoint}")
     log(f"initialised weights from {init_checkpoint}")
     return init_state_fn(variables), f"init:{init_checkpoint}"
   return init_state_fn(None), "scratch"

@@ -237,3 +237,27 @@ def test_score_params_file_is_checked_against_its_preset(tmp_path):
                                 overrides={"image_size": 8})
   with pytest.raises(ValueError, match="both a workdir"):
     checkpoint.load_score_model(workdir=str(tmp_path), params_path=str(tmp_path / "ok.msgpack"), preset="digits")
+
+
+def test_misspelled_model_spec_keys_are_errors():
+  """`setp` for `step` would silently evaluate the latest checkpoint: unknown keys are refused."""
+  from diffaug_jax.evaluation import loading
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['setp'\]"):
+    loading.load_classifier({"workdir": "runs/x", "setp": 500})
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['presett'\]"):
+    loading.load_score({"params_path": "x.msgpack", "presett": "adm_256_uncond"})
+
+
+def test_params_file_classifier_is_checked_against_its_spec(tmp_path):
+  from diffaug_jax.convert import common
+  from diffaug_jax.evaluation import loading
+  from diffaug_jax.models import classifiers
+  module = classifiers.get_classifier("cnn_small", 10, width=4)
+  common.save_params(str(tmp_path / "c.msgpack"),
+                     jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                  jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))))
+  spec = {"arch": "cnn_small", "num_classes": 10, "kwargs": {"width": 4}, "params_path": str(tmp_path / "c.msgpack")}
+  data = {"image_size": 8, "channels": 1}
+  loading.load_classifier(spec, data_cfg=data)
+  with pytest.raises(ValueError, match=r"does not fit the model: shape .*\(10,\) \(model: \(5,\)\)"):
+    loading.load_classifier(dict(spec, num_classes=5), data_cfg=data)

@@ -70,6 +70,18 @@ def flax_model_fn(module, *, dtype=None) -> Callable:
 # ------------------------------------------------------------------------------------- classifiers
 
 
+CLASSIFIER_SPEC_KEYS = ("name", "workdir", "step", "arch", "num_classes", "kwargs", "params_path")
+SCORE_SPEC_KEYS = ("kind", "workdir", "params_path", "preset", "overrides", "dtype", "schedule", "num_timesteps")
+
+
+def _check_spec_keys(spec, known: tuple[str, ...], what: str) -> None:
+  """A misspelled key (`setp` for `step`) would silently fall back to a default: refuse it."""
+  keys = spec.keys() if hasattr(spec, "keys") else ()
+  unknown = sorted(set(keys) - set(known))
+  if unknown:
+    raise ValueError(f"{what}: unknown key(s) {unknown}; known: {', '.join(known)}")
+
+
 def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> tuple[Any, PyTree]:
   """(module, variables) from {workdir[, step]} or {arch | name, num_classes, kwargs, params_path}.
 
@@ -78,6 +90,7 @@ def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> 
   it will be evaluated on: a classifier fed images of another size or channel count would still run
   (global pooling) and report a silently wrong accuracy, so a mismatch is an error instead.
   """
+  _check_spec_keys(spec, CLASSIFIER_SPEC_KEYS, what)
   if cfg_get(spec, "workdir"):
     from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
     workdir = cfg_get(spec, "workdir")
@@ -92,7 +105,14 @@ def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> 
   from diffaug_jax.convert.common import load_params  # pylint: disable=g-import-not-at-top
   from diffaug_jax.models.classifiers import get_classifier  # pylint: disable=g-import-not-at-top
   module = get_classifier(arch, int(cfg_get(spec, "num_classes")), **dict(cfg_get(spec, "kwargs", {}) or {}))
-  return module, load_params(cfg_get(spec, "params_path"))
+  variables = load_params(cfg_get(spec, "params_path"))
+  shape = _image_shape(data_cfg) if data_cfg is not None else None
+  if shape:  # every key and shape against the model now, not a flax error inside the first jit
+    from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    want = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, shape[0], shape[0], shape[1])),
+                                              train=False))
+    checkpoint.check_variables(variables, dict(want), cfg_get(spec, "params_path"))
+  return module, variables
 
 
 def _image_shape(data_cfg) -> tuple[int, int] | None:
@@ -138,6 +158,7 @@ def load_score(spec) -> ScoreModel:
   (compute dtype of eps_fn / model_fn: "" = the module's, "bfloat16", "float16")."""
   if not has_score(spec):
     raise ValueError("no score model given: set config.score.workdir or config.score.params_path")
+  _check_spec_keys(spec, SCORE_SPEC_KEYS, "config.score")
   from diffaug_jax import checkpoint  # pylint: disable=g-import-not-at-top
   steps = int(cfg_get(spec, "num_timesteps", 1000) or 1000)
   kind = cfg_get(spec, "schedule", "linear") or "linear"
