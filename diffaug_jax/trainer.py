@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import signal
 import threading
@@ -321,7 +322,6 @@ def _flat(tree, prefix=""):
 def config_changes(saved: dict, config) -> list[str]:
   """Dotted keys whose values differ between a workdir's saved config.json and `config` (as JSON), minus
   RESUME_MAY_CHANGE."""
-  import json
   now = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
   before = _flat(saved)
   keys = sorted(k for k in set(now) | set(before) if now.get(k, "<unset>") != before.get(k, "<unset>"))
@@ -332,7 +332,6 @@ def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool =
   """Refuses to resume the run in `workdir` under a config that computes something else (model, data,
   batch size, optimizer, DiffAug, score model, seed, ...) unless `allow`; returns the changed keys (logged
   and recorded when allowed)."""
-  import json
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return []

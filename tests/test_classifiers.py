@@ -152,3 +152,22 @@ def test_imports_stay_light():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.stdout.strip() == "|", out.stdout
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_vit_drop_path_schedule(monkeypatch, schedule):
+  """DeiT-III (models_v2, dpr_constant) drops every block at the same rate; timm's schedule rises linearly."""
+  from diffaug_jax.models import vit
+  rates = []
+
+  class Spy(vit.Block):
+    def __call__(self, x, train):
+      rates.append(self.drop_path)
+      return super().__call__(x, train)
+
+  monkeypatch.setattr(vit, "Block", Spy)
+  m = vit.VisionTransformer(num_classes=3, img_size=16, patch_size=8, embed_dim=16, depth=4, num_heads=2,
+                            drop_path_rate=0.3, drop_path_schedule=schedule)
+  jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  want = [0.3] * 4 if schedule == "constant" else [0.0, 0.1, 0.2, 0.3]
+  assert rates == pytest.approx(want)

@@ -194,11 +194,16 @@ def test_host_augmix_all_ops_enhancers_hand_made():
   assert any(not np.array_equal(u, v) for u, v in zip(a, b))  # a different op set is drawn
 
 
-def _three_augment_branch(image, rng_seed, size):
-  """Re-derive which of the three ops 3-Augment applied (from the same rng stream)."""
+def _three_augment_branch(image, rng_seed, size, crop="rrc"):
+  """Re-derive which of the three ops 3-Augment applied, and the flipped crop it applied it to (from the
+  same rng stream)."""
+  from PIL import Image
   rng = np.random.default_rng(rng_seed)
-  base = T.random_hflip(T.random_crop_with_padding(T.resize_shorter_bicubic(image, size), rng, size, 4,
-                                                   mode="reflect"), rng)
+  if crop == "rrc":  # DeiT-III on ImageNet-1k: bicubic RandomResizedCrop
+    view = T.random_resized_crop(image, rng, size, resample=Image.BICUBIC)
+  else:  # --src: Simple Random Crop
+    view = T.random_crop_with_padding(T.resize_shorter_bicubic(image, size), rng, size, 4, mode="reflect")
+  base = T.random_hflip(view, rng)
   return int(rng.integers(0, 3)), base
 
 
@@ -232,3 +237,11 @@ def test_three_augment_ops_and_determinism():
   view, view_da = T.make_train_transform("three_augment", size, resize_size=36)(image, np.random.default_rng(3))
   np.testing.assert_array_equal(view, T.three_augment(image, np.random.default_rng(3), size))
   np.testing.assert_array_equal(view_da, T.resize_center_crop(image, size, 36))
+  # --src: Simple Random Crop instead of the RandomResizedCrop.
+  for seed in range(5):
+    src = T.three_augment(image, np.random.default_rng(seed), size, color_jitter=0.0, crop="src")
+    branch, base = _three_augment_branch(image, seed, size, crop="src")
+    if branch == 1:
+      np.testing.assert_array_equal(src, np.asarray(ImageOps.solarize(Image.fromarray(base), 128)))
+  view, _ = T.make_train_transform("three_augment_src", size)(image, np.random.default_rng(3))
+  np.testing.assert_array_equal(view, T.three_augment(image, np.random.default_rng(3), size, crop="src"))

@@ -12,7 +12,8 @@ Fields (see `default_config`; `validate` checks them):
   image_size        output side S: every view is (S, S, channels).
   channels          1 (grayscale, PIL "L") or 3 (RGB).
   train_transform   "imagenet" (RandomResizedCrop + flip; DiffAug view Resize + CenterCrop) |
-                    "three_augment" (DeiT-III's 3-Augment; DiffAug view as for "imagenet") | "cifar"
+                    "three_augment" (DeiT-III's 3-Augment with RandomResizedCrop; DiffAug view as for
+                    "imagenet") | "three_augment_src" (with Simple Random Crop, DeiT-III's --src) | "cifar"
                     (RandomCrop with padding + flip; DiffAug view unaugmented) | "digits" (random crop with
                     padding, no flip) | "none".
   eval_transform    "imagenet" (Resize(resize_size) + CenterCrop(image_size)) | "cifar" | "digits" | "none"
@@ -82,7 +83,8 @@ def cifar10_config(data_dir: str = "", source: str = "tfds") -> ml_collections.C
   cfg = default_config()
   cfg.update(dict(source=source, name="cifar10", data_dir=data_dir, train_split="train",
                   eval_split="test", image_size=32, channels=3, train_transform="cifar",
-                  eval_transform="none", crop_padding=4, num_classes=10))
+                  eval_transform="none", crop_padding=4, num_classes=10,
+                  augmix_severity=3))  # AugMix's CIFAR default (its ImageNet code uses 1)
   return cfg
 
 

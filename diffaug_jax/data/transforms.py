@@ -12,8 +12,9 @@ Semantics follow torchvision (what the official DiffAug/AugMix code uses):
 - `center_crop`: `transforms.CenterCrop` (round((h - size) / 2) offsets; zero-pads images smaller than size).
 - `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding, or reflect).
 - `three_augment`: DeiT-III's 3-Augment (facebookresearch/deit `augment.py`, `new_data_aug_generator`):
-  Simple Random Crop (Resize(size, bicubic) + RandomCrop(size, padding=4, reflect)) + horizontal flip, then
-  ONE of {grayscale, solarization (threshold 128), Gaussian blur (radius ~ U(0.1, 2))} chosen uniformly, then
+  RandomResizedCrop(size, scale=(0.08, 1), bicubic) (crop="rrc", the ImageNet-1k recipe) or, with `--src`
+  (crop="src", DeiT-III's ImageNet-21k recipe), Simple Random Crop (Resize(size, bicubic) +
+  RandomCrop(size, padding=4, reflect)); + horizontal flip, then ONE of {grayscale, solarization (threshold 128), Gaussian blur (radius ~ U(0.1, 2))} chosen uniformly, then
   ColorJitter(0.3, 0.3, 0.3) (brightness, contrast, saturation factors ~ U(0.7, 1.3), in a random order).
 
 Transform factories return callables:
@@ -32,7 +33,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 TrainTransform = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 EvalTransform = Callable[[np.ndarray], np.ndarray]
 
-TRAIN_TRANSFORMS = ("imagenet", "three_augment", "cifar", "digits", "none")
+TRAIN_TRANSFORMS = ("imagenet", "three_augment", "three_augment_src", "cifar", "digits", "none")
 EVAL_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
 
 
@@ -86,13 +87,15 @@ def rrc_params(rng: np.random.Generator, height: int, width: int,
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """(H, W, C) uint8 -> (size, size, C) uint8, torchvision RandomResizedCrop semantics."""
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), *,
+                        resample: int = Image.BILINEAR) -> np.ndarray:
+  """(H, W, C) uint8 -> (size, size, C) uint8, torchvision RandomResizedCrop semantics (`resample`: a PIL
+  filter; bilinear is torchvision's default, bicubic DeiT-III's)."""
   image = _check_image(image)
   top, left, h, w = rrc_params(rng, image.shape[0], image.shape[1], scale, ratio)
-  # Crop, then resize (torchvision's F.resized_crop): PIL's resize(box=...) would let the bilinear filter
-  # read pixels outside the crop, changing the border rows and columns.
-  img = _to_pil(image).crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  # Crop, then resize (torchvision's F.resized_crop): PIL's resize(box=...) would let the filter read pixels
+  # outside the crop, changing the border rows and columns.
+  img = _to_pil(image).crop((left, top, left + w, top + h)).resize((size, size), resample)
   return _from_pil(img, image.shape[-1])
 
 
@@ -168,9 +171,15 @@ def resize_shorter_bicubic(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def three_augment(image: np.ndarray, rng: np.random.Generator, size: int,
-                  color_jitter: float = 0.3) -> np.ndarray:
-  """DeiT-III 3-Augment (see the module docstring): (H, W, C) uint8 -> (size, size, C) uint8."""
-  view = random_crop_with_padding(resize_shorter_bicubic(image, size), rng, size, 4, mode="reflect")
+                  color_jitter: float = 0.3, *, crop: str = "rrc") -> np.ndarray:
+  """DeiT-III 3-Augment (see the module docstring): (H, W, C) uint8 -> (size, size, C) uint8.
+  crop: "rrc" (bicubic RandomResizedCrop, DeiT-III on ImageNet-1k) or "src" (Simple Random Crop, `--src`)."""
+  if crop == "rrc":
+    view = random_resized_crop(image, rng, size, resample=Image.BICUBIC)
+  elif crop == "src":
+    view = random_crop_with_padding(resize_shorter_bicubic(image, size), rng, size, 4, mode="reflect")
+  else:
+    raise ValueError(f"three_augment crop must be 'rrc' or 'src', got {crop!r}")
   view = random_hflip(view, rng)
   channels = view.shape[-1]
   img = _to_pil(view)
@@ -199,7 +208,8 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
 
   - "imagenet": image = RandomResizedCrop(image_size) + flip; image_da = Resize(resize_size) +
     CenterCrop(image_size) (resize_size defaults to round(image_size / 0.875), 256 for 224).
-  - "three_augment": image = DeiT-III's 3-Augment (`three_augment`); image_da as for "imagenet".
+  - "three_augment": image = DeiT-III's 3-Augment (`three_augment`, RandomResizedCrop); image_da as for
+    "imagenet". "three_augment_src": the same with Simple Random Crop (DeiT-III's `--src`).
   - "cifar": image = RandomCrop(image_size, padding=crop_padding) + flip; image_da = the unaugmented image.
   - "digits": mild: RandomCrop(image_size, padding=crop_padding) (no flip: digits are not mirror
     symmetric); image_da = the unaugmented image.
@@ -215,8 +225,8 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     view = random_hflip(random_resized_crop(image, rng, image_size, scale, ratio), rng)
     return view, resize_center_crop(image, image_size, resize_size)
 
-  def deit3(image, rng):
-    return three_augment(image, rng, image_size), resize_center_crop(image, image_size, resize_size)
+  def deit3(image, rng, crop="rrc"):
+    return three_augment(image, rng, image_size, crop=crop), resize_center_crop(image, image_size, resize_size)
 
   def cifar(image, rng):
     base = fit(image, image_size)
@@ -231,7 +241,8 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     base = fit(image, image_size)
     return base, base
 
-  return {"imagenet": imagenet, "three_augment": deit3, "cifar": cifar, "digits": digits, "none": none}[name]
+  return {"imagenet": imagenet, "three_augment": deit3, "three_augment_src": lambda im, r: deit3(im, r, "src"),
+          "cifar": cifar, "digits": digits, "none": none}[name]
 
 
 def make_eval_transform(name: str, image_size: int, *, resize_size: int | None = None) -> EvalTransform:

@@ -131,6 +131,9 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   init_values: float = 1e-6
   drop_path_rate: float = 0.0
+  # "constant": every block drops at drop_path_rate (DeiT-III's models_v2, dpr_constant=True, what the paper
+  # trained with); "linear": 0 -> drop_path_rate over the blocks (timm's schedule).
+  drop_path_schedule: str = "constant"
   mean: Sequence[float] | None = IMAGENET_MEAN
   std: Sequence[float] | None = IMAGENET_STD
   dtype: Any = jnp.float32
@@ -158,8 +161,12 @@ class VisionTransformer(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.embed_dim), jnp.float32)
     x = x + pos.astype(self.dtype)  # no_embed_class: pos_embed on the patch tokens only
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.embed_dim)), x], axis=1)
+    if self.drop_path_schedule not in ("constant", "linear"):
+      raise ValueError(f"drop_path_schedule must be 'constant' or 'linear', got {self.drop_path_schedule!r}")
     for i in range(self.depth):
-      dpr = self.drop_path_rate * i / max(self.depth - 1, 1)  # timm's linear drop-path schedule
+      dpr = self.drop_path_rate
+      if self.drop_path_schedule == "linear":
+        dpr = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = Block(self.embed_dim, self.num_heads, self.mlp_ratio, self.init_values, dpr, self.dtype,
                 self.attention_impl, name=f"blocks_{i}")(x, train)
     x = _layernorm(self.dtype, "norm")(x)
