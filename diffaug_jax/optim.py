@@ -11,7 +11,8 @@ Config fields (`config.optim`):
     `no_weight_decay()`, as DeiT-III trains).
   b1, b2, eps: Adam-family betas.
   schedule: "step" (x `decay_factor` every `decay_epochs`), "cosine", "constant".
-  warmup_epochs: linear warm-up from 0 (lr * step / warmup_steps), then the schedule.
+  warmup_epochs, warmup_lr: linear warm-up from warmup_lr (default 0) to the LR over the warm-up steps, then
+    the schedule. min_lr_ratio: the cosine schedule's floor as a fraction of the LR (timm's min-lr / lr).
   grad_clip: global-norm clipping (None = off).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ def make_schedule(cfg: Any, *, global_batch_size: int, steps_per_epoch: int,
   """LR schedule as a function of the optimizer step."""
   lr = scaled_learning_rate(cfg, global_batch_size)
   warmup = int(round(float(cfg.get("warmup_epochs", 0.0)) * steps_per_epoch))
+  warmup_lr = float(cfg.get("warmup_lr", 0.0) or 0.0)
   kind = cfg.get("schedule", "constant")
   if kind == "step":
     every = max(1, int(round(float(cfg.decay_epochs) * steps_per_epoch)))
@@ -50,8 +52,8 @@ def make_schedule(cfg: Any, *, global_batch_size: int, steps_per_epoch: int,
     return main
   if kind == "step":
     # Step boundaries are in absolute steps: keep them, only ramp the first `warmup` steps.
-    return lambda step: jnp.where(step < warmup, lr * step / warmup, main(step))
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+    return lambda step: jnp.where(step < warmup, warmup_lr + (lr - warmup_lr) * step / warmup, main(step))
+  return optax.join_schedules([optax.linear_schedule(warmup_lr, lr, warmup), main], [warmup])
 
 
 NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")  # timm VisionTransformer.no_weight_decay()

@@ -207,6 +207,10 @@ def test_warmup_starts_at_zero_and_vit_tokens_are_not_decayed():
                                          weight_decay=0.05, wd_mask="no_bias_norm"))
     sched = optim.make_schedule(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=1000)
     assert [float(sched(s)) for s in (0, 5)] == pytest.approx([0.0, 0.5]), kind
+    cfg.warmup_lr = 0.1  # DeiT's --warmup-lr: the ramp starts there
+    sched = optim.make_schedule(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=1000)
+    assert [float(sched(s)) for s in (0, 5, 10)] == pytest.approx([0.1, 0.55, 1.0]), kind
+    cfg.warmup_lr = 0.0
   tx, _ = optim.make_optimizer(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=1000)
   params = {"pos_embed": jnp.ones((1, 4, 8)), "cls_token": jnp.ones((1, 1, 8)),
             "blocks": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones((8,))}}
