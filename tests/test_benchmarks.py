@@ -90,7 +90,7 @@ def test_case_parse_and_plan():
   names = [p.name for p in plan]
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
                    "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed", "denoise:bf16:auto:128:gn=two_pass",
-                   "train:bf16:auto:256", "train:bf16:auto:64", "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128",
+                   "train:bf16:auto:64", "train:bf16:auto:256", "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128",
                    "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
@@ -248,3 +248,27 @@ def test_categorize():
   assert c("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_TNT") == "gemm"
   assert c("loop_transpose_fusion") == "copy/transpose"
   assert c("input_reduce_fusion_3") == "reduction fusion"
+
+
+def test_memory_precheck_and_flops_from_a_cpu_lowering():
+  """A compiled case that cannot fit the device's free memory is skipped (not a RESOURCE_EXHAUSTED at the
+  first call); model FLOPs come from a lowering on the host CPU (the CUDA plugin's PJRT C API has no cost
+  analysis of a lowered program), typed PRNG keys and donated arguments included."""
+  import jax
+  import jax.numpy as jnp
+
+  class Gpu:
+    def memory_stats(self):
+      return {"bytes_limit": 10 * 2**30, "bytes_in_use": 2 * 2**30}
+
+  class Cpu:
+    def memory_stats(self):
+      return None
+
+  assert bench_diffaug._memory_shortfall({"temp_size_in_bytes": 7 * 2**30}, Gpu()) == ""
+  assert "needs 9.0 GiB, 8.0 GiB free of 10.0" in bench_diffaug._memory_shortfall(
+      {"temp_size_in_bytes": 8 * 2**30, "output_size_in_bytes": 2**30}, Gpu())
+  assert bench_diffaug._memory_shortfall({"temp_size_in_bytes": 2**40}, Cpu()) == ""
+  f = jax.jit(lambda x, k: x @ x + jax.random.normal(k, x.shape), donate_argnums=(0,))
+  lowered = bench_diffaug._lower_for_flops(f, jnp.ones((64, 64)), jax.random.key(0))
+  assert bench_diffaug._flops_of(lowered) >= 2 * 64 ** 3
