@@ -30,6 +30,28 @@ def _free_port() -> int:
 EVAL_COUNT = {"arrays": 40, "digits": 364}
 
 
+def _run_two_processes(*child_args: str) -> list[str]:
+  """Runs this file as 2 jax.distributed processes x 4 CPU devices with `child_args`; returns their outputs
+  (each exited 0)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, __file__, child_args[0], port, str(i), *child_args[1:]], env=env,
+                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
 def _config(source, steps=STEPS):
   from test_trainer import tiny_config
   cfg = tiny_config(steps=steps)
@@ -46,24 +68,7 @@ def _config(source, steps=STEPS):
 def test_two_processes_match_one_process(tmp_path, source):
   from diffaug_jax import trainer
   from diffaug_jax.metrics import read_jsonl
-  port = _free_port()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path / "multi"), str(port), str(i), source], env=env,
-                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  for out in _run_two_processes(str(tmp_path / "multi"), source):
     assert f"CHILD step={STEPS} processes=2 devices=8" in out, out[-4000:]
   ref = trainer.train_and_evaluate(_config(source), str(tmp_path / "single"))
   multi = [r for r in read_jsonl(str(tmp_path / "multi" / "metrics.jsonl")) if r["split"] == "train"]
@@ -116,23 +121,8 @@ def test_ood_two_processes_match_one_process(tmp_path):
   gathers all of them, and the metrics equal the 1-process run (the 45 + 21 examples counted once)."""
   import json
   from diffaug_jax.evaluation import ood
-  port = _free_port()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
   _ood_config(tmp_path / "data")  # written once, before the children read it
-  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path / "multi"), str(port), str(i), "ood",
-                             str(tmp_path / "data")], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  _run_two_processes(str(tmp_path / "multi"), "ood", str(tmp_path / "data"))
   multi = json.loads((tmp_path / "multi" / "ood.json").read_text())
   single = ood.run(_ood_config(tmp_path / "data"), str(tmp_path / "single"))
   assert multi["num_id"] == single["num_id"] == 45
