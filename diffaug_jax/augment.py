@@ -27,12 +27,12 @@ DEFAULT_ENSEMBLE_TS = tuple(range(0, 500, 50))  # 0, 50, ..., 450; t = 0 is the 
 
 
 def _check_concrete_t(t, num_timesteps: int) -> None:
-  """Rejects a known t outside [0, T): the table gather would clamp it to T - 1 without a word. A traced t
-  (inside jit) cannot be read; `diffaug` draws it in range."""
-  try:
-    tv = np.asarray(t)
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+  """Rejects a host-side t (Python int, numpy array) outside [0, T): the table gather would clamp it to T - 1
+  without a word. A jax array is not read (a traced t cannot be; a device one would cost a sync, and a
+  multi-host one is not addressable); `diffaug` draws it in range."""
+  if isinstance(t, jax.Array):
     return
+  tv = np.asarray(t)
   if tv.size and (tv.min() < 0 or tv.max() >= num_timesteps):
     raise ValueError(f"t must lie in [0, {num_timesteps}) (indices into the schedule), got "
                      f"[{tv.min()}, {tv.max()}]")

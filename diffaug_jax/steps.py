@@ -35,6 +35,11 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def _absmax(tree) -> jax.Array:
+  """max |x| over every leaf: finite iff every weight is (NaN propagates; no square to overflow)."""
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the classifier step (bound with functools.partial; never traced).
@@ -154,7 +159,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
   new_params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
                             opt_state=new_opt_state)
-  metrics = {"loss": loss, **aux, "grad_norm": _global_norm(grads),
+  # param_absmax of the UPDATED weights: the loss would show a blow-up only one step later, after a checkpoint.
+  metrics = {"loss": loss, **aux, "grad_norm": _global_norm(grads), "param_absmax": _absmax(new_params),
              "learning_rate": _lr(cfg.lr_schedule, state.step)}
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -186,7 +192,8 @@ def score_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax
     d = cfg.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state, ema_params=ema)
-  metrics = {"loss": loss, "grad_norm": _global_norm(grads), "learning_rate": _lr(cfg.lr_schedule, state.step)}
+  metrics = {"loss": loss, "grad_norm": _global_norm(grads), "param_absmax": _absmax(new_params),
+             "learning_rate": _lr(cfg.lr_schedule, state.step)}
   for k, v in (aux or {}).items():
     if jnp.ndim(v) == 0:
       metrics[k] = v

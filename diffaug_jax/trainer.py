@@ -304,10 +304,13 @@ def write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-# Fields a resumed run may change: how long it runs and how it reports, not what it computes.
+# Fields (dotted paths, or a section) a resumed run may change: how long it runs, how it reads and lays out
+# data and reports, not what it computes.
 RESUME_MAY_CHANGE = ("num_train_steps", "num_epochs", "log_every", "block_every", "eval_every",
                      "checkpoint_every", "keep_checkpoints", "async_checkpoint", "progress", "final_eval",
-                     "distributed", "eval_batch_size", "init_checkpoint", "require_init_checkpoint")
+                     "distributed", "eval_batch_size", "init_checkpoint", "require_init_checkpoint", "fsdp",
+                     "fsdp_min_size", "data.data_dir", "data.read_threads", "data.prefetch_buffer_size",
+                     "data.worker_buffer_size")
 
 
 def _flat(tree, prefix=""):
@@ -319,13 +322,16 @@ def _flat(tree, prefix=""):
   return {prefix[:-1]: tree}
 
 
-def config_changes(saved: dict, config) -> list[str]:
-  """Dotted keys whose values differ between a workdir's saved config.json and `config` (as JSON), minus
-  RESUME_MAY_CHANGE."""
+def config_changes(saved: dict, config) -> tuple[list[str], list[str]]:
+  """(changed, one_sided): dotted keys set in both the workdir's saved config.json and `config` (as JSON) with
+  different values, and keys set on one side only (a field a newer version added with its default, or
+  removed), both minus RESUME_MAY_CHANGE."""
   now = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
   before = _flat(saved)
-  keys = sorted(k for k in set(now) | set(before) if now.get(k, "<unset>") != before.get(k, "<unset>"))
-  return [k for k in keys if k.split(".")[0] not in RESUME_MAY_CHANGE]
+  free = lambda k: any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+  changed = sorted(k for k in set(now) & set(before) if now[k] != before[k] and not free(k))
+  one_sided = sorted(k for k in set(now) ^ set(before) if not free(k))
+  return changed, one_sided
 
 
 def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool = False) -> list[str]:
@@ -336,7 +342,10 @@ def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool =
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    changed = config_changes(json.load(f), config)
+    changed, one_sided = config_changes(json.load(f), config)
+  if one_sided:
+    _log(f"note: {path} and this config differ in which fields they set ({', '.join(one_sided)}): fields "
+         "added or removed by another version of the code; resuming")
   if changed and not allow:
     shown = ", ".join(changed[:12]) + (" ..." if len(changed) > 12 else "")
     raise ValueError(f"{workdir} holds a run at step {resume_step} made with another config ({shown} differ "
@@ -524,6 +533,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
           for s, mm in pending:
             vals = metrics_lib.to_python(mm)
             metrics_lib.check_finite(vals, s)
+            metrics_lib.check_finite(vals, s, "param_absmax")  # the weights about to be saved
             window.append(vals)
           pending = []
         if step % log_every == 0 or step == total_steps:

@@ -64,7 +64,7 @@ def test_bad_t_range_rejected():
   with pytest.raises(ValueError):
     augment.diffaug(jax.random.key(0), images(2), toy_eps_fn, SCHED, t_low=500, t_high=500)
   # A known t outside the schedule is an error (the table gather would silently clamp it to T - 1).
-  for t in (1000, -1, jnp.array([3, 1000])):
+  for t in (1000, -1, np.array([3, 1000])):
     with pytest.raises(ValueError, match="t must lie in"):
       augment.diffaug_at(jax.random.key(0), images(2), t, toy_eps_fn, SCHED)
 

@@ -134,6 +134,13 @@ def test_bad_input_loses_nothing(tmp_path):
   assert out["start"] == "resume@4" and out["step"] == 6
   assert (tmp_path / "run" / "config.before_step4.json").read_text() == saved
   assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["learning_rate"] == 0.01
+  # What does not change the computation resumes: a moved dataset, reader settings, a field that another
+  # version of the code added (set on one side only).
+  moved = tiny_config(steps=7, diffaug=False)
+  moved.optim.learning_rate = 0.01
+  moved.data.data_dir, moved.data.read_threads = "/elsewhere", 4
+  out = trainer.train_and_evaluate(moved, wd)
+  assert out["start"] == "resume@6" and out["step"] == 7
   # Values that cannot run are refused before anything is written.
   for field, value, msg in (("num_train_steps", 0, "nothing to train"), ("batch_size", 0, "must be positive"),
                             ("keep_checkpoints", 0, "keep_checkpoints must be >= 1")):
@@ -159,16 +166,16 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path):
   """Saving every step while checking the loss every 4: the check must come first, or the NaN state is
   saved and orbax's keep=2 drops the last good checkpoints."""
   from diffaug_jax import checkpoint as ckpt_lib
-  cfg = tiny_config(steps=30, diffaug=False)
-  cfg.optim.learning_rate = 1e12
-  cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.block_every = 1, 2, 100, 4
-  with pytest.raises(metrics_lib.NonFiniteLossError):
-    trainer.train_and_evaluate(cfg, str(tmp_path))
-  steps_saved = ckpt_lib.Checkpointer(str(tmp_path)).all_steps()
-  assert steps_saved
-  for st in steps_saved:
-    tree, _ = ckpt_lib.restore_raw_state(str(tmp_path), st)
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree["params"])), st
+  for lr in (1e12, 1e20):  # 1e20: the weights overflow one step before the loss does
+    cfg = tiny_config(steps=30, diffaug=False)
+    cfg.optim.learning_rate = lr
+    cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.block_every = 1, 2, 100, 4
+    wd = str(tmp_path / f"lr{lr:g}")
+    with pytest.raises(metrics_lib.NonFiniteLossError):
+      trainer.train_and_evaluate(cfg, wd)
+    for st in ckpt_lib.Checkpointer(wd).all_steps():
+      tree, _ = ckpt_lib.restore_raw_state(wd, st)
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree["params"])), (lr, st)
 
 
 def test_nonfinite_loss_names_the_step(tmp_path):
