@@ -249,9 +249,9 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
   """Resume order: latest checkpoint in workdir -> `init_checkpoint` (weights only) -> scratch.
 
   init_state_fn(variables_or_None) builds a fresh state (None = random init); its output also gives the
-  structure and shardings for the restore. `expected` ({"params", "batch_stats"} shapes of the model): an
-  init checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with where in {"resume@<step>", "init:<src>",
-  "scratch"}.
+  structure and shardings for the restore. `expected` ({"params", "batch_stats"} shapes of the model): an init
+  checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
+  where in {"resume@<step>", "init:<src>", "scratch"}.
   """
   if ckpt.latest_step() is not None:
     state, step = ckpt.restore(init_state_fn(None), data_iter)

@@ -439,3 +439,21 @@ def test_imagenet_c_folder_tree_recorded(setup, tmp_path):
   accs = {c: 1 - r["sets"][f"{c}/5"]["default"]["accuracy"] for c in ("fog", "contrast")}
   want = np.mean([100 * accs[c] / suites.ALEXNET_ERRORS[c][4] for c in accs])
   assert r["summary"]["default"]["mCE"] == pytest.approx(want)
+
+
+def test_dda_group_norm_is_the_official_batch_norm_per_group():
+  """norm="groups_of_4": each group of 4 consecutive rows gets the gradient the official code's whole-batch
+  norm gives a batch of 4 (its --batch_size): d_i / ||D_group||, about half the per-example step."""
+  rng = np.random.default_rng(0)
+  ref_lp = jnp.asarray(rng.normal(size=(8, 8, 8, 3)), jnp.float32)
+  x0 = jnp.asarray(rng.normal(size=(8, 8, 8, 3)), jnp.float32)
+  g = jax.grad(lambda y: jnp.sum(dda.lowpass_distance(ref_lp, y, 2, norm="groups_of_4")))(x0)
+  for lo in (0, 4):
+    one = jax.grad(lambda y: dda.lowpass_distance(ref_lp[lo:lo + 4], y, 2, norm="batch"))(x0[lo:lo + 4])
+    np.testing.assert_allclose(np.asarray(g[lo:lo + 4]), np.asarray(one), rtol=1e-5, atol=1e-7)
+  per = jax.grad(lambda y: jnp.sum(dda.lowpass_distance(ref_lp, y, 2)))(x0)
+  row_norm = lambda a: np.linalg.norm(np.asarray(a).reshape(8, -1), axis=1)
+  ratio = row_norm(per) / row_norm(g)
+  assert np.all(ratio > 1.3), ratio  # ~sqrt(4) = 2 for similar rows
+  with pytest.raises(ValueError, match="divisible by 3"):
+    dda.lowpass_distance(ref_lp, x0, 2, norm="groups_of_3")

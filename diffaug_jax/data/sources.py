@@ -4,11 +4,11 @@
 - `FolderSource`: class sub-folders of JPEG/PNG files (ImageNet layout), decoded with PIL.
 - `TfdsSource`: a prepared TFDS dataset read with `tfds.data_source` (no TensorFlow needed to read).
 
-Unreadable examples never stop an epoch: `_RobustSource.__getitem__` logs the file name, counts it
-(`num_bad` = failed reads, `bad_files` = unique names) and deterministically returns the next readable
-example instead (training); evaluation reads with `load_or_none` and leaves the example out (mask 0). The counters live in the process that read the example (with grain workers > 0 that is a
-worker process: the log line is the report there; `FolderSource.verify()` scans every file up front when
-a full list is wanted).
+Unreadable examples never stop an epoch: `_RobustSource.__getitem__` logs the file name, counts it (`num_bad` =
+failed reads, `bad_files` = unique names) and deterministically returns the next readable example instead
+(training); evaluation reads with `load_or_none` and leaves the example out (mask 0). The counters live in the
+process that read the example (with grain workers > 0 that is a worker process: the log line is the report
+there; `FolderSource.verify()` scans every file up front when a full list is wanted).
 
 Construction fails early (before any compile) on a missing path, an empty dataset or an unknown /
 unprepared TFDS dataset, naming the path / name and how to fix it.

@@ -13,9 +13,10 @@ Semantics follow torchvision (what the official DiffAug/AugMix code uses):
 - `random_crop_with_padding`: `transforms.RandomCrop(size, padding=p)` (zero padding, or reflect).
 - `three_augment`: DeiT-III's 3-Augment (facebookresearch/deit `augment.py`, `new_data_aug_generator`):
   RandomResizedCrop(size, scale=(0.08, 1), bicubic) (crop="rrc", the ImageNet-1k recipe) or, with `--src`
-  (crop="src", DeiT-III's ImageNet-21k recipe), Simple Random Crop (Resize(size, bicubic) +
-  RandomCrop(size, padding=4, reflect)); + horizontal flip, then ONE of {grayscale, solarization (threshold 128), Gaussian blur (radius ~ U(0.1, 2))} chosen uniformly, then
-  ColorJitter(0.3, 0.3, 0.3) (brightness, contrast, saturation factors ~ U(0.7, 1.3), in a random order).
+  (crop="src", DeiT-III's ImageNet-21k recipe), Simple Random Crop (Resize(size, bicubic) + RandomCrop(size,
+  padding=4, reflect)); + horizontal flip, then ONE of {grayscale, solarization (threshold 128), Gaussian blur
+  (radius ~ U(0.1, 2))} chosen uniformly, then ColorJitter(0.3, 0.3, 0.3) (brightness, contrast, saturation
+  factors ~ U(0.7, 1.3), in a random order).
 
 Transform factories return callables:
 - train: `fn(image uint8 (H, W, C), rng) -> (view uint8 (S, S, C), view_da uint8 (S, S, C))`;

@@ -12,8 +12,11 @@ p_sample_loop_progressive`) with the 256x256 unconditional ADM model respaced to
 
 Choices (stated, configurable):
 - `norm="per_example"` (default): the gradient of each example's own ||d_i||. The official code takes
-  the norm of the whole batch tensor (`th.linalg.norm(difference)`), so an example's step depends on the
-  batch it is in (and on padding); `norm="batch"` reproduces that (padding rows masked out).
+  the norm of the whole batch tensor (`th.linalg.norm(difference)`), so example i's step is d_i / ||D||
+  with ||D|| ~ sqrt(B) ||d_i||: it depends on the batch it is in, and its scale 6 was set with
+  `--batch_size 4` (about half the per-example step). `norm="groups_of_4"` reproduces that exactly (the norm
+  over each 4 consecutive rows, as the official batches; padding rows masked out); `norm="batch"` takes
+  the norm over the whole batch, whatever its size.
 - LPF: `jax.image.resize` cubic with antialiasing, down by D then up by D (resize_right's default cubic
   kernel with antialiasing, as the official `Resizer`). H and W must be divisible by D.
 - Randomness: `k_start, k_loop = split(key)`; start noise `normal(k_start)`; step i uses
@@ -48,7 +51,8 @@ def lowpass(x: Array, factor: int) -> Array:
 
 def lowpass_distance(ref_lp: Array, x0_hat: Array, factor: int, *, norm: str = "per_example",
                      mask: Array | None = None) -> Array:
-  """||LPF(ref) - LPF(x0_hat)||: (B,) per example, or a scalar for the whole (masked) batch."""
+  """||LPF(ref) - LPF(x0_hat)||: (B,) per example, (B / N,) per group of N consecutive rows, or a scalar for
+  the whole (masked) batch."""
   d = ref_lp - lowpass(x0_hat, factor)
   if mask is not None:
     d = d * mask.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype)
@@ -57,7 +61,12 @@ def lowpass_distance(ref_lp: Array, x0_hat: Array, factor: int, *, norm: str = "
     return jnp.sqrt(sq + 1e-20)  # epsilon: finite gradient when d == 0 exactly
   if norm == "batch":
     return jnp.sqrt(jnp.sum(sq) + 1e-20)
-  raise ValueError(f"unknown DDA norm {norm!r} (per_example | batch)")
+  if norm.startswith("groups_of_") and norm[len("groups_of_"):].isdigit():
+    g = int(norm[len("groups_of_"):])
+    if g < 1 or sq.shape[0] % g:
+      raise ValueError(f"DDA norm {norm!r} needs a batch divisible by {g}, got {sq.shape[0]}")
+    return jnp.sqrt(jnp.sum(sq.reshape(-1, g), axis=1) + 1e-20)  # (B / g,)
+  raise ValueError(f"unknown DDA norm {norm!r} (per_example | batch | groups_of_<N>)")
 
 
 def _check(schedule: diffusion.Schedule, start_step: int):
@@ -97,7 +106,7 @@ def dda_adapt(key: Array, ref: Array, model_fn: ModelFn, schedule: diffusion.Sch
     schedule: the respaced schedule (DDA: `respace(linear_schedule(1000), "100")`).
     start_step: N, the respaced index the input is noised to; N reverse steps follow (N-1 .. 0).
     factor: D of the low-pass filter. scale: guidance weight (0 = plain ancestral sampling).
-    mask: (B,) 1 for real rows (only used by norm="batch").
+    mask: (B,) 1 for real rows (only used by the batch and group norms).
   Returns:
     (B, H, W, C) adapted images (float32, not clipped, as the original returns the raw sample).
   """
