@@ -34,7 +34,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.data.num_workers = 4
   c.model = ml_collections.ConfigDict(dict(name="resnet18_cifar", factory="", dtype="bfloat16",
                                            kwargs=dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))))
-  c.diffaug = ml_collections.ConfigDict(dict(enabled=arg == "diffaug", weight=1.0, t_low=0, t_high=1000))
+  # t_high=0: t ~ U over the whole schedule of the score model (1000 steps, or 4000 for the released
+  # improved-diffusion cosine model: t < 1000 there would only reach noise/signal 0.43).
+  c.diffaug = ml_collections.ConfigDict(dict(enabled=arg == "diffaug", weight=1.0, t_low=0, t_high=0))
   c.score = ml_collections.ConfigDict(dict(workdir="", params_path="", preset="", factory="", overrides={},
                                            dtype="bfloat16", schedule="linear", num_timesteps=1000))
   c.optim = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, lr_batch_base=128, momentum=0.9,

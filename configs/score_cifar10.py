@@ -24,7 +24,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_classes = 10
   c.data = cifar10_config(data_dir="")
-  c.data.train_transform = "cifar"  # random flips/crops are harmless for the score model
+  # The clean images, as improved-diffusion trains (no crop: padded crops would teach black borders).
+  c.data.train_transform = "none"
   c.data.num_workers = 4
   c.score_model = ml_collections.ConfigDict(dict(preset="iddpm_cifar10" if iddpm else "small_32", factory="",
                                                  dtype="bfloat16", overrides={}))

@@ -7,7 +7,7 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}` written by an orbax `Checkpo
     grain's own checkpoint handler, so grain `DataLoader` / `DatasetIterator` iterators and any iterator with
     `get_state()` / `set_state()` work; grain itself is not imported here). On another process count the
     saved state is used only when every process saved the same one (a host-invariant state, like our train
-    pipeline's `{"next_index": steps}`); otherwise the restore fails with a clear error.
+    pipeline's); otherwise the restore fails with a clear error.
 Resume order (`restore_or_init`): latest checkpoint in workdir -> explicit init checkpoint (weights only) ->
 scratch.
 """
@@ -48,7 +48,13 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     item = args.item
     current = item.get_state()
     # Same representation as the iterator's own get_state(): bytes (grain DataLoader) or a JSON value.
-    item.set_state(text.encode() if isinstance(current, (bytes, bytearray)) else json.loads(text))
+    try:
+      item.set_state(text.encode() if isinstance(current, (bytes, bytearray)) else json.loads(text))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(
+          f"the data iterator state in {f} does not fit this iterator ({type(e).__name__}: {e}): it was saved "
+          "by an iterator of another shape, e.g. another data.num_workers (grain's multi-worker state differs "
+          "from the in-process one); resume with the settings the run was saved with") from e
     return item
 
   @staticmethod

@@ -65,10 +65,12 @@ class StepConfig:
 @dataclasses.dataclass(frozen=True)
 class ScoreStepConfig:
   """Static settings of the DDPM step: schedule, learn_sigma (6-channel output), loss_type
-  ("simple" | "hybrid"), ema_decay, class_cond (pass labels as `y`), lr_schedule (metric only)."""
+  ("simple" | "hybrid"), rescale_vb (L_vb x T/1000: guided/improved-diffusion's RESCALED_MSE, their default
+  rescale_learned_sigmas=True), ema_decay, class_cond (pass labels as `y`), lr_schedule (metric only)."""
   schedule: diffusion.Schedule
   learn_sigma: bool = False
   loss_type: str = "simple"
+  rescale_vb: bool = True
   ema_decay: float = 0.9999
   class_cond: bool = False
   lr_schedule: Callable[[jax.Array], jax.Array] | None = None
@@ -182,7 +184,7 @@ def score_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax
       out = apply_fn({"params": params}, x_t, t, y=y, train=True, rngs={"dropout": dropout_key})
       return out.astype(jnp.float32)
     return losses.ddpm_loss(loss_key, x0, model_fn, cfg.schedule, learn_sigma=cfg.learn_sigma,
-                            loss_type=cfg.loss_type)
+                            loss_type=cfg.loss_type, rescale_vb=cfg.rescale_vb)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -225,6 +227,6 @@ def score_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.
     return apply_fn({"params": params}, x_t, t, y=y, train=False).astype(jnp.float32)
 
   _, aux = losses.ddpm_loss(key, x0, model_fn, cfg.schedule, learn_sigma=cfg.learn_sigma,
-                            loss_type=cfg.loss_type)
+                            loss_type=cfg.loss_type, rescale_vb=cfg.rescale_vb)
   mask = batch.get("mask", jnp.ones(x0.shape[:1], jnp.float32)).astype(jnp.float32)
   return {"loss": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}

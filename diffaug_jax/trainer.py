@@ -449,7 +449,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     step_cfg = steps.StepConfig(schedule=schedule, diffaug=bool(config.diffaug.enabled),
                                 diffaug_weight=float(config.diffaug.get("weight", 1.0)),
                                 t_low=int(config.diffaug.get("t_low", 0)),
-                                t_high=int(config.diffaug.get("t_high", 1000)),
+                                # 0: the whole schedule (1000 for ADM, 4000 for improved-diffusion's cosine)
+                                t_high=int(config.diffaug.get("t_high", 0) or 0) or schedule.num_timesteps,
                                 jsd_weight=float(config.get("jsd_weight", 12.0)),
                                 label_smoothing=float(config.get("label_smoothing", 0.0)),
                                 lr_schedule=lr_schedule)
@@ -468,6 +469,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     sc = config.ddpm
     step_cfg = steps.ScoreStepConfig(schedule=schedule, learn_sigma=bool(sc.get("learn_sigma", False)),
                                      loss_type=sc.get("loss_type", "simple"),
+                                     rescale_vb=bool(sc.get("rescale_vb", True)),
                                      ema_decay=float(sc.get("ema_decay", 0.9999)),
                                      class_cond=bool(sc.get("class_cond", False)), lr_schedule=lr_schedule)
     bound = functools.partial(steps.score_train_step, apply_fn=module.apply, tx=tx, cfg=step_cfg)

@@ -186,3 +186,30 @@ if __name__ == "__main__":
   cfg.checkpoint_every = 2
   out = trainer.train_and_evaluate(cfg, sys.argv[1])
   print(f"CHILD start={out['start']} step={out['step']} preempted={out['preempted']}", flush=True)
+
+
+def test_data_state_of_another_shape_is_a_clear_error(tmp_path):
+  """A data-iterator state saved by an iterator of another shape (e.g. another data.num_workers: grain's
+  multi-worker state has other keys) names the cause instead of a bare KeyError inside grain."""
+  import jax.numpy as jnp
+  import optax
+  from diffaug_jax import checkpoint as ckpt_lib
+  from diffaug_jax.state import TrainState
+
+  class Iter:
+    def __init__(self, key):
+      self.key, self.state = key, {key: 0}
+
+    def get_state(self):
+      return dict(self.state)
+
+    def set_state(self, state):
+      self.state = {self.key: state[self.key]}  # KeyError on a foreign state, as grain
+
+  state = TrainState.create({"params": {"w": jnp.ones(2)}}, optax.sgd(0.1))
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck.save(1, state, Iter("next_index"), force=True)
+  ck.wait()
+  with pytest.raises(ValueError, match="num_workers"):
+    ck.restore(state, Iter("next_index_in_cycle"))
+  ck.close()

@@ -146,6 +146,23 @@ def test_diffaug_view_has_no_gradient_to_score_params():
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
 
 
+def test_hybrid_loss_rescales_vb_by_T_over_1000():
+  """guided/improved-diffusion's default rescale_learned_sigmas=True (RESCALED_MSE): L_vb x T / 1000, i.e. x4
+  for the 4000-step cosine CIFAR-10 recipe."""
+  mod = TinyEps(out_channels=2)  # learn_sigma: eps + v for 1 channel
+  variables = mod.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  variables = jax.tree.map(lambda a: a + 0.1, variables)
+  tx = optax.sgd(0.0)
+  state = TrainState.create(variables, tx, ema=True)
+  vb = {}
+  for rescale in (True, False):
+    cfg = steps.ScoreStepConfig(schedule=diffusion.cosine_schedule(4000), learn_sigma=True, loss_type="hybrid",
+                                rescale_vb=rescale)
+    _, m = steps.score_train_step(state, _batch(8), jax.random.key(1), apply_fn=mod.apply, tx=tx, cfg=cfg)
+    vb[rescale] = float(m["vb"])
+  assert vb[False] > 0 and vb[True] == pytest.approx(4 * vb[False], rel=1e-5)
+
+
 def test_score_train_step_ema_and_eval():
   mod = TinyEps()
   variables = mod.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))

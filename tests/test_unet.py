@@ -114,6 +114,21 @@ def test_small_presets_shapes():
   assert unet_lib.unet_from_preset("digits").in_channels == 1
 
 
+def test_rescale_timesteps_feeds_t_times_1000_over_T():
+  """improved-diffusion's rescale_timesteps (its default; the released CIFAR-10 model): the network is fed
+  t * 1000 / T, so the 4000-step preset at t = 400 computes what an unscaled net computes at t = 100."""
+  assert unet_lib.unet_from_preset("iddpm_cifar10").timestep_scale == 0.25
+  assert unet_lib.unet_from_preset("adm_256_uncond").timestep_scale == 1.0  # guided-diffusion: integer t
+  m = unet_lib.unet_from_preset("digits", diffusion_steps=4000, rescale_timesteps=True)
+  plain = m.clone(timestep_scale=1.0)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  v = plain.init(jax.random.key(1), x, jnp.zeros((2,), jnp.int32))
+  v = jax.tree.map(lambda a: a + 0.01, v)  # the output conv is zero-initialised
+  np.testing.assert_allclose(np.asarray(m.apply(v, x, jnp.array([400, 2000]))),
+                             np.asarray(plain.apply(v, x, jnp.array([100, 500]))), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(m.apply(v, x, jnp.array([400, 2000])), plain.apply(v, x, jnp.array([400, 2000])))
+
+
 def test_dropout_only_in_train_mode():
   block = unet_lib.ResBlock(32, dropout=0.5, use_scale_shift_norm=True)
   x, emb = jnp.ones((1, 4, 4, 32)), jnp.ones((1, 16))

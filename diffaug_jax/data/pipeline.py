@@ -21,9 +21,9 @@ The returned `grain.DatasetIterator` yields numpy dicts {"image": uint8 (b, S, S
 (b, S, S, C), "label": int32 (b,)} (+ "image_aug1", "image_aug2" with an `augmix_fn`). Its position is
 `it.get_state()` (a small JSON-able dict) / `it.set_state(state)`; orbax checkpoints it with
 `diffaug_jax.data.checkpointing` (grain's per-process handler). Because the stream depends only on
-(seed, global step), a restored iterator continues bit-identically, for any worker count; with
-num_workers=0 the state is the global step count on every host, so a state saved with one host count can be
-set on iterators made for another host count (train.py's checkpoints do this: `checkpoint.DataIteratorHandler`
+(seed, global step), a restored iterator continues bit-identically (with the num_workers it was saved with:
+grain's multi-worker state differs from the in-process one); the state is the same on every host, so a state
+saved with one host count can be set on iterators made for another host count (train.py's checkpoints do this: `checkpoint.DataIteratorHandler`
 restores a state that every saving process wrote identically on any process count).
 
 Eval (`make_eval_loader`): each host reads source[process_index::process_count] in order, pads to the same

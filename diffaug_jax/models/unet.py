@@ -310,6 +310,9 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   use_new_attention_order: bool = False
+  # improved-diffusion's rescale_timesteps: the network sees t * 1000 / T (float), e.g. 0.25 for its
+  # 4000-step CIFAR-10 models; guided-diffusion's ADM models see the integer t (1.0).
+  timestep_scale: float = 1.0
   dtype: Dtype = jnp.float32
   # Execution choices (EXECUTION_FIELDS), not checkpoint properties (the params are the same for every value):
   # attention_impl: "auto" (cuDNN fused attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn".
@@ -339,6 +342,8 @@ class UNet(nn.Module):
     t = jnp.asarray(t)
     if t.ndim == 0:
       t = jnp.broadcast_to(t, (x.shape[0],))
+    if self.timestep_scale != 1.0:
+      t = t.astype(jnp.float32) * self.timestep_scale
     mc = self.model_channels
     ted = 4 * mc
     heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
@@ -475,13 +480,19 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
   resolutions ("32,16,8") converted to downsample factors image_size // res. use_fp16 -> dtype float16 (unless
   `dtype` is given). use_checkpoint is accepted and ignored (use jax.checkpoint in the program if needed).
   guided-diffusion's diffusion flags (diffusion_steps, noise_schedule, timestep_respacing, ...) are accepted
-  and ignored (they do not change the network), so a full `args` dump works; any other unknown flag raises a
+  and ignored (they do not change the network), so a full `args` dump works, except rescale_timesteps=True,
+  which sets `timestep_scale = 1000 / diffusion_steps` (what the network is fed); any other unknown flag raises a
   ValueError so a typo does not silently build a different net. predict_xstart=True is rejected (the
   eps-prediction factories would misread such a model).
   """
   del use_checkpoint
   if unknown.get("predict_xstart"):
     raise ValueError("unet_from_flags: predict_xstart=True (x0-predicting models) is not supported")
+  # rescale_timesteps (improved-diffusion's default; guided-diffusion's is False) changes what the network
+  # is fed: t * 1000 / diffusion_steps.
+  timestep_scale = 1.0
+  if unknown.get("rescale_timesteps"):
+    timestep_scale = 1000.0 / float(unknown.get("diffusion_steps", 1000))
   unknown = {k: v for k, v in unknown.items() if k not in _DIFFUSION_FLAGS}
   if unknown:
     raise ValueError(f"unet_from_flags: unknown model flag(s) {sorted(unknown)}")
@@ -501,7 +512,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
               num_head_channels=int(num_head_channels), num_heads_upsample=int(num_heads_upsample),
               use_scale_shift_norm=bool(use_scale_shift_norm), resblock_updown=bool(resblock_updown),
               use_new_attention_order=bool(use_new_attention_order), dtype=dtype, attention_impl=attention_impl,
-              norm_stats=norm_stats, upsample_impl=upsample_impl)
+              norm_stats=norm_stats, upsample_impl=upsample_impl, timestep_scale=timestep_scale)
 
 
 # create_model flags, exactly as in the guided-diffusion / improved-diffusion READMEs (model flags only).
@@ -529,8 +540,10 @@ UNET_PRESETS: dict = {
                          attention_resolutions="32,16,8", num_heads=4, learn_sigma=True, class_cond=True,
                          resblock_updown=True),
     # improved-diffusion cifar10_uncond_50M_500K.pt (L_hybrid, cosine schedule with 4000 steps, dropout 0.3).
+    # Trained with rescale_timesteps=True: the network sees t / 4 (timestep_scale 0.25).
     "iddpm_cifar10": dict(_ADM_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3,
-                          attention_resolutions="16,8", num_heads=4, learn_sigma=True, dropout=0.3),
+                          attention_resolutions="16,8", num_heads=4, learn_sigma=True, dropout=0.3,
+                          diffusion_steps=4000, rescale_timesteps=True),
     # Small 32x32 model to train on CIFAR-10-sized data (~9M params).
     "small_32": dict(_ADM_DEFAULTS, image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2",
                      attention_resolutions="8", num_head_channels=32, learn_sigma=False, dropout=0.1),
