@@ -35,7 +35,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                           num_timesteps=4000 if iddpm else 1000))
   c.optim = ml_collections.ConfigDict(dict(name="adam", learning_rate=1e-4 if iddpm else 2e-4, lr_batch_base=0,
                                            schedule="constant", warmup_epochs=0.0, weight_decay=0.0,
-                                           grad_clip=1.0))
+                                           grad_clip=0.0 if iddpm else 1.0))  # improved-diffusion: no clipping
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 1
