@@ -5,7 +5,9 @@ Run:
       --config.data.data_dir=~/tensorflow_datasets
   # larger, improved-diffusion CIFAR-10 architecture with L_hybrid and the cosine schedule:
   python train.py --config configs/score_cifar10.py:iddpm --workdir runs/score_c10_iddpm
-Then train classifiers with --config.score.workdir=runs/score_c10 (configs/cifar10_resnet18.py).
+Then train classifiers with --config.score.workdir=runs/score_c10 (configs/cifar10_resnet18.py; for the
+iddpm run add --config.score.schedule=cosine --config.score.num_timesteps=4000: a score workdir is only used
+with the schedule it was trained with).
 Recipe: Adam 1e-4 (2e-4 for small_32), batch 128, EMA 0.9999, 500k steps (iddpm) / 200k (small_32), bf16.
 Expected: L_simple ~0.03; one-step DiffAug samples look like blurred CIFAR images up to t~300. Not measured
 here (CPU only).
