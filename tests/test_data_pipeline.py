@@ -270,6 +270,12 @@ def test_prepare_command_writes_array_record(tmp_path, capsys):
   assert "prepared diffaug_tiny_prepare" in capsys.readouterr().out
   src = pipeline.make_source(_tfds_cfg("diffaug_tiny_prepare", str(tmp_path)), "test")
   assert len(src) == 5 and src[0]["image"].dtype == np.uint8
+  # Clear errors, before any download: a corrupted-set name without its config, a misspelled name.
+  for name, msg in (("cifar10_corrupted", "cifar10_corrupted/gaussian_noise_5"),
+                    ("diffaug_tiny_prepar", "Did you mean")):
+    with pytest.raises(SystemExit):
+      prepare.main([name, "--data_dir", str(tmp_path)])
+    assert msg in capsys.readouterr().err
 
 
 def _tfds_cfg(name, data_dir):

@@ -309,6 +309,16 @@ def test_mce_hand_computed():
   summ = robustness._suite_summary("imagenet_c", per, ["default"])["default"]  # pylint: disable=protected-access
   assert summ["accuracy"] == pytest.approx(0.1) and summ["accuracy_extra"] == pytest.approx(0.3)
   assert summ["accuracy_by_severity"] == {"5": pytest.approx(0.1)}
+  # The DE member table uses the same sets as the IN-C columns: its t = 0 member equals Default.
+  de = lambda members, acc: {"de": {"ts": [0, 50], "members": members, "cumulative": [members[0], acc],
+                                    "accuracy": acc}}
+  sets = {"fog/5": {"default": {"accuracy": 0.2}, **de([0.2, 0.4], 0.3)},
+          "spatter/5": {"default": {"accuracy": 0.8}, **de([0.8, 1.0], 0.9)}}
+  res = {"modes": ["default", "de"], "suites": {"imagenet_c": {}}, "models": {"m": {"imagenet_c": {
+      "sets": sets, "summary": robustness._suite_summary("imagenet_c", sets, ["default", "de"])}}}}  # pylint: disable=protected-access
+  md = tables.results_table(res)
+  assert "| m | IN-C | 20.00 | 40.00 |" in md, md
+  assert suites.summary_sets("imagenet_c", ["spatter/5"]) == ["spatter/5"]  # only extras asked for
   assert r["mCE"] == pytest.approx((ce_g + ce_b) / 2)
   # All five severities give the familiar AlexNet mean (sum err / sum alexnet): AlexNet itself -> 100.
   alex = {c: {s + 1: 1 - e for s, e in enumerate(v)} for c, v in suites.ALEXNET_ERRORS.items()}

@@ -13,6 +13,7 @@ Alternatively skip TFDS and point `source="folder"` at an extracted `train/<wnid
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -37,7 +38,18 @@ def main(argv=None) -> None:
   p.add_argument("--manual_dir", default=None, help="manually downloaded archives (ImageNet)")
   p.add_argument("--file_format", default="array_record", choices=("array_record", "parquet"))
   a = p.parse_args(argv)
-  builder = prepare(a.name, a.data_dir, a.manual_dir, a.file_format)
+  base = a.name.split(":")[0]
+  if base in ("cifar10_corrupted", "imagenet2012_corrupted"):
+    # Their default config is one corruption at severity 1 that nothing reads: name the one wanted.
+    p.error(f"name a config of {base}, e.g. {base}/gaussian_noise_5 (<corruption>_<severity>)")
+  data_dir = os.path.expanduser(a.data_dir)  # "--data_dir=~/tfds" reaches us unexpanded
+  try:
+    builder = prepare(a.name, data_dir, a.manual_dir and os.path.expanduser(a.manual_dir), a.file_format)
+  except Exception as e:  # noqa: BLE001 - TFDS's unknown-name error is hundreds of lines long
+    if type(e).__name__ != "DatasetNotFoundError":
+      raise
+    lines = str(e).splitlines()
+    p.error(" ".join([lines[0]] + [ln.strip() for ln in lines if "Did you mean" in ln][:1]))
   print(f"prepared {a.name} in {builder.data_dir}: splits "
         f"{ {k: v.num_examples for k, v in builder.info.splits.items()} }")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from diffaug_jax import augment
 from diffaug_jax import diffusion
+from diffaug_jax.evaluation import suites as suites_lib
 
 GRID_TS = tuple(range(350, 701, 50))  # paper Fig. 1: t = 350, 400, ..., 700
 
@@ -88,7 +89,8 @@ def de_curve_figure(results: Mapping[str, Any], path: str) -> str:
   drew = False
   for name, res in results["models"].items():
     for suite, r in res.items():
-      de = [v["de"] for v in r["sets"].values() if "de" in v]
+      sets = r["sets"]
+      de = [sets[k]["de"] for k in suites_lib.summary_sets(suite, sets) if "de" in sets[k]]
       if not de:
         continue
       ts = de[0]["ts"]

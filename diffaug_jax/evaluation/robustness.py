@@ -237,11 +237,9 @@ def _suite_summary(suite: str, per_set: Mapping[str, Mapping[str, Any]], modes: 
     accs = {name: r[mode]["accuracy"] for name, r in per_set.items() if mode in r}
     if not accs:
       continue
-    main, extra = accs, {}
-    if suite == "imagenet_c":
-      std = {k: a for k, a in accs.items() if k.split("/")[0] in suites_lib.IMAGENET_C_CORRUPTIONS}
-      if std:  # (only extras asked for: summarise those)
-        main, extra = std, {k: a for k, a in accs.items() if k not in std}
+    kept = set(suites_lib.summary_sets(suite, accs))
+    main = {k: a for k, a in accs.items() if k in kept}
+    extra = {k: a for k, a in accs.items() if k not in kept}
     entry: dict[str, Any] = {"accuracy": float(np.mean(list(main.values())))}
     if extra:
       entry["accuracy_extra"] = float(np.mean(list(extra.values())))

@@ -98,6 +98,17 @@ class EvalSet:
   labels: str = "full"
 
 
+def summary_sets(suite: str, set_names: Iterable[str]) -> list[str]:
+  """The sets a suite's summary numbers average over: for ImageNet-C its 15 standard corruptions (the
+  paper's IN-C; extra corruptions asked for are reported apart), unless only extras were run; all sets of
+  every other suite. One rule for the summary, the DE member table and the DE curve."""
+  names = list(set_names)
+  if suite == "imagenet_c":
+    std = [n for n in names if n.split("/")[0] in IMAGENET_C_CORRUPTIONS]
+    return std or names
+  return names
+
+
 def _severities(cfg) -> tuple[int, ...]:
   sev = tuple(int(s) for s in (cfg.get("severities") or (1, 2, 3, 4, 5)))
   if any(s not in (1, 2, 3, 4, 5) for s in sev):

@@ -1,6 +1,6 @@
 """Markdown tables shaped like the paper's Table 1/2: rows = models, columns = suite x mode, averages.
 
-Accuracies are top-1 %, one decimal; corruption suites add their mCE (ImageNet-C, AlexNet-normalised) or
+Accuracies are top-1 %, two decimals; corruption suites add their mCE (ImageNet-C, AlexNet-normalised) or
 unnormalised mean CE (CIFAR-10-C, our corruptions) in a second table. A missing cell reads "-".
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+
+from diffaug_jax.evaluation import suites as suites_lib
 
 MODE_LABELS = {"default": "Def", "de": "DE", "dda": "DDA", "dda_se": "DDA-SE"}
 SUITE_LABELS = {"clean": "Clean", "cifar10_c": "C10-C", "imagenet_c": "IN-C", "imagenet_r": "IN-R",
@@ -68,7 +70,7 @@ def results_table(results: Mapping[str, Any], *, average_exclude: tuple[str, ...
     lines += ["", "DiffAug-Ensemble members (accuracy % of each t alone; suite mean)", ""]
     ts = None
     for n, s, sets in de_rows:
-      mem = [v["de"]["members"] for v in sets.values() if "de" in v]
+      mem = [sets[k]["de"]["members"] for k in suites_lib.summary_sets(s, sets) if "de" in sets[k]]
       if not mem:
         continue
       if ts is None:
