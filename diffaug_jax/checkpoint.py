@@ -235,14 +235,15 @@ def weights_from(source: str) -> dict:
 def check_variables(loaded: dict, expected: dict, source: str) -> None:
   """Raises one ValueError listing the missing, unexpected and mis-shaped leaves of `loaded` against
   `expected` (both {"params", ["batch_stats"]}; expected leaves may be ShapeDtypeStructs)."""
-  def flat(tree):
+  from diffaug_jax.convert.common import key_mismatches  # the converters' comparison, our message
+
+  def shapes_of(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
             for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  got = flat({k: v for k, v in loaded.items() if k in ("params", "batch_stats") and v})
-  want = flat({k: v for k, v in expected.items() if v})
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  shapes = sorted(f"{k} {got[k]} (model: {want[k]})" for k in set(got) & set(want) if got[k] != want[k])
+  got = shapes_of({k: v for k, v in loaded.items() if k in ("params", "batch_stats") and v})
+  want = shapes_of({k: v for k, v in expected.items() if v})
+  missing, unexpected, misshaped = key_mismatches(want, got)
+  shapes = [f"{k} {got[k]} (model: {want[k]})" for k in misshaped]
   if missing or unexpected or shapes:
     parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
              for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]

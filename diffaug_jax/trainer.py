@@ -36,6 +36,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from diffaug_jax import checkpoint as ckpt_lib
@@ -313,21 +314,12 @@ RESUME_MAY_CHANGE = ("num_train_steps", "num_epochs", "log_every", "block_every"
                      "data.worker_buffer_size")
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def config_changes(saved: dict, config) -> tuple[list[str], list[str]]:
   """(changed, one_sided): dotted keys set in both the workdir's saved config.json and `config` (as JSON) with
   different values, and keys set on one side only (a field a newer version added with its default, or
   removed), both minus RESUME_MAY_CHANGE."""
-  now = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
-  before = _flat(saved)
+  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort(sort_keys=True)), sep=".")
+  before = traverse_util.flatten_dict(saved, sep=".")
   free = lambda k: any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
   changed = sorted(k for k in set(now) & set(before) if now[k] != before[k] and not free(k))
   one_sided = sorted(k for k in set(now) ^ set(before) if not free(k))

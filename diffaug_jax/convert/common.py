@@ -76,6 +76,16 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
   return out
 
 
+def key_mismatches(expected: Mapping[str, tuple[int, ...]], got_shapes: Mapping[str, tuple[int, ...]]
+                   ) -> tuple[list[str], list[str], list[str]]:
+  """(missing, unexpected, mis-shaped) keys of `got_shapes` against `expected` (both {key: shape}), sorted."""
+  missing = sorted(set(expected) - set(got_shapes))
+  unexpected = sorted(set(got_shapes) - set(expected))
+  misshaped = sorted(k for k in set(expected) & set(got_shapes)
+                     if tuple(expected[k]) != tuple(got_shapes[k]))
+  return missing, unexpected, misshaped
+
+
 def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Any], what: str,
                ignore: Iterable[str] = ()) -> None:
   """Raises CheckpointMismatchError naming ALL missing, unexpected and mis-shaped keys at once.
@@ -84,10 +94,7 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Any], 
   """
   ignore = tuple(ignore)
   got_shapes = {k: tuple(np.shape(v)) for k, v in got.items() if not any(s in k for s in ignore)}
-  missing = sorted(set(expected) - set(got_shapes))
-  unexpected = sorted(set(got_shapes) - set(expected))
-  misshaped = sorted(k for k in set(expected) & set(got_shapes)
-                     if tuple(expected[k]) != got_shapes[k])
+  missing, unexpected, misshaped = key_mismatches(expected, got_shapes)
   if missing or unexpected or misshaped:
     lines = [f"checkpoint does not match {what}:"]
     if missing:

@@ -12,6 +12,7 @@ import numpy as np
 
 from diffaug_jax import augment
 from diffaug_jax import diffusion
+from diffaug_jax.evaluation import loading
 from diffaug_jax.evaluation import suites as suites_lib
 
 GRID_TS = tuple(range(350, 701, 50))  # paper Fig. 1: t = 350, 400, ..., 700
@@ -25,8 +26,7 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:  # one writer per file (multi-host)
+  if loading.is_primary():  # one writer per file (multi-host)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
   _plt().close(fig)

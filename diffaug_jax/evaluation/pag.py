@@ -79,7 +79,7 @@ def save_grid(path: str, columns: Sequence[np.ndarray], *, upscale: int | None =
     for i in range(b):
       y, x = pad + i * (hh + pad), pad + j * (ww + pad)
       canvas[y:y + hh, x:x + ww] = np.clip(c[i], 0.0, 1.0)
-  if jax.process_index() == 0:  # one writer per file (multi-host)
+  if loading.is_primary():  # one writer per file (multi-host)
     Image.fromarray((canvas * 255 + 0.5).astype(np.uint8)).save(path)
 
 
