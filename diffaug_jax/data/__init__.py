@@ -30,8 +30,9 @@ Public API (names re-exported lazily from the sub-modules):
 Data config fields (documented in full in `diffaug_jax/data/config.py`):
   source ("digits"|"tfds"|"folder"), name (TFDS name), data_dir (TFDS data_dir or folder root),
   train_split, eval_split (TFDS split or sub-folder of data_dir; "" = data_dir itself), image_size,
-  channels (1|3), train_transform / eval_transform ("imagenet"|"cifar"|"digits"|"none"), resize_size
-  (0 -> image_size/0.875), crop_padding, rrc_scale, rrc_ratio, num_classes (0 = infer), class_names
+  channels (1|3), train_transform ("imagenet"|"three_augment"|"three_augment_src"|"rand_augment"|"cifar"|
+  "digits"|"none"), eval_transform ("imagenet"|"cifar"|"digits"|"none"), resize_size (0 -> image_size/0.875),
+  crop_padding, rrc_scale, rrc_ratio, rand_augment (timm policy), num_classes (0 = infer), class_names
   (folder: ""|"imagenet2012"|file|"a,b,c"), image_key, label_key, num_workers (0 = in-process),
   worker_buffer_size, read_threads, prefetch_buffer_size.
 """

@@ -13,9 +13,13 @@ Fields (see `default_config`; `validate` checks them):
   channels          1 (grayscale, PIL "L") or 3 (RGB).
   train_transform   "imagenet" (RandomResizedCrop + flip; DiffAug view Resize + CenterCrop) |
                     "three_augment" (DeiT-III's 3-Augment with RandomResizedCrop; DiffAug view as for
-                    "imagenet") | "three_augment_src" (with Simple Random Crop, DeiT-III's --src) | "cifar"
+                    "imagenet") | "three_augment_src" (with Simple Random Crop, DeiT-III's --src) |
+                    "rand_augment" (DeiT-III's 224 fine-tuning: bicubic RandomResizedCrop + flip + timm
+                    RandAugment `rand_augment`, no color jitter; DiffAug view as for "imagenet") | "cifar"
                     (RandomCrop with padding + flip; DiffAug view unaugmented) | "digits" (random crop with
                     padding, no flip) | "none".
+  rand_augment      optional: the timm RandAugment policy of train_transform="rand_augment"
+                    ("rand-m9-mstd0.5-inc1", DeiT-III's `--aa`; grammar in `randaugment.py`).
   eval_transform    "imagenet" (Resize(resize_size) + CenterCrop(image_size)) | "cifar" | "digits" | "none"
                     (identity, or Resize + CenterCrop when the stored size differs from image_size).
   resize_size       shorter side before the centre crop (0 -> round(image_size / 0.875): 256 for 224).
@@ -39,7 +43,7 @@ import os
 
 import ml_collections
 
-from diffaug_jax.data import transforms
+from diffaug_jax.data import randaugment, transforms
 
 SOURCES = ("digits", "tfds", "folder")
 
@@ -60,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       crop_padding=2,
       rrc_scale=(0.08, 1.0),
       rrc_ratio=(3 / 4, 4 / 3),
+      rand_augment="rand-m9-mstd0.5-inc1",
       num_classes=0,
       class_names="",
       image_key="image",
@@ -111,6 +116,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.train_transform not in transforms.TRAIN_TRANSFORMS:
     raise ValueError(f"data.train_transform must be one of {transforms.TRAIN_TRANSFORMS}, "
                      f"got {cfg.train_transform!r}")
+  if cfg.train_transform == "rand_augment":
+    try:
+      randaugment.parse_rand_augment(cfg.get("rand_augment", randaugment.DEIT_POLICY))
+    except ValueError as e:
+      raise ValueError(f"data.rand_augment: {e}") from None
   if cfg.eval_transform not in transforms.EVAL_TRANSFORMS:
     raise ValueError(f"data.eval_transform must be one of {transforms.EVAL_TRANSFORMS}, "
                      f"got {cfg.eval_transform!r}")

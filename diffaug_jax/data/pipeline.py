@@ -143,7 +143,8 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int
   transform = transforms.make_train_transform(
       cfg.train_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None,
       crop_padding=int(cfg.get("crop_padding", 4)), rrc_scale=tuple(cfg.get("rrc_scale", (0.08, 1.0))),
-      rrc_ratio=tuple(cfg.get("rrc_ratio", (3 / 4, 4 / 3))))
+      rrc_ratio=tuple(cfg.get("rrc_ratio", (3 / 4, 4 / 3))),
+      rand_augment=cfg.get("rand_augment", "rand-m9-mstd0.5-inc1"))
   ds = grain.MapDataset.range((len(source) // global_batch_size) * per_host).repeat(None)
   ds = ds.map_with_index(_GlobalIndex(len(source), global_batch_size, per_host, process_index, seed))
   ds = ds.map(_TrainMap(source, transform, int(cfg.channels), seed, augmix_fn))

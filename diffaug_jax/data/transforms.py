@@ -17,6 +17,11 @@ Semantics follow torchvision (what the official DiffAug/AugMix code uses):
   padding=4, reflect)); + horizontal flip, then ONE of {grayscale, solarization (threshold 128), Gaussian blur
   (radius ~ U(0.1, 2))} chosen uniformly, then ColorJitter(0.3, 0.3, 0.3) (brightness, contrast, saturation
   factors ~ U(0.7, 1.3), in a random order).
+- "rand_augment" train transform: DeiT-III's 224 fine-tuning (`--aa rand-m9-mstd0.5-inc1`, timm 0.3.2
+  `transforms_imagenet_train`): RandomResizedCrop(size, bicubic: `--train-interpolation bicubic`) + horizontal
+  flip + timm RandAugment (`randaugment.py`: fill (124, 116, 104), bicubic). No ColorJitter: timm 0.3.2 adds
+  ColorJitter only when no auto-augment policy is given (`elif color_jitter is not None`), so DeiT's
+  `--color-jitter` is ignored with `--aa`.
 
 Transform factories return callables:
 - train: `fn(image uint8 (H, W, C), rng) -> (view uint8 (S, S, C), view_da uint8 (S, S, C))`;
@@ -34,7 +39,8 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 TrainTransform = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 EvalTransform = Callable[[np.ndarray], np.ndarray]
 
-TRAIN_TRANSFORMS = ("imagenet", "three_augment", "three_augment_src", "cifar", "digits", "none")
+TRAIN_TRANSFORMS = ("imagenet", "three_augment", "three_augment_src", "rand_augment", "cifar", "digits",
+                    "none")
 EVAL_TRANSFORMS = ("imagenet", "cifar", "digits", "none")
 
 
@@ -204,13 +210,17 @@ def three_augment(image: np.ndarray, rng: np.random.Generator, size: int,
 
 def make_train_transform(name: str, image_size: int, *, resize_size: int | None = None,
                          crop_padding: int = 4, rrc_scale: tuple[float, float] = (0.08, 1.0),
-                         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> TrainTransform:
+                         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                         rand_augment: str = "rand-m9-mstd0.5-inc1") -> TrainTransform:
   """Returns `fn(image, rng) -> (image, image_da)`, both uint8 (image_size, image_size, C).
 
   - "imagenet": image = RandomResizedCrop(image_size) + flip; image_da = Resize(resize_size) +
     CenterCrop(image_size) (resize_size defaults to round(image_size / 0.875), 256 for 224).
   - "three_augment": image = DeiT-III's 3-Augment (`three_augment`, RandomResizedCrop); image_da as for
     "imagenet". "three_augment_src": the same with Simple Random Crop (DeiT-III's `--src`).
+  - "rand_augment": image = RandomResizedCrop(image_size, rrc_scale, rrc_ratio, bicubic) + flip + timm
+    RandAugment with the policy `rand_augment` (DeiT-III's 224 fine-tuning default), no color jitter;
+    image_da as for "imagenet".
   - "cifar": image = RandomCrop(image_size, padding=crop_padding) + flip; image_da = the unaugmented image.
   - "digits": mild: RandomCrop(image_size, padding=crop_padding) (no flip: digits are not mirror
     symmetric); image_da = the unaugmented image.
@@ -221,6 +231,11 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     raise ValueError(f"unknown train_transform {name!r}; expected one of {TRAIN_TRANSFORMS}")
   resize_size = resize_size or int(round(image_size / 0.875))
   scale, ratio = tuple(rrc_scale), tuple(rrc_ratio)
+  if name == "rand_augment":
+    # Imported here: randaugment imports this module's helpers. Parsed once, so a bad policy string fails
+    # when the pipeline is built rather than inside a worker.
+    from diffaug_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+    ra_params = randaugment.parse_rand_augment(rand_augment)
 
   def imagenet(image, rng):
     view = random_hflip(random_resized_crop(image, rng, image_size, scale, ratio), rng)
@@ -228,6 +243,11 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
 
   def deit3(image, rng, crop="rrc"):
     return three_augment(image, rng, image_size, crop=crop), resize_center_crop(image, image_size, resize_size)
+
+  def rand_aug(image, rng):
+    view = random_resized_crop(image, rng, image_size, scale, ratio, resample=Image.BICUBIC)
+    view = randaugment.rand_augment(random_hflip(view, rng), rng, ra_params)
+    return view, resize_center_crop(image, image_size, resize_size)
 
   def cifar(image, rng):
     base = fit(image, image_size)
@@ -243,7 +263,7 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     return base, base
 
   return {"imagenet": imagenet, "three_augment": deit3, "three_augment_src": lambda im, r: deit3(im, r, "src"),
-          "cifar": cifar, "digits": digits, "none": none}[name]
+          "rand_augment": rand_aug, "cifar": cifar, "digits": digits, "none": none}[name]
 
 
 def make_eval_transform(name: str, image_size: int, *, resize_size: int | None = None) -> EvalTransform:
