@@ -171,3 +171,20 @@ def test_vit_drop_path_schedule(monkeypatch, schedule):
   jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   want = [0.3] * 4 if schedule == "constant" else [0.0, 0.1, 0.2, 0.3]
   assert rates == pytest.approx(want)
+
+
+def test_init_follows_the_reference_code():
+  """From scratch, the ViT initialises as DeiT-III's models_v2 (LayerScale 1e-4, cls_token/pos_embed
+  trunc-normal 0.02, the patch conv at PyTorch's default uniform) and the ResNet fc as torchvision's
+  nn.Linear (weight and bias uniform in +-1/sqrt(fan_in))."""
+  from diffaug_jax.models import resnet, vit
+  m = vit.VisionTransformer(num_classes=10, img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
+  p = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  np.testing.assert_allclose(p["blocks_0"]["ls1"]["gamma"], 1e-4, rtol=1e-6)
+  assert 0.01 < float(jnp.std(p["cls_token"])) < 0.03 and float(jnp.abs(p["cls_token"]).max()) <= 0.04
+  bound = (16 * 16 * 3) ** -0.5
+  for leaf in (p["patch_embed"]["proj"]["kernel"], p["patch_embed"]["proj"]["bias"]):
+    assert bound * 0.8 < float(jnp.abs(leaf).max()) <= bound
+  fc = resnet.resnet18(num_classes=100, stem="cifar").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]["fc"]
+  for leaf in (fc["kernel"], fc["bias"]):
+    assert 512 ** -0.5 * 0.8 < float(jnp.abs(leaf).max()) <= 512 ** -0.5

@@ -34,6 +34,13 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def torch_default_bias(fan_in: int):
+  """The bias init of torch.nn.Linear / Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (a bias has no fan-in of
+  its own, so the layer's is passed in)."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def normalize_input(x: jax.Array, mean: Sequence[float] | None, std: Sequence[float] | None,
                     dtype: Any) -> jax.Array:
   """Maps x in [-1, 1] (B, H, W, C) to ((x + 1) / 2 - mean) / std in `dtype`; mean/std None -> x unchanged.
@@ -142,8 +149,9 @@ class ResNet(nn.Module):
 
   def setup(self):
     # Only the head lives in setup (so `logits_from_features` can reach it); the body is compact.
+    features = self.width * 2 ** (len(self.stage_sizes) - 1) * (4 if self.block == "bottleneck" else 1)
     self.fc = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                       bias_init=nn.initializers.zeros)
+                       bias_init=torch_default_bias(features))  # torchvision's fc: nn.Linear's default init
 
   def logits_from_features(self, features: jax.Array) -> jax.Array:
     """features (B, D) -> float32 logits (B, K) (the fc layer only)."""

@@ -10,6 +10,12 @@ Interface: see `diffaug_jax.models.resnet` (x in [-1, 1] NHWC, internal mean/std
 depth, DeiT-III uses it) is active only with train=True and drop_path_rate > 0 and then needs a 'dropout' rng.
 Module names follow timm's state-dict names (".<i>" -> "_<i>": `blocks_0`) so that
 `diffaug_jax.convert.timm` maps them mechanically.
+
+Initialisation (matters only from scratch; the DiffAug recipe starts from stage-1 weights) follows DeiT-III's
+own `models_v2.vit_models`, which trained the paper's model, not timm's re-implementation: LayerScale 1e-4
+(timm: 1e-6), cls_token and pos_embed truncated normal 0.02 (timm: cls_token normal 1e-6), Linear layers
+truncated normal 0.02 with zero bias, and the patch-embedding conv left at PyTorch's default (weight and
+bias uniform in +-1/sqrt(fan_in)).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffaug_jax.models.attention import QKV, dot_product_attention
-from diffaug_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, normalize_input
+from diffaug_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, dense_init, normalize_input, torch_default_bias
 
 _trunc02 = nn.initializers.truncated_normal(0.02)
 
@@ -37,7 +43,7 @@ def _layernorm(dtype: Any, name: str) -> nn.LayerNorm:
 
 class LayerScale(nn.Module):
   dim: int
-  init_values: float = 1e-6
+  init_values: float = 1e-4
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -88,7 +94,7 @@ class Block(nn.Module):
   dim: int
   num_heads: int
   mlp_ratio: float = 4.0
-  init_values: float = 1e-6
+  init_values: float = 1e-4
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
@@ -115,8 +121,9 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
+    # PyTorch's default Conv2d init (models_v2 leaves the patch embedding at it): weight and bias U(+-1/sqrt(fan_in)).
     x = nn.Conv(self.dim, (p, p), (p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=nn.initializers.lecun_normal(), name="proj")(x)
+                kernel_init=dense_init, bias_init=torch_default_bias(p * p * x.shape[-1]), name="proj")(x)
     return x.reshape(x.shape[0], -1, self.dim)
 
 
@@ -129,7 +136,7 @@ class VisionTransformer(nn.Module):
   depth: int = 12
   num_heads: int = 12
   mlp_ratio: float = 4.0
-  init_values: float = 1e-6
+  init_values: float = 1e-4
   drop_path_rate: float = 0.0
   # "constant": every block drops at drop_path_rate (DeiT-III's models_v2, dpr_constant=True, what the paper
   # trained with); "linear": 0 -> drop_path_rate over the blocks (timm's schedule).
@@ -158,7 +165,7 @@ class VisionTransformer(nn.Module):
     x = PatchEmbed(self.embed_dim, p, self.dtype, name="patch_embed")(x)
     n = x.shape[1]
     pos = self.param("pos_embed", _trunc02, (1, n, self.embed_dim), jnp.float32)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.embed_dim), jnp.float32)
+    cls = self.param("cls_token", _trunc02, (1, 1, self.embed_dim), jnp.float32)
     x = x + pos.astype(self.dtype)  # no_embed_class: pos_embed on the patch tokens only
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.embed_dim)), x], axis=1)
     if self.drop_path_schedule not in ("constant", "linear"):
