@@ -23,15 +23,31 @@ def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
   Args:
     logits: (B, K). labels: (B,) int. mask: optional (B,) weights (0 drops a row, e.g. padding).
   """
-  logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-  if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  nll = _smoothed_nll(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels, label_smoothing)
   if mask is None:
     return nll.mean()
   mask = mask.astype(jnp.float32)
   return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _smoothed_nll(logp: Array, labels: Array, label_smoothing: float) -> Array:
+  """Per-example CE against (1 - ls) onehot(label) + ls / K: (B, K) log-probs, (B,) labels -> (B,)."""
+  nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  return nll
+
+
+def mixed_cross_entropy(logits: Array, labels: Array, partner_labels: Array, lam: Array, *,
+                        label_smoothing: float = 0.0) -> Array:
+  """Mean CE against Mixup/CutMix targets lam onehot_ls(labels) + (1 - lam) onehot_ls(partner_labels):
+  timm's SoftTargetCrossEntropy on its `mixup_target` (CE is linear in the target, so no (B, K) targets).
+
+  logits (B, K); labels, partner_labels (B,) int; lam (B,) float (see `mixing.mix_batch`)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  lam = lam.astype(jnp.float32)
+  return (lam * _smoothed_nll(logp, labels, label_smoothing)
+          + (1.0 - lam) * _smoothed_nll(logp, partner_labels, label_smoothing)).mean()
 
 
 def accuracy(logits: Array, labels: Array, mask: Array | None = None) -> Array:

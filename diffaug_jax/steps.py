@@ -5,7 +5,9 @@ The DiffAug step (paper Sec. 3, official `train.py`): from a uint8 batch it buil
 DiffAug view (t ~ U{t_low..t_high-1}, fresh noise, ONE score-model call, clipped x0_hat, no gradient through
 the score model), concatenates them (and the two AugMix views when the batch carries them) and runs ONE
 classifier forward in train mode, so BatchNorm statistics are computed over the concatenation exactly as the
-official code does. loss = CE(clean) + w * CE(diffaug) [+ jsd_weight * JSD(clean, aug1, aug2)].
+official code does. loss = CE(clean) + w * CE(diffaug) [+ jsd_weight * JSD(clean, aug1, aug2)]. With
+`StepConfig.mix` (DeiT-III fine-tuning) the clean view is Mixup/CutMix-ed on the device first and its CE is
+taken against the mixed targets.
 
 Sharding: the steps are written on the global batch. Under `jax.jit` with the batch sharded on the mesh
 axis `data`, XLA inserts the cross-device reductions (BatchNorm statistics and the loss are global means),
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffaug_jax import augment, diffusion, losses
+from diffaug_jax import augment, diffusion, losses, mixing
 from diffaug_jax.state import TrainState
 
 PyTree = Any
@@ -51,6 +53,11 @@ class StepConfig:
   jsd_weight: AugMix consistency weight (AugMix code: 12), used when the batch has "augmix1"/"augmix2".
   label_smoothing: for both CE terms.
   lr_schedule: optax schedule, only to report the learning rate of this step.
+  mix: Mixup/CutMix of the clean view (`mixing.MixConfig`, DeiT-III fine-tuning), None = off. Its loss is
+    CE against the mixed targets; not combined with AugMix (the JSD term compares views of one image).
+  diffaug_source: what the DiffAug view denoises: "image_da" (the batch's DiffAug view, Resize + CenterCrop
+    in the ImageNet recipe; the clean view when the batch has none) or "clean" (the clean view as the
+    classifier sees it, after Mixup/CutMix, with the same mixed targets).
   """
   schedule: diffusion.Schedule | None = None
   diffaug: bool = True
@@ -60,6 +67,12 @@ class StepConfig:
   jsd_weight: float = 12.0
   label_smoothing: float = 0.0
   lr_schedule: Callable[[jax.Array], jax.Array] | None = None
+  mix: mixing.MixConfig | None = None
+  diffaug_source: str = "image_da"
+
+  def __post_init__(self):
+    if self.diffaug_source not in ("image_da", "clean"):
+      raise ValueError(f"diffaug_source must be 'image_da' or 'clean', got {self.diffaug_source!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,19 +129,33 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
     score_eps_fn: `score_params -> eps_fn(x_t, t)` (compute dtype set there, e.g. bf16).
   Returns:
     (new_state, metrics) with scalar float32 metrics: loss, loss_clean, loss_diffaug, loss_jsd, accuracy
-    (clean view), accuracy_diffaug, grad_norm, learning_rate.
+    (clean view, against the example's own label), accuracy_diffaug, grad_norm, learning_rate.
   """
   labels = batch["label"].astype(jnp.int32)
   da_key, dropout_key = jax.random.split(key)
-  views = [to_model_range(batch["image"])]
   aug_keys = next((k for k in (("image_aug1", "image_aug2"), ("augmix1", "augmix2"))
                    if k[0] in batch and k[1] in batch), None)
   has_augmix = aug_keys is not None
+  x_clean = to_model_range(batch["image"])
+  if cfg.mix is not None:
+    if has_augmix:
+      raise ValueError("Mixup/CutMix and AugMix together: the JSD term needs views of one unmixed image")
+    # fold_in rather than a third split, so the streams of runs without mixing are unchanged.
+    x_clean, lam, partner = mixing.mix_batch(jax.random.fold_in(key, 2), x_clean, cfg.mix)
+    partner_labels = labels[partner]
+
+  def ce(logits, mixed):
+    if mixed and cfg.mix is not None:
+      return losses.mixed_cross_entropy(logits, labels, partner_labels, lam, label_smoothing=cfg.label_smoothing)
+    return losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+
+  views = [x_clean]
   if has_augmix:
     views += [to_model_range(batch[aug_keys[0]]), to_model_range(batch[aug_keys[1]])]
   if cfg.diffaug:
-    x_da, _ = make_diffaug_view(da_key, to_model_range(batch.get("image_da", batch["image"])), score_params,
-                                score_eps_fn, cfg)
+    da_from_clean = cfg.diffaug_source == "clean"
+    x0_da = x_clean if da_from_clean else to_model_range(batch.get("image_da", batch["image"]))
+    x_da, _ = make_diffaug_view(da_key, x0_da, score_params, score_eps_fn, cfg)
     views.append(x_da)
   x = jnp.concatenate(views, axis=0) if len(views) > 1 else views[0]
 
@@ -138,12 +165,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
     logits = logits.astype(jnp.float32)
     chunks = jnp.split(logits, len(views), axis=0)
     logits_clean = chunks[0]
-    loss_clean = losses.cross_entropy(logits_clean, labels, label_smoothing=cfg.label_smoothing)
+    loss_clean = ce(logits_clean, mixed=True)
     loss = loss_clean
     aux = {"loss_clean": loss_clean, "accuracy": jnp.mean(jnp.argmax(logits_clean, -1) == labels)}
     if cfg.diffaug:
       logits_da = chunks[-1]
-      loss_da = losses.cross_entropy(logits_da, labels, label_smoothing=cfg.label_smoothing)
+      loss_da = ce(logits_da, mixed=da_from_clean)
       loss = loss + cfg.diffaug_weight * loss_da
       aux["loss_diffaug"] = loss_da
       aux["accuracy_diffaug"] = jnp.mean(jnp.argmax(logits_da, -1) == labels)

@@ -24,6 +24,7 @@ a resumed run is exact and the numbers do not depend on the device count.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -40,7 +41,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from diffaug_jax import checkpoint as ckpt_lib
-from diffaug_jax import diffusion, metrics as metrics_lib, optim, sharding, steps
+from diffaug_jax import diffusion, metrics as metrics_lib, mixing, optim, sharding, steps
 from diffaug_jax.state import TrainState
 
 PyTree = Any
@@ -125,6 +126,23 @@ def load_frozen_score(config):
       overrides=dict(s.get("overrides", {}) or {}),
       schedule=(s.get("schedule", "linear"), int(s.get("num_timesteps", 1000))))
   return module, params, schedule
+
+
+def mix_config(config) -> mixing.MixConfig | None:
+  """`config.mixup` (optional: mixup_alpha, cutmix_alpha, prob, switch_prob, group_size; absent, or both
+  alphas 0, = off) -> MixConfig, checked against the batch size and AugMix before anything is built."""
+  mc = config.get("mixup", None)
+  if not mc or (float(mc.get("mixup_alpha", 0.0)) == 0 and float(mc.get("cutmix_alpha", 0.0)) == 0):
+    return None
+  unknown = sorted(set(mc.keys()) - {f.name for f in dataclasses.fields(mixing.MixConfig)})
+  if unknown:
+    raise ValueError(f"config.mixup has unknown fields {unknown}")
+  cfg = mixing.MixConfig(**{k: (int(v) if k == "group_size" else float(v)) for k, v in mc.items()})
+  if config.batch_size % (cfg.group_size or config.batch_size):
+    raise ValueError(f"config.mixup.group_size={cfg.group_size} must divide batch_size={config.batch_size}")
+  if config.get("augmix", False):
+    raise ValueError("config.mixup and config.augmix together: the JSD term needs views of one unmixed image")
+  return cfg
 
 
 def make_schedule(kind: str, num_timesteps: int) -> diffusion.Schedule:
@@ -362,6 +380,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     raise ValueError("this config fine-tunes released weights: set --config.init_checkpoint=<converted "
                      "params file or training workdir>")
   workdir = os.path.abspath(workdir)
+  mix = mix_config(config) if mode == "classifier" else None
+  diffaug_source = config.get("diffaug", {}).get("source", "image_da") if mode == "classifier" else "image_da"
+  if diffaug_source not in ("image_da", "clean"):
+    raise ValueError(f"config.diffaug.source must be 'image_da' or 'clean', got {diffaug_source!r}")
 
   # 2. Data first: a wrong path / empty dataset fails here, before anything compiles.
   data = build_data(config, mesh)
@@ -445,7 +467,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                                 t_high=int(config.diffaug.get("t_high", 0) or 0) or schedule.num_timesteps,
                                 jsd_weight=float(config.get("jsd_weight", 12.0)),
                                 label_smoothing=float(config.get("label_smoothing", 0.0)),
-                                lr_schedule=lr_schedule)
+                                lr_schedule=lr_schedule, mix=mix, diffaug_source=diffaug_source)
     bound = functools.partial(steps.train_step, apply_fn=module.apply, score_eps_fn=score_eps_factory,
                               tx=tx, cfg=step_cfg)
 
@@ -499,7 +521,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   log_every = max(1, int(config.get("log_every", 50)))
   block_every = max(1, int(config.get("block_every", 4)))
   eval_every = int(config.get("eval_every", 0) or 0)
-  batch_keys = ("image", "image_da", "label", "image_aug1", "image_aug2") if mode == "classifier" else ("image", "label")
+  batch_keys = ("image", "label")
+  if mode == "classifier":
+    # The DiffAug view goes to the device only when the step reads it.
+    needs_da = bool(config.diffaug.enabled) and diffaug_source == "image_da"
+    batch_keys += ("image_da",) * needs_da + ("image_aug1", "image_aug2")
   pending: list[tuple[int, dict]] = []
   window: list[dict] = []
   last_train, last_eval = {}, {}

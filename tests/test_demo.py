@@ -49,7 +49,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
 
 def test_all_configs_load_and_build():
   """Every config's get_config(arg) returns a complete config whose models can be built (no init)."""
-  from diffaug_jax import trainer
+  from diffaug_jax import mixing, trainer
   from diffaug_jax.data import config as data_config
   cases = [("default", None), ("default", "smoke"), ("cifar10_resnet18", "baseline"),
            ("cifar10_resnet18", "diffaug"), ("cifar10_wrn28_10", None), ("imagenet_resnet50_diffaug", None),
@@ -64,13 +64,18 @@ def test_all_configs_load_and_build():
       if c.mode == "classifier":
         assert trainer.build_classifier(c) is not None
         data_config.validate(c.data)  # names a known transform, source, ...
+        trainer.mix_config(c)  # a valid (or no) Mixup/CutMix setting
       else:
         assert trainer.build_score_model(c) is not None
   r50 = _config("imagenet_resnet50_diffaug")
   assert (r50.optim.learning_rate, r50.optim.lr_batch_base, r50.optim.momentum, r50.optim.nesterov,
           r50.optim.weight_decay, r50.optim.decay_epochs, r50.optim.decay_factor, r50.num_epochs) == \
       (0.1, 256, 0.9, False, 1e-4, 30.0, 0.1, 90)
-  assert _config("imagenet_vit_b16_diffaug").data.train_transform == "three_augment"  # DeiT-III recipe
+  # DeiT-III's 224 fine-tuning: RandAugment + Mixup 0.8 / CutMix 1.0 per 64 examples, DiffAug of the mixed view.
+  vit = _config("imagenet_vit_b16_diffaug")
+  assert (vit.data.train_transform, vit.data.rand_augment, vit.diffaug.source) == \
+      ("rand_augment", "rand-m9-mstd0.5-inc1", "clean")
+  assert trainer.mix_config(vit) == mixing.MixConfig(0.8, 1.0, 1.0, 0.5, 64)
   with pytest.raises(ValueError, match="arg"):
     _config("cifar10_resnet18", "nope")
   # Issue 8's fine-tuning recipes: the release's final lr, constant, ~50k steps, AugMix views where named.

@@ -275,3 +275,24 @@ def test_program_traces_the_train_step_once(tmp_path, monkeypatch):
   out = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert out["step"] == 6
   assert len(traces) == 1, f"train step traced {len(traces)} times in 6 steps"
+
+
+@pytest.mark.parametrize("source", ["clean", "image_da"])
+def test_mixup_run_sends_the_diffaug_view_only_when_read(tmp_path, monkeypatch, source):
+  """config.mixup + diffaug.source reach the step; the batch sent to the device carries "image_da" only when
+  the step reads it (DiffAug on, source "image_da")."""
+  from diffaug_jax import sharding
+  sent = []
+  real = sharding.shard_batch
+  monkeypatch.setattr(sharding, "shard_batch", lambda b, mesh: sent.append(sorted(b)) or real(b, mesh))
+  cfg = tiny_config(steps=2)
+  cfg.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, group_size=8))
+  cfg.diffaug.source = source
+  cfg.label_smoothing = 0.1
+  out = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert out["step"] == 2 and np.isfinite(out["train"]["loss"])
+  assert sent[0] == (["image", "image_da", "label"] if source == "image_da" else ["image", "label"])
+  cfg = tiny_config(steps=1)
+  cfg.diffaug.source = "Clean"
+  with pytest.raises(ValueError, match="diffaug.source"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "bad"))
