@@ -4,16 +4,19 @@
 # short still returns what it measured.
 #
 #   here, once:   bash benchmarks/prepare_gpu_carry.sh        # golden vectors -> .gpu_carry/ (git-ignored)
-#   device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=540)
+#   device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], kind="nvidia-h200",
+#                     timeout_s=540)      (issue 7's goals are H200 figures; an H100 run says so in its table)
 #   second call only if status says >= ~5 min left, at once (warm machine; the persistent compilation cache
-#   in /tmp only speeds up programs the first call compiled), for the cases the first call skipped, e.g.:
-#     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 BENCH_ARGS='--cases denoise:f32:xla:128,train:bf16:auto:128:up=transposed' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
+#   in /tmp only speeds up programs the first call compiled), for the cases the first call skipped. A/B
+#   verdicts and error rows compare cases of the SAME process: list the library-default case of each program
+#   and the f32hi reference again (cached, so cheap), and no profile, e.g.:
+#     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 PROFILE_CASES= BENCH_ARGS='--cases denoise:bf16:auto:128,denoise:f32hi:xla:128,denoise:f32:xla:128,train:bf16:auto:128,train:bf16:auto:128:up=transposed' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts '+'-separated: up=nearest|transposed, gn=auto|two_pass|one_pass, cast=1|0.
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
-# PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
+# PROFILE_CASES (programs to trace, default "train,denoise"; empty = no profile), PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
 # Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md,
 # profile_train.md, profile_denoise.md, trace.tgz.
@@ -68,7 +71,8 @@ run_bench() {
   local budget=$(( $(left) - 30 ))
   echo "== bench (budget ${budget}s) $*" | tee -a "$LOG"
   timeout $(( budget + 25 )) $PY benchmarks/bench_diffaug.py --out "$OUT" --profile /tmp/diffaug_trace \
-    --time-budget "$budget" ${BENCH_ARGS:-} "$@" 2>&1 | tee "$OUT/bench.log"
+    --profile-cases "${PROFILE_CASES-train,denoise}" --time-budget "$budget" ${BENCH_ARGS:-} "$@" 2>&1 \
+    | tee "$OUT/bench.log"
   return "${PIPESTATUS[0]}"
 }
 run_bench

@@ -172,6 +172,40 @@ def test_time_budget_skips_cases(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["meta"]["mode"] == "tiny"
 
 
+def test_cudnn_failure_reruns_auto_cases_on_xla_and_budget_scales_by_program(tmp_path, monkeypatch):
+  """An "auto" case whose cuDNN attention fails (past the library's probe) is rerun once with XLA attention
+  and reported under its own name with the error; other errors are not retried. An unseen program's time
+  estimate is the known programs' costs scaled by its relative cost (train ~2x denoise)."""
+  seen = []
+
+  def fake_run_case(bench, case, args, log):
+    seen.append(case.name)
+    if case.program == "denoise" and case.attention == "auto":
+      raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED in __cudnn$fmhaSoftmax")
+    if case.program == "ensemble":
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return {"case": case.name, "program": case.program, "attention": case.attention, "status": "ok",
+            "attention_ran": case.attention, "images_per_s": 1.0, "ms_per_image": 1.0, "s_per_call": 1.0,
+            "compile_s": 0.0}
+
+  monkeypatch.setattr(bench_diffaug, "run_case", fake_run_case)
+  monkeypatch.setattr(bench_diffaug, "Bench", lambda size, args: type("B", (), dict(
+      num_params={}, platform="cpu", outputs={}, programs={}))())
+  clock = iter(range(0, 10_000, 10))  # every perf_counter() call advances 10 s: each case "costs" ~20 s
+  monkeypatch.setattr(bench_diffaug.time, "perf_counter", lambda: float(next(clock)))
+  res = bench_diffaug.main(FAST + ["--no-peak", "--out", str(tmp_path), "--time-budget", "95",
+                                   "--cases", "denoise:bf16:auto:2,ensemble:bf16:auto:2,train:bf16:auto:2"])
+  rows = {r["case"]: r for r in res["cases"]}
+  assert seen[:3] == ["denoise:bf16:auto:2", "denoise:bf16:xla:2", "ensemble:bf16:auto:2"]
+  d = rows["denoise:bf16:auto:2"]
+  assert d["status"] == "ok" and d["attention"] == "auto" and d["attention_ran"] == "xla"
+  assert "CUDNN_STATUS_NOT_SUPPORTED" in d["cudnn_error"]
+  assert rows["ensemble:bf16:auto:2"]["status"] == "error"  # not a cuDNN error: no rerun
+  # train: not seen yet, so ~2x the denoise case's cost is needed; the budget no longer has it.
+  assert rows["train:bf16:auto:2"]["status"] == "skipped", rows["train:bf16:auto:2"]
+  assert "~20s needed" in rows["train:bf16:auto:2"]["reason"]  # 2 x the denoise case's 10 s
+
+
 # ---------------------------------------------------------------- end-to-end (tiny, CPU)
 
 

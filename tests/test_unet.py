@@ -322,9 +322,35 @@ def test_attention_auto_is_xla_off_gpu_and_falls_back(monkeypatch):
     return real(*args, implementation=implementation, **kw)
 
   monkeypatch.setattr(attention_lib, "cudnn_candidate", lambda q: True)
+  monkeypatch.setattr(attention_lib, "cudnn_compiles", lambda *a: True)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
   np.testing.assert_array_equal(attention_lib.dot_product_attention(q, k, v, s, "auto"), ref)
   assert calls == ["cudnn", "xla"]
+
+
+def test_attention_auto_falls_back_when_cudnn_does_not_compile(monkeypatch):
+  """A cuDNN kernel that traces but does not compile (stood in for by an FFI call no backend has): "auto"
+  probes the shape once, gets False and builds the XLA program, which compiles and gives XLA's output."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)).astype(jnp.bfloat16) for i in range(3))
+  s = 1.0 / np.sqrt(8)
+  real = jax.nn.dot_product_attention
+  ref = real(q, k, v, scale=s, implementation="xla")
+
+  def fake(q, k, v, *args, implementation=None, **kw):
+    if implementation == "cudnn":
+      return jax.ffi.ffi_call("diffaug_no_such_kernel", jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
+    return real(q, k, v, *args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(attention_lib, "cudnn_candidate", lambda q: True)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  attention_lib.cudnn_compiles.cache_clear()
+  try:
+    out = jax.jit(lambda q, k, v: attention_lib.dot_product_attention(q, k, v, s, "auto"))(q, k, v)
+    np.testing.assert_array_equal(out, ref)
+    assert attention_lib.cudnn_compiles.cache_info().currsize == 1  # probed once, for this shape
+    assert not attention_lib.cudnn_compiles(q.shape, k.shape, "bfloat16")
+  finally:
+    attention_lib.cudnn_compiles.cache_clear()  # the probe saw the fake
 
 
 def test_cudnn_candidate_rules():

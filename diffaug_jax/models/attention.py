@@ -6,13 +6,14 @@ float32 whatever the compute dtype (`jax.nn.dot_product_attention` accumulates q
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ATTENTION_IMPLS", "QKV", "cudnn_candidate", "dot_product_attention"]
+__all__ = ["ATTENTION_IMPLS", "QKV", "cudnn_candidate", "cudnn_compiles", "dot_product_attention"]
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
@@ -28,6 +29,20 @@ def cudnn_candidate(q: jax.Array) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def cudnn_compiles(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], dtype_name: str) -> bool:
+  """Whether cuDNN's fused attention compiles on this backend for q (B, L, heads, ch) and k, v of kv_shape:
+  compiled once per shape and dtype (~1 s), so that "auto" also falls back when cuDNN refuses the kernel at
+  compile time (an older cuDNN, an unsupported shape jax's trace-time checks let through), not only when
+  jax refuses it while tracing. Forward only: the DiffAug programs never differentiate the score model."""
+  q, kv = (jax.ShapeDtypeStruct(s, jnp.dtype(dtype_name)) for s in (q_shape, kv_shape))
+  try:
+    jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn")).lower(q, kv, kv).compile()
+    return True
+  except Exception:  # noqa: BLE001 - whatever cuDNN or jax says, the answer is "use XLA"
+    return False
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                           implementation: Optional[str] = "auto") -> jax.Array:
   """softmax(q k^T * scale) v on (B, L, heads, ch) -> (B, L, heads, ch); logits and softmax in float32.
@@ -35,8 +50,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
   `implementation`: "xla" (or None) = `jax.nn.dot_product_attention`'s XLA path (any backend, any dtype);
   "cudnn" = cuDNN's fused flash-attention kernel (NVIDIA GPU, bf16/fp16; jax raises elsewhere); "auto" =
   cuDNN where it applies (measured on an H200 by issue 7: 277 vs 66 TFLOP/s at 784 tokens x 8 heads x 64),
-  else XLA. jax checks cuDNN's shape/version limits while tracing, so "auto" falls back to XLA on its
-  NotImplementedError / RuntimeError. float16 on CPU spells the math out (XLA:CPU rejects the F16_F16_F32
+  else XLA: "auto" falls back to XLA when jax refuses cuDNN while tracing (NotImplementedError /
+  RuntimeError) or when a probe of the same shape does not compile (`cudnn_compiles`). float16 on CPU spells the math out (XLA:CPU rejects the F16_F16_F32
   dot algorithm jax requests).
   """
   if implementation not in ATTENTION_IMPLS + (None,):
@@ -46,7 +61,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
   if implementation == "auto":
-    if cudnn_candidate(q):
+    if cudnn_candidate(q) and k.shape == v.shape and cudnn_compiles(q.shape, k.shape, q.dtype.name):
       try:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
       except (NotImplementedError, RuntimeError):
