@@ -1,7 +1,9 @@
 """ImageNet-1k, ViT-B/16 (DeiT-III, LayerScale) + DiffAug in the DeiT-III second stage (fine-tuning at 224).
 
 Run:
-  # DeiT-III stage-1 weights (timm deit3_base_patch16_224 or your own stage 1) -> msgpack, once:
+  # DeiT-III weights -> msgpack, once: your own stage 1 (DeiT-III trains ViT-B on ImageNet-1k at 192; its
+  # 12 x 12 pos_embed is resized to 14 x 14 as DeiT's --finetune does), or a released 224 checkpoint:
+  python -m diffaug_jax.convert deit stage1_192.pth deit3_b16.msgpack --resize-pos-embed
   python -m diffaug_jax.convert deit deit_3_base_224_1k.pth deit3_b16.msgpack
   python train.py --config configs/imagenet_vit_b16_diffaug.py --workdir runs/in_vit_diffaug \
       --config.data.data_dir=/data/imagenet --config.score.params_path=adm256.msgpack \

@@ -130,6 +130,29 @@ def test_deit3_base_full_key_list_both_namings(golden_dir):
     assert name in str(err.value)
 
 
+def test_stage1_pos_embed_resized_as_deit_finetune(golden_dir):
+  """Stage-1 weights on another patch grid (DeiT-III: ViT-B at 192 -> fine-tuned at 224): pos_embed is
+  resized as DeiT's --finetune does, F.interpolate(bicubic, align_corners=False); without the flag the grid
+  mismatch is an error. Reference values: PyTorch's output for arange(16) 4x4 -> 8x8 (first three rows, as
+  quoted by candle's PyTorch-comparison test)."""
+  torch_rows = [[-0.52734375, -0.23046875, 0.24609375, 0.875, 1.28125, 1.9101563, 2.3867188, 2.6835938],
+                [0.66015625, 0.95703125, 1.4335938, 2.0625, 2.46875, 3.0976563, 3.5742188, 3.8710938],
+                [2.5664063, 2.8632813, 3.3398438, 3.96875, 4.375, 5.0039063, 5.4804688, 5.7773438]]
+  grid = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+  np.testing.assert_allclose(timm_convert.bicubic_resize_grid(grid, 8)[:3, :, 0], torch_rows, rtol=1e-6)
+  np.testing.assert_array_equal(timm_convert.bicubic_resize_grid(grid, 4), grid)  # same size: identity
+  sd, _, _ = _params(golden_dir / "timm_deit3_tiny.npz")  # 64 px / 16: a 4 x 4 grid
+  kw = {**_tiny_deit_kw(golden_dir), "img_size": 96}  # 6 x 6
+  with pytest.raises(common.CheckpointMismatchError, match="pos_embed"):
+    timm_convert.load_deit(sd, **kw)
+  _, variables = timm_convert.load_deit(sd, resize_pos_embed=True, **kw)
+  pos = np.asarray(sd["pos_embed"], np.float32)
+  expect = timm_convert.bicubic_resize_grid(pos[0].reshape(4, 4, -1), 6).reshape(1, 36, -1)
+  np.testing.assert_array_equal(variables["params"]["pos_embed"], expect)
+  with pytest.raises(ValueError, match="square"):
+    timm_convert.interpolate_pos_embed({"pos_embed": np.zeros((1, 15, 8))}, 36)
+
+
 def test_deit_mixed_namings_rejected():
   with pytest.raises(common.CheckpointMismatchError, match="both DeiT and timm"):
     timm_convert.deit_to_timm_names({"blocks.0.gamma_1": np.zeros(3), "blocks.0.ls1.gamma": np.zeros(3)})
