@@ -202,12 +202,13 @@ def attention_ran(lowered_text: str) -> str:
 
 def auto_attention_here() -> str:
   """What attention_impl="auto" picks on this device for the UNet's bf16 (B, 784, 8, 64) attention, as the
-  library decides it (before jax's own cuDNN shape/version checks; the rows record what really ran)."""
+  library decides it (its rule and its compile probe; the rows record what really ran in each program)."""
   import jax.numpy as jnp
 
   from diffaug_jax.models import attention
   q = jnp.zeros((1, 784, 8, 64), jnp.bfloat16)
-  return "cudnn" if attention.cudnn_candidate(q) else "xla"
+  ok = attention.cudnn_candidate(q) and attention.cudnn_compiles(q.shape, q.shape, "bfloat16")
+  return "cudnn" if ok else "xla"
 
 
 def random_like(seed: int, tree, *, kind: str = "params"):

@@ -48,8 +48,9 @@ class MixConfig:
       raise ValueError("MixConfig with mixup_alpha = cutmix_alpha = 0 mixes nothing; use no MixConfig")
     if not (0.0 <= self.prob <= 1.0 and 0.0 <= self.switch_prob <= 1.0):
       raise ValueError(f"prob and switch_prob must be in [0, 1], got {self.prob}, {self.switch_prob}")
-    if self.group_size < 0 or self.group_size == 1:
-      raise ValueError(f"group_size must be 0 (whole batch) or >= 2, got {self.group_size}")
+    if not isinstance(self.group_size, int) or self.group_size < 0 or self.group_size % 2:
+      raise ValueError(f"group_size must be 0 (whole batch) or an even int >= 2 (examples mix in pairs), got "
+                       f"{self.group_size!r}")
 
 
 def _group_params(key: Array, height: int, width: int, cfg: MixConfig) -> tuple[Array, Array, Array]:
@@ -83,15 +84,15 @@ def mix_batch(key: Array, x: Array, cfg: MixConfig) -> tuple[Array, Array, Array
 
   Args:
     key: PRNG key. x: (B, H, W, C) float images (any affine range: mixing commutes with normalisation).
-    cfg: MixConfig; B must be a multiple of cfg.group_size.
+    cfg: MixConfig; B must be a multiple of cfg.group_size (even), or even when group_size is 0.
   Returns:
     (x_mixed (B, H, W, C) x.dtype, lam float32 (B,) weight of each example's own label, partner int32 (B,)
     the index of the example it was mixed with).
   """
   b, h, w = x.shape[:3]
   g = cfg.group_size or b
-  if b % g:
-    raise ValueError(f"batch size {b} is not a multiple of the mixing group size {g}")
+  if b % g or g % 2:  # odd: the middle example would be "mixed" with itself (timm asserts an even batch)
+    raise ValueError(f"batch size {b} must be a multiple of the mixing group size {g}, which must be even")
   n = b // g
   lam, use_cutmix, box = jax.vmap(lambda k: _group_params(k, h, w, cfg))(jax.random.split(key, n))
   xg = x.reshape((n, g) + x.shape[1:])

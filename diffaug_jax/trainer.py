@@ -128,18 +128,33 @@ def load_frozen_score(config):
   return module, params, schedule
 
 
+def reads_da_view(config) -> bool:
+  """Whether the train step reads the batch's "image_da" (a classifier run with DiffAug from that view)."""
+  return (config.get("mode", "classifier") == "classifier" and bool(config.diffaug.enabled)
+          and config.diffaug.get("source", "image_da") == "image_da")
+
+
 def mix_config(config) -> mixing.MixConfig | None:
-  """`config.mixup` (optional: mixup_alpha, cutmix_alpha, prob, switch_prob, group_size; absent, or both
-  alphas 0, = off) -> MixConfig, checked against the batch size and AugMix before anything is built."""
+  """`config.mixup` (optional: mixup_alpha, cutmix_alpha, prob, switch_prob, group_size; an absent alpha is 0,
+  i.e. that method is off; absent section, or both alphas 0, = no mixing) -> MixConfig, checked against the
+  batch size and AugMix before anything is built."""
   mc = config.get("mixup", None)
-  if not mc or (float(mc.get("mixup_alpha", 0.0)) == 0 and float(mc.get("cutmix_alpha", 0.0)) == 0):
+  if not mc:
     return None
-  unknown = sorted(set(mc.keys()) - {f.name for f in dataclasses.fields(mixing.MixConfig)})
+  names = {f.name for f in dataclasses.fields(mixing.MixConfig)}
+  unknown = sorted(set(mc.keys()) - names)
   if unknown:
-    raise ValueError(f"config.mixup has unknown fields {unknown}")
-  cfg = mixing.MixConfig(**{k: (int(v) if k == "group_size" else float(v)) for k, v in mc.items()})
-  if config.batch_size % (cfg.group_size or config.batch_size):
-    raise ValueError(f"config.mixup.group_size={cfg.group_size} must divide batch_size={config.batch_size}")
+    raise ValueError(f"config.mixup has unknown fields {unknown}; expected {sorted(names)}")
+  kw = {**dict(mixup_alpha=0.0, cutmix_alpha=0.0), **dict(mc)}
+  if float(kw["mixup_alpha"]) == 0 and float(kw["cutmix_alpha"]) == 0:
+    return None
+  group = kw.get("group_size", 0)
+  if isinstance(group, float) and group.is_integer():
+    group = int(group)
+  cfg = mixing.MixConfig(**{**{k: float(v) for k, v in kw.items() if k != "group_size"}, "group_size": group})
+  if config.batch_size % (cfg.group_size or config.batch_size) or (cfg.group_size or config.batch_size) % 2:
+    raise ValueError(f"config.mixup.group_size={cfg.group_size} must divide batch_size={config.batch_size} "
+                     "and be even (0: the whole batch, which must then be even)")
   if config.get("augmix", False):
     raise ValueError("config.mixup and config.augmix together: the JSD term needs views of one unmixed image")
   return cfg
@@ -188,7 +203,7 @@ def build_data(config, mesh) -> dict:
     augmix_fn = augmix.make_augmix_fn(dcfg)
   train_iter = pipeline.make_train_loader(dcfg, global_batch_size=config.batch_size, seed=config.seed,
                                           process_index=pi, process_count=pc, source=source,
-                                          augmix_fn=augmix_fn)
+                                          augmix_fn=augmix_fn, da_view=reads_da_view(config))
   eval_loader = pipeline.make_eval_loader(dcfg, global_batch_size=eval_batch, process_index=pi,
                                           process_count=pc)
   return dict(train_iter=train_iter, num_train=len(source), image_shape=data_config.image_shape(dcfg),
@@ -332,16 +347,23 @@ RESUME_MAY_CHANGE = ("num_train_steps", "num_epochs", "log_every", "block_every"
                      "data.worker_buffer_size")
 
 
+# Fields whose absence (a config written before they existed) means a definite value: set on one side only,
+# they are a change unless they hold that value (adding Mixup to a run is not a new field's default).
+ABSENT_MEANS = {"diffaug.source": "image_da", "mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0}
+
+
 def config_changes(saved: dict, config) -> tuple[list[str], list[str]]:
   """(changed, one_sided): dotted keys set in both the workdir's saved config.json and `config` (as JSON) with
-  different values, and keys set on one side only (a field a newer version added with its default, or
-  removed), both minus RESUME_MAY_CHANGE."""
+  different values (or set on one side only to a value other than what their absence means, ABSENT_MEANS),
+  and the other keys set on one side only (a field a newer version added with its default, or removed), both
+  minus RESUME_MAY_CHANGE."""
   now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort(sort_keys=True)), sep=".")
   before = traverse_util.flatten_dict(saved, sep=".")
   free = lambda k: any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
-  changed = sorted(k for k in set(now) & set(before) if now[k] != before[k] and not free(k))
-  one_sided = sorted(k for k in set(now) ^ set(before) if not free(k))
-  return changed, one_sided
+  changed = {k for k in set(now) & set(before) if now[k] != before[k] and not free(k)}
+  one_sided = {k for k in set(now) ^ set(before) if not free(k)}
+  meaningful = {k for k in one_sided if k in ABSENT_MEANS and now.get(k, before.get(k)) != ABSENT_MEANS[k]}
+  return sorted(changed | meaningful), sorted(one_sided - meaningful)
 
 
 def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool = False) -> list[str]:
@@ -524,8 +546,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   batch_keys = ("image", "label")
   if mode == "classifier":
     # The DiffAug view goes to the device only when the step reads it.
-    needs_da = bool(config.diffaug.enabled) and diffaug_source == "image_da"
-    batch_keys += ("image_da",) * needs_da + ("image_aug1", "image_aug2")
+    batch_keys += ("image_da",) * reads_da_view(config) + ("image_aug1", "image_aug2")
   pending: list[tuple[int, dict]] = []
   window: list[dict] = []
   last_train, last_eval = {}, {}

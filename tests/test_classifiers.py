@@ -179,12 +179,18 @@ def test_init_follows_the_reference_code():
   nn.Linear (weight and bias uniform in +-1/sqrt(fan_in))."""
   from diffaug_jax.models import resnet, vit
   m = vit.VisionTransformer(num_classes=10, img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
-  p = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  p = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]  # jit: one compile, not op by op
   np.testing.assert_allclose(p["blocks_0"]["ls1"]["gamma"], 1e-4, rtol=1e-6)
-  assert 0.01 < float(jnp.std(p["cls_token"])) < 0.03 and float(jnp.abs(p["cls_token"]).max()) <= 0.04
+  # trunc_normal_(std=.02) with absolute bounds +-2: a std of 0.02, not the 0.0176 of a +-2-sigma truncation.
+  draw = vit._trunc02(jax.random.key(0), (4096, 64))
+  assert abs(float(jnp.std(draw)) - 0.02) < 4e-4 and float(jnp.abs(draw).max()) > 0.06
+  assert 0.01 < float(jnp.std(p["cls_token"])) < 0.03  # cls_token uses it (timm: normal 1e-6)
   bound = (16 * 16 * 3) ** -0.5
   for leaf in (p["patch_embed"]["proj"]["kernel"], p["patch_embed"]["proj"]["bias"]):
     assert bound * 0.8 < float(jnp.abs(leaf).max()) <= bound
-  fc = resnet.resnet18(num_classes=100, stem="cifar").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]["fc"]
+  small = resnet.ResNet(stage_sizes=(1, 1, 1, 1), block="bottleneck", width=4, num_classes=200, stem="cifar")
+  fc = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]["fc"]
+  fan_in = 4 * 8 * 4  # width * 2**3 * bottleneck expansion
+  assert fc["kernel"].shape == (fan_in, 200)
   for leaf in (fc["kernel"], fc["bias"]):
-    assert 512 ** -0.5 * 0.8 < float(jnp.abs(leaf).max()) <= 512 ** -0.5
+    assert fan_in ** -0.5 * 0.8 < float(jnp.abs(leaf).max()) <= fan_in ** -0.5

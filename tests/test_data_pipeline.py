@@ -42,6 +42,19 @@ def test_tfds_mock_shapes_and_determinism():
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
+def test_da_view_false_skips_the_diffaug_view_only():
+  """da_view=False (a run that never reads "image_da"): the key is gone and the clean views are the same
+  images, since the DiffAug view draws no randomness."""
+  with tfds.testing.mock_data(num_examples=12):
+    cfg = _cifar_cfg("rand_augment")
+    with_da = _take(pipeline.make_train_loader(cfg, global_batch_size=4, seed=1), 2)
+    without = _take(pipeline.make_train_loader(cfg, global_batch_size=4, seed=1, da_view=False), 2)
+  assert set(with_da[0]) == {"image", "image_da", "label"} and set(without[0]) == {"image", "label"}
+  for a, b in zip(with_da, without):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def _concat_hosts(cfg, *, gbs, hosts, steps, seed=0, state=None):
   """The host batches of each step concatenated in process order (what make_array_from_process_local_data
   builds), optionally after setting each host iterator to `state`."""

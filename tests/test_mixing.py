@@ -45,9 +45,34 @@ def test_cutmix_pastes_one_box_from_the_partner_and_lam_is_the_kept_area():
     if rows.size:  # the pasted pixels fill their bounding box: one axis-aligned rectangle
       box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
       assert box == rows.size, i
-      # timm's rand_bbox: sides at most int(side * sqrt(1 - lam_raw)), even (cy -/+ cut // 2) unless clipped.
-      assert rows.max() - rows.min() + 1 <= 16 and cols.max() - cols.min() + 1 <= 12
+      # timm's rand_bbox: corners cy -/+ cut // 2, so a side not clipped by the border is even.
+      for lo, hi, side in ((rows.min(), rows.max() + 1, 16), (cols.min(), cols.max() + 1, 12)):
+        assert lo == 0 or hi == side or (hi - lo) % 2 == 0, (i, lo, hi)
   assert np.any(lam < 1) and np.any(lam > 0.3)
+
+
+def _timm_cutmix_lam(rng, n, h, w):
+  """numpy transcription of timm 0.3.2's CutMix draw: lam ~ Beta(1, 1), rand_bbox, correct_lam."""
+  lam = rng.beta(1.0, 1.0, n)
+  cut_h, cut_w = (h * np.sqrt(1 - lam)).astype(int), (w * np.sqrt(1 - lam)).astype(int)
+  cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
+  yl, yh = np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h)
+  xl, xh = np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)
+  return 1 - (yh - yl) * (xh - xl) / (h * w)
+
+
+def test_cutmix_kept_area_follows_timm():
+  """The corrected lam (area kept) has the distribution of timm's draw: Beta(1, 1) raw lam, a box of
+  int(side sqrt(1 - lam)) around a uniform centre, clipped (two-sample KS test against the transcription)."""
+  n, h, w = 3000, 14, 10
+  x = _x(2 * n, h=h, w=w, c=1, seed=5)
+  _, lam, _ = _mix_jit(jax.random.key(6), x, mixing.MixConfig(0.0, 1.0, group_size=2))
+  # Rounded: lam takes values k / (h w), in float32 here and float64 there; KS must see the same atoms.
+  ours = np.round(np.asarray(lam[::2], np.float64), 5)
+  ref = np.round(_timm_cutmix_lam(np.random.default_rng(0), 20000, h, w), 5)
+  assert stats.ks_2samp(ours, ref).pvalue > 1e-3
+  # Not a plain Beta(1, 1) (the clipping and the even sides matter): the test can tell them apart.
+  assert stats.ks_2samp(np.random.default_rng(1).beta(1, 1, n), ref).pvalue < 1e-3
 
 
 def test_draws_follow_timm_distributions():
@@ -95,11 +120,13 @@ def test_mixed_cross_entropy_equals_timm_soft_target_ce():
 
 def test_bad_settings_are_errors():
   for kw in (dict(mixup_alpha=0.0, cutmix_alpha=0.0), dict(mixup_alpha=-1.0), dict(prob=1.5),
-             dict(group_size=1)):
+             dict(group_size=1), dict(group_size=3), dict(group_size=4.0)):
     with pytest.raises(ValueError):
       mixing.MixConfig(**kw)
   with pytest.raises(ValueError, match="multiple of the mixing group"):
     mixing.mix_batch(jax.random.key(0), _x(6), mixing.MixConfig(group_size=4))
+  with pytest.raises(ValueError, match="must be even"):  # an odd whole batch: one example would mix with itself
+    mixing.mix_batch(jax.random.key(0), _x(5), mixing.MixConfig())
 
 
 def _step_setup(mix, source):
@@ -167,6 +194,14 @@ def test_trainer_mix_config_checks():
     mix_config(c)
   c.mixup = dict(mixup_alpha=0.8, cutmx_alpha=1.0)
   with pytest.raises(ValueError, match="unknown fields"):
+    mix_config(c)
+  c.mixup = dict(mixup_alpha=0.0, cutmx_alpha=1.0)  # a typo is an error even when nothing else mixes
+  with pytest.raises(ValueError, match="unknown fields"):
+    mix_config(c)
+  c.mixup = dict(mixup_alpha=0.2)  # an absent alpha is 0: Mixup only, not the dataclass's CutMix default
+  assert mix_config(c) == mixing.MixConfig(0.2, 0.0, group_size=0)
+  c.mixup = dict(cutmix_alpha=1.0, group_size=3)
+  with pytest.raises(ValueError, match="even"):
     mix_config(c)
   c.mixup = dict(mixup_alpha=0.8)
   c.augmix = True

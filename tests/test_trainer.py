@@ -296,3 +296,18 @@ def test_mixup_run_sends_the_diffaug_view_only_when_read(tmp_path, monkeypatch, 
   cfg.diffaug.source = "Clean"
   with pytest.raises(ValueError, match="diffaug.source"):
     trainer.train_and_evaluate(cfg, str(tmp_path / "bad"))
+
+
+def test_adding_mixup_or_a_clean_diffaug_source_to_a_run_is_a_change():
+  """A field absent from an older run's config.json is a harmless one-sided key when it holds what its absence
+  meant (no Mixup, DiffAug of "image_da"); adding Mixup or source="clean" is a change like any other."""
+  saved = json.loads(tiny_config().to_json_best_effort())
+  cfg = tiny_config()
+  cfg.diffaug.source = "image_da"
+  cfg.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, group_size=8))
+  changed, one_sided = trainer.config_changes(saved, cfg)
+  assert changed == [] and "diffaug.source" in one_sided and "mixup.group_size" in one_sided
+  cfg.diffaug.source = "clean"
+  cfg.mixup.cutmix_alpha = 1.0
+  changed, _ = trainer.config_changes(saved, cfg)
+  assert changed == ["diffaug.source", "mixup.cutmix_alpha"]

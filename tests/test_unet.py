@@ -336,13 +336,25 @@ def test_attention_auto_falls_back_when_cudnn_does_not_compile(monkeypatch):
   real = jax.nn.dot_product_attention
   ref = real(q, k, v, scale=s, implementation="xla")
 
+  def missing_kernel(x):  # lowers fine; no backend registers it, so compiling fails
+    return jax.ffi.ffi_call("diffaug_no_such_kernel", jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+  @jax.custom_vjp
+  def broken_cudnn(q, k, v):
+    return missing_kernel(q)
+
+  broken_cudnn.defvjp(lambda q, k, v: (missing_kernel(q), None),
+                      lambda _, g: (missing_kernel(g),) * 3)  # differentiable: the probe's vjp traces too
+
   def fake(q, k, v, *args, implementation=None, **kw):
     if implementation == "cudnn":
-      return jax.ffi.ffi_call("diffaug_no_such_kernel", jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
+      return broken_cudnn(q, k, v)
     return real(q, k, v, *args, implementation=implementation, **kw)
 
   monkeypatch.setattr(attention_lib, "cudnn_candidate", lambda q: True)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  # Traces, forward and backward (so only compiling can tell):
+  jax.jit(jax.grad(lambda q: fake(q, q, q, implementation="cudnn").astype(jnp.float32).sum())).lower(q)
   attention_lib.cudnn_compiles.cache_clear()
   try:
     out = jax.jit(lambda q, k, v: attention_lib.dot_product_attention(q, k, v, s, "auto"))(q, k, v)

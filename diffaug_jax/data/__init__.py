@@ -9,8 +9,8 @@ Public API (names re-exported lazily from the sub-modules):
   validate(cfg), num_classes(cfg) -> int, image_shape(cfg) -> (H, W, C)                    [config.py]
   make_source(cfg, split) -> random-access source ({"image": uint8 HWC, "label": int})     [pipeline.py]
   make_train_loader(cfg, *, global_batch_size, seed, process_index=0, process_count=1,
-                    augmix_fn=None, source=None, num_workers=None) -> grain.DatasetIterator
-      infinite; yields {"image", "image_da": uint8 (B,S,S,C), "label": int32 (B,)}
+                    augmix_fn=None, source=None, num_workers=None, da_view=True) -> grain.DatasetIterator
+      infinite; yields {"image", "image_da" (unless da_view=False): uint8 (B,S,S,C), "label": int32 (B,)}
       (+ "image_aug1", "image_aug2" with augmix_fn); B = global_batch_size // process_count: this
       host's contiguous slice of one global batch sequence that does not depend on process_count
       (per-epoch global permutation; N // global_batch_size batches per epoch, remainder dropped);

@@ -100,7 +100,9 @@ class _TrainMap:
     rng = _example_rng(self.seed, position)
     image = sources_lib.to_channels(example["image"], self.channels)
     view, view_da = self.transform(image, rng)
-    out = {"image": view, "image_da": view_da, "label": np.int32(example["label"])}
+    out = {"image": view, "label": np.int32(example["label"])}
+    if view_da is not None:
+      out["image_da"] = view_da
     if self.augmix_fn is not None:
       out["image_aug1"] = np.asarray(self.augmix_fn(view, rng))
       out["image_aug2"] = np.asarray(self.augmix_fn(view, rng))
@@ -132,7 +134,7 @@ def _check_hosts(global_batch_size: int, process_index: int, process_count: int)
 def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        augmix_fn: AugmixFn | None = None, source=None,
-                       num_workers: int | None = None) -> grain.IterDataset:
+                       num_workers: int | None = None, da_view: bool = True) -> grain.IterDataset:
   """The train `grain.IterDataset` (see module docstring); `iter()` it for a checkpointable iterator."""
   config_lib.validate(cfg)
   per_host = _check_hosts(global_batch_size, process_index, process_count)
@@ -144,7 +146,7 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int
       cfg.train_transform, int(cfg.image_size), resize_size=int(cfg.get("resize_size", 0) or 0) or None,
       crop_padding=int(cfg.get("crop_padding", 4)), rrc_scale=tuple(cfg.get("rrc_scale", (0.08, 1.0))),
       rrc_ratio=tuple(cfg.get("rrc_ratio", (3 / 4, 4 / 3))),
-      rand_augment=cfg.get("rand_augment", "rand-m9-mstd0.5-inc1"))
+      rand_augment=cfg.get("rand_augment", "rand-m9-mstd0.5-inc1"), da_view=da_view)
   ds = grain.MapDataset.range((len(source) // global_batch_size) * per_host).repeat(None)
   ds = ds.map_with_index(_GlobalIndex(len(source), global_batch_size, per_host, process_index, seed))
   ds = ds.map(_TrainMap(source, transform, int(cfg.channels), seed, augmix_fn))
@@ -156,7 +158,7 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int
 def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                       process_index: int = 0, process_count: int = 1,
                       augmix_fn: AugmixFn | None = None, source=None,
-                      num_workers: int | None = None) -> grain.DatasetIterator:
+                      num_workers: int | None = None, da_view: bool = True) -> grain.DatasetIterator:
   """Infinite train iterator of this host's slice of each global batch (see module docstring).
 
   Host h of P gets positions [h * b, (h + 1) * b) of every global batch (b = global_batch_size // P), so the
@@ -166,10 +168,13 @@ def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
   `augmix_fn` is given). Checkpoint with `it.get_state()`/`it.set_state()` or
   `diffaug_jax.data.checkpointing`. `source` (from `make_source`) may be passed to keep a handle on its
   `num_bad`/`bad_files` counters (exact with num_workers=0). `num_workers` overrides cfg.num_workers.
+  `da_view=False` leaves "image_da" out (not computed: a run without DiffAug, or one that denoises the clean
+  view, has no use for it).
   """
   return iter(make_train_dataset(cfg, global_batch_size=global_batch_size, seed=seed,
                                  process_index=process_index, process_count=process_count,
-                                 augmix_fn=augmix_fn, source=source, num_workers=num_workers))
+                                 augmix_fn=augmix_fn, source=source, num_workers=num_workers,
+                                 da_view=da_view))
 
 
 class _EvalMap:

@@ -211,8 +211,9 @@ def three_augment(image: np.ndarray, rng: np.random.Generator, size: int,
 def make_train_transform(name: str, image_size: int, *, resize_size: int | None = None,
                          crop_padding: int = 4, rrc_scale: tuple[float, float] = (0.08, 1.0),
                          rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                         rand_augment: str = "rand-m9-mstd0.5-inc1") -> TrainTransform:
-  """Returns `fn(image, rng) -> (image, image_da)`, both uint8 (image_size, image_size, C).
+                         rand_augment: str = "rand-m9-mstd0.5-inc1", da_view: bool = True) -> TrainTransform:
+  """Returns `fn(image, rng) -> (image, image_da)`, both uint8 (image_size, image_size, C); image_da is None
+  when `da_view` is False (not computed).
 
   - "imagenet": image = RandomResizedCrop(image_size) + flip; image_da = Resize(resize_size) +
     CenterCrop(image_size) (resize_size defaults to round(image_size / 0.875), 256 for 224).
@@ -237,17 +238,20 @@ def make_train_transform(name: str, image_size: int, *, resize_size: int | None 
     from diffaug_jax.data import randaugment  # pylint: disable=g-import-not-at-top
     ra_params = randaugment.parse_rand_augment(rand_augment)
 
+  def center(image):  # the ImageNet recipes' DiffAug view (a full-size resize: skipped when unused)
+    return resize_center_crop(image, image_size, resize_size) if da_view else None
+
   def imagenet(image, rng):
     view = random_hflip(random_resized_crop(image, rng, image_size, scale, ratio), rng)
-    return view, resize_center_crop(image, image_size, resize_size)
+    return view, center(image)
 
   def deit3(image, rng, crop="rrc"):
-    return three_augment(image, rng, image_size, crop=crop), resize_center_crop(image, image_size, resize_size)
+    return three_augment(image, rng, image_size, crop=crop), center(image)
 
   def rand_aug(image, rng):
     view = random_resized_crop(image, rng, image_size, scale, ratio, resample=Image.BICUBIC)
     view = randaugment.rand_augment(random_hflip(view, rng), rng, ra_params)
-    return view, resize_center_crop(image, image_size, resize_size)
+    return view, center(image)
 
   def cifar(image, rng):
     base = fit(image, image_size)

@@ -31,13 +31,20 @@ def cudnn_candidate(q: jax.Array) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cudnn_compiles(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], dtype_name: str) -> bool:
-  """Whether cuDNN's fused attention compiles on this backend for q (B, L, heads, ch) and k, v of kv_shape:
-  compiled once per shape and dtype (~1 s), so that "auto" also falls back when cuDNN refuses the kernel at
-  compile time (an older cuDNN, an unsupported shape jax's trace-time checks let through), not only when
-  jax refuses it while tracing. Forward only: the DiffAug programs never differentiate the score model."""
+  """Whether cuDNN's fused attention compiles on this backend for q (B, L, heads, ch) and k, v of kv_shape,
+  forward and backward (ViT training, PAG and DDA's guidance differentiate through attention): compiled once
+  per shape and dtype (a second or two), so that "auto" also falls back when cuDNN refuses a kernel at
+  compile time (an older cuDNN, a shape jax's trace-time checks let through), not only when jax refuses it
+  while tracing. Each process decides for itself; identical hosts decide alike."""
   q, kv = (jax.ShapeDtypeStruct(s, jnp.dtype(dtype_name)) for s in (q_shape, kv_shape))
+  attend = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+
+  def forward_and_backward(q, k, v):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(out)
+
   try:
-    jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn")).lower(q, kv, kv).compile()
+    jax.jit(forward_and_backward).lower(q, kv, kv).compile()
     return True
   except Exception:  # noqa: BLE001 - whatever cuDNN or jax says, the answer is "use XLA"
     return False

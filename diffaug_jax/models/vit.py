@@ -13,8 +13,8 @@ Module names follow timm's state-dict names (".<i>" -> "_<i>": `blocks_0`) so th
 
 Initialisation (matters only from scratch; the DiffAug recipe starts from stage-1 weights) follows DeiT-III's
 own `models_v2.vit_models`, which trained the paper's model, not timm's re-implementation: LayerScale 1e-4
-(timm: 1e-6), cls_token and pos_embed truncated normal 0.02 (timm: cls_token normal 1e-6), Linear layers
-truncated normal 0.02 with zero bias, and the patch-embedding conv left at PyTorch's default (weight and
+(timm: 1e-6), cls_token and pos_embed trunc_normal_(std=0.02) (timm: cls_token normal 1e-6; the bounds +-2
+are absolute, so effectively N(0, 0.02^2)), Linear layers the same with zero bias, and the patch-embedding conv left at PyTorch's default (weight and
 bias uniform in +-1/sqrt(fan_in)).
 """
 from __future__ import annotations
@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from diffaug_jax.models.attention import QKV, dot_product_attention
 from diffaug_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, dense_init, normalize_input, torch_default_bias
 
-_trunc02 = nn.initializers.truncated_normal(0.02)
+# timm's / DeiT's trunc_normal_(std=.02): its bounds a=-2, b=2 are absolute values, i.e. 100 sigma, so this
+# is N(0, 0.02^2) in practice (flax's bounds are in sigmas: the default +-2 sigma would shrink the std 12%).
+_trunc02 = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
 
 def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
