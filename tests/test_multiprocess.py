@@ -133,15 +133,67 @@ def test_ood_two_processes_match_one_process(tmp_path):
       assert multi["metrics"]["noise"][m][k] == pytest.approx(single["metrics"]["noise"][m][k], abs=1e-6), (m, k)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """Preemption on several hosts: SIGTERM reaches ONE process (process 1); JAX's preemption sync manager makes
+  both stop at the same step, save one checkpoint and exit 0. Resumed in one process, the run continues
+  exactly like an uninterrupted one."""
+  import signal
+  import time
+  from diffaug_jax import trainer
+  from diffaug_jax.metrics import read_jsonl
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+  port, wd = str(_free_port()), tmp_path / "multi"
+  procs = [subprocess.Popen([sys.executable, __file__, str(wd), port, str(i), "preempt"], env=env, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    t0 = time.time()
+    rows = lambda: len(read_jsonl(str(wd / "metrics.jsonl"))) if (wd / "metrics.jsonl").exists() else 0
+    while rows() < 4 and time.time() - t0 < 240 and all(p.poll() is None for p in procs):
+      time.sleep(0.2)
+    assert rows() >= 4, "the two-process run did not start training"
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  steps = set()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    line = [l for l in out.splitlines() if l.startswith("CHILD step=")][-1]
+    steps.add(line)
+  assert len(steps) == 1 and "preempted=True" in next(iter(steps)), steps  # one stop step, on both
+  stop = int(next(iter(steps)).split("step=")[1].split()[0])
+  assert sorted(os.listdir(wd / "checkpoints")) == [str(stop)]
+  more = stop + 3
+  resumed = trainer.train_and_evaluate(_config("arrays", more), str(wd))
+  same = trainer.train_and_evaluate(_config("arrays", more), str(tmp_path / "single"))
+  assert resumed["start"] == f"resume@{stop}" and resumed["step"] == same["step"] == more
+  tail = lambda d, lo: [r for r in read_jsonl(str(d / "metrics.jsonl")) if r["split"] == "train" and r["step"] > lo]
+  a, b = tail(wd, stop), tail(tmp_path / "single", stop)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [stop + 1, stop + 2, stop + 3]
+  for x, y in zip(a, b):
+    for k in ("loss", "accuracy", "grad_norm"):
+      np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=f"resumed step {x['step']} {k}")
+
+
 if __name__ == "__main__":
-  # Child: argv = workdir, port, process id, source ("arrays" | "digits": train; "ood": the OOD task,
-  # argv[5] = its data folder).
+  # Child: argv = workdir, port, process id, source ("arrays" | "digits": train; "preempt": train until
+  # SIGTERM; "ood": the OOD task, argv[5] = its data folder).
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
                              process_id=int(sys.argv[3]), initialization_timeout=120)
-  if sys.argv[4] == "ood":
+  if sys.argv[4] == "preempt":  # runs until a SIGTERM (see the preemption test)
+    from diffaug_jax import trainer
+    cfg = _config("arrays", 100_000)
+    cfg.log_every = 1
+    out = trainer.train_and_evaluate(cfg, sys.argv[1])
+    print(f"CHILD step={out['step']} preempted={out['preempted']}", flush=True)
+  elif sys.argv[4] == "ood":
     from diffaug_jax.evaluation import ood
     ood.run(_ood_config(sys.argv[5]), sys.argv[1])
     print(f"CHILD ood processes={jax.process_count()} devices={jax.device_count()}", flush=True)
