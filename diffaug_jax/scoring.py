@@ -91,7 +91,9 @@ def num_kept(dim: int, percentile: float) -> int:
 def react_threshold(id_features: Array, percentile: float = 90.0) -> float:
   """ReAct clip value: the `percentile` of all ID penultimate activations (flattened)."""
   _check_percentile(percentile)
-  return float(np.percentile(np.asarray(id_features, np.float64).ravel(), percentile))
+  # float32 as given (no float64 copy: ID features of a large reference set are GBs); np.percentile
+  # interpolates the two neighbouring order statistics in float64 either way.
+  return float(np.percentile(np.asarray(id_features).reshape(-1), percentile))
 
 
 def react_features(h: Array, threshold: float) -> Array:

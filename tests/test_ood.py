@@ -200,3 +200,26 @@ def test_iterate_batches_splits_global_batches_over_processes(tmp_path, source):
     assert sorted(r for _, rows in parts for r in rows) == sorted(one)
   with pytest.raises(ValueError, match="divisible"):
     next(loading.iterate_batches(cfg, 12, process_index=0, process_count=5))
+
+
+def test_score_all_compiles_once_for_every_set_and_chunk():
+  """Sets of different lengths and a padded last chunk reuse one compiled scorer, and the padding changes no
+  score (against the per-chunk eager computation)."""
+  from diffaug_jax.evaluation import ood
+  from diffaug_jax.models.classifiers import get_classifier
+  module = get_classifier("cnn_small", 10, width=4)
+  variables = fast_init(module, (1, 8, 8, 1))
+  rng = np.random.default_rng(0)
+  sets = {n: (rng.normal(size=(n, 10)).astype(np.float32), np.abs(rng.normal(size=(n, 16))).astype(np.float32))
+          for n in (23, 17)}
+  kw = dict(methods=("msp", "react", "ash_b", "scale"), react_clip=0.7, chunk=8)
+  ood._scorer.cache_clear()
+  for n, (lo, fe) in sets.items():
+    got = ood.score_all(module, variables, lo, fe, **kw)
+    head = lambda h: module.apply(variables, h, method="logits_from_features")
+    want = scoring.ood_scores(jnp.asarray(lo), jnp.asarray(fe), head, methods=kw["methods"], react_clip=0.7)
+    for m in kw["methods"]:
+      assert got[m].shape == (n,)
+      np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5)
+  (scorer,) = [ood._scorer(module, kw["methods"], True, 90.0, 85.0)]
+  assert ood._scorer.cache_info().currsize == 1 and scorer._cache_size() == 1

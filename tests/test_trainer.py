@@ -311,3 +311,12 @@ def test_adding_mixup_or_a_clean_diffaug_source_to_a_run_is_a_change():
   cfg.mixup.cutmix_alpha = 1.0
   changed, _ = trainer.config_changes(saved, cfg)
   assert changed == ["diffaug.source", "mixup.cutmix_alpha"]
+
+
+def test_eval_batch_rounds_up_to_the_device_count(tmp_path):
+  """Eval batches are padded and masked: an eval_batch_size the 8 devices do not divide (the ImageNet
+  configs' 500 on 8 or 16 GPUs) is rounded up, and every eval example is still counted once."""
+  cfg = tiny_config(steps=1)
+  cfg.eval_batch_size = 10
+  out = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert out["eval"]["eval_count"] == 40

@@ -272,8 +272,10 @@ def synthetic_ood_arrays(data_cfg) -> tuple[np.ndarray, np.ndarray]:
 
 def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None, process_index: int | None = None,
                     process_count: int | None = None):
-  """Streams THIS process's rows of each global batch of `batch_size`: {"image" float32 [-1, 1], "label",
-  "mask"} (padded, mask 0 on padding), through `data.make_eval_loader`; npz / synthetic sources are batched
+  """Streams THIS process's rows of each global batch of `batch_size`: {"image", "label", "mask"} (padded,
+  mask 0 on padding). Images are the loader's uint8 (a quarter of float32's bytes to the device; convert there
+  with `classify.uint8_to_model`), or float32 [-1, 1] from npz / synthetic arrays. Data sets go through
+  `data.make_eval_loader`; npz / synthetic sources are batched
   in memory. max_examples caps the count to the split's first examples. Every process yields the same
   number of batches (the sharded forward is a collective); `classify.ShardedRunner` reassembles them."""
   pi = jax.process_index() if process_index is None else int(process_index)
@@ -310,7 +312,7 @@ def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None, proc
     mask = np.asarray(batch["mask"], np.float32)
     if cap:
       mask = mask * ((pi + (i * local + np.arange(len(mask))) * pc) < cap)
-    yield {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"], "mask": mask}
+    yield {"image": batch["image"], "label": batch["label"], "mask": mask}
 
 
 # ------------------------------------------------------------------------------------- outputs

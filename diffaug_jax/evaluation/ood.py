@@ -17,6 +17,8 @@ Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,6 +39,7 @@ def make_runner(module, mesh=None) -> classify.ShardedRunner:
   datasets of one batch shape."""
   def step(variables, x, key, mask):
     del key, mask
+    x = classify.uint8_to_model(x)  # uint8 from the loaders (converted here, on the device) or [-1, 1] floats
     logits, feats = module.apply(variables, x, train=False, return_features=True)
     return {"logits": logits.astype(jnp.float32), "features": feats.astype(jnp.float32)}
 
@@ -60,19 +63,37 @@ def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int
     yield {**b, "mask": mask}
 
 
+@functools.lru_cache(maxsize=16)
+def _scorer(module, methods: tuple[str, ...], has_clip: bool, ash_percentile: float, scale_percentile: float):
+  """One jitted `scoring.ood_scores` per (module, methods, percentiles): every set and every chunk reuses it."""
+  def scores(variables, logits, features, react_clip):
+    head = lambda h: module.apply(variables, h, method="logits_from_features").astype(jnp.float32)
+    return scoring.ood_scores(logits, features, head, methods=methods,
+                              react_clip=react_clip if has_clip else None, ash_percentile=ash_percentile,
+                              scale_percentile=scale_percentile)
+  return jax.jit(scores)
+
+
 def score_all(module, variables, logits: np.ndarray, features: np.ndarray, *,
               methods: Sequence[str] = DEFAULT_METHODS, react_clip: float | None = None,
               ash_percentile: float = 90.0, scale_percentile: float = 85.0,
               chunk: int = 4096) -> dict[str, np.ndarray]:
-  """All scores for precomputed (logits, features), in chunks through the jitted head."""
-  head = jax.jit(lambda v, h: module.apply(v, h, method="logits_from_features").astype(jnp.float32))
+  """All scores for precomputed (logits, features), in chunks of `chunk` rows (the last one zero-padded, so
+  one compiled program serves every chunk of every set)."""
+  n = len(logits)
+  chunk = max(1, min(chunk, n))
+  fn = _scorer(module, tuple(methods), react_clip is not None, float(ash_percentile), float(scale_percentile))
+  clip = jnp.float32(0.0 if react_clip is None else react_clip)
   out: dict[str, list] = {m: [] for m in methods}
-  for s in range(0, len(logits), chunk):
-    sc = scoring.ood_scores(logits[s:s + chunk], features[s:s + chunk], lambda h: head(variables, h),
-                            methods=methods, react_clip=react_clip, ash_percentile=ash_percentile,
-                            scale_percentile=scale_percentile)
+  for s in range(0, n, chunk):
+    lo, fe = logits[s:s + chunk], features[s:s + chunk]
+    pad = chunk - len(lo)
+    if pad:
+      lo = np.concatenate([lo, np.zeros((pad,) + lo.shape[1:], lo.dtype)])
+      fe = np.concatenate([fe, np.zeros((pad,) + fe.shape[1:], fe.dtype)])
+    sc = fn(variables, lo, fe, clip)
     for m in methods:
-      out[m].append(np.asarray(sc[m]))
+      out[m].append(np.asarray(sc[m])[:chunk - pad])
   return {m: np.concatenate(v) for m, v in out.items()}
 
 
