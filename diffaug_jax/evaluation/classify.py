@@ -37,6 +37,13 @@ def uint8_to_model(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
+def _real_rows(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """One fetched batch without its padding rows (dropped per batch: the host never holds the padded copy
+  of a whole evaluation, e.g. 50k x (1000 logits + 2048 features) for OOD)."""
+  keep = out.pop("mask") > 0
+  return {k: v[keep] for k, v in out.items()}
+
+
 def _fetch(tree: PyTree) -> PyTree:
   """Global jax arrays -> host numpy (all processes' rows in multi-host runs)."""
   if jax.process_count() > 1:
@@ -123,15 +130,13 @@ class ShardedRunner:
       # Keep one batch in flight: fetch the previous result while this one computes (and never queue
       # dozens of sharded steps, which aborts with many fake CPU devices).
       if pending is not None:
-        results.append(_fetch(pending))
+        results.append(_real_rows(_fetch(pending)))
       pending = out
     if pending is not None:
-      results.append(_fetch(pending))
+      results.append(_real_rows(_fetch(pending)))
     if not results:
       raise ValueError(f"no batches to evaluate ({desc or 'dataset'} is empty)")
-    cat = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-    keep = cat.pop("mask") > 0
-    return {k: v[keep] for k, v in cat.items()}
+    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
 def run_sharded(step_fn: StepFn, params: PyTree, batches: Iterable[Mapping[str, np.ndarray]],
