@@ -18,7 +18,6 @@ Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=.
 from __future__ import annotations
 
 import functools
-
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
