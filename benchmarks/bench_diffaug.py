@@ -18,7 +18,7 @@ Case syntax `program:dtype:attention:batch[:opts]`:
 - attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
-  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
+  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call).
@@ -76,7 +76,7 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 # (1 = score params pre-cast with frozen_params_for_compute, as the programs hold them; 0 = float32 params).
 OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
-    "gn": (("auto", "two_pass", "one_pass"), "auto"),  # UNet.norm_stats
+    "gn": (("auto", "two_pass", "one_pass", "channel"), "auto"),  # UNet.norm_stats
     "cast": (("1", "0"), "1"),
 }
 

@@ -37,7 +37,8 @@ def golden_models(golden_dir):
 
 # Execution choices that must not change the function (same params): the defaults, and the fast paths
 # forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs).
-FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed")}
+FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
+              "channel": dict(norm_stats="channel")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -246,13 +247,15 @@ def test_groupnorm_one_pass_statistics_survive_large_offsets():
   c = 64
   v = {"params": {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}}
   two, one = unet_lib.GroupNorm32(stats="two_pass"), unet_lib.GroupNorm32(stats="one_pass")
+  chan = unet_lib.GroupNorm32(stats="channel")
   for offset, std in ((0.0, 1.0), (40.0, 1.0), (1000.0, 0.05)):
     x = offset + std * jax.random.normal(jax.random.key(0), (2, 8, 8, c))
     g64 = np.asarray(x, np.float64).reshape(2, -1, 32, 2)
     exact = ((g64 - g64.mean((1, 3), keepdims=True)) / np.sqrt(g64.var((1, 3), keepdims=True) + 1e-5))
     err = {name: np.abs(np.asarray(gn.apply(v, x), np.float64) - exact.reshape(x.shape)).max()
-           for name, gn in (("one", one), ("two", two))}
+           for name, gn in (("one", one), ("two", two), ("channel", chan))}
     assert err["one"] <= max(1e-5, 2 * err["two"]), (offset, std, err)
+    assert err["channel"] <= max(1e-5, 2 * err["two"]), (offset, std, err)
     g = x.reshape(2, -1, 32, 2)
     naive_var = jnp.mean(jnp.square(g), axis=(1, 3)) - jnp.square(jnp.mean(g, axis=(1, 3)))
     true_var = jnp.var(g, axis=(1, 3))
@@ -268,14 +271,40 @@ def test_groupnorm_one_pass_statistics_survive_large_offsets():
                                 np.asarray(one.apply(v, xb), np.float32))
 
 
-def test_groupnorm_one_pass_gradients():
+@pytest.mark.parametrize("stats", ["one_pass", "channel"])
+def test_groupnorm_one_pass_gradients(stats):
   """The pivot is a constant for autodiff; gradients equal the two-pass ones."""
-  c = 32
+  c = 64
   x = 5.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, c))
   w = jax.random.normal(jax.random.key(1), x.shape)
   v = {"params": {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}}
   grad = lambda stats: jax.grad(lambda x: jnp.sum(w * unet_lib.GroupNorm32(stats=stats).apply(v, x)))(x)
-  np.testing.assert_allclose(grad("one_pass"), grad("two_pass"), atol=2e-5)
+  np.testing.assert_allclose(grad(stats), grad("two_pass"), atol=2e-5)
+
+
+@pytest.mark.parametrize("stats", ["two_pass", "one_pass", "channel"])
+def test_groupnorm_fused_scale_shift_silu_and_output_dtype(stats):
+  """GN(x, scale_shift, silu) == silu(GN(x) * (1 + scale) + shift) in every mode (the "channel" mode folds all
+  of it into one multiply-add per (batch, channel)); out_dtype float32 from a bf16 input keeps the head's
+  float32 output, and the fused bf16 result is within bf16 rounding of the float32 one."""
+  c = 64
+  key = jax.random.split(jax.random.key(0), 5)
+  x = 2.0 + 3.0 * jax.random.normal(key[0], (2, 6, 5, c))
+  scale, shift = (0.3 * jax.random.normal(k, (2, 1, 1, c)) for k in key[1:3])
+  v = {"params": {"scale": 1 + 0.1 * jax.random.normal(key[3], (c,)), "bias": jax.random.normal(key[4], (c,))}}
+  ref_gn = unet_lib.GroupNorm32(stats="two_pass")
+  want = jax.nn.silu(ref_gn.apply(v, x) * (1 + scale) + shift)
+  gn = unet_lib.GroupNorm32(stats=stats)
+  got = gn.apply(v, x, scale_shift=(scale, shift), silu=True)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  np.testing.assert_allclose(gn.apply(v, x, silu=True), jax.nn.silu(ref_gn.apply(v, x)), atol=2e-5)
+  xb = x.astype(jnp.bfloat16)
+  head = unet_lib.GroupNorm32(stats=stats, out_dtype=jnp.float32).apply(v, xb, silu=True)
+  assert head.dtype == jnp.float32
+  np.testing.assert_allclose(head, jax.nn.silu(ref_gn.apply(v, xb.astype(jnp.float32))), atol=2e-5)
+  fused = gn.apply(v, xb, scale_shift=(scale.astype(jnp.bfloat16), shift.astype(jnp.bfloat16)), silu=True)
+  assert fused.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(fused, np.float32), want, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("features", [16, 24])

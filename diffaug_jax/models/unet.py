@@ -61,17 +61,42 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
-NORM_STATS = ("auto", "two_pass", "one_pass")
+NORM_STATS = ("auto", "two_pass", "one_pass", "channel")
+# What "auto" means for bf16/fp16 inputs (float32 inputs always get "two_pass", the parity path).
+REDUCED_PRECISION_NORM = "one_pass"
 # UNet fields that choose how the network runs, never what it computes (same params, same function).
 EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl")
 
 
+def _channel_group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """x (B, ..., C) -> group mean, variance (B, G) float32, from per-channel shifted sums.
+
+  Each channel is shifted by its own first element (a constant for autodiff), so sum(x - K) and
+  sum((x - K)^2) over the spatial axes are column reductions over the contiguous C axis in ONE read, and the
+  cancellation error stays at float32 rounding times ((K - mean_c)^2 + var_c) / var_c. The channels of a group
+  (equal counts) then combine exactly: mean_g = mean_c(mu_c), var_g = mean_c(var_c + (mu_c - mean_g)^2).
+  """
+  b, c = x.shape[0], x.shape[-1]
+  xf = x.astype(jnp.float32).reshape(b, -1, c)
+  pivot = jax.lax.stop_gradient(xf[:, 0, :])  # (B, C)
+  d = xf - pivot[:, None, :]
+  m_c = jnp.mean(d, axis=1)
+  v_c = jnp.maximum(jnp.mean(jnp.square(d), axis=1) - jnp.square(m_c), 0.0)
+  mu_c = (pivot + m_c).reshape(b, num_groups, -1)
+  mean = jnp.mean(mu_c, axis=-1)
+  var = jnp.mean(v_c.reshape(b, num_groups, -1) + jnp.square(mu_c - mean[..., None]), axis=-1)
+  return mean, var
+
+
 class GroupNorm32(nn.Module):
-  """GroupNorm(32, C, eps=1e-5) computed in float32, output in the input dtype (guided-diffusion GroupNorm32).
+  """GroupNorm(32, C, eps=1e-5) computed in float32 (guided-diffusion GroupNorm32), with the ResBlock's
+  scale-shift and SiLU that follow it optionally fused in.
 
-  Params `scale` (C,), `bias` (C,) (torch: weight, bias). Input (..., H, W, C) NHWC.
+  `__call__(x (B, ..., C) NHWC, scale_shift=None | (scale, shift) each broadcastable to (B, 1.., C),
+  silu=False) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype). Params `scale`
+  (C,), `bias` (C,) (torch: weight, bias).
 
-  `stats` picks how the float32 group statistics are computed:
+  `stats` picks how the float32 group statistics are computed and applied:
   - "two_pass": mean, then the centred variance (like torch): the activation is read three times (mean,
     variance, normalise). The float32 reference for parity.
   - "one_pass": shifted sums: with K = the group's first element, sum(x - K) and sum((x - K)^2) in ONE read
@@ -79,15 +104,23 @@ class GroupNorm32(nn.Module):
     of the group keeps the cancellation error at float32 rounding times ((K - mean)^2 + var) / var, i.e.
     small whatever the offset (unshifted E[x^2] - E[x]^2 is not). One read fewer per GroupNorm: the UNet
     runs 100 of them, over most of its memory traffic.
-  - "auto" (default): "two_pass" for float32 inputs (exact parity), "one_pass" for bf16/fp16 inputs, where
-    the result is rounded to 8 (11) mantissa bits anyway.
+  - "channel": per-channel shifted sums (`_channel_group_stats`: column reductions, one read), and the
+    normalisation, the affine params and the scale-shift folded into one per-(batch, channel) multiply-add
+    y = x * a + d computed once on (B, C) (an optimization barrier keeps XLA from recomputing it per element),
+    with the SiLU in float32 before the single rounding to the output dtype. Written for bf16 on GPUs, where
+    the normalise-and-activate kernels were ALU-bound rather than bandwidth-bound (benchmarks/RESULTS.md).
+  - "auto" (default): "two_pass" for float32 inputs (exact parity), `REDUCED_PRECISION_NORM` for bf16/fp16
+    inputs, where the result is rounded to 8 (11) mantissa bits anyway.
+  The "two_pass" and "one_pass" paths round to the input dtype after the affine params and apply scale-shift
+  and SiLU in it, as guided-diffusion does (in float32 they are the reference computation).
   """
   num_groups: int = 32
   epsilon: float = 1e-5
   stats: str = "auto"
+  out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -95,11 +128,20 @@ class GroupNorm32(nn.Module):
       raise ValueError(f"GroupNorm32: stats {self.stats!r} not in {NORM_STATS}")
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    one_pass = self.stats == "one_pass" or (self.stats == "auto" and x.dtype != jnp.float32)
+    out_dtype = x.dtype if self.out_dtype is None else self.out_dtype
+    mode = self.stats
+    if mode == "auto":
+      mode = "two_pass" if x.dtype == jnp.float32 else REDUCED_PRECISION_NORM
+    if mode == "channel":
+      return self._folded(x, scale, bias, scale_shift, silu, out_dtype)
+    # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
+    x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+    if self.stats == "auto" and x.dtype == jnp.float32:
+      mode = "two_pass"
     shape = x.shape
     # (B, spatial, groups, channels per group); the float32 conversion fuses into the reductions.
     g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-    if one_pass:
+    if mode == "one_pass":
       pivot = jax.lax.stop_gradient(g[:, :1, :, :1])  # (B, 1, G, 1): one element of each group
       d = g - pivot
       mean_d = jnp.mean(d, axis=(1, 3), keepdims=True)
@@ -109,8 +151,29 @@ class GroupNorm32(nn.Module):
       mean = jnp.mean(g, axis=(1, 3), keepdims=True)
       var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
     g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = g.reshape(shape) * scale + bias
-    return y.astype(x.dtype)
+    y = (g.reshape(shape) * scale + bias).astype(x.dtype)
+    if scale_shift is not None:
+      y = y * (1 + scale_shift[0]) + scale_shift[1]
+    if silu:
+      y = nn.silu(y)
+    return y.astype(out_dtype)
+
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype):
+    b, c = x.shape[0], x.shape[-1]
+    mean, var = _channel_group_stats(x, self.num_groups)  # (B, G)
+    per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1)  # (B, G) -> (B, C)
+    a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
+    d = bias - per_channel(mean) * a
+    bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
+    a, d = a.reshape(bcast), d.reshape(bcast)
+    if scale_shift is not None:
+      mul = 1 + scale_shift[0].astype(jnp.float32)
+      a, d = a * mul, d * mul + scale_shift[1].astype(jnp.float32)
+    a, d = jax.lax.optimization_barrier((a, d))
+    y = x.astype(jnp.float32) * a + d
+    if silu:
+      y = nn.silu(y)
+    return y.astype(out_dtype)
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, zero: bool = False) -> nn.Conv:
@@ -191,7 +254,7 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    h = nn.silu(GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x))
+    h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True)
     if self.up:
       # The skip path's nearest x2 fuses into the residual add below (no 4x copy of x is materialised).
       x = _upsample_nearest2(x)
@@ -206,11 +269,9 @@ class ResBlock(nn.Module):
     emb_out = emb_out[:, None, None, :]
     out_norm = GroupNorm32(stats=self.norm_stats, name="out_layers_0")
     if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = out_norm(h) * (1 + scale) + shift
+      h = out_norm(h, scale_shift=jnp.split(emb_out, 2, axis=-1), silu=True)
     else:
-      h = out_norm(h + emb_out)
-    h = nn.silu(h)
+      h = out_norm(h + emb_out, silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero=True)(h)
     if self.out_channels != c:
@@ -413,8 +474,9 @@ class UNet(nn.Module):
           ds //= 2
         idx += 1
 
-    # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out).
-    h = nn.silu(GroupNorm32(stats=self.norm_stats, name="out_0")(h.astype(f32)))
+    # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out): the
+    # GroupNorm reads the compute-dtype activation and writes float32.
+    h = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")(h, silu=True)
     return _conv(self.out_channels, 3, "out_2", f32, zero=True)(h)
 
 
