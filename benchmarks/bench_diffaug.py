@@ -160,7 +160,7 @@ def default_plan(size: Size) -> list[Case]:
           Case("ensemble", "bf16", "auto", b),
           Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
           Case("denoise", "bf16", "auto", b, up="transposed"),
-          Case("denoise", "bf16", "auto", b, gn="two_pass")]  # auto = one-pass in bf16
+          Case("denoise", "bf16", "auto", b, gn="one_pass")]  # auto = "channel" in bf16
   plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
   plan += [Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b),
            Case("train", "bf16", "auto", b, up="transposed")]

@@ -183,7 +183,7 @@ def test_reduced_precision_x0_hat_error(golden_models):
 
 def test_groupnorm_statistics_in_float32_for_bf16_inputs():
   """GroupNorm32 on bf16 activations: statistics in float32, only the result rounded to bf16 (equal to the
-  float32 computation cast down, up to one bf16 rounding: the bf16 path uses one-pass statistics, whose
+  float32 computation cast down, up to one bf16 rounding: the bf16 path uses shifted per-channel sums, whose
   float32 sums can differ in the last bits). An input with a large offset makes bf16 statistics visibly
   wrong (> 0.05 off)."""
   gn = unet_lib.GroupNorm32()
@@ -263,12 +263,12 @@ def test_groupnorm_one_pass_statistics_survive_large_offsets():
       assert float(jnp.max(jnp.abs(naive_var - true_var) / true_var)) > 0.1
   with pytest.raises(ValueError, match="stats"):
     unet_lib.GroupNorm32(stats="three_pass").apply(v, x)
-  # "auto": two-pass for float32 (the parity path), one-pass for bf16.
+  # "auto": two-pass for float32 (the parity path), "channel" for bf16.
   x = 3.0 + jax.random.normal(jax.random.key(3), (2, 4, 4, c))
   np.testing.assert_array_equal(unet_lib.GroupNorm32().apply(v, x), two.apply(v, x))
   xb = x.astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(unet_lib.GroupNorm32().apply(v, xb), np.float32),
-                                np.asarray(one.apply(v, xb), np.float32))
+                                np.asarray(chan.apply(v, xb), np.float32))
 
 
 @pytest.mark.parametrize("stats", ["one_pass", "channel"])
