@@ -18,7 +18,7 @@ Case syntax `program:dtype:attention:batch[:opts]`:
 - attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
-  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
+  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call).
@@ -76,7 +76,7 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 # (1 = score params pre-cast with frozen_params_for_compute, as the programs hold them; 0 = float32 params).
 OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
-    "gn": (("auto", "two_pass", "one_pass", "channel"), "auto"),  # UNet.norm_stats
+    "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
     "cast": (("1", "0"), "1"),
 }
 
@@ -152,15 +152,18 @@ class Case:
 
 def default_plan(size: Size) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble, the A/B cases of the UNet's execution choices (attention, up-sampling, GroupNorm statistics), the
-  batch sweep, params cast inside the call, float32 (TF32) speed, transposed up-sampling in the train step."""
+  ensemble, the A/B cases of the UNet's execution choices (GroupNorm apply and statistics, attention,
+  up-sampling), the batch sweep, params cast inside the call, float32 (TF32) speed, transposed up-sampling in
+  the train step."""
   b = size.main_batch
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b),
+          # The open experiment first: the Pallas GroupNorm apply against "channel" (auto in bf16).
+          Case("denoise", "bf16", "auto", b, gn="pallas"), Case("train", "bf16", "auto", b, gn="pallas"),
+          Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the previous default
           Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
-          Case("denoise", "bf16", "auto", b, up="transposed"),
-          Case("denoise", "bf16", "auto", b, gn="one_pass")]  # auto = "channel" in bf16
+          Case("denoise", "bf16", "auto", b, up="transposed")]
   plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
   plan += [Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b),
            Case("train", "bf16", "auto", b, up="transposed")]
@@ -558,7 +561,9 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
     lowered = fn.lower(*args_for(0))
   row["trace_s"] = time.perf_counter() - t0
   # What "auto" resolved to, from the program itself (the library may fall back to XLA while tracing).
-  row["attention_ran"] = attention_ran(lowered.as_text())
+  text = lowered.as_text()
+  row["attention_ran"] = attention_ran(text)
+  row["triton_calls"] = text.count("__gpu$xla.gpu.triton")  # Pallas kernels (gn=pallas) in the program
   t0 = time.perf_counter()
   compiled = lowered.compile()
   row["compile_s"] = time.perf_counter() - t0
@@ -892,7 +897,8 @@ def main(argv=None) -> dict:
     if row.get("status") == "ok":
       case_costs.append(row["wall_s"])
       costs_by_program[case.program] = row["wall_s"]
-      log(f"[bench]   {case.name} (attention {row['attention_ran']}): {row['images_per_s']:.2f} img/s, "
+      log(f"[bench]   {case.name} (attention {row['attention_ran']}, {row.get('triton_calls', 0)} Triton calls): "
+          f"{row['images_per_s']:.2f} img/s, "
           f"{row['ms_per_image']:.2f} ms/img, "
           f"roofline {_fmt(row.get('roofline'), '.1%')}, compile {row['compile_s']:.1f}s, wall {row['wall_s']:.1f}s")
     else:

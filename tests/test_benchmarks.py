@@ -89,7 +89,8 @@ def test_case_parse_and_plan():
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed", "denoise:bf16:auto:128:gn=one_pass",
+                   "denoise:bf16:auto:128:gn=pallas", "train:bf16:auto:128:gn=pallas",
+                   "denoise:bf16:auto:128:gn=one_pass", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
                    "train:bf16:auto:64", "train:bf16:auto:256", "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128",
                    "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffaug_jax.models import pallas_norm
 from diffaug_jax.models.attention import ATTENTION_IMPLS, QKV
 from diffaug_jax.models.attention import dot_product_attention as _attention
 
@@ -61,7 +62,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
-NORM_STATS = ("auto", "two_pass", "one_pass", "channel")
+NORM_STATS = ("auto", "two_pass", "one_pass", "channel", "pallas")
 # What "auto" means for bf16/fp16 inputs (float32 inputs always get "two_pass", the parity path). "channel"
 # measured faster and more accurate than "one_pass" on an H200 (benchmarks/RESULTS.md, 2026-11-26).
 REDUCED_PRECISION_NORM = "channel"
@@ -111,6 +112,9 @@ class GroupNorm32(nn.Module):
     with the SiLU in float32 before the single rounding to the output dtype. On an H200 in bf16 (ADM-256 at
     224, batch 128) the UNet ran 2.8% faster than with "one_pass" and its eps was closer to the float32 one
     (relative L2 error 6.9e-3 instead of 8.9e-3: one rounding instead of three).
+  - "pallas": "channel" with the multiply-add and SiLU in a Pallas (Triton) kernel on NVIDIA GPUs
+    (`models.pallas_norm`, 16-byte accesses) where it tiles the shape, XLA elsewhere (the choice is made per
+    platform at lowering, `lax.platform_dependent`). Not measured yet: an A/B candidate (`gn=pallas`).
   - "auto" (default): "two_pass" for float32 inputs (exact parity), `REDUCED_PRECISION_NORM` for bf16/fp16
     inputs, where the result is rounded to 8 (11) mantissa bits anyway.
   The "two_pass" and "one_pass" paths round to the input dtype after the affine params and apply scale-shift
@@ -134,8 +138,8 @@ class GroupNorm32(nn.Module):
     mode = self.stats
     if mode == "auto":
       mode = "two_pass" if x.dtype == jnp.float32 else REDUCED_PRECISION_NORM
-    if mode == "channel":
-      return self._folded(x, scale, bias, scale_shift, silu, out_dtype)
+    if mode in ("channel", "pallas"):
+      return self._folded(x, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     if self.stats == "auto" and x.dtype == jnp.float32:
@@ -160,7 +164,7 @@ class GroupNorm32(nn.Module):
       y = nn.silu(y)
     return y.astype(out_dtype)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False):
     b, c = x.shape[0], x.shape[-1]
     mean, var = _channel_group_stats(x, self.num_groups)  # (B, G)
     per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1)  # (B, G) -> (B, C)
@@ -172,10 +176,20 @@ class GroupNorm32(nn.Module):
       mul = 1 + scale_shift[0].astype(jnp.float32)
       a, d = a * mul, d * mul + scale_shift[1].astype(jnp.float32)
     a, d = jax.lax.optimization_barrier((a, d))
-    y = x.astype(jnp.float32) * a + d
-    if silu:
-      y = nn.silu(y)
-    return y.astype(out_dtype)
+
+    def xla_apply(x, a, d):
+      y = x.astype(jnp.float32) * a + d
+      return (nn.silu(y) if silu else y).astype(out_dtype)
+
+    if not (pallas and pallas_norm.supported(math.prod(x.shape[1:-1]), c)):
+      return xla_apply(x, a, d)
+
+    def kernel_apply(x, a, d):
+      y = pallas_norm.affine_act(x.reshape(b, -1, c), a.reshape(b, c), d.reshape(b, c), silu=silu,
+                                 out_dtype=out_dtype)
+      return y.reshape(x.shape)
+
+    return jax.lax.platform_dependent(x, a, d, cuda=kernel_apply, default=xla_apply)
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, zero: bool = False) -> nn.Conv:
@@ -381,7 +395,7 @@ class UNet(nn.Module):
   # attention_impl: "auto" (cuDNN fused attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn".
   attention_impl: Optional[str] = "auto"
   # norm_stats: GroupNorm statistics and apply, "auto" (two-pass in float32, "channel" in bf16/fp16),
-  # "two_pass", "one_pass", "channel" (see GroupNorm32).
+  # "two_pass", "one_pass", "channel", "pallas" (see GroupNorm32).
   norm_stats: str = "auto"
   # upsample_impl: "nearest" (materialise nearest x2, then the 3x3 conv, like guided-diffusion) or
   # "transposed" (the same map as one stride-2 transposed conv on the low-resolution input; see UpConv).
