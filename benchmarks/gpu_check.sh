@@ -52,7 +52,7 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
     export DIFFAUG_GOLDEN_DIR="$PWD/.gpu_carry/golden"
   fi
   FILES=""
-  for f in ${PARITY_FILES:-tests/test_diffusion.py tests/test_unet.py tests/test_convert_classifiers.py \
+  for f in ${PARITY_FILES:-tests/test_pallas_norm.py tests/test_diffusion.py tests/test_unet.py tests/test_convert_classifiers.py \
            tests/test_augment.py}; do
     [ -f "$f" ] && FILES="$FILES $f"
   done
