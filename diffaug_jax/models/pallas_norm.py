@@ -2,14 +2,17 @@
 
 Why: on an H200 the XLA loop fusions that apply the UNet's GroupNorms move 4 bf16 per thread (8-byte accesses)
 and reach ~2.4 TB/s, while a plain copy in the same program reaches 4.3 TB/s (benchmarks/RESULTS.md, 2026-11-26:
-~37 ms of the 451 ms denoise call at batch 128). A Triton kernel over (rows, 256-channel) tiles loads 16 bytes
-per access. Whether that is faster is for the benchmark's `gn=pallas` A/B to say; the UNet only uses it when
-asked (`UNet.norm_stats="pallas"`).
+~37 ms of the 451 ms denoise call at batch 128). This kernel works on (32 rows, 256 channels) tiles, 64
+elements per thread, which gives Triton room for 16-byte accesses (not verified in the compiled code yet).
+Whether it is faster is for the benchmark's `gn=pallas` A/B to say; the UNet only uses it when asked
+(`UNet.norm_stats="pallas"`). XLA cannot partition a Pallas call: use it in single-device programs (or inside
+`shard_map`), not in a batch-sharded jit.
 
 `affine_act(x (B, N, C), a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`: the same arithmetic as
 the XLA expression in float32 (one multiply-add, then x * sigmoid(x) written as x / (1 + exp(-x))), one rounding
-to `out_dtype`. Differentiable: the backward pass is the XLA expression's (a custom VJP), so training through
-a UNet that uses the kernel works. `supported(n, c)` says which shapes it tiles; the caller falls back to XLA
+to `out_dtype`. Reverse-mode differentiable: the backward pass is the VJP of the XLA expression with
+`jax.nn.silu` (a custom VJP; finite for any input, where differentiating x / (1 + exp(-x)) gives inf / inf below
+-88), so training through a UNet that uses the kernel works. `supported(n, c)` says which shapes it tiles; the caller falls back to XLA
 for the others (the small low-resolution GroupNorms, where the apply costs little anyway).
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ from jax.experimental import pallas as pl
 
 __all__ = ["affine_act", "reference", "supported"]
 
-BLOCK_C = 256  # channel tile: divides every UNet width (256 .. 2048, concatenations included)
+BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
+# (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
 MAX_BLOCK_N = 32  # rows per tile: 32 x 256 elements = 64 per thread at 4 warps (register budget)
 MIN_BLOCK_N = 16
 
@@ -37,7 +41,7 @@ def supported(n: int, c: int) -> bool:
 
 
 def reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> jax.Array:
-  """The XLA expression the kernel computes (and whose VJP it uses)."""
+  """The kernel's arithmetic as an XLA expression (for tests; the UNet's XLA path uses `jax.nn.silu`)."""
   y = x.astype(jnp.float32) * a[:, None, :] + d[:, None, :]
   if silu:
     y = y / (1.0 + jnp.exp(-y))
@@ -80,8 +84,13 @@ def _fwd(x, a, d, silu, out_dtype, interpret):
   return _pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
 
 
+def _xla_apply(x, a, d, silu, out_dtype):
+  y = x.astype(jnp.float32) * a[:, None, :] + d[:, None, :]
+  return (jax.nn.silu(y) if silu else y).astype(out_dtype)
+
+
 def _bwd(silu, out_dtype, interpret, res, g):
-  _, vjp = jax.vjp(lambda *args: reference(*args, silu, out_dtype), *res)
+  _, vjp = jax.vjp(lambda *args: _xla_apply(*args, silu, out_dtype), *res)
   return vjp(g)
 
 

@@ -1,7 +1,8 @@
 """ADM UNet (guided-diffusion `UNetModel`) in Flax Linen, NHWC.
 
 Numerical parity with openai/guided-diffusion @ 22e0df8 (`guided_diffusion/unet.py`):
-- GroupNorm32: 32 groups, eps 1e-5, statistics and affine in float32, result cast back to the input dtype.
+- GroupNorm32: 32 groups, eps 1e-5, statistics and affine in float32, result cast back to the input dtype
+  (in reduced precision the default rounds once, after the scale-shift and SiLU that follow it; see below).
 - Timestep embedding: concat[cos, sin] of t * exp(-ln(10000) * arange(half) / half).
 - ResBlock scale-shift: GN(h) * (1 + scale) + shift, `scale` is the FIRST half of the embedding projection.
 - Down: 3x3 stride-2 conv (pad 1) when `conv_resample`, else 2x2 average pool (also inside up/down ResBlocks).
@@ -21,8 +22,8 @@ official fp16 mode does, which only converts the conv stacks); the output is flo
 
 Speed (execution choices, same params; see the UNet fields): cuDNN fused attention where it applies
 (`attention_impl="auto"`), q/k/v written contiguously by three GEMMs over column blocks of the qkv kernel (no
-strided slices of the activation), one-pass shifted GroupNorm statistics in reduced precision
-(`norm_stats="auto"`), and optionally the up-sampling convs as stride-2 transposed convs on the
+strided slices of the activation), GroupNorm in reduced precision as one read for the statistics and one
+fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the up-sampling convs as stride-2 transposed convs on the
 low-resolution input (`upsample_impl="transposed"`).
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
@@ -113,8 +114,10 @@ class GroupNorm32(nn.Module):
     224, batch 128) the UNet ran 2.8% faster than with "one_pass" and its eps was closer to the float32 one
     (relative L2 error 6.9e-3 instead of 8.9e-3: one rounding instead of three).
   - "pallas": "channel" with the multiply-add and SiLU in a Pallas (Triton) kernel on NVIDIA GPUs
-    (`models.pallas_norm`, 16-byte accesses) where it tiles the shape, XLA elsewhere (the choice is made per
-    platform at lowering, `lax.platform_dependent`). Not measured yet: an A/B candidate (`gn=pallas`).
+    (`models.pallas_norm`) where it tiles the shape, XLA elsewhere (the choice is made per platform at
+    lowering, `lax.platform_dependent`). Not measured yet: an A/B candidate (`gn=pallas`). Single-device
+    programs only: XLA cannot partition a Pallas call, so a batch-sharded jit would gather the activation for
+    each one. Reverse-mode differentiable (custom VJP), not forward-mode; lower for one platform at a time.
   - "auto" (default): "two_pass" for float32 inputs (exact parity), `REDUCED_PRECISION_NORM` for bf16/fp16
     inputs, where the result is rounded to 8 (11) mantissa bits anyway.
   The "two_pass" and "one_pass" paths round to the input dtype after the affine params and apply scale-shift
@@ -142,8 +145,6 @@ class GroupNorm32(nn.Module):
       return self._folded(x, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
-    if self.stats == "auto" and x.dtype == jnp.float32:
-      mode = "two_pass"
     shape = x.shape
     # (B, spatial, groups, channels per group); the float32 conversion fuses into the reductions.
     g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
