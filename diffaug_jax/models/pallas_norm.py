@@ -11,9 +11,10 @@ Whether it is faster is for the benchmark's `gn=pallas` A/B to say; the UNet onl
 `affine_act(x (B, N, C), a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`: the same arithmetic as
 the XLA expression in float32 (one multiply-add, then x * sigmoid(x) written as x / (1 + exp(-x))), one rounding
 to `out_dtype`. Reverse-mode differentiable: the backward pass is the VJP of the XLA expression with
-`jax.nn.silu` (a custom VJP; finite for any input, where differentiating x / (1 + exp(-x)) gives inf / inf below
--88), so training through a UNet that uses the kernel works. `supported(n, c)` says which shapes it tiles; the caller falls back to XLA
-for the others (the small low-resolution GroupNorms, where the apply costs little anyway).
+`jax.nn.silu` (a custom VJP; finite for any input, where differentiating x / (1 + exp(-x)) gives inf / inf
+below -88), so training through a UNet that uses the kernel works. `supported(n, c)` says which shapes it
+tiles; the caller falls back to XLA for the others (the small low-resolution GroupNorms, where the apply costs
+little anyway).
 """
 from __future__ import annotations
 

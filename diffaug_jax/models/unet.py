@@ -23,8 +23,8 @@ official fp16 mode does, which only converts the conv stacks); the output is flo
 Speed (execution choices, same params; see the UNet fields): cuDNN fused attention where it applies
 (`attention_impl="auto"`), q/k/v written contiguously by three GEMMs over column blocks of the qkv kernel (no
 strided slices of the activation), GroupNorm in reduced precision as one read for the statistics and one
-fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the up-sampling convs as stride-2 transposed convs on the
-low-resolution input (`upsample_impl="transposed"`).
+fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the up-sampling convs as stride-2
+transposed convs on the low-resolution input (`upsample_impl="transposed"`).
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
 float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
