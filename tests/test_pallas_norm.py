@@ -75,6 +75,7 @@ def _cuda() -> bool:
   return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
+@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernel runs: see the GPU test")
 def test_groupnorm_pallas_is_channel_off_gpu():
   shape = (2, 8, 8, 256)
@@ -85,6 +86,7 @@ def test_groupnorm_pallas_is_channel_off_gpu():
                                 np.asarray(jax.jit(channel)(v, x), np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 @pytest.mark.parametrize("c, calls", [(256, 1), (64, 0)])
 def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
   """Lowered for CUDA (no GPU needed): one Triton custom call where the shape tiles, none where it does not;
@@ -118,3 +120,19 @@ def test_compiled_kernel_on_gpu():
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
   np.testing.assert_allclose(np.asarray(lowered.compile()(v, x), np.float32),
                              np.asarray(jax.jit(channel)(v, x), np.float32), rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs several devices (the suite runs with 8 fake CPUs)")
+def test_pallas_warns_on_several_devices():
+  """XLA cannot partition a Pallas call: with several devices the "pallas" mode says so (at trace time, where
+  the kernel would be used), "channel" does not."""
+  import warnings
+  shape = (2, 8, 8, 256)
+  x = jnp.ones(shape, jnp.bfloat16)
+  v, pallas = _gn_apply("pallas", 256, shape)
+  _, channel = _gn_apply("channel", 256, shape)
+  with pytest.warns(UserWarning, match="cannot partition a Pallas call"):
+    pallas(v, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    channel(v, x)

@@ -32,6 +32,7 @@ float32 dots by default; for bit-level comparisons run under `jax.default_matmul
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -184,6 +185,9 @@ class GroupNorm32(nn.Module):
 
     if not (pallas and pallas_norm.supported(math.prod(x.shape[1:-1]), c)):
       return xla_apply(x, a, d)
+    if jax.device_count() > 1:
+      warnings.warn("GroupNorm32(stats='pallas'): XLA cannot partition a Pallas call; in a program sharded over "
+                    f"the {jax.device_count()} devices each call gathers its activation (use 'channel' there)")
 
     def kernel_apply(x, a, d):
       y = pallas_norm.affine_act(x.reshape(b, -1, c), a.reshape(b, c), d.reshape(b, c), silu=silu,
