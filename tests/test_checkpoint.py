@@ -1,6 +1,5 @@
 """Checkpoints: SIGTERM saves and stops, SIGKILL + restart == uninterrupted (params and data order), resume
 order, the grain iterator state, load_trained_classifier. Runtime ~60 s on 2 cores (3 short subprocesses)."""
-import json
 import os
 import pathlib
 import re

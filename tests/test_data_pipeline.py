@@ -144,7 +144,7 @@ def test_state_restore_continues_identically(tmp_path):
 
 
 def test_folder_pipeline_with_corrupt_file(tmp_path):
-  root = make_folder(tmp_path / "data" / "train")
+  make_folder(tmp_path / "data" / "train")
   cfg = data_config.default_config()
   cfg.update(dict(source="folder", data_dir=str(tmp_path / "data"), train_split="train",
                   eval_split="train", image_size=16, channels=3, train_transform="imagenet",

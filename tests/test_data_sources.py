@@ -99,7 +99,7 @@ def test_tfds_errors_say_how_to_prepare(tmp_path):
 
 
 def test_num_classes_and_image_shape(tmp_path):
-  root = make_folder(tmp_path / "imgs", corrupt=False)
+  make_folder(tmp_path / "imgs", corrupt=False)
   cfg = data_config.default_config()
   assert data_config.num_classes(cfg) == 10 and data_config.image_shape(cfg) == (16, 16, 1)
   cfg.update(dict(source="folder", data_dir=str(tmp_path), train_split="imgs"))
