@@ -1,7 +1,11 @@
-"""The Pallas GroupNorm-apply kernel (models.pallas_norm): the kernel (through Pallas' interpreter) equals the
+"""The Pallas GroupNorm kernels (models.pallas_norm). The apply kernel: (through Pallas' interpreter) equals the
 XLA expression, its custom VJP equals the expression's gradient, shapes it cannot tile are refused, and
-`UNet.norm_stats="pallas"` lowers to one Triton call per tiled GroupNorm for CUDA while running the XLA
-apply elsewhere (bit-identical to "channel" on CPU). Its speed is measured on a GPU only (`gn=pallas`)."""
+the same holds for an input in channel parts (read in place, never concatenated), and
+`UNet.norm_stats="pallas"` lowers to two Triton calls per tiled GroupNorm (sums and apply) for CUDA while
+running XLA elsewhere (bit-identical to "channel" on CPU). The statistics kernel (`channel_sums`): equals the
+XLA sums through the interpreter (one and many row chunks), keeps mean and variance accurate far from zero,
+has the XLA expression's gradient in x and the pivot, refuses untileable shapes and lowers to one Triton call
+for CUDA. Speed is measured on a GPU only (`gn=pallas`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +58,32 @@ def test_custom_vjp_matches_numerical_gradients_and_is_finite():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("widths", [(256, 512), (512, 256, 256)])
+def test_kernel_reads_channel_parts_in_place(widths):
+  """x given as channel parts: the kernel (interpreter) equals the expression on their concatenation, and
+  the custom VJP returns one cotangent per part, equal to the expression's gradient."""
+  k = jax.random.split(jax.random.key(3), len(widths) + 2)
+  parts = tuple((2.0 * jax.random.normal(kk, (2, 32, w))).astype(jnp.bfloat16) for kk, w in zip(k, widths))
+  c = sum(widths)
+  a, d = jax.random.normal(k[-2], (2, c)), jax.random.normal(k[-1], (2, c))
+  got = pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True)
+  want = pallas_norm.reference(jnp.concatenate(parts, axis=-1), a, d, True, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  f32 = tuple(p.astype(jnp.float32) for p in parts)
+  loss = lambda fn: lambda ps: jnp.sum(jnp.sin(fn(ps)))
+  g = jax.grad(loss(lambda ps: pallas_norm.affine_act(ps, a, d, silu=True, out_dtype=jnp.float32,
+                                                      interpret=True)))(f32)
+  want_g = jax.grad(loss(lambda ps: jax.nn.silu(jnp.concatenate(ps, -1) * a[:, None] + d[:, None])))(f32)
+  assert len(g) == len(parts) and [x.shape for x in g] == [p.shape for p in parts]
+  for gi, wi in zip(g, want_g):
+    np.testing.assert_allclose(gi, wi, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="not tiled"):
+    pallas_norm.affine_act((parts[0][..., :256], parts[1][..., :128]), a[:, :384], d[:, :384], silu=True,
+                           out_dtype=jnp.bfloat16, interpret=True)
+  with pytest.raises(ValueError, match="parts"):
+    pallas_norm.affine_act((parts[0], parts[1][:, :16]), a, d, silu=True, out_dtype=jnp.bfloat16)
+
+
 def test_untileable_shapes_refused():
   assert pallas_norm.supported(50176, 256) and pallas_norm.supported(784, 1536)
   assert not pallas_norm.supported(49, 1024)  # 7x7: no power-of-two row tile >= 16
@@ -63,6 +93,87 @@ def test_untileable_shapes_refused():
     pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True)
   with pytest.raises(ValueError, match=r"\(B, N, C\)"):
     pallas_norm.affine_act(x[0], a, d, silu=True, out_dtype=jnp.bfloat16)
+
+
+def _assert_sums_close(got, want, x, pivot, rtol=1e-5):
+  """f32 sums in different orders: within `rtol` of sum_n |d| (s1) and of sum_n d^2 (s2), per channel."""
+  d = np.asarray(x, np.float64) - np.asarray(pivot, np.float64)[:, None, :]
+  for g, w, scale in zip(got, want, (np.abs(d).sum(1), (d * d).sum(1))):
+    assert g.dtype == jnp.float32 and g.shape == pivot.shape
+    np.testing.assert_array_less(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)), rtol * scale + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("n, cap", [(64, 1024), (2048, 1024), (2048, 32)])
+def test_channel_sums_equals_xla_expression(dtype, n, cap, monkeypatch):
+  """One row chunk (n=64), two chunks of 1024 rows (64 sub-tiles each), and 64 chunks of 32 rows (the cap
+  lowered so the partial-sum path runs many chunks cheaply)."""
+  monkeypatch.setattr(pallas_norm, "MAX_STATS_ROWS", cap)
+  x, _, _ = _inputs(n=n, dtype=dtype)
+  x = x + 2.0
+  pivot = x[:, 0, :].astype(jnp.float32)
+  got = pallas_norm.channel_sums(x, pivot, interpret=True)
+  _assert_sums_close(got, pallas_norm.channel_sums_reference(x, pivot), x, pivot)
+  assert n // pallas_norm._stats_rows(n) == max(n // cap, 1)
+
+
+def test_channel_sums_stats_accurate_far_from_zero(monkeypatch):
+  """x = 1000 + noise in float32: mean and variance from the shifted sums (pivot = the first row, as
+  `_channel_group_stats` takes it) match float64 to ~1e-5 relative; several chunks."""
+  monkeypatch.setattr(pallas_norm, "MAX_STATS_ROWS", 256)
+  n = 2048
+  x = 1000.0 + jax.random.normal(jax.random.key(3), (2, n, 256), jnp.float32)
+  pivot = x[:, 0, :]
+  s1, s2 = pallas_norm.channel_sums(x, pivot, interpret=True)
+  m = s1 / n
+  mean, var = np.asarray(pivot + m, np.float64), np.asarray(jnp.maximum(s2 / n - m * m, 0.0), np.float64)
+  x64 = np.asarray(x, np.float64)
+  np.testing.assert_allclose(mean, x64.mean(1), rtol=1e-6)
+  np.testing.assert_allclose(var, x64.var(1), rtol=1e-5)
+
+
+def test_channel_sums_gradient():
+  """The custom VJP against finite differences (float32, through the interpreter), equal to the XLA
+  expression's gradient in x and in the pivot."""
+  x, p, _ = _inputs(b=1, n=16, c=256, dtype=jnp.float32)
+  kern = lambda x: pallas_norm.channel_sums(x, p, interpret=True)
+  check_grads(kern, (x,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+  check_grads(lambda p: pallas_norm.channel_sums(x, p, interpret=True), (p,), order=1, modes=["rev"],
+              atol=2e-2, rtol=2e-2)
+  loss = lambda fn: lambda x, p: jnp.sum(jnp.sin(fn(x, p)[0])) + jnp.sum(jnp.cos(fn(x, p)[1]))
+  gx, gp = jax.grad(loss(lambda x, p: pallas_norm.channel_sums(x, p, interpret=True)), argnums=(0, 1))(x, p)
+  want_x, want_p = jax.grad(loss(pallas_norm.channel_sums_reference), argnums=(0, 1))(x, p)
+  np.testing.assert_allclose(gx, want_x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gp, want_p, rtol=1e-4, atol=1e-4)
+  assert np.any(np.asarray(gp))
+  xb = x.astype(jnp.bfloat16)
+  assert jax.grad(lambda x: jnp.sum(pallas_norm.channel_sums(x, p, interpret=True)[1]))(xb).dtype == jnp.bfloat16
+
+
+def test_channel_sums_untileable_shapes_refused():
+  x, p, _ = _inputs(n=49)
+  with pytest.raises(ValueError, match="not tiled"):
+    pallas_norm.channel_sums(x, p, interpret=True)
+  x, p, _ = _inputs(n=64, c=384)
+  with pytest.raises(ValueError, match="not tiled"):
+    pallas_norm.channel_sums(x, p, interpret=True)
+  with pytest.raises(ValueError, match=r"\(B, N, C\)"):
+    pallas_norm.channel_sums(x[0], p, interpret=True)
+  with pytest.raises(ValueError, match=r"pivot \(B, C\)"):
+    pallas_norm.channel_sums(x, p[:, :256], interpret=True)
+
+
+@pytest.mark.parametrize("n", [50176, 3136, 16])
+def test_channel_sums_lowers_to_triton_for_cuda(n):
+  """Lowered for CUDA on CPU (Pallas' Triton lowering of the fori_loop over pl.ds sub-tiles): one Triton call
+  for the sums, also under value-and-grad (the backward is XLA). 50176 rows: 49 chunks of 1024."""
+  x = jax.ShapeDtypeStruct((2, n, 512), jnp.bfloat16)
+  p = jax.ShapeDtypeStruct((2, 512), jnp.float32)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = export.export(jax.jit(lambda x, p: pallas_norm.channel_sums(x, p)), **opts)(x, p).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  grad = jax.jit(jax.value_and_grad(lambda x, p: sum(jnp.sum(s) for s in pallas_norm.channel_sums(x, p))))
+  assert export.export(grad, **opts)(x, p).mlir_module().count("__gpu$xla.gpu.triton") == 1
 
 
 def _gn_apply(stats, c, shape):
@@ -87,10 +198,11 @@ def test_groupnorm_pallas_is_channel_off_gpu():
 
 
 @pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
-@pytest.mark.parametrize("c, calls", [(256, 1), (64, 0)])
+@pytest.mark.parametrize("c, calls", [(256, 2), (64, 0)])
 def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
-  """Lowered for CUDA (no GPU needed): one Triton custom call where the shape tiles, none where it does not;
-  value-and-gradient lowers too (the forward through the kernel, the custom VJP's backward in XLA)."""
+  """Lowered for CUDA (no GPU needed): two Triton custom calls (statistics sums, apply) where the shape tiles,
+  none where it does not; value-and-gradient lowers too (the forward through the kernels, the custom VJPs'
+  backward in XLA)."""
   shape = (2, 8, 8, c)
   v, fn = _gn_apply("pallas", c, shape)
   x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -102,22 +214,50 @@ def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
   assert gtext.count("__gpu$xla.gpu.triton") == calls
 
 
+@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
+def test_groupnorm_pallas_reads_channel_parts_in_place_for_cuda():
+  """A GroupNorm given channel parts (a decoder's [h, skip] with skip_impl="split"), lowered for CUDA: one
+  sums kernel per part and one apply kernel that reads both parts, and no activation-sized concatenation in
+  the program (only (B, C) statistics are concatenated)."""
+  import re
+  v, _ = _gn_apply("pallas", 512, (2, 8, 8, 512))
+  gn = unet_lib.GroupNorm32(stats="pallas")
+  parts = (jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16), jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16))
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = export.export(jax.jit(lambda v, ps: gn.apply(v, ps, silu=True)), **opts)(v, parts).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 3
+  shapes = re.findall(r"stablehlo.concatenate .*?-> tensor<([0-9x]+)x(?:bf16|f32)>", text)
+  assert shapes and all(s.count("x") == 1 for s in shapes), shapes  # rank 2: (B, C) only
+
+
 @pytest.mark.skipif(not _cuda(), reason="the compiled Triton kernel needs an NVIDIA GPU")
 def test_compiled_kernel_on_gpu():
-  """On a GPU (benchmarks/gpu_check.sh runs this file first): the compiled kernel equals the expression, and a
-  UNet-sized GroupNorm with "pallas" equals "channel" up to one bf16 rounding."""
+  """On a GPU (benchmarks/gpu_check.sh runs this file first): the compiled kernels equal their expressions
+  (the apply also on channel parts; `channel_sums` up to f32 summation order), and a UNet-sized GroupNorm
+  with "pallas" equals "channel" up to one bf16 rounding."""
   for silu, out_dtype in ((True, jnp.bfloat16), (False, jnp.float32)):
     x, a, d = _inputs(b=4, n=1024, c=768)
     got = jax.jit(lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=silu, out_dtype=out_dtype))(x, a, d)
     want = pallas_norm.reference(x, a, d, silu, out_dtype)
     tol = 2e-6 if out_dtype == jnp.float32 else 2 ** -7
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+  x, a, d = _inputs(b=2, n=3136, c=768)
+  parts = (x[..., :512], x[..., 512:])  # a decoder's [h, skip]: the kernel reads each tile from its part
+  got = jax.jit(lambda ps, a, d: pallas_norm.affine_act(ps, a, d, silu=True, out_dtype=jnp.bfloat16))(parts, a, d)
+  want = pallas_norm.reference(x, a, d, True, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  for n, dtype in ((4096, jnp.bfloat16), (3136, jnp.float32)):  # 4 chunks of 1024 rows; 49 chunks of 64
+    x, _, _ = _inputs(b=2, n=n, c=768, dtype=dtype)
+    x = x + 2.0
+    pivot = x[:, 0, :].astype(jnp.float32)
+    got = jax.jit(pallas_norm.channel_sums)(x, pivot)
+    _assert_sums_close(got, pallas_norm.channel_sums_reference(x, pivot), x, pivot)
   shape = (2, 56, 56, 512)
   x = (2.0 + jax.random.normal(jax.random.key(2), shape)).astype(jnp.bfloat16)
   v, pallas = _gn_apply("pallas", 512, shape)
   _, channel = _gn_apply("channel", 512, shape)
   lowered = jax.jit(pallas).lower(v, x)
-  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
   np.testing.assert_allclose(np.asarray(lowered.compile()(v, x), np.float32),
                              np.asarray(jax.jit(channel)(v, x), np.float32), rtol=2 ** -7, atol=2 ** -7)
 

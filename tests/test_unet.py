@@ -36,9 +36,11 @@ def golden_models(golden_dir):
 
 
 # Execution choices that must not change the function (same params): the defaults, and the fast paths
-# forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs).
+# forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs, the
+# "channel" GroupNorm fold, decoder skips without a materialised concatenation and the head conv as a GEMM).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
-              "channel": dict(norm_stats="channel")}
+              "channel": dict(norm_stats="channel"),
+              "split+gemm": dict(skip_impl="split", head_impl="gemm")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -424,6 +426,86 @@ def test_cast_params_for_compute_is_bit_identical(golden_models):
   assert unet_lib.cast_params_for_compute(params, jnp.float32) is params
   with pytest.raises(ValueError, match="variables"):
     unet_lib.cast_params_for_compute({"params": params}, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (1, 2, 2, 3, 2)])
+def test_conv3x3_as_gemm_equals_conv(shape):
+  """The head's GEMM + shifted-sum form of a 3x3 conv (pad 1) equals the conv, at the borders and on images
+  smaller than the kernel; OutConv("gemm") keeps the params of OutConv("conv") and flax's nn.Conv."""
+  b, h, w, c, o = shape
+  kx, kk, kb = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (b, h, w, c))
+  kernel = jax.random.normal(kk, (3, 3, c, o))
+  with jax.default_matmul_precision("highest"):
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(unet_lib._conv3x3_as_gemm(x, kernel), want, rtol=1e-5, atol=1e-5)
+    v = {"params": {"kernel": kernel, "bias": jax.random.normal(kb, (o,))}}
+    ref = nn.Conv(o, (3, 3), padding=((1, 1), (1, 1))).apply(v, x)
+    np.testing.assert_allclose(unet_lib.OutConv(o, impl="conv").apply(v, x), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(unet_lib.OutConv(o, impl="gemm").apply(v, x), ref, rtol=1e-5, atol=1e-5)
+  init = lambda impl: unet_lib.OutConv(o, impl=impl).init(kx, x)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), init("gemm"), init("conv")))
+  flax_init = nn.Conv(o, (3, 3), kernel_init=nn.initializers.zeros).init(kx, x)
+  assert jax.tree.map(jnp.shape, flax_init) == jax.tree.map(jnp.shape, v)
+  with pytest.raises(ValueError, match="head impl"):
+    unet_lib.OutConv(o, impl="winograd").apply(v, x)
+
+
+@pytest.mark.parametrize("stats", ["two_pass", "one_pass", "channel", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices
+def test_groupnorm_of_channel_parts_equals_groupnorm_of_concatenation(stats, dtype):
+  """GroupNorm32 given channel parts (groups spanning the boundary: 48 + 16 channels, 2 per group) equals it
+  on their concatenation, with the fused scale-shift and SiLU."""
+  k = jax.random.split(jax.random.key(0), 4)
+  parts = ((3.0 + jax.random.normal(k[0], (2, 4, 4, 48))).astype(dtype),
+           (2.0 * jax.random.normal(k[1], (2, 4, 4, 16))).astype(dtype))
+  gn = unet_lib.GroupNorm32(stats=stats)
+  whole = jnp.concatenate(parts, axis=-1)
+  v = gn.init(k[2], whole)
+  v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(k[3], a.shape), v)
+  ss = (jnp.full((2, 1, 1, 64), 0.1, dtype), jnp.full((2, 1, 1, 64), -0.2, dtype))
+  got = jax.jit(lambda v, ps: gn.apply(v, ps, scale_shift=ss, silu=True))(v, parts)
+  want = jax.jit(lambda v, x: gn.apply(v, x, scale_shift=ss, silu=True))(v, whole)
+  assert got.dtype == want.dtype == dtype and got.shape == want.shape
+  tol = 1e-6 if dtype == jnp.float32 else 2 ** -7
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def _convs_fed_by_concatenation(text: str) -> int:
+  """Count the stablehlo.convolution ops whose input is a stablehlo.concatenate result (lowered text)."""
+  import re
+  concats = set(re.findall(r"(%[\w#]+) = stablehlo.concatenate", text))
+  convs = re.findall(r"= stablehlo.convolution\((%[\w#]+),", text)
+  return sum(c in concats for c in convs)
+
+
+def test_skip_split_feeds_no_concatenation_to_a_conv():
+  """skip_impl="split": no convolution reads a decoder concatenation (with "concat" every decoder block's 1x1
+  skip conv does), same params, same float32 function; parts are refused in up/down blocks and bad values of
+  the new fields raise."""
+  m = unet_lib.unet_from_flags(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                               attention_resolutions="8", num_head_channels=16, learn_sigma=True,
+                               resblock_updown=True, use_scale_shift_norm=True)
+  split = m.clone(skip_impl="split", head_impl="gemm")
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  t = jnp.array([3, 500])
+  v = m.init(jax.random.key(1), x, t)
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), split.init(jax.random.key(1), x, t), v)
+  assert jax.tree.all(same)  # the same param tree and values (checkpoints and converted weights load as-is)
+  v = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), v)  # non-zero heads
+  texts = {name: jax.jit(mod.apply).lower(v, x, t).as_text() for name, mod in (("concat", m), ("split", split))}
+  n_decoder_blocks = 2 * (m.num_res_blocks + 1)
+  assert _convs_fed_by_concatenation(texts["concat"]) == n_decoder_blocks
+  assert _convs_fed_by_concatenation(texts["split"]) == 0
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(split.apply(v, x, t), m.apply(v, x, t), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="up/down"):
+    unet_lib.ResBlock(32, up=True).init(jax.random.key(0), (x, x), jnp.zeros((2, 8)))
+  for field in ("skip_impl", "head_impl"):
+    with pytest.raises(ValueError, match=f"UNet.{field}"):
+      m.clone(**{field: "fast"}).apply(v, x, t)
 
 
 @pytest.mark.parametrize("upsample_impl", unet_lib.UPSAMPLE_IMPLS)

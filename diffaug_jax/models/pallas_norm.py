@@ -1,4 +1,7 @@
-"""A Pallas (Triton) kernel for GroupNorm's folded apply, y = act(x * a + d), on NVIDIA GPUs.
+"""Pallas (Triton) kernels for GroupNorm on NVIDIA GPUs: the folded apply, y = act(x * a + d), and the
+per-channel shifted sums its statistics start from.
+
+The apply kernel, `affine_act`.
 
 Why: on an H200 the XLA loop fusions that apply the UNet's GroupNorms move 4 bf16 per thread (8-byte accesses)
 and reach ~2.4 TB/s, while a plain copy in the same program reaches 4.3 TB/s (benchmarks/RESULTS.md, 2026-11-26:
@@ -8,28 +11,43 @@ Whether it is faster is for the benchmark's `gn=pallas` A/B to say; the UNet onl
 (`UNet.norm_stats="pallas"`). XLA cannot partition a Pallas call: use it in single-device programs (or inside
 `shard_map`), not in a batch-sharded jit.
 
-`affine_act(x (B, N, C), a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`: the same arithmetic as
+`affine_act(x (B, N, C) or its channel parts, a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`
+(parts: a decoder block's [h, skip] is read where it lies, never concatenated): the same arithmetic as
 the XLA expression in float32 (one multiply-add, then x * sigmoid(x) written as x / (1 + exp(-x))), one rounding
 to `out_dtype`. Reverse-mode differentiable: the backward pass is the VJP of the XLA expression with
 `jax.nn.silu` (a custom VJP; finite for any input, where differentiating x / (1 + exp(-x)) gives inf / inf
 below -88), so training through a UNet that uses the kernel works. `supported(n, c)` says which shapes it
 tiles; the caller falls back to XLA for the others (the small low-resolution GroupNorms, where the apply costs
 little anyway).
+
+The statistics kernel, `channel_sums`. Why: the UNet's "channel" statistics (`_channel_group_stats`) reduce
+(B, N, C) over N in XLA, and those column reductions run at ~2.55 TB/s against 4.3 TB/s for a copy on an H200
+(~33 ms of the 451 ms denoise call). This kernel reads x once in (rows <= 1024, 256 channels) blocks, walks
+each block in (16, 256) sub-tiles with elementwise float32 accumulators (no cross-thread reduction until the
+end of the block) and writes one partial sum per block; XLA adds the few partials per channel.
+`channel_sums(x (B, N, C), pivot (B, C)) -> (s1, s2)`, each (B, C) float32: s1 = sum_n (x - pivot),
+s2 = sum_n (x - pivot)^2, the subtraction in float32 (the pivot, a sample of x per channel, keeps the
+squares small when |mean| >> std). Same `supported` shapes as the apply. Unmeasured: an A/B candidate
+against the XLA reductions, not yet known to be faster. Reverse-mode differentiable in x and the pivot
+(custom VJP, backward in XLA).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["affine_act", "reference", "supported"]
+__all__ = ["affine_act", "channel_sums", "channel_sums_reference", "reference", "supported"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
 MAX_BLOCK_N = 32  # rows per tile: 32 x 256 elements = 64 per thread at 4 warps (register budget)
 MIN_BLOCK_N = 16
+MAX_STATS_ROWS = 1024  # rows per `channel_sums` program (one partial sum per 1024 rows and 256 channels)
+STATS_BLOCK_N = 16  # rows per `channel_sums` sub-tile: two 16 x 256 float32 accumulators = 64 registers/thread
 
 
 def _block_n(n: int) -> int:
@@ -37,7 +55,7 @@ def _block_n(n: int) -> int:
 
 
 def supported(n: int, c: int) -> bool:
-  """Whether `affine_act` tiles (B, n, c) without masking: c a multiple of 256, n of 16."""
+  """Whether `affine_act` and `channel_sums` tile (B, n, c) without masking: c a multiple of 256, n of 16."""
   return c % BLOCK_C == 0 and _block_n(n) >= MIN_BLOCK_N
 
 
@@ -49,16 +67,36 @@ def reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -
   return y.astype(out_dtype)
 
 
-def _kernel(x_ref, a_ref, d_ref, o_ref, *, silu: bool):
-  y = x_ref[...].astype(jnp.float32) * a_ref[...][None, :] + d_ref[...][None, :]
-  if silu:
-    y = y / (1.0 + jnp.exp(-y))
-  o_ref[...] = y.astype(o_ref.dtype)
+def _kernel(*refs, silu: bool, bounds: tuple):
+  """refs = (x part refs..., a, d, out). Channel tile k lies in part i when bounds[i] <= k < bounds[i + 1];
+  only that part's block is read (each part's BlockSpec clamps k into its own range; Triton loads nothing
+  for a branch that does not run)."""
+  *x_refs, a_ref, d_ref, o_ref = refs
+
+  def apply(x_ref):
+    y = x_ref[...].astype(jnp.float32) * a_ref[...][None, :] + d_ref[...][None, :]
+    if silu:
+      y = y / (1.0 + jnp.exp(-y))
+    o_ref[...] = y.astype(o_ref.dtype)
+
+  if len(x_refs) == 1:
+    apply(x_refs[0])
+    return
+  k = pl.program_id(2)
+  for x_ref, lo, hi in zip(x_refs, bounds, bounds[1:]):
+    pl.when((k >= lo) & (k < hi))(functools.partial(apply, x_ref))
 
 
-def _pallas(x, a, d, silu, out_dtype, interpret):
-  b, n, c = x.shape
+def _part_index_map(i, j, k, *, lo: int, hi: int):
+  return i, j, jnp.minimum(jnp.maximum(k - lo, 0), hi - lo - 1)
+
+
+def _pallas(parts, a, d, silu, out_dtype, interpret):
+  b, n, _ = parts[0].shape
+  bounds = (0, *itertools.accumulate(p.shape[2] // BLOCK_C for p in parts))  # channel-tile offsets
   bn = _block_n(n)
+  x_specs = [pl.BlockSpec((None, bn, BLOCK_C), functools.partial(_part_index_map, lo=lo, hi=hi))
+             for lo, hi in zip(bounds, bounds[1:])]
   tile = pl.BlockSpec((None, bn, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
   kw = {}
@@ -66,26 +104,27 @@ def _pallas(x, a, d, silu, out_dtype, interpret):
     from jax.experimental.pallas import triton as pltriton
     kw["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
   return pl.pallas_call(
-      functools.partial(_kernel, silu=silu),
-      out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
-      grid=(b, n // bn, c // BLOCK_C),
-      in_specs=[tile, row, row],
+      functools.partial(_kernel, silu=silu, bounds=bounds),
+      out_shape=jax.ShapeDtypeStruct((b, n, bounds[-1] * BLOCK_C), out_dtype),
+      grid=(b, n // bn, bounds[-1]),
+      in_specs=[*x_specs, row, row],
       out_specs=tile,
       interpret=interpret,
       **kw,
-  )(x, a.astype(jnp.float32), d.astype(jnp.float32))
+  )(*parts, a.astype(jnp.float32), d.astype(jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act(x, a, d, silu, out_dtype, interpret):
-  return _pallas(x, a, d, silu, out_dtype, interpret)
+def _affine_act(parts, a, d, silu, out_dtype, interpret):
+  return _pallas(parts, a, d, silu, out_dtype, interpret)
 
 
-def _fwd(x, a, d, silu, out_dtype, interpret):
-  return _pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
+def _fwd(parts, a, d, silu, out_dtype, interpret):
+  return _pallas(parts, a, d, silu, out_dtype, interpret), (parts, a, d)
 
 
-def _xla_apply(x, a, d, silu, out_dtype):
+def _xla_apply(parts, a, d, silu, out_dtype):
+  x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
   y = x.astype(jnp.float32) * a[:, None, :] + d[:, None, :]
   return (jax.nn.silu(y) if silu else y).astype(out_dtype)
 
@@ -98,15 +137,109 @@ def _bwd(silu, out_dtype, interpret, res, g):
 _affine_act.defvjp(_fwd, _bwd)
 
 
-def affine_act(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
-               interpret: bool = False) -> jax.Array:
+def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpret: bool = False) -> jax.Array:
   """x (B, N, C) (any float dtype), a, d (B, C) -> act(x * a + d) (B, N, C) in `out_dtype`.
 
-  `interpret=True` runs the kernel through Pallas' interpreter (any backend; for tests). Raises ValueError
-  for shapes `supported` rejects.
+  `x` may also be a tuple of parts (B, N, C_i) that make the input as their concatenation along channels:
+  the kernel reads each output tile's channels from its part, so the concatenation is never materialised (a
+  UNet decoder block's [h, skip], `UNet.skip_impl="split"`). `interpret=True` runs the kernel through Pallas'
+  interpreter (any backend; for tests). Raises ValueError for shapes `supported` rejects.
   """
-  if x.ndim != 3 or a.shape != (x.shape[0], x.shape[2]) or d.shape != a.shape:
-    raise ValueError(f"affine_act: x (B, N, C) with a, d (B, C), got {x.shape}, {a.shape}, {d.shape}")
+  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  b, n = parts[0].shape[:2] if parts[0].ndim == 3 else (None, None)
+  c = sum(p.shape[-1] for p in parts)
+  if any(p.ndim != 3 or p.shape[:2] != (b, n) for p in parts) or a.shape != (b, c) or d.shape != a.shape:
+    raise ValueError(f"affine_act: x (B, N, C) or parts (B, N, C_i) with a, d (B, C), got "
+                     f"{[p.shape for p in parts]}, {a.shape}, {d.shape}")
+  for p in parts:
+    if not supported(n, p.shape[2]):
+      raise ValueError(f"affine_act: (N, C) = {p.shape[1:]} not tiled (C % {BLOCK_C}, N % {MIN_BLOCK_N})")
+  return _affine_act(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+def _stats_rows(n: int) -> int:
+  return min(n & -n, MAX_STATS_ROWS)  # largest power of two dividing n, capped (read at trace time)
+
+
+def channel_sums_reference(x: jax.Array, pivot: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The kernel's result as an XLA expression: (sum_n d, sum_n d^2), d = x - pivot in float32 (for tests)."""
+  d = x.astype(jnp.float32) - pivot.astype(jnp.float32)[:, None, :]
+  return d.sum(axis=1), (d * d).sum(axis=1)
+
+
+def _stats_kernel(x_ref, p_ref, s1_ref, s2_ref, *, block_n: int):
+  p = p_ref[...][None, :]
+
+  def body(i, carry):
+    acc1, acc2 = carry
+    start = pl.multiple_of(i * block_n, block_n)
+    d = x_ref[pl.ds(start, block_n), :].astype(jnp.float32) - p
+    return acc1 + d, acc2 + d * d
+
+  zero = jnp.zeros((block_n, BLOCK_C), jnp.float32)
+  acc1, acc2 = jax.lax.fori_loop(0, x_ref.shape[0] // block_n, body, (zero, zero))
+  s1_ref[...] = jnp.sum(acc1, axis=0)
+  s2_ref[...] = jnp.sum(acc2, axis=0)
+
+
+def _stats_pallas(x, pivot, interpret):
+  b, n, c = x.shape
+  rows = _stats_rows(n)
+  chunks = n // rows
+  block_n = min(STATS_BLOCK_N, rows)
+  tile = pl.BlockSpec((None, rows, BLOCK_C), lambda i, j, k: (i, j, k))
+  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
+  part = pl.BlockSpec((None, None, BLOCK_C), lambda i, j, k: (i, j, k))
+  kw = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    # num_stages=3 lets Triton prefetch the next sub-tiles while the current one is added (the loop body
+    # is a load and two adds: pure bandwidth). Untuned and unmeasured, like the rest of this kernel.
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=3)
+  out = jax.ShapeDtypeStruct((b, chunks, c), jnp.float32)
+  s1, s2 = pl.pallas_call(
+      functools.partial(_stats_kernel, block_n=block_n),
+      out_shape=(out, out),
+      grid=(b, chunks, c // BLOCK_C),
+      in_specs=[tile, row],
+      out_specs=(part, part),
+      interpret=interpret,
+      **kw,
+  )(x, pivot.astype(jnp.float32))
+  return s1.sum(axis=1), s2.sum(axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _channel_sums(x, pivot, interpret):
+  return _stats_pallas(x, pivot, interpret)
+
+
+def _stats_fwd(x, pivot, interpret):
+  return _stats_pallas(x, pivot, interpret), (x, pivot)
+
+
+def _stats_bwd(interpret, res, g):
+  x, pivot = res
+  g1, g2 = g
+  d = x.astype(jnp.float32) - pivot.astype(jnp.float32)[:, None, :]
+  dx = g1[:, None, :] + 2.0 * d * g2[:, None, :]
+  # d/dpivot of (sum d, sum d^2): -N g1 - 2 sum_n d g2 (XLA drops it where the caller stop_gradients the pivot).
+  dpivot = -(x.shape[1] * g1 + 2.0 * jnp.sum(d * g2[:, None, :], axis=1))
+  return dx.astype(x.dtype), dpivot.astype(pivot.dtype)
+
+
+_channel_sums.defvjp(_stats_fwd, _stats_bwd)
+
+
+def channel_sums(x: jax.Array, pivot: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """x (B, N, C) (any float dtype), pivot (B, C) -> (sum_n d, sum_n d^2), each (B, C) float32, d = x - pivot.
+
+  The subtraction is in float32. Reverse-mode differentiable in both arguments (the UNet stop_gradients the
+  pivot, so XLA drops its cotangent). `interpret=True` runs the kernel through Pallas' interpreter (any backend; for
+  tests). Raises ValueError for shapes `supported` rejects.
+  """
+  if x.ndim != 3 or pivot.shape != (x.shape[0], x.shape[2]):
+    raise ValueError(f"channel_sums: x (B, N, C) with pivot (B, C), got {x.shape}, {pivot.shape}")
   if not supported(x.shape[1], x.shape[2]):
-    raise ValueError(f"affine_act: (N, C) = {x.shape[1:]} not tiled (C % {BLOCK_C}, N % {MIN_BLOCK_N})")
-  return _affine_act(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+    raise ValueError(f"channel_sums: (N, C) = {x.shape[1:]} not tiled (C % {BLOCK_C}, N % {MIN_BLOCK_N})")
+  return _channel_sums(x, pivot, bool(interpret))

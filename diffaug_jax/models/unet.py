@@ -24,14 +24,20 @@ Speed (execution choices, same params; see the UNet fields): cuDNN fused attenti
 (`attention_impl="auto"`), q/k/v written contiguously by three GEMMs over column blocks of the qkv kernel (no
 strided slices of the activation), GroupNorm in reduced precision as one read for the statistics and one
 fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the up-sampling convs as stride-2
-transposed convs on the low-resolution input (`upsample_impl="transposed"`).
+transposed convs on the low-resolution input (`upsample_impl="transposed"`). Prepared as GPU A/B candidates,
+off by default until measured: the GroupNorm sums and apply as Pallas kernels (`norm_stats="pallas"`), decoder
+skips without a materialised concatenation (`skip_impl="split"`), the output head's 3x3 conv as one GEMM
+(`head_impl="gemm"`).
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
 float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
@@ -49,7 +55,7 @@ Dtype = Any
 __all__ = [
     "UNet", "UNET_PRESETS", "unet_from_preset", "unet_from_flags", "timestep_embedding", "GroupNorm32",
     "default_channel_mult", "count_params", "cast_params_for_compute", "ATTENTION_IMPLS", "NORM_STATS",
-    "UPSAMPLE_IMPLS", "EXECUTION_FIELDS",
+    "UPSAMPLE_IMPLS", "SKIP_IMPLS", "HEAD_IMPLS", "EXECUTION_FIELDS",
 ]
 
 
@@ -69,24 +75,43 @@ NORM_STATS = ("auto", "two_pass", "one_pass", "channel", "pallas")
 # measured faster and more accurate than "one_pass" on an H200 (benchmarks/RESULTS.md, 2026-11-26).
 REDUCED_PRECISION_NORM = "channel"
 # UNet fields that choose how the network runs, never what it computes (same params, same function).
-EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl")
+EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "head_impl")
 
 
-def _channel_group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-  """x (B, ..., C) -> group mean, variance (B, G) float32, from per-channel shifted sums.
+def _channel_moments(x: jax.Array, sums_fn=None) -> tuple[jax.Array, jax.Array]:
+  """x (B, ..., C) -> per-channel mean, variance (B, C) float32, from shifted sums in ONE read.
 
-  Each channel is shifted by its own first element (a constant for autodiff), so sum(x - K) and
-  sum((x - K)^2) over the spatial axes are column reductions over the contiguous C axis in ONE read, and the
-  cancellation error stays at float32 rounding times ((K - mean_c)^2 + var_c) / var_c. The channels of a group
-  (equal counts) then combine exactly: mean_g = mean_c(mu_c), var_g = mean_c(var_c + (mu_c - mean_g)^2).
+  Each channel is shifted by its own first element K (a constant for autodiff), so sum(x - K) and
+  sum((x - K)^2) over the spatial axes are column reductions over the contiguous C axis, and the cancellation
+  error stays at float32 rounding times ((K - mean)^2 + var) / var. `sums_fn(x (B, N, C), pivot (B, C)) ->
+  (sum d, sum d^2)` computes the sums (the "pallas" mode passes its kernel); without it they are this XLA
+  expression.
   """
   b, c = x.shape[0], x.shape[-1]
-  xf = x.astype(jnp.float32).reshape(b, -1, c)
-  pivot = jax.lax.stop_gradient(xf[:, 0, :])  # (B, C)
-  d = xf - pivot[:, None, :]
-  m_c = jnp.mean(d, axis=1)
-  v_c = jnp.maximum(jnp.mean(jnp.square(d), axis=1) - jnp.square(m_c), 0.0)
-  mu_c = (pivot + m_c).reshape(b, num_groups, -1)
+  if sums_fn is None:
+    xf = x.astype(jnp.float32).reshape(b, -1, c)
+    pivot = jax.lax.stop_gradient(xf[:, 0, :])  # (B, C)
+    d = xf - pivot[:, None, :]
+    m_c = jnp.mean(d, axis=1)
+    return pivot + m_c, jnp.maximum(jnp.mean(jnp.square(d), axis=1) - jnp.square(m_c), 0.0)
+  x3 = x.reshape(b, -1, c)
+  pivot = jax.lax.stop_gradient(x3[:, 0, :].astype(jnp.float32))
+  s1, s2 = sums_fn(x3, pivot)
+  m_c = s1 / x3.shape[1]
+  return pivot + m_c, jnp.maximum(s2 / x3.shape[1] - jnp.square(m_c), 0.0)
+
+
+def _channel_group_stats(parts: Sequence[jax.Array], num_groups: int, sums_fn=None) -> tuple[jax.Array, jax.Array]:
+  """Channel parts (B, ..., C_i) of one input (their concatenation) -> group mean, variance (B, G) float32.
+
+  Per-channel moments of each part (`_channel_moments`; a part is never concatenated for its statistics),
+  then the channels of a group (equal counts) combine exactly: mean_g = mean_c(mu_c),
+  var_g = mean_c(var_c + (mu_c - mean_g)^2).
+  """
+  moments = [_channel_moments(p, sums_fn) for p in parts]
+  mu_c, v_c = moments[0] if len(moments) == 1 else [jnp.concatenate(m, axis=-1) for m in zip(*moments)]
+  b = mu_c.shape[0]
+  mu_c = mu_c.reshape(b, num_groups, -1)
   mean = jnp.mean(mu_c, axis=-1)
   var = jnp.mean(v_c.reshape(b, num_groups, -1) + jnp.square(mu_c - mean[..., None]), axis=-1)
   return mean, var
@@ -98,7 +123,10 @@ class GroupNorm32(nn.Module):
 
   `__call__(x (B, ..., C) NHWC, scale_shift=None | (scale, shift) each broadcastable to (B, 1.., C),
   silu=False) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype). Params `scale`
-  (C,), `bias` (C,) (torch: weight, bias).
+  (C,), `bias` (C,) (torch: weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
+  concatenation is the input (a decoder block's [h, skip], `UNet.skip_impl="split"`): the "channel" and
+  "pallas" modes read the parts where they lie (per-part statistics; the apply fuses or, in the kernel, reads
+  the concatenation), the others concatenate first.
 
   `stats` picks how the float32 group statistics are computed and applied:
   - "two_pass": mean, then the centred variance (like torch): the activation is read three times (mean,
@@ -114,8 +142,8 @@ class GroupNorm32(nn.Module):
     with the SiLU in float32 before the single rounding to the output dtype. On an H200 in bf16 (ADM-256 at
     224, batch 128) the UNet ran 2.8% faster than with "one_pass" and its eps was closer to the float32 one
     (relative L2 error 6.9e-3 instead of 8.9e-3: one rounding instead of three).
-  - "pallas": "channel" with the multiply-add and SiLU in a Pallas (Triton) kernel on NVIDIA GPUs
-    (`models.pallas_norm`) where it tiles the shape, XLA elsewhere (the choice is made per platform at
+  - "pallas": "channel" with the per-channel sums and the multiply-add + SiLU in Pallas (Triton) kernels on
+    NVIDIA GPUs (`models.pallas_norm`) where they tile every part, XLA elsewhere (chosen per platform at
     lowering, `lax.platform_dependent`). Not measured yet: an A/B candidate (`gn=pallas`). Single-device
     programs only: XLA cannot partition a Pallas call, so a batch-sharded jit would gather the activation for
     each one. Reverse-mode differentiable (custom VJP), not forward-mode; lower for one platform at a time.
@@ -130,20 +158,22 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
-    c = x.shape[-1]
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
     if self.stats not in NORM_STATS:
       raise ValueError(f"GroupNorm32: stats {self.stats!r} not in {NORM_STATS}")
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    out_dtype = x.dtype if self.out_dtype is None else self.out_dtype
+    out_dtype = parts[0].dtype if self.out_dtype is None else self.out_dtype
     mode = self.stats
     if mode == "auto":
-      mode = "two_pass" if x.dtype == jnp.float32 else REDUCED_PRECISION_NORM
+      mode = "two_pass" if parts[0].dtype == jnp.float32 else REDUCED_PRECISION_NORM
     if mode in ("channel", "pallas"):
-      return self._folded(x, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
+      return self._folded(parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     shape = x.shape
@@ -166,35 +196,42 @@ class GroupNorm32(nn.Module):
       y = nn.silu(y)
     return y.astype(out_dtype)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False):
-    b, c = x.shape[0], x.shape[-1]
-    mean, var = _channel_group_stats(x, self.num_groups)  # (B, G)
+  def _folded(self, parts, scale, bias, scale_shift, silu, out_dtype, pallas=False):
+    b, spatial, c = parts[0].shape[0], parts[0].shape[1:-1], scale.shape[0]
+    # The Pallas kernels where every part tiles, chosen per platform at lowering (XLA off NVIDIA GPUs).
+    pallas = pallas and all(pallas_norm.supported(math.prod(spatial), p.shape[-1]) for p in parts)
+    if pallas and jax.device_count() > 1:
+      warnings.warn("GroupNorm32(stats='pallas'): XLA cannot partition a Pallas call; in a program sharded over "
+                    f"the {jax.device_count()} devices each call gathers its activation (use 'channel' there)")
+    sums_fn = None
+    if pallas:
+      sums_fn = lambda x3, p: jax.lax.platform_dependent(x3, p, cuda=pallas_norm.channel_sums,
+                                                         default=pallas_norm.channel_sums_reference)
+    mean, var = _channel_group_stats(parts, self.num_groups, sums_fn)  # (B, G)
     per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1)  # (B, G) -> (B, C)
     a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
     d = bias - per_channel(mean) * a
-    bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
+    bcast = (b,) + (1,) * len(spatial) + (c,)
     a, d = a.reshape(bcast), d.reshape(bcast)
     if scale_shift is not None:
       mul = 1 + scale_shift[0].astype(jnp.float32)
       a, d = a * mul, d * mul + scale_shift[1].astype(jnp.float32)
     a, d = jax.lax.optimization_barrier((a, d))
 
-    def xla_apply(x, a, d):
+    def xla_apply(parts, a, d):
+      x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)  # fused into the apply
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
-    if not (pallas and pallas_norm.supported(math.prod(x.shape[1:-1]), c)):
-      return xla_apply(x, a, d)
-    if jax.device_count() > 1:
-      warnings.warn("GroupNorm32(stats='pallas'): XLA cannot partition a Pallas call; in a program sharded over "
-                    f"the {jax.device_count()} devices each call gathers its activation (use 'channel' there)")
+    if not pallas:
+      return xla_apply(parts, a, d)
 
-    def kernel_apply(x, a, d):
-      y = pallas_norm.affine_act(x.reshape(b, -1, c), a.reshape(b, c), d.reshape(b, c), silu=silu,
-                                 out_dtype=out_dtype)
-      return y.reshape(x.shape)
+    def kernel_apply(parts, a, d):
+      y = pallas_norm.affine_act(tuple(p.reshape(b, -1, p.shape[-1]) for p in parts), a.reshape(b, c),
+                                 d.reshape(b, c), silu=silu, out_dtype=out_dtype)
+      return y.reshape(b, *spatial, c)
 
-    return jax.lax.platform_dependent(x, a, d, cuda=kernel_apply, default=xla_apply)
+    return jax.lax.platform_dependent(parts, a, d, cuda=kernel_apply, default=xla_apply)
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, zero: bool = False) -> nn.Conv:
@@ -261,6 +298,73 @@ class UpConv(nn.Module):
     return y + bias
 
 
+SKIP_IMPLS = ("concat", "split")
+
+
+class SkipConv(nn.Module):
+  """The ResBlock's 1x1 `skip_connection` conv over the channel concatenation of `parts` (the params of a
+  1x1 `nn.Conv` over all their channels), computed as the sum of one conv per part with its slice of the
+  kernel: a decoder block given (h, skip) never materialises their concatenation (its GroupNorm32 takes the
+  parts too). Equal to the conv of the concatenation in exact arithmetic; in floating point the partial sums
+  round differently (float32: ~1e-7 relative; in bf16 each part's conv output may be rounded to bf16 before
+  the add, unless XLA folds the add into the cuDNN conv as its side input)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    widths = [p.shape[-1] for p in parts]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, sum(widths), self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+    offsets = [0, *itertools.accumulate(widths)]
+    convs = [jax.lax.conv_general_dilated(p.astype(self.dtype), kernel[:, :, lo:hi], (1, 1), ((0, 0), (0, 0)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+             for p, lo, hi in zip(parts, offsets, offsets[1:])]
+    return functools.reduce(operator.add, convs) + bias
+
+
+HEAD_IMPLS = ("conv", "gemm")
+
+
+def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (B, H, W, C), kernel (3, 3, C, O) -> the 3x3 conv with zero padding 1, (B, H, W, O), as ONE GEMM.
+
+  taps[b, p, q, i, j] = x[b, p, q] @ kernel[i, j] is a (B*H*W, C) x (C, 9*O) GEMM; output pixel (p, q) is
+  the sum over (i, j) of taps[b, p + i - 1, q + j - 1, i, j] (zero outside the image, as the zero padding
+  gives): nine shifted slices of the padded taps, added in one fusion. For a narrow O (the UNet head: 256 ->
+  6 channels) this reads x once into a GEMM 9*O wide instead of running a conv whose tiles are mostly
+  padding.
+  """
+  b, h, w, c = x.shape
+  o = kernel.shape[-1]
+  taps = jnp.einsum("bhwc,cn->bhwn", x, kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o))
+  taps = jnp.pad(taps.reshape(b, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  return functools.reduce(operator.add, [taps[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3)])
+
+
+class OutConv(nn.Module):
+  """The output head's zero-initialised 3x3 conv (guided-diffusion `out.2`), in float32, with the params of
+  that `nn.Conv`. `impl` "conv": `lax.conv_general_dilated`; "gemm": the same map as one GEMM over the nine
+  taps and a shifted sum (`_conv3x3_as_gemm`)."""
+  features: int
+  impl: str = "conv"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.impl not in HEAD_IMPLS:
+      raise ValueError(f"head impl {self.impl!r} not in {HEAD_IMPLS}")
+    kernel = self.param("kernel", nn.initializers.zeros, (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.float32)
+    if self.impl == "gemm":
+      return _conv3x3_as_gemm(x, kernel) + bias
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
 class ResBlock(nn.Module):
   """guided-diffusion ResBlock (optionally up/down sampling). x (B,H,W,C), emb (B,E)."""
   out_channels: int
@@ -273,8 +377,14 @@ class ResBlock(nn.Module):
   upsample_impl: str = "nearest"
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
+  def __call__(self, x, emb: jax.Array, train: bool = False) -> jax.Array:
+    # x: an array, or a tuple of arrays that make the input as their channel concatenation (a decoder block's
+    # (h, skip) with skip_impl="split": the concatenation then feeds only fusions, see SkipConv).
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    if len(parts) > 1 and (self.up or self.down):
+      raise ValueError("ResBlock: an input in parts is only supported without up/down sampling")
+    x = parts[0] if len(parts) == 1 else parts  # the GroupNorm and the skip conv read parts where they lie
+    c = sum(p.shape[-1] for p in parts)
     h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True)
     if self.up:
       # The skip path's nearest x2 fuses into the residual add below (no 4x copy of x is materialised).
@@ -296,7 +406,13 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero=True)(h)
     if self.out_channels != c:
-      x = _conv(self.out_channels, 1, "skip_connection", self.dtype)(x)
+      x = SkipConv(self.out_channels, self.dtype, name="skip_connection")(parts if len(parts) > 1 else (x,))
+    elif len(parts) > 1:
+      x = jnp.concatenate(parts, axis=-1)  # identity skip over parts (not in the ADM presets)
+    if len(parts) > 1:
+      # h first: XLA's cuDNN rewriter folds an add into the conv of its FIRST single-use conv operand (as bias,
+      # then side input); a split skip conv already holds its second part as side input, the out conv does not.
+      return h + x
     return x + h
 
 
@@ -405,6 +521,13 @@ class UNet(nn.Module):
   # upsample_impl: "nearest" (materialise nearest x2, then the 3x3 conv, like guided-diffusion) or
   # "transposed" (the same map as one stride-2 transposed conv on the low-resolution input; see UpConv).
   upsample_impl: str = "nearest"
+  # skip_impl: how a decoder block takes its encoder skip: "concat" (concatenate, then the ResBlock, like
+  # guided-diffusion) or "split" (the ResBlock gets both parts; its 1x1 skip conv is one conv per part, so the
+  # concatenation is never materialised; see SkipConv).
+  skip_impl: str = "concat"
+  # head_impl: the float32 output conv (256 -> 6 channels in ADM-256): "conv", or "gemm" (one GEMM over the
+  # nine taps and a shifted sum; see OutConv).
+  head_impl: str = "conv"
 
   @property
   def learn_sigma(self) -> bool:
@@ -418,6 +541,9 @@ class UNet(nn.Module):
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"UNet input spatial size {x.shape[1:3]} must be divisible by {factor}")
+    for field, allowed in (("skip_impl", SKIP_IMPLS), ("head_impl", HEAD_IMPLS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"UNet.{field} {getattr(self, field)!r} not in {allowed}")
     if (y is None) != (self.num_classes is None):
       raise ValueError("labels y must be given if and only if the model is class-conditional "
                        f"(num_classes={self.num_classes}, y is None: {y is None})")
@@ -479,7 +605,7 @@ class UNet(nn.Module):
     idx = 0
     for level, mult in list(enumerate(self.channel_mult))[::-1]:
       for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = (h, hs.pop()) if self.skip_impl == "split" else jnp.concatenate([h, hs.pop()], axis=-1)
         ch = int(mc * mult)
         h = res(f"output_blocks_{idx}_0", ch)(h, emb, train)
         j = 1
@@ -498,7 +624,7 @@ class UNet(nn.Module):
     # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out): the
     # GroupNorm reads the compute-dtype activation and writes float32.
     h = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")(h, silu=True)
-    return _conv(self.out_channels, 3, "out_2", f32, zero=True)(h)
+    return OutConv(self.out_channels, self.head_impl, name="out_2")(h)
 
 
 # Layers that run in float32 whatever the compute dtype (see UNet.__call__): the timestep MLP and the output
@@ -556,7 +682,8 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
                     use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
                     num_classes: int = 1000, dtype: Optional[Dtype] = None,
                     attention_impl: Optional[str] = "auto", norm_stats: str = "auto",
-                    upsample_impl: str = "nearest", **unknown) -> UNet:
+                    upsample_impl: str = "nearest", skip_impl: str = "concat", head_impl: str = "conv",
+                    **unknown) -> UNet:
   """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
 
   channel_mult "" -> default per image_size; "1,2,2" or a tuple otherwise. attention_resolutions are
@@ -595,7 +722,8 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
               num_head_channels=int(num_head_channels), num_heads_upsample=int(num_heads_upsample),
               use_scale_shift_norm=bool(use_scale_shift_norm), resblock_updown=bool(resblock_updown),
               use_new_attention_order=bool(use_new_attention_order), dtype=dtype, attention_impl=attention_impl,
-              norm_stats=norm_stats, upsample_impl=upsample_impl, timestep_scale=timestep_scale)
+              norm_stats=norm_stats, upsample_impl=upsample_impl, skip_impl=skip_impl, head_impl=head_impl,
+              timestep_scale=timestep_scale)
 
 
 # create_model flags, exactly as in the guided-diffusion / improved-diffusion READMEs (model flags only).
