@@ -18,7 +18,8 @@ Case syntax `program:dtype:attention:batch[:opts]`:
 - attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
-  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `cast=1|0` (1: the frozen score
+  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `skip=concat|split`
+  (`UNet.skip_impl`), `head=conv|gemm` (`UNet.head_impl`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call).
@@ -77,6 +78,8 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
+    "skip": (("concat", "split"), "concat"),  # UNet.skip_impl
+    "head": (("conv", "gemm"), "conv"),  # UNet.head_impl
     "cast": (("1", "0"), "1"),
 }
 
@@ -111,6 +114,8 @@ class Case:
   batch: int
   up: str = "nearest"
   gn: str = "auto"
+  skip: str = "concat"
+  head: str = "conv"
   cast: str = "1"
 
   @property
@@ -152,20 +157,25 @@ class Case:
 
 def default_plan(size: Size) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble, the A/B cases of the UNet's execution choices (GroupNorm apply and statistics, attention,
-  up-sampling), the batch sweep, params cast inside the call, float32 (TF32) speed, transposed up-sampling in
-  the train step."""
+  ensemble; then the open experiments (each candidate alone on the denoise, then all together on the three
+  programs); then the execution choices already decided on an H200 (attention, up-sampling), params cast
+  inside the call, float32 (TF32) speed, the batch sweep, the previous GroupNorm default, transposed
+  up-sampling in the train step."""
   b = size.main_batch
+  best = dict(gn="pallas", skip="split", head="gemm")  # every open candidate at once
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b),
-          # The open experiment first: the Pallas GroupNorm apply against "channel" (auto in bf16).
-          Case("denoise", "bf16", "auto", b, gn="pallas"), Case("train", "bf16", "auto", b, gn="pallas"),
-          Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the previous default
+          # The open experiments against the defaults of the same call: the Pallas GroupNorm kernels, decoder
+          # skips without a materialised concatenation, the output head as a GEMM; then all of them together.
+          Case("denoise", "bf16", "auto", b, gn="pallas"), Case("denoise", "bf16", "auto", b, skip="split"),
+          Case("denoise", "bf16", "auto", b, head="gemm"), Case("denoise", "bf16", "auto", b, **best),
+          Case("train", "bf16", "auto", b, **best), Case("ensemble", "bf16", "auto", b, **best),
           Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
-          Case("denoise", "bf16", "auto", b, up="transposed")]
+          Case("denoise", "bf16", "auto", b, up="transposed"),
+          Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b)]
   plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
-  plan += [Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b),
+  plan += [Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the previous default
            Case("train", "bf16", "auto", b, up="transposed")]
   return plan
 
@@ -192,7 +202,7 @@ def _precision_ctx(dtype_name: str):
 def unet_for(module, case: Case):
   """The case's UNet: `module` cloned with its compute dtype and execution choices (same params)."""
   return module.clone(dtype=_dtype(case.dtype), attention_impl=case.attention, norm_stats=case.gn,
-                      upsample_impl=case.up)
+                      upsample_impl=case.up, skip_impl=case.skip, head_impl=case.head)
 
 
 CUDNN_ATTENTION_CALL = "__cudnn$fmha"  # prefix of jax's cuDNN fused-attention custom-call targets
@@ -272,7 +282,7 @@ class Bench:
     self._data: dict[int, dict] = {}
     self.outputs: dict[Case, dict] = {}  # host copies of denoise outputs, for the correctness check
     self.model_flops: dict[tuple, float] = {}
-    self.programs: dict[str, tuple] = {}  # program -> (case, call(i)) of its first good bf16 case
+    self.last_good: tuple | None = None  # (case, call(i)) of the last case with finite outputs, to profile
     self._cast_params: dict[str, Any] = {}
 
   # ---- data
@@ -550,8 +560,10 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   """Compile, time and account one case -> result row (status 'ok' / 'skipped' / 'error')."""
   jax = _jax()
   import numpy as np
+  bench.last_good = None  # frees the previous case's program; set again only when this case runs well
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
-         "batch": case.batch, "up": case.up, "gn": case.gn, "cast": case.cast}
+         "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "head": case.head,
+         "cast": case.cast}
   reason = static_skip(case, bench.platform)
   if reason:
     return {**row, "status": "skipped", "reason": reason}
@@ -620,9 +632,8 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   row["status"] = "ok" if row["finite"] else "error"
   if not row["finite"]:
     row["reason"] = "non-finite output"
-  if row["finite"] and case.dtype == "bf16" and case.program not in bench.programs:
-    # First good bf16 program of its kind: kept for the profile (no second compile).
-    bench.programs[case.program] = (case, call)
+  # Kept (replacing the previous one) so that a profile of this case needs no second compile.
+  bench.last_good = (case, call) if row["finite"] else None
   del lowered
   return row
 
@@ -693,9 +704,9 @@ def table_markdown(result: dict) -> str:
   setup = (f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
            f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
            f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`. Variants: UNet.clone(attention_impl, "
-           f"norm_stats (gn=), upsample_impl (up=)); attention \"auto\" on this device: "
-           f"{meta['auto_attention']} (library rule; \"attn ran\" = cuDNN call in the lowered program or not); "
-           f"score params pre-cast to the case dtype unless cast=0.")
+           f"norm_stats (gn=), upsample_impl (up=), skip_impl (skip=), head_impl (head=)); attention \"auto\" on "
+           f"this device: {meta['auto_attention']} (library rule; \"attn ran\" = cuDNN call in the lowered "
+           f"program or not); score params pre-cast to the case dtype unless cast=0.")
   header = ("| case | status | attn ran | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline "
             "| compile s | XLA temp GiB | peak GiB (run so far) | goal |")
   lines = [device, setup, "", header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -756,7 +767,8 @@ def parse_args(argv):
   ap.add_argument("--out", default=None, help="dir for results.json / results.md (written after each case)")
   ap.add_argument("--profile", default=None, help="dir: capture a jax.profiler trace of --profile-cases")
   ap.add_argument("--profile-cases", default="train,denoise",
-                  help="programs to trace: the first good bf16 case of each (plan order), a few calls")
+                  help="comma-separated programs (their first good bf16 case, plan order) or case names to "
+                       "trace, a few calls each")
   ap.add_argument("--profile-steps", type=int, default=2)
   ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
@@ -775,13 +787,37 @@ def _write(out_dir: str | None, result: dict) -> None:
     f.write(table_markdown(result))
 
 
-def profile_program(bench: Bench, prog: str, args, result: dict, log) -> None:
-  """Trace `--profile-steps` calls of the kept compiled `prog` (see run_case) and summarise its kernels."""
+def parse_profile_specs(text: str) -> set:
+  """`--profile-cases`: program names, and case specs in canonical form (any option order); ValueError else."""
+  specs = set()
+  for item in (t.strip() for t in text.split(",")):
+    if not item:
+      continue
+    if ":" not in item and item not in PROGRAMS:
+      raise ValueError(f"--profile-cases: {item!r} is neither a program {PROGRAMS} nor a case spec")
+    specs.add(Case.parse(item).name if ":" in item else item)
+  return specs
+
+
+def profile_keys(case: Case, specs: set, done) -> list:
+  """The `--profile-cases` entries that `case` answers: its own case name, and its program when it is the
+  first good bf16 case of that program (both share one trace)."""
+  keys = [case.name] if case.name in specs and case.name not in done else []
+  if case.program in specs and case.program not in done and case.dtype == "bf16":
+    keys.append(case.program)
+  return keys
+
+
+def profile_program(bench: Bench, keys: list, args, result: dict, log) -> None:
+  """Trace `--profile-steps` calls of the last good compiled case (see run_case), store its kernel summary
+  under `result["profile"][key]` for each key and write profile_<keys[0]>.md (non-alphanumerics as "_")."""
   jax = _jax()
-  if prog not in bench.programs or prog in result.setdefault("profile", {}):
+  if bench.last_good is None or not keys:
     return
-  case, call = bench.programs[prog]
-  trace_dir = os.path.join(args.profile, prog)
+  key = keys[0]
+  case, call = bench.last_good
+  safe = "".join(ch if ch.isalnum() else "_" for ch in key)
+  trace_dir = os.path.join(args.profile, safe)
   try:
     jax.block_until_ready(call(0))
     jax.profiler.start_trace(trace_dir)
@@ -797,15 +833,15 @@ def profile_program(bench: Bench, prog: str, args, result: dict, log) -> None:
     s = profile_summary.summarize(trace_dir)
     s.pop("files", None)
     s.update(case=case.name, steps=args.profile_steps)
-    result["profile"][prog] = s
+    result.setdefault("profile", {}).update({k: s for k in keys})
     md = profile_summary.to_markdown(s)
     log(f"\n## profile {case.name} ({args.profile_steps} calls)\n" + md)
     if args.out:
-      with open(os.path.join(args.out, f"profile_{prog}.md"), "w") as f:
+      with open(os.path.join(args.out, f"profile_{safe}.md"), "w") as f:
         f.write(f"# {case.name}, {args.profile_steps} calls\n\n" + md)
   except Exception as e:  # noqa: BLE001 - the profile is informative; keep the numbers
-    log(f"[profile] {prog}: {type(e).__name__}: {e}")
-    result["profile"][prog] = {"error": f"{type(e).__name__}: {e}"}
+    log(f"[profile] {key}: {type(e).__name__}: {e}")
+    result.setdefault("profile", {}).update({k: {"error": f"{type(e).__name__}: {e}"} for k in keys})
 
 
 def main(argv=None) -> dict:
@@ -821,6 +857,7 @@ def main(argv=None) -> dict:
     bs = [int(v) for v in args.batch.split(",") if v.strip()]
     size = dataclasses.replace(size, main_batch=bs[0], sweep_batches=tuple(bs[1:]))
   cases = [Case.parse(c) for c in args.cases.split(",")] if args.cases else default_plan(size)
+  profile_specs = parse_profile_specs(args.profile_cases)  # a typo fails here, not after the first compiles
   budget = args.time_budget
   t_start = time.perf_counter()
   log = lambda msg: print(msg, flush=True)
@@ -853,7 +890,6 @@ def main(argv=None) -> dict:
   result["meta"]["num_params"] = bench.num_params
   log(f"[bench] models ready in {result['meta']['setup_s']:.1f}s: {bench.num_params}")
 
-  profile_progs = {p.strip() for p in args.profile_cases.split(",") if p.strip()}
   est_default = args.compile_estimate or (10.0 if args.tiny else 150.0)
   case_costs: list[float] = []
   costs_by_program: dict[str, float] = {}
@@ -908,8 +944,9 @@ def main(argv=None) -> dict:
     result["ab"] = ab_comparisons(result)
     _write(args.out, result)  # before profiling: a kill there must not lose this row
     near_end = budget is not None and time.perf_counter() - t_start + 30 > budget
-    if args.profile and row.get("status") == "ok" and case.program in profile_progs and not near_end:
-      profile_program(bench, case.program, args, result, log)
+    keys = profile_keys(case, profile_specs, result.get("profile", {}))
+    if args.profile and row.get("status") == "ok" and keys and not near_end:
+      profile_program(bench, keys, args, result, log)
       _write(args.out, result)
 
   result["meta"]["total_s"] = time.perf_counter() - t_start

@@ -13,13 +13,16 @@
 #     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 PROFILE_CASES= BENCH_ARGS='--cases denoise:bf16:auto:128,denoise:f32hi:xla:128,denoise:f32:xla:128,train:bf16:auto:128,train:bf16:auto:128:up=transposed' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
-# NVIDIA GPU in bf16), opts '+'-separated: up=nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas, cast=1|0.
+# NVIDIA GPU in bf16), opts "+"-separated: up=nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas,
+# skip=concat|split, head=conv|gemm, cast=1|0.
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
-# PROFILE_CASES (programs to trace, default "train,denoise"; empty = no profile), PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
+# PROFILE_CASES (programs or case names to trace, default the all-candidates denoise case of the plan, whose
+# kernels the defaults' profile in RESULTS.md is to be compared with; empty = no profile),
+# PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
-# Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md,
-# profile_train.md, profile_denoise.md, trace.tgz.
+# Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md, profile_<case>.md (one per
+# traced case), trace.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -31,6 +34,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export DIFFAUG_JAX_CACHE=${DIFFAUG_JAX_CACHE:-/tmp/diffaug_jax_cache}
 LOG="$OUT/check.log"
+BEST_DENOISE="denoise:bf16:auto:128:gn=pallas+skip=split+head=gemm"  # every open candidate (the plan's case 8)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 {
@@ -52,9 +56,11 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
     export DIFFAUG_GOLDEN_DIR="$PWD/.gpu_carry/golden"
   fi
   FILES=""
-  for f in ${PARITY_FILES:-tests/test_pallas_norm.py tests/test_diffusion.py tests/test_unet.py tests/test_convert_classifiers.py \
-           tests/test_augment.py}; do
-    [ -f "$f" ] && FILES="$FILES $f"
+  # The Pallas file's interpreter tests are device-independent (proven on CPU; slow through many tiny GPU
+  # launches): only its compiled-kernel test runs here, first.
+  for f in ${PARITY_FILES:-tests/test_pallas_norm.py::test_compiled_kernel_on_gpu tests/test_diffusion.py \
+           tests/test_unet.py tests/test_convert_classifiers.py tests/test_augment.py}; do
+    [ -f "${f%%::*}" ] && FILES="$FILES $f"
   done
   echo "== parity on GPU:$FILES (limit ${PARITY_SECONDS:-120}s, $(left)s left)" | tee -a "$LOG"
   JAX_PLATFORMS=${PARITY_PLATFORM:-cuda} JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${PARITY_SECONDS:-120}" \
@@ -71,7 +77,7 @@ run_bench() {
   local budget=$(( $(left) - 30 ))
   echo "== bench (budget ${budget}s) $*" | tee -a "$LOG"
   timeout $(( budget + 25 )) $PY benchmarks/bench_diffaug.py --out "$OUT" --profile /tmp/diffaug_trace \
-    --profile-cases "${PROFILE_CASES-train,denoise}" --time-budget "$budget" ${BENCH_ARGS:-} "$@" 2>&1 \
+    --profile-cases "${PROFILE_CASES-$BEST_DENOISE}" --time-budget "$budget" ${BENCH_ARGS:-} "$@" 2>&1 \
     | tee "$OUT/bench.log"
   return "${PIPESTATUS[0]}"
 }

@@ -88,11 +88,13 @@ def test_case_parse_and_plan():
       Case.parse(bad)
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
+  best = "gn=pallas+skip=split+head=gemm"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "denoise:bf16:auto:128:gn=pallas", "train:bf16:auto:128:gn=pallas",
-                   "denoise:bf16:auto:128:gn=one_pass", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
-                   "train:bf16:auto:64", "train:bf16:auto:256", "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128",
-                   "train:bf16:auto:128:up=transposed"]
+                   "denoise:bf16:auto:128:gn=pallas", "denoise:bf16:auto:128:skip=split",
+                   "denoise:bf16:auto:128:head=gemm", f"denoise:bf16:auto:128:{best}", f"train:bf16:auto:128:{best}",
+                   f"ensemble:bf16:auto:128:{best}", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
+                   "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128", "train:bf16:auto:64", "train:bf16:auto:256",
+                   "denoise:bf16:auto:128:gn=one_pass", "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
   assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
@@ -136,12 +138,14 @@ def test_variants_reach_the_module_and_the_program():
   import jax.numpy as jnp
   Case = bench_diffaug.Case
   bench = bench_diffaug.Bench(bench_diffaug.TINY, bench_diffaug.parse_args(FAST))
-  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+cast=0")
+  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+head=gemm+skip=split+cast=0")
+  assert case.name == "train:bf16:cudnn:2:up=transposed+gn=one_pass+skip=split+head=gemm+cast=0"
   m = bench.eps_factory(case).module
-  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl) == (
-      jnp.bfloat16, "cudnn", "one_pass", "transposed")
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.head_impl) == (
+      jnp.bfloat16, "cudnn", "one_pass", "transposed", "split", "gemm")
   m = bench.eps_factory(Case.parse("denoise:f32hi:auto:2")).module
-  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl) == (jnp.float32, "auto", "auto", "nearest")
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.head_impl) == (
+      jnp.float32, "auto", "auto", "nearest", "concat", "conv")
   assert m.clone(dtype=bench.unet.dtype, attention_impl="auto") == bench.unet  # only the case's fields differ
 
   def lowered(spec):
@@ -154,6 +158,7 @@ def test_variants_reach_the_module_and_the_program():
   up, _ = lowered("denoise:bf16:auto:2:up=transposed")
   two, _ = lowered("denoise:bf16:auto:2:gn=two_pass")
   nocast, nocast_dtypes = lowered("denoise:bf16:auto:2:cast=0")
+  split, _ = lowered("denoise:bf16:auto:2:skip=split+head=gemm")
   _, train_dtypes = lowered("train:bf16:auto:2")
   assert "lhs_dilate = [2, 2]" in up and "lhs_dilate = [2, 2]" not in base  # stride-2 transposed convs
   # one-pass statistics subtract the group's pivot (bf16 "auto"); two-pass has fewer subtractions
@@ -163,6 +168,8 @@ def test_variants_reach_the_module_and_the_program():
   assert base_dtypes == train_dtypes == {"bfloat16", "float32"} and nocast_dtypes == {"float32"}
   assert nocast.count("stablehlo.convert") > base.count("stablehlo.convert")
   assert bench_diffaug.attention_ran(base) == "xla"
+  # split skips: one 1x1 conv more per decoder block, and a head GEMM (dot_general) instead of its conv
+  assert split.count("stablehlo.convolution") == base.count("stablehlo.convolution") + 4 - 1  # 4 decoder blocks
 
 
 def test_time_budget_skips_cases(tmp_path):
@@ -244,9 +251,11 @@ def test_denoise_correctness_and_table(tmp_path):
 @pytest.mark.slow
 def test_train_and_ensemble_with_profile(tmp_path):
   prof = tmp_path / "trace"
+  named = "ensemble:bf16:auto:2:skip=split+up=nearest"  # a non-canonical spelling of the third case
   res = bench_diffaug.main(FAST + ["--no-peak", "--peak-tflops", "1.0", "--members", "2", "--out",
-                                   str(tmp_path), "--profile", str(prof), "--profile-cases", "train",
-                                   "--profile-steps", "1", "--cases", "train:bf16:auto:2,ensemble:bf16:auto:2"])
+                                   str(tmp_path), "--profile", str(prof), "--profile-cases", f"train,{named}",
+                                   "--profile-steps", "1", "--cases",
+                                   "train:bf16:auto:2,ensemble:bf16:auto:2,ensemble:bf16:auto:2:skip=split"])
   rows = {r["case"]: r for r in res["cases"]}
   tr, en = rows["train:bf16:auto:2"], rows["ensemble:bf16:auto:2"]
   assert tr["status"] == "ok" and np.isfinite(tr["loss"]) and tr["images_per_s"] > 0, tr
@@ -255,6 +264,27 @@ def test_train_and_ensemble_with_profile(tmp_path):
   assert en["model_flops"] > 0
   assert res["profile"]["train"]["num_kernels"] > 0, res["profile"]
   assert (tmp_path / "profile_train.md").exists()
+  # A case named in --profile-cases (in any spelling) is traced (its program's first case, not named, is not).
+  assert set(res["profile"]) == {"train", "ensemble:bf16:auto:2:skip=split"}
+  assert res["profile"]["ensemble:bf16:auto:2:skip=split"]["case"] == "ensemble:bf16:auto:2:skip=split"
+  assert (tmp_path / "profile_ensemble_bf16_auto_2_skip_split.md").exists()
+
+
+def test_profile_specs_and_keys():
+  """--profile-cases: programs and case specs (canonicalised); a case answers its own name and, as its
+  program's first good bf16 case, the program too (one trace for both); a typo is an error."""
+  Case = bench_diffaug.Case
+  specs = bench_diffaug.parse_profile_specs("denoise, denoise:bf16:auto:4:head=gemm+skip=split,")
+  assert specs == {"denoise", "denoise:bf16:auto:4:skip=split+head=gemm"}
+  keys = bench_diffaug.profile_keys
+  assert keys(Case.parse("denoise:bf16:auto:4:skip=split+head=gemm"), specs, {}) == [
+      "denoise:bf16:auto:4:skip=split+head=gemm", "denoise"]
+  assert keys(Case.parse("denoise:bf16:auto:4"), specs, {"denoise": {}}) == []
+  assert keys(Case.parse("denoise:f32hi:xla:4"), specs, {}) == []  # the program key wants a bf16 case
+  assert keys(Case.parse("train:bf16:auto:4"), specs, {}) == []
+  for bad in ("denoize", "denoise:bf16:auto:4:skip=sideways"):
+    with pytest.raises(ValueError):
+      bench_diffaug.parse_profile_specs(bad)
 
 
 def test_profile_summary_on_a_trace(tmp_path):
