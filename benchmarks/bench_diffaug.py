@@ -19,7 +19,7 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed`
   (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `skip=concat|split`
-  (`UNet.skip_impl`), `head=conv|gemm` (`UNet.head_impl`), `cast=1|0` (1: the frozen score
+  (`UNet.skip_impl`), `edge=conv|gemm` (`UNet.edge_impl`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call).
@@ -79,7 +79,7 @@ OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
     "skip": (("concat", "split"), "concat"),  # UNet.skip_impl
-    "head": (("conv", "gemm"), "conv"),  # UNet.head_impl
+    "edge": (("conv", "gemm"), "conv"),  # UNet.edge_impl
     "cast": (("1", "0"), "1"),
 }
 
@@ -115,7 +115,7 @@ class Case:
   up: str = "nearest"
   gn: str = "auto"
   skip: str = "concat"
-  head: str = "conv"
+  edge: str = "conv"
   cast: str = "1"
 
   @property
@@ -162,14 +162,14 @@ def default_plan(size: Size) -> list[Case]:
   inside the call, float32 (TF32) speed, the batch sweep, the previous GroupNorm default, transposed
   up-sampling in the train step."""
   b = size.main_batch
-  best = dict(gn="pallas", skip="split", head="gemm")  # every open candidate at once
+  best = dict(gn="pallas", skip="split", edge="gemm")  # every open candidate at once
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b),
           # The open experiments against the defaults of the same call: the Pallas GroupNorm kernels, decoder
-          # skips without a materialised concatenation, the output head as a GEMM; then all of them together.
+          # skips without a materialised concatenation, the input and output convs as GEMMs; then all together.
           Case("denoise", "bf16", "auto", b, gn="pallas"), Case("denoise", "bf16", "auto", b, skip="split"),
-          Case("denoise", "bf16", "auto", b, head="gemm"), Case("denoise", "bf16", "auto", b, **best),
+          Case("denoise", "bf16", "auto", b, edge="gemm"), Case("denoise", "bf16", "auto", b, **best),
           Case("train", "bf16", "auto", b, **best), Case("ensemble", "bf16", "auto", b, **best),
           Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
           Case("denoise", "bf16", "auto", b, up="transposed"),
@@ -202,7 +202,7 @@ def _precision_ctx(dtype_name: str):
 def unet_for(module, case: Case):
   """The case's UNet: `module` cloned with its compute dtype and execution choices (same params)."""
   return module.clone(dtype=_dtype(case.dtype), attention_impl=case.attention, norm_stats=case.gn,
-                      upsample_impl=case.up, skip_impl=case.skip, head_impl=case.head)
+                      upsample_impl=case.up, skip_impl=case.skip, edge_impl=case.edge)
 
 
 CUDNN_ATTENTION_CALL = "__cudnn$fmha"  # prefix of jax's cuDNN fused-attention custom-call targets
@@ -562,7 +562,7 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   import numpy as np
   bench.last_good = None  # frees the previous case's program; set again only when this case runs well
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
-         "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "head": case.head,
+         "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "edge": case.edge,
          "cast": case.cast}
   reason = static_skip(case, bench.platform)
   if reason:
@@ -704,7 +704,7 @@ def table_markdown(result: dict) -> str:
   setup = (f"Measured matmul peak: bf16 {_fmt(peak.get('bf16_tflops'), '.4g')} TFLOP/s, f32 (default precision) "
            f"{_fmt(peak.get('f32_tflops'), '.4g')} TFLOP/s (n={peak.get('n')}); roofline = model FLOP/s / bf16 "
            f"peak. XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`. Variants: UNet.clone(attention_impl, "
-           f"norm_stats (gn=), upsample_impl (up=), skip_impl (skip=), head_impl (head=)); attention \"auto\" on "
+           f"norm_stats (gn=), upsample_impl (up=), skip_impl (skip=), edge_impl (edge=)); attention \"auto\" on "
            f"this device: {meta['auto_attention']} (library rule; \"attn ran\" = cuDNN call in the lowered "
            f"program or not); score params pre-cast to the case dtype unless cast=0.")
   header = ("| case | status | attn ran | images/s | ms/image | step ms | model TFLOP/step | TFLOP/s | roofline "

@@ -14,7 +14,7 @@
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts "+"-separated: up=nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas,
-# skip=concat|split, head=conv|gemm, cast=1|0.
+# skip=concat|split, edge=conv|gemm, cast=1|0.
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
 # PROFILE_CASES (programs or case names to trace, default the all-candidates denoise case of the plan, whose
@@ -34,7 +34,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export DIFFAUG_JAX_CACHE=${DIFFAUG_JAX_CACHE:-/tmp/diffaug_jax_cache}
 LOG="$OUT/check.log"
-BEST_DENOISE="denoise:bf16:auto:128:gn=pallas+skip=split+head=gemm"  # every open candidate (the plan's case 8)
+BEST_DENOISE="denoise:bf16:auto:128:gn=pallas+skip=split+edge=gemm"  # every open candidate (the plan's case 8)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 {

@@ -88,10 +88,10 @@ def test_case_parse_and_plan():
       Case.parse(bad)
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
-  best = "gn=pallas+skip=split+head=gemm"
+  best = "gn=pallas+skip=split+edge=gemm"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
                    "denoise:bf16:auto:128:gn=pallas", "denoise:bf16:auto:128:skip=split",
-                   "denoise:bf16:auto:128:head=gemm", f"denoise:bf16:auto:128:{best}", f"train:bf16:auto:128:{best}",
+                   "denoise:bf16:auto:128:edge=gemm", f"denoise:bf16:auto:128:{best}", f"train:bf16:auto:128:{best}",
                    f"ensemble:bf16:auto:128:{best}", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
                    "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128", "train:bf16:auto:64", "train:bf16:auto:256",
                    "denoise:bf16:auto:128:gn=one_pass", "train:bf16:auto:128:up=transposed"]
@@ -138,13 +138,13 @@ def test_variants_reach_the_module_and_the_program():
   import jax.numpy as jnp
   Case = bench_diffaug.Case
   bench = bench_diffaug.Bench(bench_diffaug.TINY, bench_diffaug.parse_args(FAST))
-  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+head=gemm+skip=split+cast=0")
-  assert case.name == "train:bf16:cudnn:2:up=transposed+gn=one_pass+skip=split+head=gemm+cast=0"
+  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+edge=gemm+skip=split+cast=0")
+  assert case.name == "train:bf16:cudnn:2:up=transposed+gn=one_pass+skip=split+edge=gemm+cast=0"
   m = bench.eps_factory(case).module
-  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.head_impl) == (
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.edge_impl) == (
       jnp.bfloat16, "cudnn", "one_pass", "transposed", "split", "gemm")
   m = bench.eps_factory(Case.parse("denoise:f32hi:auto:2")).module
-  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.head_impl) == (
+  assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.edge_impl) == (
       jnp.float32, "auto", "auto", "nearest", "concat", "conv")
   assert m.clone(dtype=bench.unet.dtype, attention_impl="auto") == bench.unet  # only the case's fields differ
 
@@ -158,7 +158,7 @@ def test_variants_reach_the_module_and_the_program():
   up, _ = lowered("denoise:bf16:auto:2:up=transposed")
   two, _ = lowered("denoise:bf16:auto:2:gn=two_pass")
   nocast, nocast_dtypes = lowered("denoise:bf16:auto:2:cast=0")
-  split, _ = lowered("denoise:bf16:auto:2:skip=split+head=gemm")
+  split, _ = lowered("denoise:bf16:auto:2:skip=split+edge=gemm")
   _, train_dtypes = lowered("train:bf16:auto:2")
   assert "lhs_dilate = [2, 2]" in up and "lhs_dilate = [2, 2]" not in base  # stride-2 transposed convs
   # one-pass statistics subtract the group's pivot (bf16 "auto"); two-pass has fewer subtractions
@@ -168,8 +168,9 @@ def test_variants_reach_the_module_and_the_program():
   assert base_dtypes == train_dtypes == {"bfloat16", "float32"} and nocast_dtypes == {"float32"}
   assert nocast.count("stablehlo.convert") > base.count("stablehlo.convert")
   assert bench_diffaug.attention_ran(base) == "xla"
-  # split skips: one 1x1 conv more per decoder block, and a head GEMM (dot_general) instead of its conv
-  assert split.count("stablehlo.convolution") == base.count("stablehlo.convolution") + 4 - 1  # 4 decoder blocks
+  # split skips: one 1x1 conv more in each of the 4 decoder blocks; edge=gemm: the input and output convs
+  # become GEMMs (dot_general)
+  assert split.count("stablehlo.convolution") == base.count("stablehlo.convolution") + 4 - 2
 
 
 def test_time_budget_skips_cases(tmp_path):
@@ -274,11 +275,11 @@ def test_profile_specs_and_keys():
   """--profile-cases: programs and case specs (canonicalised); a case answers its own name and, as its
   program's first good bf16 case, the program too (one trace for both); a typo is an error."""
   Case = bench_diffaug.Case
-  specs = bench_diffaug.parse_profile_specs("denoise, denoise:bf16:auto:4:head=gemm+skip=split,")
-  assert specs == {"denoise", "denoise:bf16:auto:4:skip=split+head=gemm"}
+  specs = bench_diffaug.parse_profile_specs("denoise, denoise:bf16:auto:4:edge=gemm+skip=split,")
+  assert specs == {"denoise", "denoise:bf16:auto:4:skip=split+edge=gemm"}
   keys = bench_diffaug.profile_keys
-  assert keys(Case.parse("denoise:bf16:auto:4:skip=split+head=gemm"), specs, {}) == [
-      "denoise:bf16:auto:4:skip=split+head=gemm", "denoise"]
+  assert keys(Case.parse("denoise:bf16:auto:4:skip=split+edge=gemm"), specs, {}) == [
+      "denoise:bf16:auto:4:skip=split+edge=gemm", "denoise"]
   assert keys(Case.parse("denoise:bf16:auto:4"), specs, {"denoise": {}}) == []
   assert keys(Case.parse("denoise:f32hi:xla:4"), specs, {}) == []  # the program key wants a bf16 case
   assert keys(Case.parse("train:bf16:auto:4"), specs, {}) == []

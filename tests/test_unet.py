@@ -40,7 +40,7 @@ def golden_models(golden_dir):
 # "channel" GroupNorm fold, decoder skips without a materialised concatenation and the head conv as a GEMM).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
               "channel": dict(norm_stats="channel"),
-              "split+gemm": dict(skip_impl="split", head_impl="gemm")}
+              "split+gemm": dict(skip_impl="split", edge_impl="gemm")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -428,10 +428,13 @@ def test_cast_params_for_compute_is_bit_identical(golden_models):
     unet_lib.cast_params_for_compute({"params": params}, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (1, 2, 2, 3, 2)])
+# (B, H, W, C_in, C_out): narrow outputs (the taps form) and narrow inputs (im2col), at the borders and on
+# images smaller than the kernel.
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (1, 2, 2, 3, 2), (2, 5, 7, 3, 16),
+                                   (1, 2, 1, 1, 4)])
 def test_conv3x3_as_gemm_equals_conv(shape):
-  """The head's GEMM + shifted-sum form of a 3x3 conv (pad 1) equals the conv, at the borders and on images
-  smaller than the kernel; OutConv("gemm") keeps the params of OutConv("conv") and flax's nn.Conv."""
+  """Both GEMM forms of a 3x3 conv (pad 1) equal the conv; Conv3x3 has nn.Conv's params (values too, for
+  either init) whatever its impl, and its bf16 GEMM form stays within bf16 rounding of the conv."""
   b, h, w, c, o = shape
   kx, kk, kb = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (b, h, w, c))
@@ -442,14 +445,18 @@ def test_conv3x3_as_gemm_equals_conv(shape):
     np.testing.assert_allclose(unet_lib._conv3x3_as_gemm(x, kernel), want, rtol=1e-5, atol=1e-5)
     v = {"params": {"kernel": kernel, "bias": jax.random.normal(kb, (o,))}}
     ref = nn.Conv(o, (3, 3), padding=((1, 1), (1, 1))).apply(v, x)
-    np.testing.assert_allclose(unet_lib.OutConv(o, impl="conv").apply(v, x), ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(unet_lib.OutConv(o, impl="gemm").apply(v, x), ref, rtol=1e-5, atol=1e-5)
-  init = lambda impl: unet_lib.OutConv(o, impl=impl).init(kx, x)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), init("gemm"), init("conv")))
-  flax_init = nn.Conv(o, (3, 3), kernel_init=nn.initializers.zeros).init(kx, x)
-  assert jax.tree.map(jnp.shape, flax_init) == jax.tree.map(jnp.shape, v)
-  with pytest.raises(ValueError, match="head impl"):
-    unet_lib.OutConv(o, impl="winograd").apply(v, x)
+    np.testing.assert_allclose(unet_lib.Conv3x3(o, impl="conv").apply(v, x), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(unet_lib.Conv3x3(o, impl="gemm").apply(v, x), ref, rtol=1e-5, atol=1e-5)
+  got16 = unet_lib.Conv3x3(o, jnp.bfloat16, impl="gemm").apply(v, x)
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got16, np.float32), ref, rtol=0.05, atol=0.05 * float(jnp.abs(ref).max()))
+  equal = lambda a, b: jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))
+  for zero, flax_conv in ((False, nn.Conv(o, (3, 3))), (True, nn.Conv(o, (3, 3), kernel_init=nn.initializers.zeros))):
+    want_init = flax_conv.init(kx, x)
+    for impl in unet_lib.EDGE_IMPLS:
+      assert equal(unet_lib.Conv3x3(o, impl=impl, zero_init=zero).init(kx, x), want_init)
+  with pytest.raises(ValueError, match="Conv3x3 impl"):
+    unet_lib.Conv3x3(o, impl="winograd").apply(v, x)
 
 
 @pytest.mark.parametrize("stats", ["two_pass", "one_pass", "channel", "pallas"])
@@ -488,7 +495,7 @@ def test_skip_split_feeds_no_concatenation_to_a_conv():
   m = unet_lib.unet_from_flags(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                                attention_resolutions="8", num_head_channels=16, learn_sigma=True,
                                resblock_updown=True, use_scale_shift_norm=True)
-  split = m.clone(skip_impl="split", head_impl="gemm")
+  split = m.clone(skip_impl="split", edge_impl="gemm")
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   t = jnp.array([3, 500])
   v = m.init(jax.random.key(1), x, t)
@@ -503,7 +510,7 @@ def test_skip_split_feeds_no_concatenation_to_a_conv():
     np.testing.assert_allclose(split.apply(v, x, t), m.apply(v, x, t), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="up/down"):
     unet_lib.ResBlock(32, up=True).init(jax.random.key(0), (x, x), jnp.zeros((2, 8)))
-  for field in ("skip_impl", "head_impl"):
+  for field in ("skip_impl", "edge_impl"):
     with pytest.raises(ValueError, match=f"UNet.{field}"):
       m.clone(**{field: "fast"}).apply(v, x, t)
 

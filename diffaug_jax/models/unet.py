@@ -27,7 +27,7 @@ fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the 
 transposed convs on the low-resolution input (`upsample_impl="transposed"`). Prepared as GPU A/B candidates,
 off by default until measured: the GroupNorm sums and apply as Pallas kernels (`norm_stats="pallas"`), decoder
 skips without a materialised concatenation (`skip_impl="split"`), the output head's 3x3 conv as one GEMM
-(`head_impl="gemm"`).
+(`edge_impl="gemm"`, for the input and output convs).
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
 float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
@@ -55,7 +55,7 @@ Dtype = Any
 __all__ = [
     "UNet", "UNET_PRESETS", "unet_from_preset", "unet_from_flags", "timestep_embedding", "GroupNorm32",
     "default_channel_mult", "count_params", "cast_params_for_compute", "ATTENTION_IMPLS", "NORM_STATS",
-    "UPSAMPLE_IMPLS", "SKIP_IMPLS", "HEAD_IMPLS", "EXECUTION_FIELDS",
+    "UPSAMPLE_IMPLS", "SKIP_IMPLS", "EDGE_IMPLS", "EXECUTION_FIELDS",
 ]
 
 
@@ -75,7 +75,7 @@ NORM_STATS = ("auto", "two_pass", "one_pass", "channel", "pallas")
 # measured faster and more accurate than "one_pass" on an H200 (benchmarks/RESULTS.md, 2026-11-26).
 REDUCED_PRECISION_NORM = "channel"
 # UNet fields that choose how the network runs, never what it computes (same params, same function).
-EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "head_impl")
+EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "edge_impl")
 
 
 def _channel_moments(x: jax.Array, sums_fn=None) -> tuple[jax.Array, jax.Array]:
@@ -325,39 +325,49 @@ class SkipConv(nn.Module):
     return functools.reduce(operator.add, convs) + bias
 
 
-HEAD_IMPLS = ("conv", "gemm")
+EDGE_IMPLS = ("conv", "gemm")
 
 
 def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x (B, H, W, C), kernel (3, 3, C, O) -> the 3x3 conv with zero padding 1, (B, H, W, O), as ONE GEMM.
 
-  taps[b, p, q, i, j] = x[b, p, q] @ kernel[i, j] is a (B*H*W, C) x (C, 9*O) GEMM; output pixel (p, q) is
-  the sum over (i, j) of taps[b, p + i - 1, q + j - 1, i, j] (zero outside the image, as the zero padding
-  gives): nine shifted slices of the padded taps, added in one fusion. For a narrow O (the UNet head: 256 ->
-  6 channels) this reads x once into a GEMM 9*O wide instead of running a conv whose tiles are mostly
-  padding.
+  For the UNet's two convs with a narrow side, where cuDNN's tiles are mostly padding (H200, ADM-256 at 224,
+  batch 128: 3.2 ms/call at 28 TFLOP/s for the input conv 3 -> 256, 8.5 ms at 21 TFLOP/s for the float32
+  output conv 256 -> 6):
+  - narrow input (C < O): im2col. The nine shifted windows of the zero-padded x, concatenated tap-major, are a
+    (B*H*W, 9*C) patch matrix (27 wide for RGB) times kernel.reshape(9*C, O).
+  - narrow output: taps[b, p, q, i, j] = x[b, p, q] @ kernel[i, j] is a (B*H*W, C) x (C, 9*O) GEMM that reads
+    x once; output pixel (p, q) is the sum over (i, j) of taps[b, p + i - 1, q + j - 1, i, j] (zero outside
+    the image, as the padding gives): nine shifted slices of the padded taps, added in one fusion.
   """
   b, h, w, c = x.shape
   o = kernel.shape[-1]
+  if c < o:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
+    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(9 * c, o))
   taps = jnp.einsum("bhwc,cn->bhwn", x, kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o))
   taps = jnp.pad(taps.reshape(b, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return functools.reduce(operator.add, [taps[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3)])
 
 
-class OutConv(nn.Module):
-  """The output head's zero-initialised 3x3 conv (guided-diffusion `out.2`), in float32, with the params of
-  that `nn.Conv`. `impl` "conv": `lax.conv_general_dilated`; "gemm": the same map as one GEMM over the nine
-  taps and a shifted sum (`_conv3x3_as_gemm`)."""
+class Conv3x3(nn.Module):
+  """A 3x3 conv (stride 1, zero padding 1) with the params of the `nn.Conv` it replaces: `impl` "conv"
+  (`lax.conv_general_dilated`, as nn.Conv) or "gemm" (the same map as one GEMM, `_conv3x3_as_gemm`). The UNet
+  uses it for its input conv and its zero-initialised float32 output conv (`UNet.edge_impl`)."""
   features: int
+  dtype: Dtype = jnp.float32
   impl: str = "conv"
+  zero_init: bool = False  # guided-diffusion's zero_module (the output conv)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.impl not in HEAD_IMPLS:
-      raise ValueError(f"head impl {self.impl!r} not in {HEAD_IMPLS}")
-    kernel = self.param("kernel", nn.initializers.zeros, (3, 3, x.shape[-1], self.features), jnp.float32)
+    if self.impl not in EDGE_IMPLS:
+      raise ValueError(f"Conv3x3 impl {self.impl!r} not in {EDGE_IMPLS}")
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.impl == "gemm":
       return _conv3x3_as_gemm(x, kernel) + bias
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
@@ -525,9 +535,10 @@ class UNet(nn.Module):
   # guided-diffusion) or "split" (the ResBlock gets both parts; its 1x1 skip conv is one conv per part, so the
   # concatenation is never materialised; see SkipConv).
   skip_impl: str = "concat"
-  # head_impl: the float32 output conv (256 -> 6 channels in ADM-256): "conv", or "gemm" (one GEMM over the
-  # nine taps and a shifted sum; see OutConv).
-  head_impl: str = "conv"
+  # edge_impl: the input conv (3 -> 256 channels in ADM-256) and the float32 output conv (256 -> 6): "conv", or
+  # "gemm" (each as one GEMM: im2col patches for the input, the nine taps and a shifted sum for the output;
+  # see _conv3x3_as_gemm).
+  edge_impl: str = "conv"
 
   @property
   def learn_sigma(self) -> bool:
@@ -541,7 +552,7 @@ class UNet(nn.Module):
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"UNet input spatial size {x.shape[1:3]} must be divisible by {factor}")
-    for field, allowed in (("skip_impl", SKIP_IMPLS), ("head_impl", HEAD_IMPLS)):
+    for field, allowed in (("skip_impl", SKIP_IMPLS), ("edge_impl", EDGE_IMPLS)):
       if getattr(self, field) not in allowed:
         raise ValueError(f"UNet.{field} {getattr(self, field)!r} not in {allowed}")
     if (y is None) != (self.num_classes is None):
@@ -577,7 +588,7 @@ class UNet(nn.Module):
 
     h = x.astype(dt)
     ch = int(self.channel_mult[0] * mc)
-    h = _conv(ch, 3, "input_blocks_0_0", dt)(h)
+    h = Conv3x3(ch, dt, self.edge_impl, name="input_blocks_0_0")(h)
     hs = [h]
     ds = 1
     idx = 1
@@ -624,7 +635,7 @@ class UNet(nn.Module):
     # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out): the
     # GroupNorm reads the compute-dtype activation and writes float32.
     h = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")(h, silu=True)
-    return OutConv(self.out_channels, self.head_impl, name="out_2")(h)
+    return Conv3x3(self.out_channels, f32, self.edge_impl, zero_init=True, name="out_2")(h)
 
 
 # Layers that run in float32 whatever the compute dtype (see UNet.__call__): the timestep MLP and the output
@@ -682,7 +693,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
                     use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
                     num_classes: int = 1000, dtype: Optional[Dtype] = None,
                     attention_impl: Optional[str] = "auto", norm_stats: str = "auto",
-                    upsample_impl: str = "nearest", skip_impl: str = "concat", head_impl: str = "conv",
+                    upsample_impl: str = "nearest", skip_impl: str = "concat", edge_impl: str = "conv",
                     **unknown) -> UNet:
   """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
 
@@ -722,7 +733,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
               num_head_channels=int(num_head_channels), num_heads_upsample=int(num_heads_upsample),
               use_scale_shift_norm=bool(use_scale_shift_norm), resblock_updown=bool(resblock_updown),
               use_new_attention_order=bool(use_new_attention_order), dtype=dtype, attention_impl=attention_impl,
-              norm_stats=norm_stats, upsample_impl=upsample_impl, skip_impl=skip_impl, head_impl=head_impl,
+              norm_stats=norm_stats, upsample_impl=upsample_impl, skip_impl=skip_impl, edge_impl=edge_impl,
               timestep_scale=timestep_scale)
 
 
