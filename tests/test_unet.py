@@ -430,11 +430,10 @@ def test_cast_params_for_compute_is_bit_identical(golden_models):
 
 # (B, H, W, C_in, C_out): narrow outputs (the taps form) and narrow inputs (im2col), at the borders and on
 # images smaller than the kernel.
-@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (1, 2, 2, 3, 2), (2, 5, 7, 3, 16),
-                                   (1, 2, 1, 1, 4)])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (2, 5, 7, 3, 16), (1, 2, 1, 1, 4)])
 def test_conv3x3_as_gemm_equals_conv(shape):
-  """Both GEMM forms of a 3x3 conv (pad 1) equal the conv; Conv3x3 has nn.Conv's params (values too, for
-  either init) whatever its impl, and its bf16 GEMM form stays within bf16 rounding of the conv."""
+  """Both GEMM forms of a 3x3 conv (pad 1) equal the conv, also as Conv3x3 with nn.Conv's params, and the
+  bf16 GEMM form stays within bf16 rounding of the conv."""
   b, h, w, c, o = shape
   kx, kk, kb = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (b, h, w, c))
@@ -450,13 +449,19 @@ def test_conv3x3_as_gemm_equals_conv(shape):
   got16 = unet_lib.Conv3x3(o, jnp.bfloat16, impl="gemm").apply(v, x)
   assert got16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got16, np.float32), ref, rtol=0.05, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_conv3x3_params_are_nn_conv_params():
+  """Conv3x3 holds the params of the nn.Conv it replaces (values too, for either init) whatever its impl."""
+  x = jnp.ones((1, 4, 4, 3))
+  key = jax.random.key(0)
   equal = lambda a, b: jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))
-  for zero, flax_conv in ((False, nn.Conv(o, (3, 3))), (True, nn.Conv(o, (3, 3), kernel_init=nn.initializers.zeros))):
-    want_init = flax_conv.init(kx, x)
+  for zero, flax_conv in ((False, nn.Conv(8, (3, 3))), (True, nn.Conv(8, (3, 3), kernel_init=nn.initializers.zeros))):
+    want = flax_conv.init(key, x)
     for impl in unet_lib.EDGE_IMPLS:
-      assert equal(unet_lib.Conv3x3(o, impl=impl, zero_init=zero).init(kx, x), want_init)
+      assert equal(unet_lib.Conv3x3(8, impl=impl, zero_init=zero).init(key, x), want)
   with pytest.raises(ValueError, match="Conv3x3 impl"):
-    unet_lib.Conv3x3(o, impl="winograd").apply(v, x)
+    unet_lib.Conv3x3(8, impl="winograd").init(key, x)
 
 
 @pytest.mark.parametrize("stats", ["two_pass", "one_pass", "channel", "pallas"])
@@ -490,24 +495,32 @@ def _convs_fed_by_concatenation(text: str) -> int:
 
 def test_skip_split_feeds_no_concatenation_to_a_conv():
   """skip_impl="split": no convolution reads a decoder concatenation (with "concat" every decoder block's 1x1
-  skip conv does), same params, same float32 function; parts are refused in up/down blocks and bad values of
-  the new fields raise."""
+  skip conv does), same params (SkipConv's equal nn.Conv's), same float32 function; parts are refused in
+  up/down blocks and bad values of the new fields raise."""
   m = unet_lib.unet_from_flags(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                                attention_resolutions="8", num_head_channels=16, learn_sigma=True,
                                resblock_updown=True, use_scale_shift_norm=True)
   split = m.clone(skip_impl="split", edge_impl="gemm")
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   t = jnp.array([3, 500])
-  v = m.init(jax.random.key(1), x, t)
-  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), split.init(jax.random.key(1), x, t), v)
-  assert jax.tree.all(same)  # the same param tree and values (checkpoints and converted weights load as-is)
-  v = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), v)  # non-zero heads
-  texts = {name: jax.jit(mod.apply).lower(v, x, t).as_text() for name, mod in (("concat", m), ("split", split))}
-  n_decoder_blocks = 2 * (m.num_res_blocks + 1)
-  assert _convs_fed_by_concatenation(texts["concat"]) == n_decoder_blocks
-  assert _convs_fed_by_concatenation(texts["split"]) == 0
+  shapes = lambda mod: jax.eval_shape(mod.init, jax.random.key(1), x, t)
+  assert shapes(split) == shapes(m)  # the same param tree (checkpoints and converted weights load as-is)
+  rng = np.random.default_rng(0)  # numpy from the shapes: compiling the initialisers costs seconds here
+  v = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes(m))
+  # SkipConv's params are a 1x1 nn.Conv's over the concatenation, values too (same key, same initialisers).
+  parts = (x[..., :1], x[..., 1:])
+  skip_v = unet_lib.SkipConv(8).init(jax.random.key(3), parts)
+  flax_v = nn.Conv(8, (1, 1)).init(jax.random.key(3), x)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), skip_v, flax_v))
+  np.testing.assert_allclose(unet_lib.SkipConv(8).apply(skip_v, parts), nn.Conv(8, (1, 1)).apply(flax_v, x),
+                             rtol=1e-5, atol=1e-5)
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(split.apply(v, x, t), m.apply(v, x, t), rtol=1e-5, atol=1e-5)
+    lowered = {name: jax.jit(mod.apply).lower(v, x, t) for name, mod in (("concat", m), ("split", split))}
+    np.testing.assert_allclose(lowered["split"].compile()(v, x, t), lowered["concat"].compile()(v, x, t),
+                               rtol=1e-5, atol=1e-5)
+  n_decoder_blocks = 2 * (m.num_res_blocks + 1)
+  assert _convs_fed_by_concatenation(lowered["concat"].as_text()) == n_decoder_blocks
+  assert _convs_fed_by_concatenation(lowered["split"].as_text()) == 0
   with pytest.raises(ValueError, match="up/down"):
     unet_lib.ResBlock(32, up=True).init(jax.random.key(0), (x, x), jnp.zeros((2, 8)))
   for field in ("skip_impl", "edge_impl"):
