@@ -949,6 +949,11 @@ def main(argv=None) -> dict:
       profile_program(bench, keys, args, result, log)
       _write(args.out, result)
 
+  if args.profile:
+    missed = sorted(profile_specs - set(result.get("profile", {})))
+    if missed:  # said loudly: a device run is too scarce to find out later that the trace is missing
+      result["meta"]["profile_missed"] = missed
+      log(f"[profile] no trace for {missed}: no such case ran well here (or the budget ended first)")
   result["meta"]["total_s"] = time.perf_counter() - t_start
   _write(args.out, result)
   log("\n" + table_markdown(result))

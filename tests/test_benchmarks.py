@@ -175,7 +175,9 @@ def test_variants_reach_the_module_and_the_program():
 
 def test_time_budget_skips_cases(tmp_path):
   res = bench_diffaug.main(FAST + ["--no-peak", "--time-budget", "0", "--out", str(tmp_path),
+                                   "--profile", str(tmp_path / "trace"), "--profile-cases", "denoise",
                                    "--cases", "denoise:bf16:auto:2,train:bf16:auto:2:up=transposed"])
+  assert res["meta"]["profile_missed"] == ["denoise"]  # nothing ran: the missing trace is reported
   assert [r["status"] for r in res["cases"]] == ["skipped", "skipped"]
   assert "time budget" in res["cases"][0]["reason"]
   assert json.loads((tmp_path / "results.json").read_text())["meta"]["mode"] == "tiny"

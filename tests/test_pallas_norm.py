@@ -82,6 +82,9 @@ def test_kernel_reads_channel_parts_in_place(widths):
                            out_dtype=jnp.bfloat16, interpret=True)
   with pytest.raises(ValueError, match="parts"):
     pallas_norm.affine_act((parts[0], parts[1][:, :16]), a, d, silu=True, out_dtype=jnp.bfloat16)
+  for degenerate in ((), (parts[0], parts[1][..., :0])):
+    with pytest.raises(ValueError, match="non-empty parts"):
+      pallas_norm.affine_act(degenerate, a, d, silu=True, out_dtype=jnp.bfloat16)
 
 
 def test_untileable_shapes_refused():
@@ -215,10 +218,38 @@ def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
 
 
 @pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
+@pytest.mark.parametrize("widths", [(768,), (512, 256)])
+def test_groupnorm_pallas_kernel_branch_through_the_interpreter(monkeypatch, widths):
+  """GroupNorm32(stats="pallas") with its CUDA branch forced (both kernels through Pallas' interpreter), on a
+  single input and on channel parts whose groups straddle the boundary (24 channels per group): within one
+  bf16 rounding of "channel" on the concatenation, with the same gradients (float32 inputs)."""
+  import functools
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act", functools.partial(pallas_norm.affine_act, interpret=True))
+  k = jax.random.split(jax.random.key(5), len(widths) + 1)
+  parts = tuple((3.0 + 2.0 * jax.random.normal(kk, (2, 8, 8, w))) for kk, w in zip(k, widths))
+  c = sum(widths)
+  v, _ = _gn_apply("channel", c, (2, 8, 8, c))
+  ss = (jnp.full((2, 1, 1, c), 0.1, jnp.float32), jnp.full((2, 1, 1, c), -0.2, jnp.float32))
+  x_in = lambda ps: ps[0] if len(ps) == 1 else ps
+  apply = lambda stats, ps, dt: unet_lib.GroupNorm32(stats=stats).apply(
+      v, x_in(tuple(p.astype(dt) for p in ps)), scale_shift=tuple(s.astype(dt) for s in ss), silu=True)
+  whole = (jnp.concatenate(parts, axis=-1),)
+  got, want = apply("pallas", parts, jnp.bfloat16), apply("channel", whole, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  loss = lambda stats, ps: jnp.sum(jnp.sin(apply(stats, ps, jnp.float32)))
+  g = jax.grad(lambda ps: loss("pallas", ps))(parts)
+  gw = jax.grad(lambda ps: loss("channel", (jnp.concatenate(ps, axis=-1),)))(parts)
+  for gi, wi in zip(g, gw):
+    np.testing.assert_allclose(gi, wi, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 def test_groupnorm_pallas_reads_channel_parts_in_place_for_cuda():
   """A GroupNorm given channel parts (a decoder's [h, skip] with skip_impl="split"), lowered for CUDA: one
   sums kernel per part and one apply kernel that reads both parts, and no activation-sized concatenation in
-  the program (only (B, C) statistics are concatenated)."""
+  the program or in its gradient (only (B, C) statistics are concatenated)."""
   import re
   v, _ = _gn_apply("pallas", 512, (2, 8, 8, 512))
   gn = unet_lib.GroupNorm32(stats="pallas")
@@ -228,6 +259,11 @@ def test_groupnorm_pallas_reads_channel_parts_in_place_for_cuda():
   assert text.count("__gpu$xla.gpu.triton") == 3
   shapes = re.findall(r"stablehlo.concatenate .*?-> tensor<([0-9x]+)x(?:bf16|f32)>", text)
   assert shapes and all(s.count("x") == 1 for s in shapes), shapes  # rank 2: (B, C) only
+  # ... and the backward (custom VJPs in XLA, part by part) concatenates no activation either.
+  grad = jax.jit(jax.grad(lambda ps: jnp.sum(gn.apply(v, ps, silu=True).astype(jnp.float32))))
+  gtext = export.export(grad, **opts)(parts).mlir_module()
+  shapes = re.findall(r"stablehlo.concatenate .*?-> tensor<([0-9x]+)x(?:bf16|f32)>", gtext)
+  assert all(s.count("x") == 1 for s in shapes), shapes
 
 
 @pytest.mark.skipif(not _cuda(), reason="the compiled Triton kernel needs an NVIDIA GPU")
@@ -258,8 +294,13 @@ def test_compiled_kernel_on_gpu():
   _, channel = _gn_apply("channel", 512, shape)
   lowered = jax.jit(pallas).lower(v, x)
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
-  np.testing.assert_allclose(np.asarray(lowered.compile()(v, x), np.float32),
-                             np.asarray(jax.jit(channel)(v, x), np.float32), rtol=2 ** -7, atol=2 ** -7)
+  want = np.asarray(jax.jit(channel)(v, x), np.float32)
+  np.testing.assert_allclose(np.asarray(lowered.compile()(v, x), np.float32), want, rtol=2 ** -7, atol=2 ** -7)
+  # The same GroupNorm given channel parts (a decoder's [h, skip]): 2 sums kernels + 1 apply reading both.
+  lowered = jax.jit(pallas).lower(v, (x[..., :256], x[..., 256:]))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+  np.testing.assert_allclose(np.asarray(lowered.compile()(v, (x[..., :256], x[..., 256:])), np.float32), want,
+                             rtol=2 ** -7, atol=2 ** -7)
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several devices (the suite runs with 8 fake CPUs)")

@@ -37,10 +37,11 @@ def golden_models(golden_dir):
 
 # Execution choices that must not change the function (same params): the defaults, and the fast paths
 # forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs, the
-# "channel" GroupNorm fold, decoder skips without a materialised concatenation and the head conv as a GEMM).
+# "channel" GroupNorm fold, and with it decoder skips in parts (per-part statistics) and the input and output
+# convs as GEMMs).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
               "channel": dict(norm_stats="channel"),
-              "split+gemm": dict(skip_impl="split", edge_impl="gemm")}
+              "channel+split+gemm": dict(norm_stats="channel", skip_impl="split", edge_impl="gemm")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -430,7 +431,8 @@ def test_cast_params_for_compute_is_bit_identical(golden_models):
 
 # (B, H, W, C_in, C_out): narrow outputs (the taps form) and narrow inputs (im2col), at the borders and on
 # images smaller than the kernel.
-@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (2, 5, 7, 3, 16), (1, 2, 1, 1, 4)])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 6), (1, 1, 3, 4, 1), (2, 5, 7, 3, 16), (1, 2, 1, 1, 4),
+                                   (1, 4, 4, 6, 6)])
 def test_conv3x3_as_gemm_equals_conv(shape):
   """Both GEMM forms of a 3x3 conv (pad 1) equal the conv, also as Conv3x3 with nn.Conv's params, and the
   bf16 GEMM form stays within bf16 rounding of the conv."""

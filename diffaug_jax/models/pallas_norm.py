@@ -123,15 +123,24 @@ def _fwd(parts, a, d, silu, out_dtype, interpret):
   return _pallas(parts, a, d, silu, out_dtype, interpret), (parts, a, d)
 
 
-def _xla_apply(parts, a, d, silu, out_dtype):
-  x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+def _xla_apply(x, a, d, silu, out_dtype):
   y = x.astype(jnp.float32) * a[:, None, :] + d[:, None, :]
   return (jax.nn.silu(y) if silu else y).astype(out_dtype)
 
 
 def _bwd(silu, out_dtype, interpret, res, g):
-  _, vjp = jax.vjp(lambda *args: _xla_apply(*args, silu, out_dtype), *res)
-  return vjp(g)
+  # Part by part against its channel slice of a, d and g: the backward concatenates only the (B, C) da, dd.
+  parts, a, d = res
+  offsets = [0, *itertools.accumulate(p.shape[2] for p in parts)]
+  dparts, da, dd = [], [], []
+  for p, lo, hi in zip(parts, offsets, offsets[1:]):
+    _, vjp = jax.vjp(lambda *args: _xla_apply(*args, silu, out_dtype), p, a[:, lo:hi], d[:, lo:hi])
+    dp, dai, ddi = vjp(g[..., lo:hi])
+    dparts.append(dp)
+    da.append(dai)
+    dd.append(ddi)
+  cat = lambda v: v[0] if len(v) == 1 else jnp.concatenate(v, axis=-1)
+  return tuple(dparts), cat(da), cat(dd)
 
 
 _affine_act.defvjp(_fwd, _bwd)
@@ -146,9 +155,11 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
   interpreter (any backend; for tests). Raises ValueError for shapes `supported` rejects.
   """
   parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-  b, n = parts[0].shape[:2] if parts[0].ndim == 3 else (None, None)
+  if not parts or any(p.ndim != 3 or p.shape[2] == 0 for p in parts):
+    raise ValueError(f"affine_act: x (B, N, C) or non-empty parts (B, N, C_i > 0), got {[p.shape for p in parts]}")
+  b, n = parts[0].shape[:2]
   c = sum(p.shape[-1] for p in parts)
-  if any(p.ndim != 3 or p.shape[:2] != (b, n) for p in parts) or a.shape != (b, c) or d.shape != a.shape:
+  if any(p.shape[:2] != (b, n) for p in parts) or a.shape != (b, c) or d.shape != a.shape:
     raise ValueError(f"affine_act: x (B, N, C) or parts (B, N, C_i) with a, d (B, C), got "
                      f"{[p.shape for p in parts]}, {a.shape}, {d.shape}")
   for p in parts:

@@ -26,8 +26,8 @@ strided slices of the activation), GroupNorm in reduced precision as one read fo
 fused multiply-add + SiLU (`norm_stats="auto"` = "channel"), and optionally the up-sampling convs as stride-2
 transposed convs on the low-resolution input (`upsample_impl="transposed"`). Prepared as GPU A/B candidates,
 off by default until measured: the GroupNorm sums and apply as Pallas kernels (`norm_stats="pallas"`), decoder
-skips without a materialised concatenation (`skip_impl="split"`), the output head's 3x3 conv as one GEMM
-(`edge_impl="gemm"`, for the input and output convs).
+skips without a materialised concatenation (`skip_impl="split"`), the input and output 3x3 convs (3 -> 256,
+256 -> 6 channels) as one GEMM each (`edge_impl="gemm"`).
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
 float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
@@ -532,12 +532,13 @@ class UNet(nn.Module):
   # "transposed" (the same map as one stride-2 transposed conv on the low-resolution input; see UpConv).
   upsample_impl: str = "nearest"
   # skip_impl: how a decoder block takes its encoder skip: "concat" (concatenate, then the ResBlock, like
-  # guided-diffusion) or "split" (the ResBlock gets both parts; its 1x1 skip conv is one conv per part, so the
-  # concatenation is never materialised; see SkipConv).
+  # guided-diffusion) or "split" (the ResBlock gets both parts; its 1x1 skip conv is one conv per part and its
+  # GroupNorm reads the parts, so with the "channel"/"pallas" statistics (bf16 "auto") the concatenation is never
+  # materialised; the float32 two-pass statistics still concatenate; see SkipConv, GroupNorm32).
   skip_impl: str = "concat"
   # edge_impl: the input conv (3 -> 256 channels in ADM-256) and the float32 output conv (256 -> 6): "conv", or
-  # "gemm" (each as one GEMM: im2col patches for the input, the nine taps and a shifted sum for the output;
-  # see _conv3x3_as_gemm).
+  # "gemm" (each as one GEMM, by its narrow side: im2col patches when it has fewer input than output
+  # channels, else the nine taps and a shifted sum; see _conv3x3_as_gemm).
   edge_impl: str = "conv"
 
   @property
