@@ -78,6 +78,15 @@ REDUCED_PRECISION_NORM = "channel"
 EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "edge_impl")
 
 
+def _as_parts(x) -> tuple:
+  """An array, or channel parts whose concatenation is the input (a decoder's [h, skip]) -> tuple of parts."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _concat_channels(parts: Sequence[jax.Array]) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def _channel_moments(x: jax.Array, sums_fn=None) -> tuple[jax.Array, jax.Array]:
   """x (B, ..., C) -> per-channel mean, variance (B, C) float32, from shifted sums in ONE read.
 
@@ -159,7 +168,7 @@ class GroupNorm32(nn.Module):
 
   @nn.compact
   def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
-    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    parts = _as_parts(x)
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -173,7 +182,7 @@ class GroupNorm32(nn.Module):
       mode = "two_pass" if parts[0].dtype == jnp.float32 else REDUCED_PRECISION_NORM
     if mode in ("channel", "pallas"):
       return self._folded(parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    x = _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     shape = x.shape
@@ -219,7 +228,7 @@ class GroupNorm32(nn.Module):
     a, d = jax.lax.optimization_barrier((a, d))
 
     def xla_apply(parts, a, d):
-      x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)  # fused into the apply
+      x = _concat_channels(parts)  # fused into the apply
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
@@ -390,7 +399,7 @@ class ResBlock(nn.Module):
   def __call__(self, x, emb: jax.Array, train: bool = False) -> jax.Array:
     # x: an array, or a tuple of arrays that make the input as their channel concatenation (a decoder block's
     # (h, skip) with skip_impl="split": the concatenation then feeds only fusions, see SkipConv).
-    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    parts = _as_parts(x)
     if len(parts) > 1 and (self.up or self.down):
       raise ValueError("ResBlock: an input in parts is only supported without up/down sampling")
     x = parts[0] if len(parts) == 1 else parts  # the GroupNorm and the skip conv read parts where they lie
@@ -418,7 +427,7 @@ class ResBlock(nn.Module):
     if self.out_channels != c:
       x = SkipConv(self.out_channels, self.dtype, name="skip_connection")(parts if len(parts) > 1 else (x,))
     elif len(parts) > 1:
-      x = jnp.concatenate(parts, axis=-1)  # identity skip over parts (not in the ADM presets)
+      x = _concat_channels(parts)  # identity skip over parts (not in the ADM presets)
     if len(parts) > 1:
       # h first: XLA's cuDNN rewriter folds an add into the conv of its FIRST single-use conv operand (as bias,
       # then side input); a split skip conv already holds its second part as side input, the out conv does not.
