@@ -22,7 +22,8 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   (`UNet.skip_impl`), `edge=conv|gemm` (`UNet.edge_impl`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
-  call).
+  call), `tune=0|1` (1: the Pallas GroupNorm kernels traced with the launch parameters of `--pallas-tuning
+  FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -78,9 +79,12 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 OPTIONS = {
     "up": (("nearest", "transposed"), "nearest"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
-    "skip": (("concat", "split"), "concat"),  # UNet.skip_impl
-    "edge": (("conv", "gemm"), "conv"),  # UNet.edge_impl
+    "skip": (("concat", "split"), "split"),  # UNet.skip_impl
+    "edge": (("conv", "gemm"), "gemm"),  # UNet.edge_impl
     "cast": (("1", "0"), "1"),
+    # 1: trace with the Pallas GroupNorm launch parameters of --pallas-tuning (a JSON file that
+    # benchmarks/bench_pallas_norm.py writes) instead of pallas_norm's defaults.
+    "tune": (("0", "1"), "0"),
 }
 
 
@@ -114,9 +118,10 @@ class Case:
   batch: int
   up: str = "nearest"
   gn: str = "auto"
-  skip: str = "concat"
-  edge: str = "conv"
+  skip: str = "split"
+  edge: str = "gemm"
   cast: str = "1"
+  tune: str = "0"
 
   @property
   def opts(self) -> str:
@@ -155,25 +160,26 @@ class Case:
     return cls(prog, dt, attn, int(b), **opts)
 
 
-def default_plan(size: Size) -> list[Case]:
+def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble; then the open experiments (each candidate alone on the denoise, then all together on the three
-  programs); then the execution choices already decided on an H200 (attention, up-sampling), params cast
-  inside the call, float32 (TF32) speed, the batch sweep, the previous GroupNorm default, transposed
-  up-sampling in the train step."""
+  ensemble; with `tuned` (--pallas-tuning given), the three programs with the tuned Pallas launch parameters;
+  then the previous defaults (before the H200 A/B of 2026-11-26 made "pallas" / "split" / "gemm" the
+  defaults), together and one at a time; then the execution choices already decided on an H200 (attention,
+  up-sampling), params cast inside the call, float32 (TF32) speed, the batch sweep, the GroupNorm default
+  before that, transposed up-sampling in the train step."""
   b = size.main_batch
-  best = dict(gn="pallas", skip="split", edge="gemm")  # every open candidate at once
+  before = dict(gn="channel", skip="concat", edge="conv")  # the defaults of the first H200 runs
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
-          Case("ensemble", "bf16", "auto", b),
-          # The open experiments against the defaults of the same call: the Pallas GroupNorm kernels, decoder
-          # skips without a materialised concatenation, the input and output convs as GEMMs; then all together.
-          Case("denoise", "bf16", "auto", b, gn="pallas"), Case("denoise", "bf16", "auto", b, skip="split"),
-          Case("denoise", "bf16", "auto", b, edge="gemm"), Case("denoise", "bf16", "auto", b, **best),
-          Case("train", "bf16", "auto", b, **best), Case("ensemble", "bf16", "auto", b, **best),
-          Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
-          Case("denoise", "bf16", "auto", b, up="transposed"),
-          Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b)]
+          Case("ensemble", "bf16", "auto", b)]
+  if tuned:
+    plan += [Case(p, "bf16", "auto", b, tune="1") for p in ("denoise", "train", "ensemble")]
+  plan += [Case("denoise", "bf16", "auto", b, **before), Case("train", "bf16", "auto", b, **before),
+           Case("denoise", "bf16", "auto", b, gn="channel"), Case("denoise", "bf16", "auto", b, skip="concat"),
+           Case("denoise", "bf16", "auto", b, edge="conv"),
+           Case("denoise", "bf16", "xla", b),  # attention A/B (auto = cuDNN on an NVIDIA GPU)
+           Case("denoise", "bf16", "auto", b, up="transposed"),
+           Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b)]
   plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
   plan += [Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the previous default
            Case("train", "bf16", "auto", b, up="transposed")]
@@ -197,6 +203,24 @@ def _dtype(name: str):
 def _precision_ctx(dtype_name: str):
   jax = _jax()
   return jax.default_matmul_precision("highest") if dtype_name == "f32hi" else contextlib.nullcontext()
+
+
+def load_pallas_tuning(path: str) -> dict:
+  """--pallas-tuning FILE -> `pallas_norm.Tuning` overrides: the file's "tuning" object (as
+  bench_pallas_norm.py writes it) or a flat object of Tuning fields; unknown or bad fields raise here."""
+  from diffaug_jax.models import pallas_norm
+  with open(path) as f:
+    data = json.load(f)
+  overrides = data.get("tuning", data)
+  pallas_norm.Tuning(**overrides)  # validates names and values now, not after the first compiles
+  return overrides
+
+
+def _tuning_ctx(case: Case, args):
+  if case.tune == "0":
+    return contextlib.nullcontext()
+  from diffaug_jax.models import pallas_norm
+  return pallas_norm.tuning(**args.pallas_tuning_overrides)
 
 
 def unet_for(module, case: Case):
@@ -569,7 +593,7 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
     return {**row, "status": "skipped", "reason": reason}
   fn, args_for, holder = bench.build(case)
   t0 = time.perf_counter()
-  with _precision_ctx(case.dtype):
+  with _precision_ctx(case.dtype), _tuning_ctx(case, args):  # both are read while tracing
     lowered = fn.lower(*args_for(0))
   row["trace_s"] = time.perf_counter() - t0
   # What "auto" resolved to, from the program itself (the library may fall back to XLA while tracing).
@@ -770,6 +794,9 @@ def parse_args(argv):
                   help="comma-separated programs (their first good bf16 case, plan order) or case names to "
                        "trace, a few calls each")
   ap.add_argument("--profile-steps", type=int, default=2)
+  ap.add_argument("--pallas-tuning", default=None,
+                  help="JSON of pallas_norm.Tuning fields (bench_pallas_norm.py's pallas_tuning.json) for tune=1 "
+                       "cases; with the default plan it adds the tuned cases")
   ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   ap.add_argument("--peak-tflops", type=float, default=None, help="use this bf16 peak instead of measuring")
   ap.add_argument("--no-xla-flags", action="store_true", help="do not call perf.set_xla_gpu_flags()")
@@ -856,7 +883,11 @@ def main(argv=None) -> dict:
   if args.batch:
     bs = [int(v) for v in args.batch.split(",") if v.strip()]
     size = dataclasses.replace(size, main_batch=bs[0], sweep_batches=tuple(bs[1:]))
-  cases = [Case.parse(c) for c in args.cases.split(",")] if args.cases else default_plan(size)
+  cases = ([Case.parse(c) for c in args.cases.split(",")] if args.cases
+           else default_plan(size, tuned=bool(args.pallas_tuning)))
+  args.pallas_tuning_overrides = load_pallas_tuning(args.pallas_tuning) if args.pallas_tuning else {}
+  if any(c.tune == "1" for c in cases) and not args.pallas_tuning:
+    raise SystemExit("cases with tune=1 need --pallas-tuning FILE (benchmarks/bench_pallas_norm.py writes it)")
   profile_specs = parse_profile_specs(args.profile_cases)  # a typo fails here, not after the first compiles
   budget = args.time_budget
   t_start = time.perf_counter()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The ONE command of a GPU lease for issue 7: golden parity on the GPU, then the benchmark sweep under a time
-# budget, then the table. About 8 minutes; every result is written under $OUT as it is produced, so a run cut
+# The ONE command of a GPU lease for issue 7: golden parity on the GPU, the Pallas GroupNorm launch-parameter
+# sweep, then the benchmark sweep under a time budget, then the table. About 8 minutes; every result is written under $OUT as it is produced, so a run cut
 # short still returns what it measured.
 #
 #   here, once:   bash benchmarks/prepare_gpu_carry.sh        # golden vectors -> .gpu_carry/ (git-ignored)
@@ -14,15 +14,15 @@
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts "+"-separated: up=nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas,
-# skip=concat|split, edge=conv|gemm, cast=1|0.
+# skip=concat|split, edge=conv|gemm, cast=1|0, tune=0|1 (1: the sweep's fastest Pallas launch parameters).
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
-# PROFILE_CASES (programs or case names to trace, default the all-candidates denoise case of the plan, whose
-# kernels the defaults' profile in RESULTS.md is to be compared with; empty = no profile),
+# TUNE_SECONDS (budget of the Pallas launch-parameter sweep, bench_pallas_norm.py; default 90, 0 = off), TUNE_ARGS,
+# PROFILE_CASES (programs or case names to trace, default the library defaults' denoise; empty = no profile),
 # PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
-#   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
-# Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md, profile_<case>.md (one per
-# traced case), trace.tgz.
+#   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py TUNE_ARGS=--tiny BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
+# Files back in $OUT (at most 8): check.log, bench.log, results.json, results.md, pallas_tuning.json,
+# pallas_tuning.md, profile_<case>.md (one per traced case), trace.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -34,7 +34,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export DIFFAUG_JAX_CACHE=${DIFFAUG_JAX_CACHE:-/tmp/diffaug_jax_cache}
 LOG="$OUT/check.log"
-BEST_DENOISE="denoise:bf16:auto:128:gn=pallas+skip=split+edge=gemm"  # every open candidate (the plan's case 8)
+DEFAULT_DENOISE="denoise:bf16:auto:128"  # the library defaults' denoise (profiled by default)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 {
@@ -71,13 +71,24 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
   echo "parity exit: ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$LOG"
 fi
 
-# ---- 2. benchmark sweep (priority order; cases that would not fit the budget are listed as skipped).
+# ---- 2. the Pallas GroupNorm kernels' launch parameters on the UNet's largest shapes (TUNE_SECONDS, 0 = off);
+# the fastest correct ones go to the benchmark as --pallas-tuning (its tune=1 cases; the default plan adds them).
+TUNING_ARGS=""
+if [ "${TUNE_SECONDS:-90}" != "0" ]; then
+  echo "== Pallas launch-parameter sweep (budget ${TUNE_SECONDS:-90}s, $(left)s left)" | tee -a "$LOG"
+  timeout $(( ${TUNE_SECONDS:-90} + 30 )) $PY benchmarks/bench_pallas_norm.py --out "$OUT" \
+    --time-budget "${TUNE_SECONDS:-90}" ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG"
+  echo "pallas sweep exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+  [ -f "$OUT/pallas_tuning.json" ] && TUNING_ARGS="--pallas-tuning $OUT/pallas_tuning.json"
+fi
+
+# ---- 3. benchmark sweep (priority order; cases that would not fit the budget are listed as skipped).
 rm -rf /tmp/diffaug_trace  # one run's trace only (a second call on a warm machine would mix them)
 run_bench() {
   local budget=$(( $(left) - 30 ))
   echo "== bench (budget ${budget}s) $*" | tee -a "$LOG"
   timeout $(( budget + 25 )) $PY benchmarks/bench_diffaug.py --out "$OUT" --profile /tmp/diffaug_trace \
-    --profile-cases "${PROFILE_CASES-$BEST_DENOISE}" --time-budget "$budget" ${BENCH_ARGS:-} "$@" 2>&1 \
+    --profile-cases "${PROFILE_CASES-$DEFAULT_DENOISE}" --time-budget "$budget" $TUNING_ARGS ${BENCH_ARGS:-} "$@" 2>&1 \
     | tee "$OUT/bench.log"
   return "${PIPESTATUS[0]}"
 }
@@ -94,7 +105,7 @@ echo "bench exit: $rc (124 = killed at the time limit; results.json holds every 
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 \
   | sed 's/^/after bench: /' | tee -a "$LOG"
 
-# ---- 3. pack the trace (if small enough to come back) and print the summary last (the reply shows the tail).
+# ---- 4. pack the trace (if small enough to come back) and print the summary last (the reply shows the tail).
 if [ -d /tmp/diffaug_trace ]; then
   tar czf "$OUT/trace.tgz" -C /tmp diffaug_trace 2>/dev/null
   if [ "$(stat -c %s "$OUT/trace.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then

@@ -88,14 +88,16 @@ def test_case_parse_and_plan():
       Case.parse(bad)
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
-  best = "gn=pallas+skip=split+edge=gemm"
+  before = "gn=channel+skip=concat+edge=conv"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "denoise:bf16:auto:128:gn=pallas", "denoise:bf16:auto:128:skip=split",
-                   "denoise:bf16:auto:128:edge=gemm", f"denoise:bf16:auto:128:{best}", f"train:bf16:auto:128:{best}",
-                   f"ensemble:bf16:auto:128:{best}", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
+                   f"denoise:bf16:auto:128:{before}", f"train:bf16:auto:128:{before}",
+                   "denoise:bf16:auto:128:gn=channel", "denoise:bf16:auto:128:skip=concat",
+                   "denoise:bf16:auto:128:edge=conv", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
                    "denoise:bf16:auto:128:cast=0", "denoise:f32:xla:128", "train:bf16:auto:64", "train:bf16:auto:256",
                    "denoise:bf16:auto:128:gn=one_pass", "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))
+  tuned = [p.name for p in bench_diffaug.default_plan(bench_diffaug.FULL, tuned=True)]
+  assert tuned == names[:4] + [f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[4:]
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
   assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
   assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
@@ -138,14 +140,14 @@ def test_variants_reach_the_module_and_the_program():
   import jax.numpy as jnp
   Case = bench_diffaug.Case
   bench = bench_diffaug.Bench(bench_diffaug.TINY, bench_diffaug.parse_args(FAST))
-  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+edge=gemm+skip=split+cast=0")
-  assert case.name == "train:bf16:cudnn:2:up=transposed+gn=one_pass+skip=split+edge=gemm+cast=0"
+  case = Case.parse("train:bf16:cudnn:2:up=transposed+gn=one_pass+edge=conv+skip=concat+cast=0")
+  assert case.name == "train:bf16:cudnn:2:up=transposed+gn=one_pass+skip=concat+edge=conv+cast=0"
   m = bench.eps_factory(case).module
   assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.edge_impl) == (
-      jnp.bfloat16, "cudnn", "one_pass", "transposed", "split", "gemm")
+      jnp.bfloat16, "cudnn", "one_pass", "transposed", "concat", "conv")
   m = bench.eps_factory(Case.parse("denoise:f32hi:auto:2")).module
   assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.edge_impl) == (
-      jnp.float32, "auto", "auto", "nearest", "concat", "conv")
+      jnp.float32, "auto", "auto", "nearest", "split", "gemm")  # the UNet's defaults
   assert m.clone(dtype=bench.unet.dtype, attention_impl="auto") == bench.unet  # only the case's fields differ
 
   def lowered(spec):
@@ -158,7 +160,7 @@ def test_variants_reach_the_module_and_the_program():
   up, _ = lowered("denoise:bf16:auto:2:up=transposed")
   two, _ = lowered("denoise:bf16:auto:2:gn=two_pass")
   nocast, nocast_dtypes = lowered("denoise:bf16:auto:2:cast=0")
-  split, _ = lowered("denoise:bf16:auto:2:skip=split+edge=gemm")
+  concat, _ = lowered("denoise:bf16:auto:2:skip=concat+edge=conv")
   _, train_dtypes = lowered("train:bf16:auto:2")
   assert "lhs_dilate = [2, 2]" in up and "lhs_dilate = [2, 2]" not in base  # stride-2 transposed convs
   # one-pass statistics subtract the group's pivot (bf16 "auto"); two-pass has fewer subtractions
@@ -168,9 +170,9 @@ def test_variants_reach_the_module_and_the_program():
   assert base_dtypes == train_dtypes == {"bfloat16", "float32"} and nocast_dtypes == {"float32"}
   assert nocast.count("stablehlo.convert") > base.count("stablehlo.convert")
   assert bench_diffaug.attention_ran(base) == "xla"
-  # split skips: one 1x1 conv more in each of the 4 decoder blocks; edge=gemm: the input and output convs
-  # become GEMMs (dot_general)
-  assert split.count("stablehlo.convolution") == base.count("stablehlo.convolution") + 4 - 2
+  # split skips (default): one 1x1 conv more in each of the 4 decoder blocks; edge=gemm (default): the input
+  # and output convs are GEMMs (dot_general)
+  assert base.count("stablehlo.convolution") == concat.count("stablehlo.convolution") + 4 - 2
 
 
 def test_time_budget_skips_cases(tmp_path):
@@ -254,11 +256,11 @@ def test_denoise_correctness_and_table(tmp_path):
 @pytest.mark.slow
 def test_train_and_ensemble_with_profile(tmp_path):
   prof = tmp_path / "trace"
-  named = "ensemble:bf16:auto:2:skip=split+up=nearest"  # a non-canonical spelling of the third case
+  named = "ensemble:bf16:auto:2:skip=concat+up=nearest"  # a non-canonical spelling of the third case
   res = bench_diffaug.main(FAST + ["--no-peak", "--peak-tflops", "1.0", "--members", "2", "--out",
                                    str(tmp_path), "--profile", str(prof), "--profile-cases", f"train,{named}",
                                    "--profile-steps", "1", "--cases",
-                                   "train:bf16:auto:2,ensemble:bf16:auto:2,ensemble:bf16:auto:2:skip=split"])
+                                   "train:bf16:auto:2,ensemble:bf16:auto:2,ensemble:bf16:auto:2:skip=concat"])
   rows = {r["case"]: r for r in res["cases"]}
   tr, en = rows["train:bf16:auto:2"], rows["ensemble:bf16:auto:2"]
   assert tr["status"] == "ok" and np.isfinite(tr["loss"]) and tr["images_per_s"] > 0, tr
@@ -268,20 +270,20 @@ def test_train_and_ensemble_with_profile(tmp_path):
   assert res["profile"]["train"]["num_kernels"] > 0, res["profile"]
   assert (tmp_path / "profile_train.md").exists()
   # A case named in --profile-cases (in any spelling) is traced (its program's first case, not named, is not).
-  assert set(res["profile"]) == {"train", "ensemble:bf16:auto:2:skip=split"}
-  assert res["profile"]["ensemble:bf16:auto:2:skip=split"]["case"] == "ensemble:bf16:auto:2:skip=split"
-  assert (tmp_path / "profile_ensemble_bf16_auto_2_skip_split.md").exists()
+  assert set(res["profile"]) == {"train", "ensemble:bf16:auto:2:skip=concat"}
+  assert res["profile"]["ensemble:bf16:auto:2:skip=concat"]["case"] == "ensemble:bf16:auto:2:skip=concat"
+  assert (tmp_path / "profile_ensemble_bf16_auto_2_skip_concat.md").exists()
 
 
 def test_profile_specs_and_keys():
   """--profile-cases: programs and case specs (canonicalised); a case answers its own name and, as its
   program's first good bf16 case, the program too (one trace for both); a typo is an error."""
   Case = bench_diffaug.Case
-  specs = bench_diffaug.parse_profile_specs("denoise, denoise:bf16:auto:4:edge=gemm+skip=split,")
-  assert specs == {"denoise", "denoise:bf16:auto:4:skip=split+edge=gemm"}
+  specs = bench_diffaug.parse_profile_specs("denoise, denoise:bf16:auto:4:edge=conv+skip=concat,")
+  assert specs == {"denoise", "denoise:bf16:auto:4:skip=concat+edge=conv"}
   keys = bench_diffaug.profile_keys
-  assert keys(Case.parse("denoise:bf16:auto:4:skip=split+edge=gemm"), specs, {}) == [
-      "denoise:bf16:auto:4:skip=split+edge=gemm", "denoise"]
+  assert keys(Case.parse("denoise:bf16:auto:4:skip=concat+edge=conv"), specs, {}) == [
+      "denoise:bf16:auto:4:skip=concat+edge=conv", "denoise"]
   assert keys(Case.parse("denoise:bf16:auto:4"), specs, {"denoise": {}}) == []
   assert keys(Case.parse("denoise:f32hi:xla:4"), specs, {}) == []  # the program key wants a bf16 case
   assert keys(Case.parse("train:bf16:auto:4"), specs, {}) == []
@@ -340,3 +342,36 @@ def test_memory_precheck_and_flops_from_a_cpu_lowering():
   f = jax.jit(lambda x, k: x @ x + jax.random.normal(k, x.shape), donate_argnums=(0,))
   lowered = bench_diffaug._lower_for_flops(f, jnp.ones((64, 64)), jax.random.key(0))
   assert bench_diffaug._flops_of(lowered) >= 2 * 64 ** 3
+
+
+# ---------------------------------------------------------------- bench_pallas_norm.py + --pallas-tuning
+
+
+def test_pallas_tuning_sweep_and_the_bench_option(tmp_path):
+  """The launch-parameter sweep runs end to end on CPU (tiny shapes, Pallas interpreter), checks every
+  candidate against XLA, writes pallas_tuning.json/.md whose overrides the benchmark loads (validated before
+  anything compiles); tune=1 cases need the file; the full shapes refuse a CPU."""
+  import bench_pallas_norm
+  from diffaug_jax.models import pallas_norm
+  res = bench_pallas_norm.main(["--tiny", "--out", str(tmp_path)])
+  assert {r["kernel"] for r in res["rows"]} == {"apply", "copy", "stats"}
+  checked = [r for r in res["rows"] if "ok" in r]
+  assert len(checked) == 2 * len(bench_pallas_norm.TINY_APPLY_GRID) + len(bench_pallas_norm.TINY_STATS_GRID)
+  assert all(r["ok"] for r in checked), checked
+  assert set(res["best"]) == {"apply", "stats"}
+  saved = json.loads((tmp_path / "pallas_tuning.json").read_text())
+  assert saved["tuning"] == res["tuning"] and "| stats |" in (tmp_path / "pallas_tuning.md").read_text()
+  assert bench_diffaug.load_pallas_tuning(str(tmp_path / "pallas_tuning.json")) == res["tuning"]
+  pallas_norm.Tuning(**res["tuning"])
+  flat = tmp_path / "flat.json"
+  flat.write_text(json.dumps({"apply_rows": 48}))
+  with pytest.raises(ValueError, match="power of two"):
+    bench_diffaug.load_pallas_tuning(str(flat))
+  with pytest.raises(SystemExit, match="--pallas-tuning"):
+    bench_diffaug.main(FAST + ["--no-peak", "--cases", "denoise:bf16:auto:2:tune=1"])
+  with pytest.raises(SystemExit, match="need a GPU"):
+    bench_pallas_norm.main([])
+  flat.write_text(json.dumps({"apply_rows": 16, "stats_rows": 16}))
+  out = bench_diffaug.main(FAST + ["--no-peak", "--pallas-tuning", str(flat), "--cases", "denoise:bf16:auto:2:tune=1"])
+  assert [r["status"] for r in out["cases"]] == ["ok"]
+  assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case

@@ -6,6 +6,8 @@ running XLA elsewhere (bit-identical to "channel" on CPU). The statistics kernel
 XLA sums through the interpreter (one and many row chunks), keeps mean and variance accurate far from zero,
 has the XLA expression's gradient in x and the pivot, refuses untileable shapes and lowers to one Triton call
 for CUDA. Speed is measured on a GPU only (`gn=pallas`)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +113,7 @@ def _assert_sums_close(got, want, x, pivot, rtol=1e-5):
 def test_channel_sums_equals_xla_expression(dtype, n, cap, monkeypatch):
   """One row chunk (n=64), two chunks of 1024 rows (64 sub-tiles each), and 64 chunks of 32 rows (the cap
   lowered so the partial-sum path runs many chunks cheaply)."""
-  monkeypatch.setattr(pallas_norm, "MAX_STATS_ROWS", cap)
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(stats_rows=cap))
   x, _, _ = _inputs(n=n, dtype=dtype)
   x = x + 2.0
   pivot = x[:, 0, :].astype(jnp.float32)
@@ -123,7 +125,7 @@ def test_channel_sums_equals_xla_expression(dtype, n, cap, monkeypatch):
 def test_channel_sums_stats_accurate_far_from_zero(monkeypatch):
   """x = 1000 + noise in float32: mean and variance from the shifted sums (pivot = the first row, as
   `_channel_group_stats` takes it) match float64 to ~1e-5 relative; several chunks."""
-  monkeypatch.setattr(pallas_norm, "MAX_STATS_ROWS", 256)
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(stats_rows=256))
   n = 2048
   x = 1000.0 + jax.random.normal(jax.random.key(3), (2, n, 256), jnp.float32)
   pivot = x[:, 0, :]
@@ -177,6 +179,51 @@ def test_channel_sums_lowers_to_triton_for_cuda(n):
   assert text.count("__gpu$xla.gpu.triton") == 1
   grad = jax.jit(jax.value_and_grad(lambda x, p: sum(jnp.sum(s) for s in pallas_norm.channel_sums(x, p))))
   assert export.export(grad, **opts)(x, p).mlir_module().count("__gpu$xla.gpu.triton") == 1
+
+
+def test_tuning_context_and_validation():
+  """`tuning` changes the launch parameters of what is traced inside it and restores them after (also on an
+  error); the results are the same whatever the tiling (the apply bit for bit, the sums to float32 rounding);
+  bad parameters raise."""
+  default = pallas_norm.current_tuning()
+  x, a, d = _inputs(n=64)
+  pivot = x[:, 0, :].astype(jnp.float32)
+  apply_fn = lambda: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True)
+  sums_fn = lambda: pallas_norm.channel_sums(x, pivot, interpret=True)
+  want_y, want_s = apply_fn(), sums_fn()
+  with pallas_norm.tuning(apply_rows=16, stats_rows=16, stats_block=16) as t:
+    assert pallas_norm.current_tuning() == t and t.apply_rows == 16 and t.apply_warps == default.apply_warps
+    assert pallas_norm._block_n(64) == 16 and pallas_norm._stats_rows(64) == 16  # 4 row tiles, 4 chunks
+    np.testing.assert_array_equal(np.asarray(apply_fn(), np.float32), np.asarray(want_y, np.float32))
+    _assert_sums_close(sums_fn(), want_s, x, pivot)
+  assert pallas_norm.current_tuning() == default and pallas_norm._block_n(64) == 32
+  with pytest.raises(RuntimeError), pallas_norm.tuning(apply_warps=8):
+    raise RuntimeError
+  assert pallas_norm.current_tuning() == default
+  for bad, msg in ((dict(apply_rows=48), "power of two"), (dict(stats_block=8), "power of two"),
+                   (dict(apply_warps=0), "positive int"), (dict(stats_stages=2.0), "positive int")):
+    with pytest.raises(ValueError, match=msg):
+      pallas_norm.Tuning(**bad)
+  with pytest.raises(TypeError):
+    pallas_norm.Tuning(num_warps=4)
+
+
+def test_tuning_reaches_the_triton_launch():
+  """The launch parameters in force while tracing are the ones in the lowered CUDA program (grid and warps)."""
+  x = jax.ShapeDtypeStruct((2, 4096, 256), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((2, 256), jnp.float32)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+
+  def launch(**kw):
+    # A new function each time: jax reuses the trace of a function it has seen with the same shapes.
+    fn = lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16)
+    with pallas_norm.tuning(**kw):
+      text = export.export(jax.jit(fn), **opts)(x, row, row).mlir_module()
+    return re.findall(r"grid_[xyz] = (\d+)", text), re.findall(r"num_warps = (\d+)", text)
+
+  (grid, warps), (grid64, warps8) = launch(), launch(apply_rows=64, apply_warps=8)
+  assert warps == ["4"] and warps8 == ["8"]
+  assert grid == ["2", "128", "1"] and grid64 == ["2", "64", "1"]  # (batch, row tiles, channel tiles)
 
 
 def _gn_apply(stats, c, shape):
@@ -250,7 +297,6 @@ def test_groupnorm_pallas_reads_channel_parts_in_place_for_cuda():
   """A GroupNorm given channel parts (a decoder's [h, skip] with skip_impl="split"), lowered for CUDA: one
   sums kernel per part and one apply kernel that reads both parts, and no activation-sized concatenation in
   the program or in its gradient (only (B, C) statistics are concatenated)."""
-  import re
   v, _ = _gn_apply("pallas", 512, (2, 8, 8, 512))
   gn = unet_lib.GroupNorm32(stats="pallas")
   parts = (jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16), jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16))

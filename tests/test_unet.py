@@ -35,13 +35,13 @@ def golden_models(golden_dir):
   return out
 
 
-# Execution choices that must not change the function (same params): the defaults, and the fast paths
-# forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs, the
-# "channel" GroupNorm fold, and with it decoder skips in parts (per-part statistics) and the input and output
-# convs as GEMMs).
+# Execution choices that must not change the function (same params): the defaults (decoder skips in parts,
+# the input and output convs as GEMMs), guided-diffusion's literal structure (concatenated skips, convs), and
+# the fast paths forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed
+# convs, the "channel" GroupNorm fold, with per-part statistics over the decoder's parts).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
               "channel": dict(norm_stats="channel"),
-              "channel+split+gemm": dict(norm_stats="channel", skip_impl="split", edge_impl="gemm")}
+              "concat+conv": dict(skip_impl="concat", edge_impl="conv")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -240,6 +240,17 @@ def test_num_heads_upsample_applies_to_output_blocks_only():
 
 
 # ------------------------------------------------------------------ execution choices (speed, same function)
+
+
+def test_auto_norm_stats_rule(monkeypatch):
+  """"auto": the float32 parity path in float32; in bf16/fp16 the Pallas kernels in a single-device process
+  (XLA off NVIDIA GPUs), the XLA "channel" path where XLA partitions the program over several devices."""
+  assert unet_lib.auto_norm_stats(jnp.float32) == "two_pass"
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  assert unet_lib.auto_norm_stats(jnp.bfloat16) == unet_lib.auto_norm_stats(jnp.float16) == "pallas"
+  monkeypatch.setattr(jax, "device_count", lambda *a: 8)
+  assert unet_lib.auto_norm_stats(jnp.bfloat16) == "channel"
+  assert unet_lib.auto_norm_stats(jnp.float32) == "two_pass"
 
 
 def test_groupnorm_one_pass_statistics_survive_large_offsets():
@@ -501,8 +512,9 @@ def test_skip_split_feeds_no_concatenation_to_a_conv():
   up/down blocks and bad values of the new fields raise."""
   m = unet_lib.unet_from_flags(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                                attention_resolutions="8", num_head_channels=16, learn_sigma=True,
-                               resblock_updown=True, use_scale_shift_norm=True)
-  split = m.clone(skip_impl="split", edge_impl="gemm")
+                               resblock_updown=True, use_scale_shift_norm=True, skip_impl="concat",
+                               edge_impl="conv")
+  split = m.clone(skip_impl="split", edge_impl="gemm")  # the defaults
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   t = jnp.array([3, 500])
   shapes = lambda mod: jax.eval_shape(mod.init, jax.random.key(1), x, t)

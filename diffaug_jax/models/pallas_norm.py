@@ -33,6 +33,8 @@ against the XLA reductions, not yet known to be faster. Reverse-mode differentia
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import itertools
 
@@ -40,23 +42,66 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["affine_act", "channel_sums", "channel_sums_reference", "reference", "supported"]
+__all__ = ["Tuning", "affine_act", "channel_sums", "channel_sums_reference", "current_tuning", "reference",
+           "supported", "tuning"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
-MAX_BLOCK_N = 32  # rows per tile: 32 x 256 elements = 64 per thread at 4 warps (register budget)
-MIN_BLOCK_N = 16
-MAX_STATS_ROWS = 1024  # rows per `channel_sums` program (one partial sum per 1024 rows and 256 channels)
-STATS_BLOCK_N = 16  # rows per `channel_sums` sub-tile: two 16 x 256 float32 accumulators = 64 registers/thread
+MIN_BLOCK_N = 16  # fewest rows a tile may have (`supported`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Launch parameters of the two kernels, read when a program is traced (`tuning` changes them for the
+  programs traced inside it; `benchmarks/bench_pallas_norm.py` sweeps them on a GPU)."""
+  apply_rows: int = 32  # rows per `affine_act` tile (x 256 channels): 64 elements per thread at 4 warps
+  apply_warps: int = 4
+  apply_stages: int = 1
+  stats_rows: int = 1024  # rows per `channel_sums` program (one partial sum per stats_rows rows, 256 channels)
+  stats_block: int = 16  # rows per sub-tile: two 16 x 256 float32 accumulators = 64 registers/thread at 4 warps
+  stats_warps: int = 4
+  # 3 stages let Triton prefetch the next sub-tiles while the current one is added (a load and two adds).
+  stats_stages: int = 3
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"pallas_norm.Tuning.{f.name} must be a positive int, got {v!r}")
+    for name in ("apply_rows", "stats_rows", "stats_block"):
+      v = getattr(self, name)
+      if v & (v - 1) or v < MIN_BLOCK_N:
+        raise ValueError(f"pallas_norm.Tuning.{name} must be a power of two >= {MIN_BLOCK_N}, got {v}")
+
+
+_TUNING = Tuning()
+
+
+def current_tuning() -> Tuning:
+  return _TUNING
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+  """Trace programs with other launch parameters: `with tuning(apply_rows=64, apply_warps=8): jit(f).lower(x)`.
+  Only tracing reads them: a function jax has already traced (the same Python function, the same argument
+  shapes) keeps the parameters of its first trace, so trace a new function inside. For benchmarks (not
+  thread-safe); the defaults are `Tuning()`'s."""
+  global _TUNING
+  previous, _TUNING = _TUNING, dataclasses.replace(_TUNING, **overrides)
+  try:
+    yield _TUNING
+  finally:
+    _TUNING = previous
 
 
 def _block_n(n: int) -> int:
-  return min(n & -n, MAX_BLOCK_N)  # largest power of two dividing n (Triton tiles are powers of two)
+  return min(n & -n, _TUNING.apply_rows)  # largest power of two dividing n (Triton tiles are powers of two)
 
 
 def supported(n: int, c: int) -> bool:
   """Whether `affine_act` and `channel_sums` tile (B, n, c) without masking: c a multiple of 256, n of 16."""
-  return c % BLOCK_C == 0 and _block_n(n) >= MIN_BLOCK_N
+  return c % BLOCK_C == 0 and (n & -n) >= MIN_BLOCK_N
 
 
 def reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> jax.Array:
@@ -102,7 +147,8 @@ def _pallas(parts, a, d, silu, out_dtype, interpret):
   kw = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=_TUNING.apply_warps,
+                                                    num_stages=_TUNING.apply_stages)
   return pl.pallas_call(
       functools.partial(_kernel, silu=silu, bounds=bounds),
       out_shape=jax.ShapeDtypeStruct((b, n, bounds[-1] * BLOCK_C), out_dtype),
@@ -169,7 +215,7 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
 
 
 def _stats_rows(n: int) -> int:
-  return min(n & -n, MAX_STATS_ROWS)  # largest power of two dividing n, capped (read at trace time)
+  return min(n & -n, _TUNING.stats_rows)  # largest power of two dividing n, capped (read at trace time)
 
 
 def channel_sums_reference(x: jax.Array, pivot: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -197,16 +243,15 @@ def _stats_pallas(x, pivot, interpret):
   b, n, c = x.shape
   rows = _stats_rows(n)
   chunks = n // rows
-  block_n = min(STATS_BLOCK_N, rows)
+  block_n = min(_TUNING.stats_block, rows)
   tile = pl.BlockSpec((None, rows, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
   part = pl.BlockSpec((None, None, BLOCK_C), lambda i, j, k: (i, j, k))
   kw = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
-    # num_stages=3 lets Triton prefetch the next sub-tiles while the current one is added (the loop body
-    # is a load and two adds: pure bandwidth). Untuned and unmeasured, like the rest of this kernel.
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=3)
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=_TUNING.stats_warps,
+                                                    num_stages=_TUNING.stats_stages)
   out = jax.ShapeDtypeStruct((b, chunks, c), jnp.float32)
   s1, s2 = pl.pallas_call(
       functools.partial(_stats_kernel, block_n=block_n),

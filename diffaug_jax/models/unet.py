@@ -71,9 +71,18 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 NORM_STATS = ("auto", "two_pass", "one_pass", "channel", "pallas")
-# What "auto" means for bf16/fp16 inputs (float32 inputs always get "two_pass", the parity path). "channel"
-# measured faster and more accurate than "one_pass" on an H200 (benchmarks/RESULTS.md, 2026-11-26).
-REDUCED_PRECISION_NORM = "channel"
+
+
+def auto_norm_stats(dtype) -> str:
+  """What `norm_stats="auto"` means for inputs of `dtype`: "two_pass" for float32 (the parity path); in
+  bf16/fp16 "pallas" in single-device programs and "channel" otherwise. Measured on an H200 (benchmarks/
+  RESULTS.md, 2026-11-26): "channel" is 2.8% faster and more accurate than "one_pass", and "pallas" (the same
+  arithmetic in Triton kernels on NVIDIA GPUs, XLA elsewhere) 3.1% faster again. XLA cannot partition a Pallas
+  call, so where the process sees several devices (a batch-sharded jit) the XLA "channel" path is used."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return "two_pass"
+  return "pallas" if jax.device_count() == 1 else "channel"
+
 # UNet fields that choose how the network runs, never what it computes (same params, same function).
 EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "edge_impl")
 
@@ -156,8 +165,9 @@ class GroupNorm32(nn.Module):
     lowering, `lax.platform_dependent`). Not measured yet: an A/B candidate (`gn=pallas`). Single-device
     programs only: XLA cannot partition a Pallas call, so a batch-sharded jit would gather the activation for
     each one. Reverse-mode differentiable (custom VJP), not forward-mode; lower for one platform at a time.
-  - "auto" (default): "two_pass" for float32 inputs (exact parity), `REDUCED_PRECISION_NORM` for bf16/fp16
-    inputs, where the result is rounded to 8 (11) mantissa bits anyway.
+  - "auto" (default): "two_pass" for float32 inputs (exact parity); for bf16/fp16 inputs, where the result is
+    rounded to 8 (11) mantissa bits anyway, "pallas" in a single-device process, else "channel"
+    (`auto_norm_stats`).
   The "two_pass" and "one_pass" paths round to the input dtype after the affine params and apply scale-shift
   and SiLU in it, as guided-diffusion does (in float32 they are the reference computation).
   """
@@ -179,7 +189,7 @@ class GroupNorm32(nn.Module):
     out_dtype = parts[0].dtype if self.out_dtype is None else self.out_dtype
     mode = self.stats
     if mode == "auto":
-      mode = "two_pass" if parts[0].dtype == jnp.float32 else REDUCED_PRECISION_NORM
+      mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
       return self._folded(parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
     x = _concat_channels(parts)
@@ -355,8 +365,9 @@ def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(9 * c, o))
-  taps = jnp.einsum("bhwc,cn->bhwn", x, kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o))
-  taps = jnp.pad(taps.reshape(b, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  # (B, H, W, 3, 3, O): the dot's natural output order (lhs free dims, then rhs free dims), so no transpose.
+  taps = jnp.einsum("bhwc,ijco->bhwijo", x, kernel)
+  taps = jnp.pad(taps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return functools.reduce(operator.add, [taps[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3)])
 
 
@@ -544,11 +555,11 @@ class UNet(nn.Module):
   # guided-diffusion) or "split" (the ResBlock gets both parts; its 1x1 skip conv is one conv per part and its
   # GroupNorm reads the parts, so with the "channel"/"pallas" statistics (bf16 "auto") the concatenation is never
   # materialised; the float32 two-pass statistics still concatenate; see SkipConv, GroupNorm32).
-  skip_impl: str = "concat"
+  skip_impl: str = "split"
   # edge_impl: the input conv (3 -> 256 channels in ADM-256) and the float32 output conv (256 -> 6): "conv", or
   # "gemm" (each as one GEMM, by its narrow side: im2col patches when it has fewer input than output
   # channels, else the nine taps and a shifted sum; see _conv3x3_as_gemm).
-  edge_impl: str = "conv"
+  edge_impl: str = "gemm"
 
   @property
   def learn_sigma(self) -> bool:
@@ -703,7 +714,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
                     use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
                     num_classes: int = 1000, dtype: Optional[Dtype] = None,
                     attention_impl: Optional[str] = "auto", norm_stats: str = "auto",
-                    upsample_impl: str = "nearest", skip_impl: str = "concat", edge_impl: str = "conv",
+                    upsample_impl: str = "nearest", skip_impl: str = "split", edge_impl: str = "gemm",
                     **unknown) -> UNet:
   """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
 

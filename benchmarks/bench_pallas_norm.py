@@ -1,0 +1,195 @@
+"""Sweep the launch parameters of the Pallas GroupNorm kernels (`diffaug_jax.models.pallas_norm`) on the UNet's
+largest shapes and write the fastest as `pallas_tuning.json` (issue 7).
+
+    python benchmarks/bench_pallas_norm.py --out $OUT              # GPU: ADM-256 at 224, batch 128 shapes
+    python benchmarks/bench_pallas_norm.py --tiny                  # CPU smoke test (Pallas interpreter)
+    python benchmarks/bench_diffaug.py --pallas-tuning $OUT/pallas_tuning.json --cases denoise:bf16:auto:128:tune=1
+
+For each `pallas_norm.Tuning` candidate it compiles the kernel at each shape, checks its result against the
+XLA expression (a config that is wrong cannot win), times it (warm-up, then the median of repeats of
+back-to-back calls ended by `block_until_ready`) and reports GB/s of HBM traffic next to two references of
+the same process: XLA's fusion of the same arithmetic and an elementwise copy (y = 2x, one read and one
+write). The winner of each kernel minimises its summed time over the shapes. Which parameters win on the
+kernels alone is a lead, not a verdict: the whole program's A/B (`tune=1` cases of bench_diffaug.py) decides.
+
+Shapes (full): the 224x224 GroupNorms of ADM-256 at 224 (8 per call of 256 channels, 3 decoder ones over the
+[h, skip] parts of 2 x 256) and a 112x112 one of 512 channels; batch 128, bf16 in and out, float32 a and d.
+Nothing here imports tensorflow_datasets or grain.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# name -> (batch, rows, [channels of each part])
+APPLY_SHAPES = {"224x224 c256": (128, 224 * 224, [256]), "224x224 c256+256 (parts)": (128, 224 * 224, [256, 256]),
+                "112x112 c512": (128, 112 * 112, [512])}
+STATS_SHAPES = {"224x224 c256": (128, 224 * 224, 256), "112x112 c512": (128, 112 * 112, 512)}
+TINY_APPLY = {"tiny c256": (2, 64, [256]), "tiny c256+256 (parts)": (2, 64, [256, 256])}
+TINY_STATS = {"tiny c256": (2, 64, 256)}
+
+# Candidates (Tuning overrides; {} = the library's defaults, always first). Apply: rows per tile and warps.
+APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, apply_warps=8),
+              dict(apply_rows=128, apply_warps=8), dict(apply_rows=128, apply_warps=4)]
+# stats_rows is capped by the largest power of two dividing the rows (1024 at 224x224, 256 at 112x112).
+STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
+              dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
+TINY_APPLY_GRID = [{}, dict(apply_rows=16)]
+TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
+
+
+def time_fn(fn, args, *, warmup: int, target_s: float, repeats: int) -> float:
+  """Median seconds per call of back-to-back calls (one block_until_ready per repeat)."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = max(time.perf_counter() - t0, 1e-6)
+  iters = max(1, min(200, int(target_s / one)))
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    runs.append((time.perf_counter() - t0) / iters)
+  return statistics.median(runs)
+
+
+def _cfg_name(overrides: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes through the interpreter")
+  ap.add_argument("--out", default=None, help="dir for pallas_tuning.json and pallas_tuning.md")
+  ap.add_argument("--time-budget", type=float, default=None, help="seconds; later candidates are skipped")
+  ap.add_argument("--target-s", type=float, default=0.25, help="timed seconds per repeat")
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from diffaug_jax.models import pallas_norm
+
+  t_start = time.perf_counter()
+  device = jax.devices()[0]
+  if not args.tiny and device.platform != "gpu":
+    raise SystemExit(f"bench_pallas_norm: the full shapes need a GPU (platform {device.platform}); use --tiny")
+  interpret = args.tiny
+  apply_shapes, stats_shapes = (TINY_APPLY, TINY_STATS) if args.tiny else (APPLY_SHAPES, STATS_SHAPES)
+  apply_grid, stats_grid = (TINY_APPLY_GRID, TINY_STATS_GRID) if args.tiny else (APPLY_GRID, STATS_GRID)
+  timing = dict(warmup=1 if args.tiny else 2, target_s=0.0 if args.tiny else args.target_s,
+                repeats=1 if args.tiny else args.repeats)
+  print(f"[pallas] {getattr(device, 'device_kind', device)} ({device.platform}), jax {jax.__version__}, "
+        f"interpret={interpret}", flush=True)
+  key = jax.random.key(0)
+  rows: list[dict] = []
+
+  def over_budget() -> bool:
+    return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
+
+  def record(kernel, shape, cfg, sec, nbytes, err=None, **extra):
+    row = dict(kernel=kernel, shape=shape, config=cfg, ms=1e3 * sec, gb_per_s=nbytes / sec / 1e9, **extra)
+    if err is not None:
+      row["max_abs_err"] = err
+    rows.append(row)
+    print(f"[pallas] {kernel:6s} {shape:26s} {cfg:44s} {1e3 * sec:8.3f} ms {nbytes / sec / 1e9:8.0f} GB/s"
+          + (f"  err {err:.2e}" if err is not None else ""), flush=True)
+
+  for shape, (b, n, parts_c) in apply_shapes.items():
+    ks = jax.random.split(jax.random.fold_in(key, n * len(parts_c)), len(parts_c) + 2)
+    parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
+    c = sum(parts_c)
+    a = 1.0 + 0.1 * jax.random.normal(ks[-2], (b, c), jnp.float32)
+    d = 0.1 * jax.random.normal(ks[-1], (b, c), jnp.float32)
+    nbytes = 2 * 2 * b * n * c  # bf16 read + write
+    xla = jax.jit(lambda parts, a, d: jax.nn.silu(jnp.concatenate(parts, -1).astype(jnp.float32) * a[:, None]
+                                                  + d[:, None]).astype(jnp.bfloat16))
+    want = xla(parts, a, d)
+    record("apply", shape, "XLA fusion", time_fn(xla, (parts, a, d), **timing), nbytes)
+    copy = jax.jit(lambda x: x * 2)
+    record("copy", shape, "XLA y = 2x", time_fn(copy, (parts[0],), **timing), 2 * 2 * b * n * parts_c[0])
+    for cfg in apply_grid:
+      if over_budget():
+        print(f"[pallas] budget: skip the remaining apply candidates at {shape}", flush=True)
+        break
+      with pallas_norm.tuning(**cfg):  # read while tracing: a fresh jit per candidate
+        fn = jax.jit(lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
+                                                                 interpret=interpret)).lower(parts, a, d).compile()
+      got = fn(parts, a, d)
+      err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+      record("apply", shape, _cfg_name(cfg), time_fn(fn, (parts, a, d), **timing), nbytes, err,
+             tuning=cfg, ok=err <= 0.0625)  # one bf16 ulp at |y| < 16 (exp differs between XLA and Triton)
+
+  for shape, (b, n, c) in stats_shapes.items():
+    kx, kp = jax.random.split(jax.random.fold_in(key, 7 * n + c))
+    x = (3.0 + jax.random.normal(kx, (b, n, c), jnp.float32)).astype(jnp.bfloat16)
+    pivot = x[:, 0, :].astype(jnp.float32)
+    nbytes = 2 * b * n * c
+    ref = jax.jit(pallas_norm.channel_sums_reference)
+    w1, w2 = ref(x, pivot)
+    record("stats", shape, "XLA reduction", time_fn(ref, (x, pivot), **timing), nbytes)
+    for cfg in stats_grid:
+      if over_budget():
+        print(f"[pallas] budget: skip the remaining stats candidates at {shape}", flush=True)
+        break
+      with pallas_norm.tuning(**cfg):
+        fn = jax.jit(lambda x, p: pallas_norm.channel_sums(x, p, interpret=interpret)).lower(x, pivot).compile()
+      s1, s2 = fn(x, pivot)
+      # float32 sums in another order: relative to the sum of |terms| (n * E|d| ~ n), not to the (small) result
+      err = max(float(jnp.max(jnp.abs(s1 - w1))) / n, float(jnp.max(jnp.abs(s2 - w2) / (w2 + n))))
+      record("stats", shape, _cfg_name(cfg), time_fn(fn, (x, pivot), **timing), nbytes, err,
+             tuning=cfg, ok=err <= 1e-5)
+
+  best = {}
+  for kernel, grid in (("apply", apply_grid), ("stats", stats_grid)):
+    totals = {}
+    for cfg in grid:
+      mine = [r for r in rows if r["kernel"] == kernel and r.get("tuning") == cfg]
+      n_shapes = len(apply_shapes if kernel == "apply" else stats_shapes)
+      if len(mine) == n_shapes and all(r["ok"] for r in mine):  # measured everywhere, and right
+        totals[_cfg_name(cfg)] = (sum(r["ms"] for r in mine), cfg)
+    if totals:
+      name, (ms, cfg) = min(totals.items(), key=lambda kv: kv[1][0])
+      default_ms = totals.get("default", (float("nan"),))[0]
+      best[kernel] = dict(config=name, tuning=cfg, ms=ms, default_ms=default_ms)
+  tuning = {}
+  for kernel in ("apply", "stats"):
+    tuning.update(best.get(kernel, {}).get("tuning", {}))
+  result = dict(device=str(getattr(device, "device_kind", device)), platform=device.platform,
+                jax=jax.__version__, interpret=interpret, defaults=dataclasses.asdict(pallas_norm.Tuning()),
+                tuning=tuning, best=best, rows=rows, total_s=time.perf_counter() - t_start)
+  md = ["| kernel | shape | config | ms | GB/s | max abs err |", "|---|---|---|---:|---:|---:|"]
+  md += [f"| {r['kernel']} | {r['shape']} | {r['config']} | {r['ms']:.3f} | {r['gb_per_s']:.0f} | "
+         f"{r['max_abs_err']:.1e} |" if "max_abs_err" in r else
+         f"| {r['kernel']} | {r['shape']} | {r['config']} | {r['ms']:.3f} | {r['gb_per_s']:.0f} | |" for r in rows]
+  md += ["", "Best (summed over the shapes): " + "; ".join(
+      f"{k}: {v['config']} {v['ms']:.3f} ms (default {v['default_ms']:.3f})" for k, v in best.items()),
+      f"Tuning overrides: `{json.dumps(tuning)}`"]
+  print("\n" + "\n".join(md), flush=True)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "pallas_tuning.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "pallas_tuning.md"), "w") as f:
+      f.write("\n".join(md) + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()
