@@ -587,7 +587,7 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   bench.last_good = None  # frees the previous case's program; set again only when this case runs well
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
          "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "edge": case.edge,
-         "cast": case.cast}
+         "cast": case.cast, "tune": case.tune}
   reason = static_skip(case, bench.platform)
   if reason:
     return {**row, "status": "skipped", "reason": reason}
@@ -883,9 +883,10 @@ def main(argv=None) -> dict:
   if args.batch:
     bs = [int(v) for v in args.batch.split(",") if v.strip()]
     size = dataclasses.replace(size, main_batch=bs[0], sweep_batches=tuple(bs[1:]))
-  cases = ([Case.parse(c) for c in args.cases.split(",")] if args.cases
-           else default_plan(size, tuned=bool(args.pallas_tuning)))
   args.pallas_tuning_overrides = load_pallas_tuning(args.pallas_tuning) if args.pallas_tuning else {}
+  # The tuned cases only when the tuning changes something (else they would repeat the defaults' cases).
+  cases = ([Case.parse(c) for c in args.cases.split(",")] if args.cases
+           else default_plan(size, tuned=bool(args.pallas_tuning_overrides)))
   if any(c.tune == "1" for c in cases) and not args.pallas_tuning:
     raise SystemExit("cases with tune=1 need --pallas-tuning FILE (benchmarks/bench_pallas_norm.py writes it)")
   profile_specs = parse_profile_specs(args.profile_cases)  # a typo fails here, not after the first compiles
@@ -898,7 +899,8 @@ def main(argv=None) -> dict:
       "flax": flax.__version__, "python": platform.python_version(),
       "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": added,
-      "auto_attention": auto_attention_here(), "size": dataclasses.asdict(size), "members": args.members},
+      "auto_attention": auto_attention_here(), "size": dataclasses.asdict(size), "members": args.members,
+      "pallas_tuning": {"file": args.pallas_tuning, "overrides": args.pallas_tuning_overrides}},
       "cases": []}
   device = jax.devices()[0]
   result["meta"]["device"] = getattr(device, "device_kind", str(device))

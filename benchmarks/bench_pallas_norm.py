@@ -12,7 +12,7 @@ the same process: XLA's fusion of the same arithmetic and an elementwise copy (y
 write). The winner of each kernel minimises its summed time over the shapes. Which parameters win on the
 kernels alone is a lead, not a verdict: the whole program's A/B (`tune=1` cases of bench_diffaug.py) decides.
 
-Shapes (full): the 224x224 GroupNorms of ADM-256 at 224 (8 per call of 256 channels, 3 decoder ones over the
+Shapes (full): the 224x224 GroupNorms of ADM-256 at 224 (9 per call of 256 channels, 3 decoder ones over the
 [h, skip] parts of 2 x 256) and a 112x112 one of 512 channels; batch 128, bf16 in and out, float32 a and d.
 Nothing here imports tensorflow_datasets or grain.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The ONE command of a GPU lease for issue 7: golden parity on the GPU, the Pallas GroupNorm launch-parameter
-# sweep, then the benchmark sweep under a time budget, then the table. About 8 minutes; every result is written under $OUT as it is produced, so a run cut
+# The ONE command of a GPU lease for issue 7: golden parity on the GPU, optionally the Pallas GroupNorm
+# launch-parameter sweep, then the benchmark sweep under a time budget, then the table. About 8 minutes; every result is written under $OUT as it is produced, so a run cut
 # short still returns what it measured.
 #
 #   here, once:   bash benchmarks/prepare_gpu_carry.sh        # golden vectors -> .gpu_carry/ (git-ignored)
@@ -17,7 +17,8 @@
 # skip=concat|split, edge=conv|gemm, cast=1|0, tune=0|1 (1: the sweep's fastest Pallas launch parameters).
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
-# TUNE_SECONDS (budget of the Pallas launch-parameter sweep, bench_pallas_norm.py; default 90, 0 = off), TUNE_ARGS,
+# TUNE_SECONDS (budget of the Pallas launch-parameter sweep, bench_pallas_norm.py; default 0 = off, at most a
+# third of what is left), TUNE_ARGS,
 # PROFILE_CASES (programs or case names to trace, default the library defaults' denoise; empty = no profile),
 # PYTHON (python3), PARITY_FILES, PARITY_PLATFORM (cuda; "cpu" for a local dry run of this script:
 #   PARITY_PLATFORM=cpu PARITY_FILES=tests/test_diffusion.py TUNE_ARGS=--tiny BENCH_ARGS="--tiny" OUT=/tmp/gc bash benchmarks/gpu_check.sh).
@@ -71,13 +72,16 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
   echo "parity exit: ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$LOG"
 fi
 
-# ---- 2. the Pallas GroupNorm kernels' launch parameters on the UNet's largest shapes (TUNE_SECONDS, 0 = off);
-# the fastest correct ones go to the benchmark as --pallas-tuning (its tune=1 cases; the default plan adds them).
+# ---- 2. optional (TUNE_SECONDS > 0; off by default since the H200 sweep of 2026-11-26 kept the defaults): the
+# Pallas GroupNorm kernels' launch parameters on the UNet's largest shapes; the fastest correct ones go to the
+# benchmark as --pallas-tuning (its tune=1 cases; the default plan adds them when they differ from the defaults).
 TUNING_ARGS=""
-if [ "${TUNE_SECONDS:-90}" != "0" ]; then
-  echo "== Pallas launch-parameter sweep (budget ${TUNE_SECONDS:-90}s, $(left)s left)" | tee -a "$LOG"
-  timeout $(( ${TUNE_SECONDS:-90} + 30 )) $PY benchmarks/bench_pallas_norm.py --out "$OUT" \
-    --time-budget "${TUNE_SECONDS:-90}" ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG"
+TUNE=${TUNE_SECONDS:-0}
+[ "$TUNE" -gt $(( $(left) / 3 )) ] && TUNE=$(( $(left) / 3 ))  # leave the benchmark most of the budget
+if [ "$TUNE" -gt 0 ]; then
+  echo "== Pallas launch-parameter sweep (budget ${TUNE}s, $(left)s left)" | tee -a "$LOG"
+  timeout $(( TUNE + 30 )) $PY benchmarks/bench_pallas_norm.py --out "$OUT" \
+    --time-budget "$TUNE" ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG"
   echo "pallas sweep exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
   [ -f "$OUT/pallas_tuning.json" ] && TUNING_ARGS="--pallas-tuning $OUT/pallas_tuning.json"
 fi

@@ -347,7 +347,7 @@ def test_memory_precheck_and_flops_from_a_cpu_lowering():
 # ---------------------------------------------------------------- bench_pallas_norm.py + --pallas-tuning
 
 
-def test_pallas_tuning_sweep_and_the_bench_option(tmp_path):
+def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   """The launch-parameter sweep runs end to end on CPU (tiny shapes, Pallas interpreter), checks every
   candidate against XLA, writes pallas_tuning.json/.md whose overrides the benchmark loads (validated before
   anything compiles); tune=1 cases need the file; the full shapes refuse a CPU."""
@@ -372,6 +372,19 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path):
   with pytest.raises(SystemExit, match="need a GPU"):
     bench_pallas_norm.main([])
   flat.write_text(json.dumps({"apply_rows": 16, "stats_rows": 16}))
-  out = bench_diffaug.main(FAST + ["--no-peak", "--pallas-tuning", str(flat), "--cases", "denoise:bf16:auto:2:tune=1"])
-  assert [r["status"] for r in out["cases"]] == ["ok"]
+  seen, real = [], pallas_norm.tuning
+
+  def spy(**kw):  # the tune=1 case is traced inside pallas_norm.tuning(**the file's overrides); tune=0 is not
+    seen.append(kw)
+    return real(**kw)
+
+  monkeypatch.setattr(pallas_norm, "tuning", spy)
+  out = bench_diffaug.main(FAST + ["--no-peak", "--pallas-tuning", str(flat), "--cases",
+                                   "denoise:bf16:auto:2:tune=1,denoise:bf16:auto:2"])
+  assert [(r["case"], r["status"], r["tune"]) for r in out["cases"]] == [
+      ("denoise:bf16:auto:2:tune=1", "ok", "1"), ("denoise:bf16:auto:2", "ok", "0")]
+  assert seen == [{"apply_rows": 16, "stats_rows": 16}]
+  assert out["meta"]["pallas_tuning"] == {"file": str(flat), "overrides": {"apply_rows": 16, "stats_rows": 16}}
   assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case
+  plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
+  assert plan[4:7] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]

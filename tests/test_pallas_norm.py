@@ -5,7 +5,9 @@ the same holds for an input in channel parts (read in place, never concatenated)
 running XLA elsewhere (bit-identical to "channel" on CPU). The statistics kernel (`channel_sums`): equals the
 XLA sums through the interpreter (one and many row chunks), keeps mean and variance accurate far from zero,
 has the XLA expression's gradient in x and the pivot, refuses untileable shapes and lowers to one Triton call
-for CUDA. Speed is measured on a GPU only (`gn=pallas`)."""
+for CUDA. Both partition over a sharded batch without gathering it, and tracing under `tuning` changes their
+launch. Speed is measured on a GPU only (`benchmarks/bench_pallas_norm.py`, `gn=pallas`)."""
+import functools
 import re
 
 import jax
@@ -209,21 +211,38 @@ def test_tuning_context_and_validation():
 
 
 def test_tuning_reaches_the_triton_launch():
-  """The launch parameters in force while tracing are the ones in the lowered CUDA program (grid and warps)."""
+  """The launch parameters in force while tracing are the ones in the lowered CUDA program (grid, warps and
+  stages of both kernels)."""
   x = jax.ShapeDtypeStruct((2, 4096, 256), jnp.bfloat16)
   row = jax.ShapeDtypeStruct((2, 256), jnp.float32)
   opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
 
-  def launch(**kw):
+  def launch(kernel, **kw):
     # A new function each time: jax reuses the trace of a function it has seen with the same shapes.
-    fn = lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16)
+    if kernel == "apply":
+      fn, args = (lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16)), (x, row, row)
+    else:
+      fn, args = (lambda x, p: pallas_norm.channel_sums(x, p)), (x, row)
     with pallas_norm.tuning(**kw):
-      text = export.export(jax.jit(fn), **opts)(x, row, row).mlir_module()
-    return re.findall(r"grid_[xyz] = (\d+)", text), re.findall(r"num_warps = (\d+)", text)
+      text = export.export(jax.jit(fn), **opts)(*args).mlir_module()
+    return [re.findall(rf"{k} = (\d+)", text) for k in ("grid_[xyz]", "num_warps", "num_stages")]
 
-  (grid, warps), (grid64, warps8) = launch(), launch(apply_rows=64, apply_warps=8)
-  assert warps == ["4"] and warps8 == ["8"]
-  assert grid == ["2", "128", "1"] and grid64 == ["2", "64", "1"]  # (batch, row tiles, channel tiles)
+  # grid = (batch, row tiles or chunks, channel tiles)
+  assert launch("apply") == [["2", "128", "1"], ["4"], ["1"]]
+  assert launch("apply", apply_rows=64, apply_warps=8, apply_stages=2) == [["2", "64", "1"], ["8"], ["2"]]
+  assert launch("sums") == [["2", "4", "1"], ["4"], ["3"]]
+  assert launch("sums", stats_rows=512, stats_warps=8, stats_stages=2) == [["2", "8", "1"], ["8"], ["2"]]
+
+
+def test_auto_is_the_kernels_in_bf16_and_xla_in_float32():
+  """GroupNorm32's default ("auto") lowers to the two Triton kernels for CUDA in bf16 (whatever the number of
+  devices: the suite runs with 8) and to none in float32 (the parity path)."""
+  shape = (2, 8, 8, 256)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  for dtype, calls in ((jnp.bfloat16, 2), (jnp.float32, 0)):
+    v, fn = _gn_apply("auto", 256, shape)
+    text = export.export(jax.jit(fn), **opts)(v, jax.ShapeDtypeStruct(shape, dtype)).mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == calls, dtype
 
 
 def _gn_apply(stats, c, shape):
@@ -236,7 +255,6 @@ def _cuda() -> bool:
   return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
-@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernel runs: see the GPU test")
 def test_groupnorm_pallas_is_channel_off_gpu():
   shape = (2, 8, 8, 256)
@@ -247,7 +265,6 @@ def test_groupnorm_pallas_is_channel_off_gpu():
                                 np.asarray(jax.jit(channel)(v, x), np.float32))
 
 
-@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 @pytest.mark.parametrize("c, calls", [(256, 2), (64, 0)])
 def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
   """Lowered for CUDA (no GPU needed): two Triton custom calls (statistics sums, apply) where the shape tiles,
@@ -264,13 +281,11 @@ def test_groupnorm_pallas_lowers_to_triton_for_cuda(c, calls):
   assert gtext.count("__gpu$xla.gpu.triton") == calls
 
 
-@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 @pytest.mark.parametrize("widths", [(768,), (512, 256)])
 def test_groupnorm_pallas_kernel_branch_through_the_interpreter(monkeypatch, widths):
   """GroupNorm32(stats="pallas") with its CUDA branch forced (both kernels through Pallas' interpreter), on a
   single input and on channel parts whose groups straddle the boundary (24 channels per group): within one
   bf16 rounding of "channel" on the concatenation, with the same gradients (float32 inputs)."""
-  import functools
   monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
   monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
   monkeypatch.setattr(pallas_norm, "affine_act", functools.partial(pallas_norm.affine_act, interpret=True))
@@ -292,7 +307,6 @@ def test_groupnorm_pallas_kernel_branch_through_the_interpreter(monkeypatch, wid
     np.testing.assert_allclose(gi, wi, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:GroupNorm32\\(stats='pallas'\\)")  # the 8 fake devices (tested below)
 def test_groupnorm_pallas_reads_channel_parts_in_place_for_cuda():
   """A GroupNorm given channel parts (a decoder's [h, skip] with skip_impl="split"), lowered for CUDA: one
   sums kernel per part and one apply kernel that reads both parts, and no activation-sized concatenation in
@@ -350,16 +364,54 @@ def test_compiled_kernel_on_gpu():
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several devices (the suite runs with 8 fake CPUs)")
-def test_pallas_warns_on_several_devices():
-  """XLA cannot partition a Pallas call: with several devices the "pallas" mode says so (at trace time, where
-  the kernel would be used), "channel" does not."""
-  import warnings
-  shape = (2, 8, 8, 256)
-  x = jnp.ones(shape, jnp.bfloat16)
-  v, pallas = _gn_apply("pallas", 256, shape)
-  _, channel = _gn_apply("channel", 256, shape)
-  with pytest.warns(UserWarning, match="cannot partition a Pallas call"):
-    pallas(v, x)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    channel(v, x)
+def test_kernels_partition_over_the_batch():
+  """Both kernels (through the interpreter) in a program whose operands are sharded over the batch on all
+  devices: each device computes its own examples (no all-gather, values, gradients too, and the result stays
+  batch-sharded), equal to the unsharded call. A bare pallas_call in the same program is gathered: the
+  partitioning rule is what prevents it."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  n_dev = jax.device_count()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+  x, a, d = _inputs(b=n_dev, n=32)
+  parts = (x[..., :256], x[..., 256:])
+  pivot = x[:, 0, :].astype(jnp.float32)
+
+  def apply_loss(parts, a, d):
+    return jnp.sum(pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.float32, interpret=True) ** 2)
+
+  def sums_loss(x, p):
+    s1, s2 = pallas_norm.channel_sums(x, p, interpret=True)
+    return jnp.sum(s1 * s1) + jnp.sum(s2)
+
+  apply = lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
+                                                     interpret=True)
+  sums = lambda x, p: pallas_norm.channel_sums(x, p, interpret=True)
+  for fn, args in ((apply, (parts, a, d)), (sums, (x, pivot)), (jax.grad(apply_loss, (0, 1, 2)), (parts, a, d)),
+                   (jax.grad(sums_loss), (x, pivot))):
+    sharded = jax.tree.map(put, args)
+    compiled = jax.jit(fn).lower(*sharded).compile()
+    assert "all-gather" not in compiled.as_text()
+    got, want = compiled(*sharded), jax.jit(fn)(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert tuple(g.sharding.spec)[:1] == ("data",)  # still one shard of examples per device
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-5, atol=1e-4)
+  bare = functools.partial(pallas_norm._apply_call, silu=True, out_dtype=jnp.bfloat16, interpret=True,
+                           tune=pallas_norm.Tuning())
+  assert "all-gather" in jax.jit(bare).lower(*jax.tree.map(put, (x, a, d))).compile().as_text()
+
+
+def test_single_device_lowering_is_the_bare_kernel():
+  """On one device the partitioning wrapper lowers to the bare kernel: one Triton call with the same kernel
+  IR, nothing else (so the single-GPU program measured on an H200 is unchanged)."""
+  x = jax.ShapeDtypeStruct((4, 4096, 256), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((4, 256), jnp.float32)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  bare = functools.partial(pallas_norm._apply_call, silu=True, out_dtype=jnp.bfloat16, interpret=False,
+                           tune=pallas_norm.Tuning())
+  texts = [export.export(jax.jit(f), **opts)(x, row, row).mlir_module() for f in (
+      lambda x, a, d: bare(x, a, d),
+      lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16))]
+  ops = [re.findall(r"stablehlo\.[a-z_]+", t) for t in texts]
+  kernels = [re.findall(r'ir = "[^"]*"', t) for t in texts]
+  assert ops[0] == ops[1] and len(kernels[0]) == 1 and kernels[0] == kernels[1]

@@ -6,11 +6,17 @@ The apply kernel, `affine_act`.
 Why: on an H200 the XLA loop fusions that apply the UNet's GroupNorms move 4 bf16 per thread (8-byte accesses)
 and reach ~2.4 TB/s, while a plain copy in the same program reaches 4.3 TB/s (benchmarks/RESULTS.md, 2026-11-26:
 ~37 ms of the 451 ms denoise call at batch 128). This kernel works on (32 rows, 256 channels) tiles, 64
-elements per thread. Measured on an H200 (bf16, batch 128, 224x224x256): 3.7 TB/s, against 3.2 TB/s for XLA's
-fusion of the same arithmetic and 3.4 TB/s for an XLA elementwise copy in the same process
-(`benchmarks/bench_pallas_norm.py`). The UNet uses it by default in bf16 in a single-device process
-(`UNet.norm_stats="auto"` -> "pallas"). XLA cannot partition a Pallas call: use it in single-device programs
-(or inside `shard_map`), not in a batch-sharded jit.
+elements per thread. Measured on an H200 (bf16, batch 128, 224x224x256): 3.7 TB/s alone, against 3.2 TB/s for
+XLA's fusion of the same arithmetic and 3.4 TB/s for an XLA elementwise y = 2x in the same process
+(`benchmarks/bench_pallas_norm.py`), and 3.5 TB/s inside the UNet, where a plain concatenation copy reached
+4.3 TB/s. The UNet uses it by default in bf16 (`UNet.norm_stats="auto"` ->
+"pallas").
+
+Sharding: XLA cannot see inside a Pallas call, and left alone would gather a batch-sharded operand onto every
+device. Both kernels work example by example, so each is wrapped in a `custom_partitioning` rule
+(`_per_example`) that splits it over whatever shards the batch axis, with no communication; on one device
+that is the kernel itself (the same lowered program). Checked on 8 CPU devices through the interpreter;
+measured on one GPU only.
 
 `affine_act(x (B, N, C) or its channel parts, a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`
 (parts: a decoder block's [h, skip] is read where it lies, never concatenated): the same arithmetic as
@@ -32,8 +38,9 @@ squares small when |mean| >> std). Same `supported` shapes as the apply. Measure
 batch 128): 3.8 TB/s against 3.1 TB/s for XLA's reduction. Reverse-mode differentiable in x and the pivot
 (custom VJP, backward in XLA).
 
-Launch parameters: `Tuning` (rows per tile, warps, stages); the defaults won or tied the sweep of
-`benchmarks/bench_pallas_norm.py` on an H200 within 2% on the kernels and 0.2% in the whole UNet.
+Launch parameters: `Tuning` (rows per tile, warps, stages). In the sweep of `benchmarks/bench_pallas_norm.py`
+on an H200 the sums' defaults were the fastest (tied by 2 and 4 stages), the apply's lost by 2.2% to 16-row
+tiles on the kernels alone, and the two tied in the whole UNet (within 0.2%), so the defaults stay.
 """
 from __future__ import annotations
 
@@ -70,12 +77,13 @@ class Tuning:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if not isinstance(v, int) or v < 1:
+      if type(v) is not int or v < 1:  # not bool either
         raise ValueError(f"pallas_norm.Tuning.{f.name} must be a positive int, got {v!r}")
-    for name in ("apply_rows", "stats_rows", "stats_block"):
+    for name, least in (("apply_rows", MIN_BLOCK_N), ("stats_rows", MIN_BLOCK_N), ("stats_block", MIN_BLOCK_N),
+                        ("apply_warps", 1), ("stats_warps", 1)):  # Triton: power-of-two tiles and warp counts
       v = getattr(self, name)
-      if v & (v - 1) or v < MIN_BLOCK_N:
-        raise ValueError(f"pallas_norm.Tuning.{name} must be a power of two >= {MIN_BLOCK_N}, got {v}")
+      if v & (v - 1) or v < least:
+        raise ValueError(f"pallas_norm.Tuning.{name} must be a power of two >= {least}, got {v}")
 
 
 _TUNING = Tuning()
@@ -99,8 +107,52 @@ def tuning(**overrides):
     _TUNING = previous
 
 
-def _block_n(n: int) -> int:
-  return min(n & -n, _TUNING.apply_rows)  # largest power of two dividing n (Triton tiles are powers of two)
+def _block_n(n: int, tune: Tuning | None = None) -> int:
+  # largest power of two dividing n (Triton tiles are powers of two), capped
+  return min(n & -n, (tune or _TUNING).apply_rows)
+
+
+def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
+  """`fn(*operands)`, whose operands and results all lead with the batch axis and which works example by
+  example, as a function XLA partitions over whatever shards that batch axis: each device runs `fn` on its own
+  examples, with the other axes whole, and nothing is communicated. (XLA cannot see inside a Pallas call, so
+  without this a batch-sharded program would gather every operand onto every device.) On one device it is
+  `fn` itself (jax lowers a custom_partitioning call inline there). `fn` must build its kernel from the shapes
+  it is called with: in a sharded program they are one device's shapes."""
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def positional(*operands):  # custom_partitioning binds its function's signature: positional only
+    return fn(*operands)
+
+  wrapped = custom_partitioning(positional)
+  single = len(out_ranks) == 1
+
+  def batch_of(arg_shapes):
+    spec = getattr(arg_shapes[0].sharding, "spec", None)
+    return spec[0] if spec else None
+
+  def shardings(mesh, batch, ranks):
+    return tuple(NamedSharding(mesh, PartitionSpec(batch, *(None,) * (r - 1))) for r in ranks)
+
+  def infer(mesh, arg_shapes, result_shape):  # GSPMD propagation
+    out = shardings(mesh, batch_of(arg_shapes), out_ranks)
+    return out[0] if single else out
+
+  def partition(mesh, arg_shapes, result_shape):
+    batch = batch_of(arg_shapes)
+    out = shardings(mesh, batch, out_ranks)
+    return mesh, positional, (out[0] if single else out), shardings(mesh, batch, in_ranks)
+
+  # Shardy: factor "b" is the batch, shared by every operand and result; every other axis is its own factor
+  # and is kept whole.
+  names = iter(f"f{i}" for i in range(sum(in_ranks) + sum(out_ranks)))
+  spec = lambda r: " ".join(["b", *(next(names) for _ in range(r - 1))])
+  ins, outs = [spec(r) for r in in_ranks], [spec(r) for r in out_ranks]
+  others = tuple(f for s in ins + outs for f in s.split()[1:])
+  wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                        sharding_rule=", ".join(ins) + " -> " + ", ".join(outs), need_replication_factors=others)
+  return wrapped
 
 
 def supported(n: int, c: int) -> bool:
@@ -140,10 +192,11 @@ def _part_index_map(i, j, k, *, lo: int, hi: int):
   return i, j, jnp.minimum(jnp.maximum(k - lo, 0), hi - lo - 1)
 
 
-def _pallas(parts, a, d, silu, out_dtype, interpret):
+def _apply_call(*operands, silu, out_dtype, interpret, tune):
+  *parts, a, d = operands
   b, n, _ = parts[0].shape
   bounds = (0, *itertools.accumulate(p.shape[2] // BLOCK_C for p in parts))  # channel-tile offsets
-  bn = _block_n(n)
+  bn = _block_n(n, tune)
   x_specs = [pl.BlockSpec((None, bn, BLOCK_C), functools.partial(_part_index_map, lo=lo, hi=hi))
              for lo, hi in zip(bounds, bounds[1:])]
   tile = pl.BlockSpec((None, bn, BLOCK_C), lambda i, j, k: (i, j, k))
@@ -151,8 +204,7 @@ def _pallas(parts, a, d, silu, out_dtype, interpret):
   kw = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=_TUNING.apply_warps,
-                                                    num_stages=_TUNING.apply_stages)
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
   return pl.pallas_call(
       functools.partial(_kernel, silu=silu, bounds=bounds),
       out_shape=jax.ShapeDtypeStruct((b, n, bounds[-1] * BLOCK_C), out_dtype),
@@ -161,7 +213,14 @@ def _pallas(parts, a, d, silu, out_dtype, interpret):
       out_specs=tile,
       interpret=interpret,
       **kw,
-  )(*parts, a.astype(jnp.float32), d.astype(jnp.float32))
+  )(*parts, a, d)
+
+
+def _pallas(parts, a, d, silu, out_dtype, interpret):
+  # The launch parameters are read now, at trace time (the partitioner calls back later, at compile time).
+  call = functools.partial(_apply_call, silu=silu, out_dtype=out_dtype, interpret=interpret, tune=_TUNING)
+  return _per_example(call, (3,) * len(parts) + (2, 2), (3,))(*parts, a.astype(jnp.float32),
+                                                             d.astype(jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -218,8 +277,8 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
   return _affine_act(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
-def _stats_rows(n: int) -> int:
-  return min(n & -n, _TUNING.stats_rows)  # largest power of two dividing n, capped (read at trace time)
+def _stats_rows(n: int, tune: Tuning | None = None) -> int:
+  return min(n & -n, (tune or _TUNING).stats_rows)  # largest power of two dividing n, capped
 
 
 def channel_sums_reference(x: jax.Array, pivot: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -243,21 +302,20 @@ def _stats_kernel(x_ref, p_ref, s1_ref, s2_ref, *, block_n: int):
   s2_ref[...] = jnp.sum(acc2, axis=0)
 
 
-def _stats_pallas(x, pivot, interpret):
+def _stats_call(x, pivot, *, interpret, tune):
   b, n, c = x.shape
-  rows = _stats_rows(n)
+  rows = _stats_rows(n, tune)
   chunks = n // rows
-  block_n = min(_TUNING.stats_block, rows)
+  block_n = min(tune.stats_block, rows)
   tile = pl.BlockSpec((None, rows, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
   part = pl.BlockSpec((None, None, BLOCK_C), lambda i, j, k: (i, j, k))
   kw = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=_TUNING.stats_warps,
-                                                    num_stages=_TUNING.stats_stages)
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.stats_warps, num_stages=tune.stats_stages)
   out = jax.ShapeDtypeStruct((b, chunks, c), jnp.float32)
-  s1, s2 = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_stats_kernel, block_n=block_n),
       out_shape=(out, out),
       grid=(b, chunks, c // BLOCK_C),
@@ -265,8 +323,13 @@ def _stats_pallas(x, pivot, interpret):
       out_specs=(part, part),
       interpret=interpret,
       **kw,
-  )(x, pivot.astype(jnp.float32))
-  return s1.sum(axis=1), s2.sum(axis=1)
+  )(x, pivot)
+
+
+def _stats_pallas(x, pivot, interpret):
+  call = functools.partial(_stats_call, interpret=interpret, tune=_TUNING)  # launch parameters: trace time
+  s1, s2 = _per_example(call, (3, 2), (3, 3))(x, pivot.astype(jnp.float32))
+  return s1.sum(axis=1), s2.sum(axis=1)  # the per-chunk partial sums (B, chunks, C), in XLA
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -24,8 +24,7 @@ Speed (execution choices, same params; see the UNet fields; each default chosen 
 benchmarks/RESULTS.md): cuDNN fused attention where it applies (`attention_impl="auto"`), q/k/v written
 contiguously by three GEMMs over column blocks of the qkv kernel (no strided slices of the activation),
 GroupNorm in reduced precision as one read for the statistics and one fused multiply-add + SiLU, as Pallas
-(Triton) kernels on an NVIDIA GPU in a single-device process (`norm_stats="auto"`: "pallas", else
-"channel"), decoder skips without a materialised concatenation (`skip_impl="split"`), the input and output
+(Triton) kernels on an NVIDIA GPU (`norm_stats="auto"` -> "pallas"), decoder skips without a materialised concatenation (`skip_impl="split"`), the input and output
 3x3 convs (3 -> 256, 256 -> 6 channels) as one GEMM each (`edge_impl="gemm"`); together 7% faster than
 "channel" + "concat" + "conv" (denoise, ADM-256 at 224, batch 128). Optional: the up-sampling convs as
 stride-2 transposed convs on the low-resolution input (`upsample_impl="transposed"`, measured 3% slower).
@@ -39,7 +38,6 @@ import functools
 import itertools
 import math
 import operator
-import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -75,14 +73,12 @@ NORM_STATS = ("auto", "two_pass", "one_pass", "channel", "pallas")
 
 
 def auto_norm_stats(dtype) -> str:
-  """What `norm_stats="auto"` means for inputs of `dtype`: "two_pass" for float32 (the parity path); in
-  bf16/fp16 "pallas" in single-device programs and "channel" otherwise. Measured on an H200 (benchmarks/
-  RESULTS.md, 2026-11-26): "channel" is 2.8% faster and more accurate than "one_pass", and "pallas" (the same
-  arithmetic in Triton kernels on NVIDIA GPUs, XLA elsewhere) 3.1% faster again. XLA cannot partition a Pallas
-  call, so where the process sees several devices (a batch-sharded jit) the XLA "channel" path is used."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return "two_pass"
-  return "pallas" if jax.device_count() == 1 else "channel"
+  """What `norm_stats="auto"` means for inputs of `dtype`: "pallas" for bf16/fp16, "two_pass" otherwise (the
+  float32 parity path). Measured on an H200 (benchmarks/RESULTS.md, 2026-11-26): "channel" is 2.8% faster and
+  more accurate than "one_pass", and "pallas" (the same arithmetic in Triton kernels on NVIDIA GPUs, XLA
+  elsewhere) 3.1% faster again, for the same error. "pallas" is reverse-mode only and lowers for one platform
+  at a time: for forward-mode AD or an export to several platforms at once, set norm_stats="channel"."""
+  return "pallas" if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "two_pass"
 
 # UNet fields that choose how the network runs, never what it computes (same params, same function).
 EXECUTION_FIELDS = ("attention_impl", "norm_stats", "upsample_impl", "skip_impl", "edge_impl")
@@ -164,13 +160,12 @@ class GroupNorm32(nn.Module):
   - "pallas": "channel" with the per-channel sums and the multiply-add + SiLU in Pallas (Triton) kernels on
     NVIDIA GPUs (`models.pallas_norm`) where they tile every part, XLA elsewhere (chosen per platform at
     lowering, `lax.platform_dependent`). On an H200 (bf16, ADM-256 at 224, batch 128) 3.1% faster than
-    "channel" for the same error; its kernels move 3.7-3.8 TB/s, more than XLA's own copy there. For
-    single-device programs: XLA cannot partition a Pallas call, so a batch-sharded jit would gather the
-    activation for each one. Reverse-mode differentiable (custom VJP), not forward-mode; lower for one
-    platform at a time.
-  - "auto" (default): "two_pass" for float32 inputs (exact parity); for bf16/fp16 inputs, where the result is
-    rounded to 8 (11) mantissa bits anyway, "pallas" in a single-device process, else "channel"
-    (`auto_norm_stats`).
+    "channel" for the same error (its kernels move 3.5-3.8 TB/s, XLA's fusions 3.1-3.2). In a
+    batch-sharded program each device runs the kernels on its own examples (`pallas_norm` tells XLA how to
+    partition them; measured on one GPU only). Reverse-mode differentiable (custom VJP), not forward-mode;
+    lower for one platform at a time.
+  - "auto" (default): "two_pass" for float32 inputs (exact parity); "pallas" for bf16/fp16 inputs, where the
+    result is rounded to 8 (11) mantissa bits anyway (`auto_norm_stats`).
   The "two_pass" and "one_pass" paths round to the input dtype after the affine params and apply scale-shift
   and SiLU in it, as guided-diffusion does (in float32 they are the reference computation).
   """
@@ -222,9 +217,6 @@ class GroupNorm32(nn.Module):
     b, spatial, c = parts[0].shape[0], parts[0].shape[1:-1], scale.shape[0]
     # The Pallas kernels where every part tiles, chosen per platform at lowering (XLA off NVIDIA GPUs).
     pallas = pallas and all(pallas_norm.supported(math.prod(spatial), p.shape[-1]) for p in parts)
-    if pallas and jax.device_count() > 1:
-      warnings.warn("GroupNorm32(stats='pallas'): XLA cannot partition a Pallas call; in a program sharded over "
-                    f"the {jax.device_count()} devices each call gathers its activation (use 'channel' there)")
     sums_fn = None
     if pallas:
       sums_fn = lambda x3, p: jax.lax.platform_dependent(x3, p, cuda=pallas_norm.channel_sums,
@@ -548,9 +540,8 @@ class UNet(nn.Module):
   # Execution choices (EXECUTION_FIELDS), not checkpoint properties (the params are the same for every value):
   # attention_impl: "auto" (cuDNN fused attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn".
   attention_impl: Optional[str] = "auto"
-  # norm_stats: GroupNorm statistics and apply, "auto" (two-pass in float32; in bf16/fp16 "pallas" in a
-  # single-device process, else "channel": auto_norm_stats), "two_pass", "one_pass", "channel", "pallas"
-  # (see GroupNorm32).
+  # norm_stats: GroupNorm statistics and apply, "auto" (two-pass in float32, "pallas" in bf16/fp16:
+  # auto_norm_stats), "two_pass", "one_pass", "channel", "pallas" (see GroupNorm32).
   norm_stats: str = "auto"
   # upsample_impl: "nearest" (materialise nearest x2, then the 3x3 conv, like guided-diffusion) or
   # "transposed" (the same map as one stride-2 transposed conv on the low-resolution input; see UpConv).
