@@ -216,6 +216,11 @@ def load_pallas_tuning(path: str) -> dict:
   return overrides
 
 
+def _changes_tuning(overrides: dict) -> bool:
+  from diffaug_jax.models import pallas_norm
+  return pallas_norm.Tuning(**overrides) != pallas_norm.Tuning()
+
+
 def _tuning_ctx(case: Case, args):
   if case.tune == "0":
     return contextlib.nullcontext()
@@ -886,7 +891,7 @@ def main(argv=None) -> dict:
   args.pallas_tuning_overrides = load_pallas_tuning(args.pallas_tuning) if args.pallas_tuning else {}
   # The tuned cases only when the tuning changes something (else they would repeat the defaults' cases).
   cases = ([Case.parse(c) for c in args.cases.split(",")] if args.cases
-           else default_plan(size, tuned=bool(args.pallas_tuning_overrides)))
+           else default_plan(size, tuned=_changes_tuning(args.pallas_tuning_overrides)))
   if any(c.tune == "1" for c in cases) and not args.pallas_tuning:
     raise SystemExit("cases with tune=1 need --pallas-tuning FILE (benchmarks/bench_pallas_norm.py writes it)")
   profile_specs = parse_profile_specs(args.profile_cases)  # a typo fails here, not after the first compiles

@@ -106,7 +106,9 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_time_s: flo
   """Turns on JAX's persistent compilation cache at `path` (default `$DIFFAUG_JAX_CACHE`, else off).
 
   Saves minutes per start of the big ADM programs (a rerun on the same machine skips XLA compilation and
-  autotuning). Safe to call after import; returns the directory used or None.
+  autotuning). Programs partitioned over several devices that hold a custom-partitioning call (the Pallas
+  GroupNorm kernels, jax's cuDNN attention) get a new cache key every process and are not reused. Safe to
+  call after import; returns the directory used or None.
   """
   path = path or os.environ.get("DIFFAUG_JAX_CACHE")
   if not path:

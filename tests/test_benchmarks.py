@@ -372,19 +372,23 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="need a GPU"):
     bench_pallas_norm.main([])
   flat.write_text(json.dumps({"apply_rows": 16, "stats_rows": 16}))
-  seen, real = [], pallas_norm.tuning
+  from diffaug_jax.models import unet as unet_lib
+  seen, folded = [], unet_lib.GroupNorm32._folded
 
-  def spy(**kw):  # the tune=1 case is traced inside pallas_norm.tuning(**the file's overrides); tune=0 is not
-    seen.append(kw)
-    return real(**kw)
+  def spy(self, *args, **kw):  # the launch parameters in force while the UNet's GroupNorms are traced
+    seen.append(pallas_norm.current_tuning())
+    return folded(self, *args, **kw)
 
-  monkeypatch.setattr(pallas_norm, "tuning", spy)
+  monkeypatch.setattr(unet_lib.GroupNorm32, "_folded", spy)
   out = bench_diffaug.main(FAST + ["--no-peak", "--pallas-tuning", str(flat), "--cases",
                                    "denoise:bf16:auto:2:tune=1,denoise:bf16:auto:2"])
   assert [(r["case"], r["status"], r["tune"]) for r in out["cases"]] == [
       ("denoise:bf16:auto:2:tune=1", "ok", "1"), ("denoise:bf16:auto:2", "ok", "0")]
-  assert seen == [{"apply_rows": 16, "stats_rows": 16}]
+  tuned = pallas_norm.Tuning(apply_rows=16, stats_rows=16)
+  assert tuned in seen and pallas_norm.Tuning() in seen  # tune=1 traced with the file's, tune=0 with the defaults'
+  assert set(seen) == {tuned, pallas_norm.Tuning()}
   assert out["meta"]["pallas_tuning"] == {"file": str(flat), "overrides": {"apply_rows": 16, "stats_rows": 16}}
   assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case
   plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
   assert plan[4:7] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
+  assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})

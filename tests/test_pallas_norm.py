@@ -363,42 +363,125 @@ def test_compiled_kernel_on_gpu():
                              rtol=2 ** -7, atol=2 ** -7)
 
 
-@pytest.mark.skipif(jax.device_count() < 2, reason="needs several devices (the suite runs with 8 fake CPUs)")
-def test_kernels_partition_over_the_batch():
-  """Both kernels (through the interpreter) in a program whose operands are sharded over the batch on all
-  devices: each device computes its own examples (no all-gather, values, gradients too, and the result stays
-  batch-sharded), equal to the unsharded call. A bare pallas_call in the same program is gathered: the
-  partitioning rule is what prevents it."""
+_COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the suite runs with 8 fake CPUs)")
+@pytest.mark.parametrize("shardy", [True, False])
+def test_kernels_partition_over_the_batch(shardy):
+  """Both kernels (through the interpreter) in a program whose operands are sharded over the batch: each
+  device computes its own examples (no collective; values, gradients, a vmapped call, a 2-D mesh with the batch
+  over both axes; the result stays batch-sharded), equal to the unsharded call, with Shardy and with GSPMD (its
+  sharding propagation callback). A bare pallas_call in the same program is gathered: the rule prevents it."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  n_dev = jax.device_count()
+  previous = jax.config.jax_use_shardy_partitioner
+  jax.config.update("jax_use_shardy_partitioner", shardy)
+  try:
+    x, a, d = _inputs(b=8, n=32)
+    parts = (x[..., :256], x[..., 256:])
+    pivot = x[:, 0, :].astype(jnp.float32)
+
+    def apply_loss(parts, a, d):
+      return jnp.sum(pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.float32, interpret=True) ** 2)
+
+    def sums_loss(x, p):
+      s1, s2 = pallas_norm.channel_sums(x, p, interpret=True)
+      return jnp.sum(s1 * s1) + jnp.sum(s2)
+
+    apply = lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
+                                                       interpret=True)
+    sums = lambda x, p: pallas_norm.channel_sums(x, p, interpret=True)
+    # vmapped over a leading axis of 2, the batch (axis 1) sharded
+    vapply = jax.vmap(apply)
+    vargs = (tuple(p.reshape(2, 4, *p.shape[1:]) for p in parts), a.reshape(2, 4, -1), d.reshape(2, 4, -1))
+    mesh1 = Mesh(np.array(jax.devices()), ("data",))
+    mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    cases = [(apply, (parts, a, d), mesh1, "data", 0), (sums, (x, pivot), mesh1, "data", 0),
+             (jax.grad(apply_loss, (0, 1, 2)), (parts, a, d), mesh1, "data", 0),
+             (jax.grad(sums_loss), (x, pivot), mesh1, "data", 0),
+             (apply, (parts, a, d), mesh2, ("a", "b"), 0), (vapply, vargs, Mesh(np.array(jax.devices()[:4]), ("data",)),
+                                                            "data", 1)]
+    for fn, args, mesh, batch, axis in cases:
+      spec = lambda v: P(*(None,) * axis, batch, *(None,) * (v.ndim - axis - 1))
+      sharded = jax.tree.map(lambda v: jax.device_put(v, NamedSharding(mesh, spec(v))), args)
+      compiled = jax.jit(fn).lower(*sharded).compile()
+      assert not _COLLECTIVES.search(compiled.as_text()), (fn, mesh)
+      got, want = compiled(*sharded), jax.jit(fn)(*args)
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert tuple(g.sharding.spec)[axis:axis + 1] == (batch,)  # still one shard of examples per device
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-5, atol=1e-4)
+    bare = functools.partial(pallas_norm._apply_call, silu=True, out_dtype=jnp.bfloat16, interpret=True,
+                             tune=pallas_norm.Tuning())
+    put = lambda v: jax.device_put(v, NamedSharding(mesh1, P("data", *(None,) * (v.ndim - 1))))
+    assert "all-gather" in jax.jit(bare).lower(*map(put, (x, a, d))).compile().as_text()
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the suite runs with 8 fake CPUs)")
+def test_groupnorm_kernel_branch_partitions_over_the_batch(monkeypatch):
+  """GroupNorm32's default in bf16, with its CUDA branch (the kernels, through the interpreter) taken on CPU,
+  in a batch-sharded program, on one input and on [h, skip] parts: no collective, the output stays sharded,
+  equal to the unsharded call (to a bf16 ulp); its gradient has no collective either. Lowered for CUDA with sharded inputs,
+  the default bf16 GroupNorm holds the two kernels as partitioned calls, the float32 one none."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()), ("data",))
   put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
-  x, a, d = _inputs(b=n_dev, n=32)
+  shape = (8, 8, 8, 512)
+  opts_cuda = dict(lowering_platforms=("cuda",))
+  for dtype, calls in ((jnp.bfloat16, 2), (jnp.float32, 0)):
+    v, fn = _gn_apply("auto", 512, shape)
+    x = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("data")))
+    text = jax.jit(fn).trace(v, x).lower(**opts_cuda).as_text()
+    assert text.count("CustomSPMDPartitioning") == calls, dtype
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: cuda(*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act", functools.partial(pallas_norm.affine_act, interpret=True))
+  x = (5.0 + jax.random.normal(jax.random.key(2), shape)).astype(jnp.bfloat16)
+  v, fn = _gn_apply("auto", 512, shape)
+  for arg in (x, (x[..., :256], x[..., 256:])):
+    sharded = jax.tree.map(put, arg)
+    compiled = jax.jit(fn).lower(v, sharded).compile()
+    assert not _COLLECTIVES.search(compiled.as_text())
+    got = compiled(v, sharded)
+    assert tuple(got.sharding.spec)[:1] == ("data",)
+    # bf16 out: the float32 statistics may round differently per device layout (one bf16 ulp)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(jax.jit(fn)(v, arg), np.float32),
+                               rtol=2 ** -7, atol=2 ** -7)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(v, x).astype(jnp.float32) ** 2)))
+  assert not _COLLECTIVES.search(grad.lower(put(x)).compile().as_text())
+
+
+def test_kernels_vmap_by_folding_into_the_batch():
+  """vmap (a custom_partitioning call has no batching rule of its own): the mapped axis is folded into the
+  batch; equal to a loop over the mapped axis, with unmapped operands, under grad, nested; for CUDA the vmapped
+  call is still one Triton call."""
+  k = jax.random.split(jax.random.key(4), 3)
+  x = (3.0 * jax.random.normal(k[0], (3, 2, 32, 512))).astype(jnp.bfloat16)
+  a, d = jax.random.normal(k[1], (3, 2, 512)), jax.random.normal(k[2], (3, 2, 512))
   parts = (x[..., :256], x[..., 256:])
-  pivot = x[:, 0, :].astype(jnp.float32)
-
-  def apply_loss(parts, a, d):
-    return jnp.sum(pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.float32, interpret=True) ** 2)
-
-  def sums_loss(x, p):
-    s1, s2 = pallas_norm.channel_sums(x, p, interpret=True)
-    return jnp.sum(s1 * s1) + jnp.sum(s2)
-
-  apply = lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
-                                                     interpret=True)
-  sums = lambda x, p: pallas_norm.channel_sums(x, p, interpret=True)
-  for fn, args in ((apply, (parts, a, d)), (sums, (x, pivot)), (jax.grad(apply_loss, (0, 1, 2)), (parts, a, d)),
-                   (jax.grad(sums_loss), (x, pivot))):
-    sharded = jax.tree.map(put, args)
-    compiled = jax.jit(fn).lower(*sharded).compile()
-    assert "all-gather" not in compiled.as_text()
-    got, want = compiled(*sharded), jax.jit(fn)(*args)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      assert tuple(g.sharding.spec)[:1] == ("data",)  # still one shard of examples per device
-      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-5, atol=1e-4)
-  bare = functools.partial(pallas_norm._apply_call, silu=True, out_dtype=jnp.bfloat16, interpret=True,
-                           tune=pallas_norm.Tuning())
-  assert "all-gather" in jax.jit(bare).lower(*jax.tree.map(put, (x, a, d))).compile().as_text()
+  f = lambda p, a, d: pallas_norm.affine_act(p, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  at = lambda i: tuple(p[i] for p in parts)
+  want = np.stack([f(at(i), a[i], d[i]) for i in range(3)])
+  np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(f))(parts, a, d)), want)
+  np.testing.assert_array_equal(np.asarray(jax.vmap(f, in_axes=(0, None, None))(parts, a[0], d[0])),
+                                np.stack([f(at(i), a[0], d[0]) for i in range(3)]))
+  nested = jax.vmap(jax.vmap(f))((parts[0][None].repeat(2, 0), parts[1][None].repeat(2, 0)), a[None].repeat(2, 0),
+                                 d[None].repeat(2, 0))
+  np.testing.assert_array_equal(np.asarray(nested), np.stack([want, want]))
+  loss = lambda p, a, d: jnp.sum(jax.vmap(f)(p, a, d) ** 2)
+  looped = lambda p, a, d: sum(jnp.sum(f(tuple(q[i] for q in p), a[i], d[i]) ** 2) for i in range(3))
+  for g, w in zip(jax.tree.leaves(jax.grad(loss, (0, 1, 2))(parts, a, d)),
+                  jax.tree.leaves(jax.grad(looped, (0, 1, 2))(parts, a, d))):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-3)
+  pivot = x[:, :, 0, :].astype(jnp.float32)
+  sums = jax.vmap(lambda x, p: pallas_norm.channel_sums(x, p, interpret=True))(x, pivot)
+  for i in range(3):
+    _assert_sums_close([s[i] for s in sums], pallas_norm.channel_sums(x[i], pivot[i], interpret=True), x[i], pivot[i])
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  vf = jax.vmap(lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16))
+  text = export.export(jax.jit(vf), **opts)(x, a, d).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and re.findall(r"grid_[xyz] = (\d+)", text) == ["6", "1", "2"]
 
 
 def test_single_device_lowering_is_the_bare_kernel():

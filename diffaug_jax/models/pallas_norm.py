@@ -15,8 +15,10 @@ XLA's fusion of the same arithmetic and 3.4 TB/s for an XLA elementwise y = 2x i
 Sharding: XLA cannot see inside a Pallas call, and left alone would gather a batch-sharded operand onto every
 device. Both kernels work example by example, so each is wrapped in a `custom_partitioning` rule
 (`_per_example`) that splits it over whatever shards the batch axis, with no communication; on one device
-that is the kernel itself (the same lowered program). Checked on 8 CPU devices through the interpreter;
-measured on one GPU only.
+that is the kernel itself (the same lowered program); under vmap the mapped axis is folded into the batch.
+The rule is checked on 8 CPU devices through the Pallas interpreter (the kernels, and GroupNorm32's kernel
+branch); it has never been compiled or run on several GPUs. Programs with it are not cached by jax's
+persistent compilation cache (the partitioning callback is keyed by a Python object id).
 
 `affine_act(x (B, N, C) or its channel parts, a (B, C) f32, d (B, C) f32, silu, out_dtype) -> (B, N, C)`
 (parts: a decoder block's [h, skip] is read where it lies, never concatenated): the same arithmetic as
@@ -48,6 +50,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +120,9 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
   example, as a function XLA partitions over whatever shards that batch axis: each device runs `fn` on its own
   examples, with the other axes whole, and nothing is communicated. (XLA cannot see inside a Pallas call, so
   without this a batch-sharded program would gather every operand onto every device.) On one device it is
-  `fn` itself (jax lowers a custom_partitioning call inline there). `fn` must build its kernel from the shapes
-  it is called with: in a sharded program they are one device's shapes."""
+  `fn` itself (jax lowers a custom_partitioning call inline there). Under vmap the mapped axis is folded into
+  the batch. `fn` must build its kernel from the shapes it is called with: in a sharded program they are one
+  device's shapes."""
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec
 
@@ -129,7 +133,12 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
   single = len(out_ranks) == 1
 
   def batch_of(arg_shapes):
-    spec = getattr(arg_shapes[0].sharding, "spec", None)
+    sharding = arg_shapes[0].sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None and not sharding.is_fully_replicated:
+      warnings.warn(f"pallas_norm: operand sharding {sharding} names no mesh axes (a GSPMDSharding without a "
+                    "mesh in scope); the kernel runs on the gathered batch on every device. Shard with a "
+                    "NamedSharding to split it over the batch.", stacklevel=2)
     return spec[0] if spec else None
 
   def shardings(mesh, batch, ranks):
@@ -152,7 +161,24 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
   others = tuple(f for s in ins + outs for f in s.split()[1:])
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                         sharding_rule=", ".join(ins) + " -> " + ", ".join(outs), need_replication_factors=others)
-  return wrapped
+
+  # custom_partitioning has no batching rule. Working example by example, the function vmaps by folding the
+  # mapped axis into the batch, batch-major: (V, B, ...) -> (B * V, ...), one call, and back. Batch-major keeps
+  # a sharded B expressible on the merged axis (V-major would make XLA gather it).
+  from jax.custom_batching import custom_vmap
+
+  @custom_vmap
+  def call(*operands):
+    return wrapped(*operands)
+
+  @call.def_vmap
+  def _vmap_rule(axis_size, in_batched, *operands):
+    full = [o if batched else jnp.broadcast_to(o, (axis_size, *o.shape)) for o, batched in zip(operands, in_batched)]
+    out = call(*(jnp.moveaxis(o, 0, 1).reshape(o.shape[1] * axis_size, *o.shape[2:]) for o in full))
+    unfold = lambda y: jnp.moveaxis(y.reshape(y.shape[0] // axis_size, axis_size, *y.shape[1:]), 1, 0)
+    return (unfold(out), True) if single else (tuple(map(unfold, out)), (True,) * len(out))
+
+  return call
 
 
 def supported(n: int, c: int) -> bool:
