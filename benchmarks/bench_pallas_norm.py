@@ -82,7 +82,6 @@ def main(argv=None) -> dict:
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from diffaug_jax.models import pallas_norm
 

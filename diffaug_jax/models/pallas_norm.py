@@ -9,8 +9,7 @@ and reach ~2.4 TB/s, while a plain copy in the same program reaches 4.3 TB/s (be
 elements per thread. Measured on an H200 (bf16, batch 128, 224x224x256): 3.7 TB/s alone, against 3.2 TB/s for
 XLA's fusion of the same arithmetic and 3.4 TB/s for an XLA elementwise y = 2x in the same process
 (`benchmarks/bench_pallas_norm.py`), and 3.5 TB/s inside the UNet, where a plain concatenation copy reached
-4.3 TB/s. The UNet uses it by default in bf16 (`UNet.norm_stats="auto"` ->
-"pallas").
+4.3 TB/s. The UNet uses it by default in bf16 (`UNet.norm_stats="auto"` -> "pallas").
 
 Sharding: XLA cannot see inside a Pallas call, and left alone would gather a batch-sharded operand onto every
 device. Both kernels work example by example, so each is wrapped in a `custom_partitioning` rule

@@ -355,7 +355,7 @@ def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
     x once; output pixel (p, q) is the sum over (i, j) of taps[b, p + i - 1, q + j - 1, i, j] (zero outside
     the image, as the padding gives): nine shifted slices of the padded taps, added in one fusion.
   """
-  b, h, w, c = x.shape
+  _, h, w, c = x.shape
   o = kernel.shape[-1]
   if c < o:
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
