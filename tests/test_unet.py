@@ -38,8 +38,10 @@ def golden_models(golden_dir):
 # Execution choices that must not change the function (same params): the defaults (decoder skips in parts,
 # the input and output convs as GEMMs), guided-diffusion's literal structure (concatenated skips, convs), and
 # the fast paths forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed
-# convs, the "channel" GroupNorm fold, with per-part statistics over the decoder's parts).
+# convs, the "channel" GroupNorm fold, with per-part statistics over the decoder's parts, up-sampling convs as
+# one 2x2 conv of the four output phases).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
+              "phases": dict(upsample_impl="phases"),
               "channel": dict(norm_stats="channel"),
               "concat+conv": dict(skip_impl="concat", edge_impl="conv"),
               "channel+concat": dict(norm_stats="channel", skip_impl="concat")}
@@ -317,9 +319,11 @@ def test_groupnorm_fused_scale_shift_silu_and_output_dtype(stats):
   np.testing.assert_allclose(np.asarray(fused, np.float32), want, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("impl", ["transposed", "phases"])
 @pytest.mark.parametrize("features", [16, 24])
-def test_upconv_transposed_equals_nearest_then_conv(features):
-  """Nearest x2 + 3x3 conv == the folded stride-2 transposed conv, on odd sizes and at the borders."""
+def test_upconv_folded_equals_nearest_then_conv(features, impl):
+  """Nearest x2 + 3x3 conv == the folded forms (stride-2 transposed conv; 2x2 conv of the four phases), on
+  odd sizes and at the borders."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 16))
   near = unet_lib.UpConv(features, impl="nearest")
   v = near.init(jax.random.key(1), x)
@@ -329,9 +333,9 @@ def test_upconv_transposed_equals_nearest_then_conv(features):
   # The same as flax's own conv on the explicitly up-sampled input.
   conv = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))
   np.testing.assert_allclose(conv.apply(v, jnp.repeat(jnp.repeat(x, 2, 1), 2, 2)), ref, atol=1e-5)
-  out = unet_lib.UpConv(features, impl="transposed").apply(v, x)
+  out = unet_lib.UpConv(features, impl=impl).apply(v, x)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  out16 = unet_lib.UpConv(features, dtype=jnp.bfloat16, impl="transposed").apply(v, x)
+  out16 = unet_lib.UpConv(features, dtype=jnp.bfloat16, impl=impl).apply(v, x)
   assert out16.dtype == jnp.bfloat16
   assert float(jnp.max(jnp.abs(out16.astype(jnp.float32) - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
   with pytest.raises(ValueError, match="upsample impl"):
