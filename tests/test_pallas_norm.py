@@ -361,6 +361,18 @@ def test_compiled_kernel_on_gpu():
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
   np.testing.assert_allclose(np.asarray(lowered.compile()(v, (x[..., :256], x[..., 256:])), np.float32), want,
                              rtol=2 ** -7, atol=2 ** -7)
+  # The phase apply (an up-sampling ResBlock's conv output as four phases): bit-equal to the rows kernel on
+  # the interleave, and a GroupNorm given the phases equals "channel" on the interleave up to a bf16 rounding.
+  phases, a, d = _phase_inputs(b=2, h=28, w=28, c=512)
+  got = jax.jit(lambda ps, a, d: pallas_norm.affine_act_phases(ps, a, d, silu=True, out_dtype=jnp.bfloat16))(
+      phases, a, d)
+  flat = pallas_norm.interleave_phases(phases).reshape(2, -1, 512)
+  rows = jax.jit(lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16))(flat, a, d)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(rows.reshape(got.shape), np.float32))
+  phases = tuple(x[:, py::2, px::2] for py in (0, 1) for px in (0, 1))
+  lowered = jax.jit(lambda v, ps: pallas(v, unet_lib.Phases(ps))).lower(v, phases)
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 5
+  np.testing.assert_allclose(np.asarray(lowered.compile()(v, phases), np.float32), want, rtol=2 ** -7, atol=2 ** -7)
 
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
@@ -498,3 +510,139 @@ def test_single_device_lowering_is_the_bare_kernel():
   ops = [re.findall(r"stablehlo\.[a-z_]+", t) for t in texts]
   kernels = [re.findall(r'ir = "[^"]*"', t) for t in texts]
   assert ops[0] == ops[1] and len(kernels[0]) == 1 and kernels[0] == kernels[1]
+
+
+# ---- The phase apply (`affine_act_phases`): a nearest-x2 up-sampled conv's four output phases, interleaved by
+# the apply kernel as it writes (UpConv(impl="phases") -> GroupNorm32).
+
+
+def _phase_inputs(b=2, h=4, w=8, c=512, dtype=jnp.bfloat16, seed=7):
+  k = jax.random.split(jax.random.key(seed), 6)
+  phases = tuple((3.0 * jax.random.normal(k[i], (b, h, w, c))).astype(dtype) for i in range(4))
+  return phases, jax.random.normal(k[4], (b, c)), jax.random.normal(k[5], (b, c))
+
+
+@pytest.mark.parametrize("hw, rows", [((4, 8), 32), ((8, 2), 32), ((2, 64), 32), ((4, 8), 16)])
+@pytest.mark.parametrize("silu, out_dtype", [(True, jnp.bfloat16), (False, jnp.float32)])
+def test_phase_kernel_equals_the_apply_of_the_interleave(hw, rows, silu, out_dtype, monkeypatch):
+  """Through the interpreter, on tiles of several (rows, columns) shapes: bit-equal to `affine_act` on the
+  interleaved input, whose tiles are plain rows, and within a rounding of the XLA expression; the interleave
+  itself is the nearest-x2 phase order (out[2i + py, 2j + px] = phase (py, px)[i, j])."""
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(apply_rows=rows))
+  phases, a, d = _phase_inputs(h=hw[0], w=hw[1])
+  b, h, w, c = phases[0].shape
+  got = pallas_norm.affine_act_phases(phases, a, d, silu=silu, out_dtype=out_dtype, interpret=True)
+  assert got.shape == (b, 2 * h, 2 * w, c) and got.dtype == out_dtype
+  x = pallas_norm.interleave_phases(phases)
+  for py in (0, 1):
+    for px in (0, 1):
+      np.testing.assert_array_equal(np.asarray(x[:, py::2, px::2], np.float32),
+                                    np.asarray(phases[2 * py + px], np.float32))
+  flat = x.reshape(b, -1, c)
+  rows_kernel = pallas_norm.affine_act(flat, a, d, silu=silu, out_dtype=out_dtype, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(rows_kernel.reshape(got.shape), np.float32))
+  tol = 2e-6 if out_dtype == jnp.float32 else 2 ** -7
+  want = pallas_norm.reference(flat, a, d, silu, out_dtype).reshape(got.shape)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def test_phase_kernel_gradient():
+  """The custom VJP (backward in XLA) against finite differences and against the XLA expression's gradient."""
+  phases, a, d = _phase_inputs(b=1, h=4, w=4, c=256, dtype=jnp.float32)
+  kern = lambda ps, a, d: pallas_norm.affine_act_phases(ps, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  check_grads(lambda a, d: kern(phases, a, d), (a, d), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+  xla = lambda ps, a, d: pallas_norm._xla_apply(pallas_norm.interleave_phases(ps).reshape(1, -1, 256), a, d,
+                                                 True, jnp.float32)
+  loss = lambda f: lambda ps, a, d: jnp.sum(jnp.sin(f(ps, a, d)))
+  g = jax.grad(loss(kern), (0, 1, 2))(phases, a, d)
+  w = jax.grad(loss(xla), (0, 1, 2))(phases, a, d)
+  for gi, wi in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+    np.testing.assert_allclose(gi, wi, rtol=1e-5, atol=1e-5)
+
+
+def test_phase_kernel_refuses_bad_input():
+  phases, a, d = _phase_inputs()
+  call = lambda ps, a=a, d=d: pallas_norm.affine_act_phases(ps, a, d, silu=True, out_dtype=jnp.bfloat16,
+                                                            interpret=True)
+  with pytest.raises(ValueError, match="four"):
+    call(phases[:3])
+  with pytest.raises(ValueError, match="four"):
+    call(phases[:3] + (phases[3][:, :2],))
+  with pytest.raises(ValueError, match="a, d"):
+    call(phases, a=a[:, :256])
+  with pytest.raises(ValueError, match="not tiled"):
+    call(tuple(p[..., :128] for p in phases), a=a[:, :128], d=d[:, :128])
+  with pytest.raises(ValueError, match="not tiled"):  # 2 x 6 pixels: pow2 divisors hold 2 x 2 < 16
+    call(tuple(p[:, :2, :6] for p in phases))
+  assert pallas_norm.phases_supported(112, 112, 256) and pallas_norm.phases_supported(28, 28, 512)
+  assert not pallas_norm.phases_supported(14, 14, 1024) and not pallas_norm.phases_supported(112, 112, 192)
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_groupnorm_phases_kernel_branch_through_the_interpreter(monkeypatch, scale_shift):
+  """GroupNorm32(stats="pallas") given `Phases` with its CUDA branch forced (sums per phase + the phase apply,
+  through the interpreter): within one bf16 rounding of "channel" on the interleaved input, the same
+  gradients in float32; and every mode (the XLA paths interleave) equals its own result on the interleave."""
+  phases, _, _ = _phase_inputs(c=512)
+  phases = tuple(p + 2.0 for p in phases)
+  x = pallas_norm.interleave_phases(phases)
+  v, _ = _gn_apply("channel", 512, x.shape)
+  ss = (jnp.full((2, 1, 1, 512), 0.1, jnp.float32), jnp.full((2, 1, 1, 512), -0.2, jnp.float32))
+  apply = lambda stats, arg, dt: unet_lib.GroupNorm32(stats=stats).apply(
+      v, jax.tree.map(lambda p: p.astype(dt), arg), silu=True,
+      scale_shift=tuple(s.astype(dt) for s in ss) if scale_shift else None)
+  for stats in ("two_pass", "one_pass", "channel"):
+    np.testing.assert_allclose(np.asarray(apply(stats, unet_lib.Phases(phases), jnp.float32)),
+                               np.asarray(apply(stats, x, jnp.float32)), rtol=1e-5, atol=1e-5)
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act_phases",
+                      functools.partial(pallas_norm.affine_act_phases, interpret=True))
+  got = apply("pallas", unet_lib.Phases(phases), jnp.bfloat16)
+  want = apply("channel", x, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  loss = lambda stats, arg: jnp.sum(jnp.sin(apply(stats, arg, jnp.float32)))
+  f32 = tuple(p.astype(jnp.float32) for p in phases)
+  g = jax.grad(lambda ps: loss("pallas", unet_lib.Phases(ps)))(f32)
+  gw = jax.grad(lambda ps: loss("channel", pallas_norm.interleave_phases(ps)))(f32)
+  for gi, wi in zip(g, gw):
+    np.testing.assert_allclose(gi, wi, rtol=1e-4, atol=1e-4)
+
+
+def test_groupnorm_phases_lower_to_kernels_without_interleave_for_cuda():
+  """Lowered for CUDA: a GroupNorm given Phases is four sums kernels (one per phase) and ONE apply kernel, and
+  nothing activation-sized is concatenated or stacked (no interleaving copy); value-and-gradient lowers too."""
+  phases = tuple(jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16) for _ in range(4))
+  v, fn = _gn_apply("pallas", 256, (2, 16, 16, 256))
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = export.export(jax.jit(lambda v, ps: fn(v, unet_lib.Phases(ps))), **opts)(v, phases).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 5
+  shapes = re.findall(r"stablehlo.concatenate .*?-> tensor<([0-9x]+)x(?:bf16|f32)>", text)
+  assert all(s.count("x") <= 2 for s in shapes), shapes  # (phase, B, C) statistics at most
+  grad = jax.jit(jax.value_and_grad(lambda ps: jnp.sum(fn(v, unet_lib.Phases(ps)).astype(jnp.float32))))
+  assert export.export(grad, **opts)(phases).mlir_module().count("__gpu$xla.gpu.triton") == 5
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the suite runs with 8 fake CPUs)")
+def test_phase_kernel_partitions_over_the_batch_and_vmaps():
+  """The phase apply in a batch-sharded program: no collective, the result stays batch-sharded, equal to the
+  unsharded call (values and gradients); vmapped, equal to a loop."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  phases, a, d = _phase_inputs(b=8, h=4, w=4, c=256)
+  f = lambda ps, a, d: pallas_norm.affine_act_phases(ps, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  loss = jax.grad(lambda ps, a, d: jnp.sum(f(ps, a, d) ** 2), (0, 1, 2))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+  args = (phases, a, d)
+  for fn in (f, loss):
+    sharded = jax.tree.map(put, args)
+    compiled = jax.jit(fn).lower(*sharded).compile()
+    assert not _COLLECTIVES.search(compiled.as_text())
+    for g, w in zip(jax.tree.leaves(compiled(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
+      assert tuple(g.sharding.spec)[:1] == ("data",)
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-4)
+  stacked = (tuple(p.reshape(2, 4, *p.shape[1:]) for p in phases), a.reshape(2, 4, -1), d.reshape(2, 4, -1))
+  got = jax.jit(jax.vmap(f))(*stacked)
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(got[i]),
+                                  np.asarray(f(tuple(p[i] for p in stacked[0]), stacked[1][i], stacked[2][i])))

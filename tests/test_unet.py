@@ -3,6 +3,7 @@
 Runtime: ~25 s of CPU time (two tiny golden models, a few jitted applies; the 256 preset only via eval_shape).
 """
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -560,6 +561,56 @@ def test_lowered_unet_has_no_transpose_or_gather(monkeypatch, upsample_impl):
     assert "stablehlo.convolution" in text
     assert "stablehlo.transpose" not in text
     assert "stablehlo.gather" not in text
+
+
+@pytest.mark.parametrize("use_scale_shift_norm", [True, False])
+def test_upsampling_resblock_with_phases_equals_nearest(use_scale_shift_norm):
+  """An up-sampling ResBlock with upsample_impl="phases" (its conv kept as four phases, interleaved by the
+  GroupNorm that reads them; with or without scale-shift, where the embedding add maps over the phases) is
+  the nearest one in float32, same params; UpConv(keep_phases=True) returns the Phases that interleave to
+  its output, and any other impl ignores keep_phases."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6, 32))
+  emb = jax.random.normal(jax.random.key(1), (2, 16))
+  near = unet_lib.ResBlock(32, up=True, use_scale_shift_norm=use_scale_shift_norm)
+  v = near.init(jax.random.key(2), x, emb)
+  v = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), v)  # non-zero out conv
+  phases = near.clone(upsample_impl="phases")
+  assert jax.tree.structure(phases.init(jax.random.key(2), x, emb)) == jax.tree.structure(v)
+  ref = near.apply(v, x, emb)
+  assert ref.shape == (2, 8, 12, 32)
+  np.testing.assert_allclose(phases.apply(v, x, emb), ref, rtol=1e-5, atol=1e-5)
+  up = unet_lib.UpConv(8, impl="phases")
+  uv = up.init(jax.random.key(4), x)
+  kept = up.apply(uv, x, keep_phases=True)
+  assert isinstance(kept, unet_lib.Phases) and kept.shape == (2, 8, 12, 8) and kept.arrays[0].shape == (2, 4, 6, 8)
+  np.testing.assert_array_equal(kept.interleave(), up.apply(uv, x))
+  assert isinstance(unet_lib.UpConv(8, impl="nearest").apply(uv, x, keep_phases=True), jax.Array)
+
+
+def test_phases_reach_the_groupnorm_kernel_without_an_interleave_for_cuda():
+  """A bf16 UNet with upsample_impl="phases", lowered for CUDA: the up-sampling ResBlock's conv output reaches
+  the phase apply kernel as four arrays (3 Triton calls more than with "nearest": 4 sums + 1 apply instead of
+  1 + 1) and no activation-sized interleaving concatenation is left in the program; with the XLA GroupNorm
+  ("channel") the interleave is there (so the census can see one)."""
+  from jax import export
+  m = unet_lib.unet_from_flags(image_size=16, num_channels=256, num_res_blocks=1, channel_mult="1,1",
+                               attention_resolutions="", learn_sigma=True, resblock_updown=True,
+                               use_scale_shift_norm=True, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  p = jax.eval_shape(m.init, jax.random.key(0), x, t)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = {}
+  for name, mod in (("nearest", m), ("phases", m.clone(upsample_impl="phases")),
+                    ("phases+channel", m.clone(upsample_impl="phases", norm_stats="channel"))):
+    text[name] = export.export(jax.jit(mod.apply), **opts)(p, x, t).mlir_module()
+  triton = {k: v.count("__gpu$xla.gpu.triton") for k, v in text.items()}
+  assert triton["phases"] == triton["nearest"] + 3 and triton["phases+channel"] == 0, triton
+  # The interleave stacks the (2, 8, 8, 256) phases into (2, 8, 8, 2, 256) and (2, 8, 2, 8, 2, 256); the
+  # folded kernels (2, 3, 256, 2, 256) ... are weights.
+  interleaves = lambda txt: [s for s in re.findall(r"stablehlo.concatenate .*?-> tensor<([0-9x]+)x(?:bf16|f32)>",
+                                                   txt) if s.startswith("2x8x")]
+  assert interleaves(text["phases"]) == [] and interleaves(text["phases+channel"])
 
 
 def test_programs_hold_frozen_score_params_in_compute_dtype(tmp_path):

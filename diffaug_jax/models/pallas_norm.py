@@ -55,8 +55,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "channel_sums", "channel_sums_reference", "current_tuning", "reference",
-           "supported", "tuning"]
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "channel_sums", "channel_sums_reference", "current_tuning",
+           "interleave_phases", "phases_supported", "reference", "supported", "tuning"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
@@ -300,6 +300,115 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
     if not supported(n, p.shape[2]):
       raise ValueError(f"affine_act: (N, C) = {p.shape[1:]} not tiled (C % {BLOCK_C}, N % {MIN_BLOCK_N})")
   return _affine_act(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+def _phase_tile(h: int, w: int, tune: Tuning | None = None) -> tuple[int, int]:
+  """(rows, columns) of the phase apply's (rows, columns, 256) tiles: powers of two dividing (h, w), at most
+  `apply_rows` pixels (the width first: longer contiguous runs)."""
+  pixels = (tune or _TUNING).apply_rows
+  wt = min(w & -w, pixels)
+  return min(h & -h, pixels // wt), wt
+
+
+def phases_supported(h: int, w: int, c: int) -> bool:
+  """Whether `affine_act_phases` (and `channel_sums` on each phase) tile four (B, h, w, c) phases: c a
+  multiple of 256 and the largest power-of-two divisors of h and w holding >= 16 pixels together."""
+  return c % BLOCK_C == 0 and (h & -h) * (w & -w) >= MIN_BLOCK_N
+
+
+def interleave_phases(phases) -> jax.Array:
+  """Four (B, H, W, C) phases (p00, p01, p10, p11) -> (B, 2H, 2W, C), out[:, 2i + py, 2j + px] =
+  phases[2 py + px][:, i, j] (in XLA)."""
+  b, h, w, c = phases[0].shape
+  rows = [jnp.stack(phases[2 * py:2 * py + 2], axis=3) for py in (0, 1)]  # (B, H, W, px, C)
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c)  # (B, H, py, W, px, C)
+
+
+def _phase_kernel(*refs, silu: bool):
+  """refs = (the four phase refs, a, d, out); grid axis 3 is the phase, whose block of the output view
+  (B, H, 2, W, 2, C) is at [.., py, .., px, ..]; only that phase's ref is read."""
+  *x_refs, a_ref, d_ref, o_ref = refs
+
+  def apply(x_ref):
+    y = x_ref[...].astype(jnp.float32) * a_ref[...][None, None, :] + d_ref[...][None, None, :]
+    if silu:
+      y = y / (1.0 + jnp.exp(-y))
+    o_ref[...] = y.astype(o_ref.dtype)
+
+  p = pl.program_id(3)
+  for q, x_ref in enumerate(x_refs):
+    pl.when(p == q)(functools.partial(apply, x_ref))
+
+
+def _phase_apply_call(*operands, silu, out_dtype, interpret, tune):
+  *phases, a, d = operands
+  b, h, w, c = phases[0].shape
+  ht, wt = _phase_tile(h, w, tune)
+  x_spec = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, p, k: (i, j, l, k))
+  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, p, k: (i, k))
+  # The output as (B, H, py, W, px, C), a free view of (B, 2H, 2W, C): phase p's tile lands at (p // 2, p % 2).
+  out_spec = pl.BlockSpec((None, ht, None, wt, None, BLOCK_C), lambda i, j, l, p, k: (i, j, p // 2, l, p % 2, k))
+  kw = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
+  y = pl.pallas_call(
+      functools.partial(_phase_kernel, silu=silu),
+      out_shape=jax.ShapeDtypeStruct((b, h, 2, w, 2, c), out_dtype),
+      # The phase inside the pixel tile: the four tiles of one output region are written one after another.
+      grid=(b, h // ht, w // wt, 4, c // BLOCK_C),
+      in_specs=[x_spec] * 4 + [row, row],
+      out_specs=out_spec,
+      interpret=interpret,
+      **kw,
+  )(*phases, a, d)
+  return y.reshape(b, 2 * h, 2 * w, c)
+
+
+def _phase_pallas(phases, a, d, silu, out_dtype, interpret):
+  call = functools.partial(_phase_apply_call, silu=silu, out_dtype=out_dtype, interpret=interpret, tune=_TUNING)
+  return _per_example(call, (4,) * 4 + (2, 2), (4,))(*phases, a.astype(jnp.float32), d.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _affine_act_phases(phases, a, d, silu, out_dtype, interpret):
+  return _phase_pallas(phases, a, d, silu, out_dtype, interpret)
+
+
+def _phase_fwd(phases, a, d, silu, out_dtype, interpret):
+  return _phase_pallas(phases, a, d, silu, out_dtype, interpret), (phases, a, d)
+
+
+def _phase_bwd(silu, out_dtype, interpret, res, g):
+  phases, a, d = res
+  b, c = a.shape
+  f = lambda ps, a, d: _xla_apply(interleave_phases(ps).reshape(b, -1, c), a, d, silu, out_dtype)
+  _, vjp = jax.vjp(f, phases, a, d)
+  return vjp(g.reshape(b, -1, c))
+
+
+_affine_act_phases.defvjp(_phase_fwd, _phase_bwd)
+
+
+def affine_act_phases(phases, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
+                      interpret: bool = False) -> jax.Array:
+  """The four output phases (p00, p01, p10, p11) of a nearest-x2 up-sampled conv, each (B, H, W, C), with a, d
+  (B, C) -> act(interleave(phases) * a + d) (B, 2H, 2W, C) in `out_dtype`, where
+  interleave(phases)[:, 2i + py, 2j + px] = phases[2 py + px][:, i, j] (`interleave_phases`).
+
+  The same arithmetic as `affine_act`; each (rows, columns, 256) tile of a phase is written to its strided
+  place in the output, so the interleaved input is never materialised. Reverse-mode differentiable (the VJP
+  of the XLA expression). Raises ValueError for shapes `phases_supported` rejects."""
+  phases = tuple(phases)
+  if len(phases) != 4 or any(p.ndim != 4 or p.shape != phases[0].shape for p in phases):
+    raise ValueError(f"affine_act_phases: four (B, H, W, C) phases of one shape, got {[p.shape for p in phases]}")
+  b, h, w, c = phases[0].shape
+  if a.shape != (b, c) or d.shape != a.shape:
+    raise ValueError(f"affine_act_phases: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
+  if not phases_supported(h, w, c):
+    raise ValueError(f"affine_act_phases: (H, W, C) = {(h, w, c)} not tiled (C % {BLOCK_C}, "
+                     f"pow2(H) * pow2(W) >= {MIN_BLOCK_N})")
+  return _affine_act_phases(phases, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
 def _stats_rows(n: int, tune: Tuning | None = None) -> int:

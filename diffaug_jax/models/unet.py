@@ -35,6 +35,7 @@ float32 dots by default; for bit-level comparisons run under `jax.default_matmul
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -117,15 +118,25 @@ def _channel_moments(x: jax.Array, sums_fn=None) -> tuple[jax.Array, jax.Array]:
   return pivot + m_c, jnp.maximum(s2 / x3.shape[1] - jnp.square(m_c), 0.0)
 
 
-def _channel_group_stats(parts: Sequence[jax.Array], num_groups: int, sums_fn=None) -> tuple[jax.Array, jax.Array]:
+def _channel_group_stats(parts: Sequence[jax.Array], num_groups: int, sums_fn=None,
+                         spatial: bool = False) -> tuple[jax.Array, jax.Array]:
   """Channel parts (B, ..., C_i) of one input (their concatenation) -> group mean, variance (B, G) float32.
+  With `spatial`, the parts are equal-sized spatial pieces of one input with all its channels (`Phases`).
 
   Per-channel moments of each part (`_channel_moments`; a part is never concatenated for its statistics),
   then the channels of a group (equal counts) combine exactly: mean_g = mean_c(mu_c),
   var_g = mean_c(var_c + (mu_c - mean_g)^2).
   """
   moments = [_channel_moments(p, sums_fn) for p in parts]
-  mu_c, v_c = moments[0] if len(moments) == 1 else [jnp.concatenate(m, axis=-1) for m in zip(*moments)]
+  if spatial:
+    # Equal-sized pieces of the same channels: mean = mean_p(mu_p), var = mean_p(var_p + (mu_p - mean)^2).
+    mus, vs = (jnp.stack(m) for m in zip(*moments))
+    mu_c = jnp.mean(mus, axis=0)
+    v_c = jnp.mean(vs + jnp.square(mus - mu_c), axis=0)
+  elif len(moments) == 1:
+    mu_c, v_c = moments[0]
+  else:
+    mu_c, v_c = (jnp.concatenate(m, axis=-1) for m in zip(*moments))
   b = mu_c.shape[0]
   mu_c = mu_c.reshape(b, num_groups, -1)
   mean = jnp.mean(mu_c, axis=-1)
@@ -177,7 +188,8 @@ class GroupNorm32(nn.Module):
 
   @nn.compact
   def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
-    parts = _as_parts(x)
+    phases = x if isinstance(x, Phases) else None
+    parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -190,8 +202,8 @@ class GroupNorm32(nn.Module):
     if mode == "auto":
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
-      return self._folded(parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
-    x = _concat_channels(parts)
+      return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
+    x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     shape = x.shape
@@ -214,15 +226,22 @@ class GroupNorm32(nn.Module):
       y = nn.silu(y)
     return y.astype(out_dtype)
 
-  def _folded(self, parts, scale, bias, scale_shift, silu, out_dtype, pallas=False):
-    b, spatial, c = parts[0].shape[0], parts[0].shape[1:-1], scale.shape[0]
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False):
+    # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
+    phases = isinstance(x, Phases)
+    parts = x.arrays if phases else x
+    shape = x.shape if phases else parts[0].shape
+    b, spatial, c = shape[0], shape[1:-1], scale.shape[0]
     # The Pallas kernels where every part tiles, chosen per platform at lowering (XLA off NVIDIA GPUs).
-    pallas = pallas and all(pallas_norm.supported(math.prod(spatial), p.shape[-1]) for p in parts)
+    if phases:
+      pallas = pallas and pallas_norm.phases_supported(*parts[0].shape[1:])
+    else:
+      pallas = pallas and all(pallas_norm.supported(math.prod(spatial), p.shape[-1]) for p in parts)
     sums_fn = None
     if pallas:
       sums_fn = lambda x3, p: jax.lax.platform_dependent(x3, p, cuda=pallas_norm.channel_sums,
                                                          default=pallas_norm.channel_sums_reference)
-    mean, var = _channel_group_stats(parts, self.num_groups, sums_fn)  # (B, G)
+    mean, var = _channel_group_stats(parts, self.num_groups, sums_fn, spatial=phases)  # (B, G)
     per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1)  # (B, G) -> (B, C)
     a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
     d = bias - per_channel(mean) * a
@@ -234,7 +253,7 @@ class GroupNorm32(nn.Module):
     a, d = jax.lax.optimization_barrier((a, d))
 
     def xla_apply(parts, a, d):
-      x = _concat_channels(parts)  # fused into the apply
+      x = Phases(parts).interleave() if phases else _concat_channels(parts)  # fused into the apply
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
@@ -242,6 +261,9 @@ class GroupNorm32(nn.Module):
       return xla_apply(parts, a, d)
 
     def kernel_apply(parts, a, d):
+      if phases:
+        return pallas_norm.affine_act_phases(parts, a.reshape(b, c), d.reshape(b, c), silu=silu,
+                                             out_dtype=out_dtype)
       y = pallas_norm.affine_act(tuple(p.reshape(b, -1, p.shape[-1]) for p in parts), a.reshape(b, c),
                                  d.reshape(b, c), silu=silu, out_dtype=out_dtype)
       return y.reshape(b, *spatial, c)
@@ -280,31 +302,48 @@ def _fold_nearest2(kernel: jax.Array, axis: int) -> jax.Array:
   return jnp.concatenate([w0, w0 + w1, w1 + w2, w2], axis=axis)
 
 
-def _phase_kernel(kernel: jax.Array) -> jax.Array:
-  """(3, 3, Cin, Cout) kernel of a conv that follows nearest x2 -> (2, 2, Cin, 4 * Cout), output channels
-  ordered (row phase, column phase, Cout).
+def _phase_kernels(kernel: jax.Array) -> jax.Array:
+  """(3, 3, Cin, Cout) kernel of a conv that follows nearest x2 -> (2, 2, Cin, 2, 2, Cout): [..., py, px, :]
+  is the 2x2 kernel of output phase (py, px) (the output pixels (2i + py, 2j + px)).
 
   Along one axis (`_fold_nearest2`'s sums): output 2i reads rows (i - 1, i) with taps (w0, w1 + w2), output
-  2i + 1 reads rows (i, i + 1) with taps (w0 + w1, w2). Both are a 2-tap window (r - 1, r) of the input
-  padded by 1, at r = i for phase 0 and r = i + 1 for phase 1, so one 2x2 conv with the four phases' kernels
-  side by side computes every output pixel.
+  2i + 1 reads rows (i, i + 1) with taps (w0 + w1, w2).
   """
   def fold(k, axis):  # -> the two phases' 2-tap kernels, phase axis inserted before Cout
     w0, w1, w2 = jnp.split(k, 3, axis=axis)
     return jnp.stack([jnp.concatenate([w0, w1 + w2], axis), jnp.concatenate([w0 + w1, w2], axis)], axis=-2)
 
-  k = fold(fold(kernel, 0), 1)  # (2, 2, Cin, py, px, Cout) after the second fold moved py before px
-  return k.reshape(*k.shape[:3], -1)
+  return fold(fold(kernel, 0), 1)  # the second fold inserts px after py
 
 
-def _interleave_phases(y: jax.Array) -> jax.Array:
-  """(B, H + 1, W + 1, 4 * C) 2x2-conv output over the padded input -> (B, 2H, 2W, C) with
-  out[b, 2i + py, 2j + px] = y[b, i + py, j + px, (py, px)]: one copy fusion (slices, stack, reshape)."""
-  b, h1, w1, c4 = y.shape
-  h, w, c = h1 - 1, w1 - 1, c4 // 4
-  y = y.reshape(b, h1, w1, 2, 2, c)
-  rows = [jnp.stack([y[:, py:py + h, px:px + w, py, px] for px in (0, 1)], axis=3) for py in (0, 1)]
-  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c)  # (B, H, py, W, px, C)
+@dataclasses.dataclass(frozen=True)
+class Phases:
+  """A nearest-x2 up-sampled conv's output (B, 2H, 2W, C) kept as its four output phases: `arrays` =
+  (p00, p01, p10, p11), each (B, H, W, C), with out[:, 2i + py, 2j + px] = arrays[2 * py + px][:, i, j].
+
+  `UpConv(impl="phases")` makes it and the GroupNorm32 that follows reads it: its statistics sum each phase and
+  its Pallas apply kernel writes the interleaved output (`pallas_norm.affine_act_phases`), so the interleaved
+  conv output is never materialised."""
+  arrays: tuple
+
+  @property
+  def shape(self) -> tuple:
+    b, h, w, c = self.arrays[0].shape
+    return (b, 2 * h, 2 * w, c)
+
+  @property
+  def dtype(self):
+    return self.arrays[0].dtype
+
+  def map(self, fn) -> "Phases":
+    """An elementwise `fn` (with per-example/channel broadcasts only) commutes with the interleave."""
+    return Phases(tuple(fn(a) for a in self.arrays))
+
+  def interleave(self) -> jax.Array:
+    return pallas_norm.interleave_phases(self.arrays)  # one XLA copy, or fused into its consumer
+
+
+jax.tree_util.register_dataclass(Phases, data_fields=["arrays"], meta_fields=[])
 
 
 class UpConv(nn.Module):
@@ -316,10 +355,10 @@ class UpConv(nn.Module):
   - "transposed" folds the up-sampling into the kernel: one stride-2 transposed conv with a 4x4 kernel built
     from the 3x3 one (`_fold_nearest2`), reading the low-resolution input directly (measured 3% slower on an
     H200: cuDNN runs it as a strided backward-data conv).
-  - "phases": the same folded taps as ONE ordinary 2x2 conv over the low-resolution input with the four
-    output phases as 4x the output channels (`_phase_kernel`), then one copy that interleaves the phases
-    (`_interleave_phases`): 16 taps per 2x2 output block instead of 36 (0.44x the arithmetic, plus a ring of
-    (H + W + 1) / (H * W) extra positions), no 4x up-sampled intermediate.
+  - "phases": the same folded taps as four ordinary 2x2 convs over the low-resolution input, one per output
+    phase (`_phase_kernels`; 16 taps per 2x2 output block instead of 36: 0.44x the arithmetic), no 4x
+    up-sampled intermediate. The phases are interleaved by one copy, or (`keep_phases`) by the GroupNorm32
+    that reads them (`Phases`).
   All three are equal in exact arithmetic; in floating point the summed taps round differently (float32:
   ~1e-7 relative). The folded kernels are summed in float32 (also for pre-cast bf16 params) before the
   compute-dtype cast: weights only, once per call.
@@ -329,7 +368,9 @@ class UpConv(nn.Module):
   impl: str = "nearest"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, keep_phases: bool = False):
+    """x (B, H, W, Cin) -> (B, 2H, 2W, Cout); with `keep_phases` and impl "phases", the output as `Phases`
+    (for a GroupNorm32 to read; any other impl returns the array)."""
     if self.impl not in UPSAMPLE_IMPLS:
       raise ValueError(f"upsample impl {self.impl!r} not in {UPSAMPLE_IMPLS}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features),
@@ -337,11 +378,14 @@ class UpConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
     if self.impl == "phases":
-      kernel = _phase_kernel(kernel.astype(jnp.float32))
-      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-      # The bias before the interleave: cuDNN adds it in the conv's epilogue and the interleave is a pure copy.
-      return _interleave_phases(y + jnp.tile(bias, 4))
+      kernels = _phase_kernels(kernel.astype(jnp.float32))
+      x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
+      # Phase (py, px) reads input rows (i - 1 + py, i + py): its own zero padding makes each output (B, H, W).
+      phases = Phases(tuple(
+          jax.lax.conv_general_dilated(x, kernels[:, :, :, py, px], (1, 1), ((1 - py, py), (1 - px, px)),
+                                       dimension_numbers=dn) + bias
+          for py in (0, 1) for px in (0, 1)))
+      return phases if keep_phases else phases.interleave()
     if self.impl == "nearest":
       x, pad, dilation = _upsample_nearest2(x), 1, 1
     else:
@@ -455,7 +499,8 @@ class ResBlock(nn.Module):
     if self.up:
       # The skip path's nearest x2 fuses into the residual add below (no 4x copy of x is materialised).
       x = _upsample_nearest2(x)
-      h = UpConv(self.out_channels, self.dtype, self.upsample_impl, name="in_layers_2")(h)
+      # "phases": h stays as its four phases; out_layers_0 (GroupNorm32) interleaves them as it applies.
+      h = UpConv(self.out_channels, self.dtype, self.upsample_impl, name="in_layers_2")(h, keep_phases=True)
     else:
       if self.down:
         h, x = _avg_pool2(h), _avg_pool2(x)
@@ -468,7 +513,7 @@ class ResBlock(nn.Module):
     if self.use_scale_shift_norm:
       h = out_norm(h, scale_shift=jnp.split(emb_out, 2, axis=-1), silu=True)
     else:
-      h = out_norm(h + emb_out, silu=True)
+      h = out_norm(h.map(lambda p: p + emb_out) if isinstance(h, Phases) else h + emb_out, silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero=True)(h)
     if self.out_channels != c:
