@@ -373,6 +373,12 @@ def test_compiled_kernel_on_gpu():
   lowered = jax.jit(lambda v, ps: pallas(v, unet_lib.Phases(ps))).lower(v, phases)
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 5
   np.testing.assert_allclose(np.asarray(lowered.compile()(v, phases), np.float32), want, rtol=2 ** -7, atol=2 ** -7)
+  # The pooled apply (a down-sampling ResBlock): the pooled x exact, the pooled activation within a rounding.
+  a, d = jax.random.normal(jax.random.key(3), (2, 512)), jax.random.normal(jax.random.key(4), (2, 512))
+  y, xp = jax.jit(lambda x, a, d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.bfloat16))(x, a, d)
+  ry, rx = pallas_norm.pool_reference(x, a, d, True, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(rx, np.float32))
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ry, np.float32), rtol=2 ** -7, atol=2 ** -7)
 
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
@@ -646,3 +652,98 @@ def test_phase_kernel_partitions_over_the_batch_and_vmaps():
   for i in range(2):
     np.testing.assert_array_equal(np.asarray(got[i]),
                                   np.asarray(f(tuple(p[i] for p in stacked[0]), stacked[1][i], stacked[2][i])))
+
+
+# ---- The pooled apply (`affine_act_pool`): a down-sampling ResBlock's GroupNorm + SiLU + 2x2 average pool,
+# and the pool of its skip path, from one read of x.
+
+
+@pytest.mark.parametrize("hw, rows", [((8, 16), 32), ((4, 32), 32), ((16, 4), 16), ((8, 8), 64)])
+@pytest.mark.parametrize("silu, out_dtype", [(True, jnp.bfloat16), (False, jnp.float32)])
+def test_pool_kernel_equals_its_expression(hw, rows, silu, out_dtype, monkeypatch):
+  """Through the interpreter, on tiles of several shapes: the pooled x bit-equal to the float32 mean of each
+  2x2 window, the pooled activation within a rounding of `pool_reference`, which is the XLA GroupNorm apply
+  (jax.nn.silu) pooled in float32; in bf16 within about a rounding of the XLA path, which rounds the
+  activation before pooling it."""
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(apply_rows=rows))
+  k = jax.random.split(jax.random.key(3), 3)
+  x = (3.0 * jax.random.normal(k[0], (2, *hw, 512))).astype(jnp.bfloat16)
+  a, d = jax.random.normal(k[1], (2, 512)), jax.random.normal(k[2], (2, 512))
+  y, xp = pallas_norm.affine_act_pool(x, a, d, silu=silu, out_dtype=out_dtype, interpret=True)
+  b, h, w, c = x.shape
+  assert y.shape == xp.shape == (b, h // 2, w // 2, c) and y.dtype == out_dtype and xp.dtype == x.dtype
+  ry, rx = pallas_norm.pool_reference(x, a, d, silu, out_dtype)
+  np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(rx, np.float32))
+  tol = 2e-6 if out_dtype == jnp.float32 else 2 ** -7
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ry, np.float32), rtol=tol, atol=tol)
+  xla = unet_lib._avg_pool2(pallas_norm._xla_apply(x.reshape(b, -1, c), a, d, silu, out_dtype).reshape(x.shape))
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(xla, np.float32), rtol=2 * tol, atol=2 * tol)
+
+
+def test_pool_kernel_gradient_and_refusals():
+  k = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(k[0], (1, 4, 8, 256))
+  a, d = jax.random.normal(k[1], (1, 256)), jax.random.normal(k[2], (1, 256))
+  kern = lambda x, a, d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  check_grads(lambda a, d: kern(x, a, d)[0], (a, d), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+  loss = lambda f: lambda x, a, d: sum(jnp.sum(jnp.sin(o)) for o in f(x, a, d))
+  g = jax.grad(loss(kern), (0, 1, 2))(x, a, d)
+  w = jax.grad(loss(lambda x, a, d: pallas_norm.pool_reference(x, a, d, True, jnp.float32)), (0, 1, 2))(x, a, d)
+  for gi, wi in zip(g, w):
+    np.testing.assert_allclose(gi, wi, rtol=1e-5, atol=1e-5)
+  call = lambda x, a=a, d=d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  for bad, match in ((x[0], "B, H, W, C"), (x[:, :3], "not tiled"), (x[:, :2, :4], "not tiled"),
+                     (x[..., :128], "a, d")):
+    with pytest.raises(ValueError, match=match):
+      call(bad)
+  assert pallas_norm.pool_supported(224, 224, 256) and pallas_norm.pool_supported(56, 56, 512)
+  assert not pallas_norm.pool_supported(28, 28, 512) and not pallas_norm.pool_supported(7, 8, 256)
+
+
+def test_groupnorm_pool_kernel_branch_and_lowering(monkeypatch):
+  """GroupNorm32(pool=True): every mode returns (avg_pool2(GN(x)), avg_pool2(x)) (the XLA paths: exactly the
+  pools of the unpooled call); "pallas" lowers for CUDA to the sums kernel + ONE pooling apply kernel and no
+  XLA pool of an activation, and with its CUDA branch forced (interpreter) it is within a rounding of
+  "channel" with the same float32 gradients; parts or Phases are refused."""
+  shape = (2, 8, 16, 256)
+  x = (2.0 + jax.random.normal(jax.random.key(6), shape))
+  v, _ = _gn_apply("channel", 256, shape)
+  ss = (jnp.full((2, 1, 1, 256), 0.1, jnp.float32), jnp.full((2, 1, 1, 256), -0.2, jnp.float32))
+  gn = lambda stats, x, pool: unet_lib.GroupNorm32(stats=stats).apply(
+      v, x, scale_shift=tuple(s.astype(x.dtype) for s in ss), silu=True, pool=pool)
+  for stats in ("two_pass", "one_pass", "channel"):
+    for dt in (jnp.float32, jnp.bfloat16):
+      y, xp = gn(stats, x.astype(dt), True)
+      np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                    np.asarray(unet_lib._avg_pool2(gn(stats, x.astype(dt), False)), np.float32))
+      np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(unet_lib._avg_pool2(x.astype(dt)), np.float32))
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = export.export(jax.jit(lambda v, x: unet_lib.GroupNorm32(stats="pallas").apply(v, x, silu=True, pool=True)),
+                       **opts)(v, jax.ShapeDtypeStruct(shape, jnp.bfloat16)).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" not in text
+  with pytest.raises(ValueError, match="pool=True"):
+    unet_lib.GroupNorm32().apply(v, (x[..., :128], x[..., 128:]), silu=True, pool=True)
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act_pool", functools.partial(pallas_norm.affine_act_pool, interpret=True))
+  xb = x.astype(jnp.bfloat16)
+  for got, want in zip(gn("pallas", xb, True), gn("channel", xb, True)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -6, atol=2 ** -6)
+  loss = lambda stats: lambda x: sum(jnp.sum(jnp.sin(o)) for o in gn(stats, x, True))
+  np.testing.assert_allclose(jax.grad(loss("pallas"))(x), jax.grad(loss("channel"))(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the suite runs with 8 fake CPUs)")
+def test_pool_kernel_partitions_over_the_batch():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  k = jax.random.split(jax.random.key(8), 3)
+  x = jax.random.normal(k[0], (8, 4, 8, 256))
+  a, d = jax.random.normal(k[1], (8, 256)), jax.random.normal(k[2], (8, 256))
+  f = lambda x, a, d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+  compiled = jax.jit(f).lower(put(x), put(a), put(d)).compile()
+  assert not _COLLECTIVES.search(compiled.as_text())
+  for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(f)(x, a, d)):
+    assert tuple(g.sharding.spec)[:1] == ("data",)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)

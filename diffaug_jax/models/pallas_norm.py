@@ -55,8 +55,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "affine_act_phases", "channel_sums", "channel_sums_reference", "current_tuning",
-           "interleave_phases", "phases_supported", "reference", "supported", "tuning"]
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "channel_sums", "channel_sums_reference",
+           "current_tuning", "interleave_phases", "phases_supported", "pool_reference", "pool_supported", "reference",
+           "supported", "tuning"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
@@ -409,6 +410,127 @@ def affine_act_phases(phases, a: jax.Array, d: jax.Array, *, silu: bool, out_dty
     raise ValueError(f"affine_act_phases: (H, W, C) = {(h, w, c)} not tiled (C % {BLOCK_C}, "
                      f"pow2(H) * pow2(W) >= {MIN_BLOCK_N})")
   return _affine_act_phases(phases, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+def _pool_tile(h: int, w: int, tune: Tuning | None = None) -> tuple[int, int]:
+  """(rows, columns) of the pooled output's tiles in `affine_act_pool`: powers of two dividing the pooled
+  (h, w), at most apply_rows / 2 pixels (each program reads 4x that many input pixels and keeps two float32
+  accumulators)."""
+  pixels = max((tune or _TUNING).apply_rows // 2, 1)
+  wt = min(w & -w, pixels)
+  return min(h & -h, pixels // wt), wt
+
+
+def pool_supported(h: int, w: int, c: int) -> bool:
+  """Whether `affine_act_pool` tiles a (B, h, w, c) input: even h and w, c a multiple of 256, and the
+  largest power-of-two divisors of h / 2 and w / 2 holding >= 8 pooled pixels together."""
+  return h % 2 == 0 and w % 2 == 0 and c % BLOCK_C == 0 and ((h // 2) & -(h // 2)) * ((w // 2) & -(w // 2)) >= 8
+
+
+def _pool_kernel(*refs, silu: bool):
+  """refs = (x viewed (B, H/2, 2, W/2, 2, C) four times: the (dy, dx) corner of every 2x2 window, a, d,
+  pooled act out, pooled x out). The four corners' tiles are added one at a time in float32."""
+  *x_refs, a_ref, d_ref, y_ref, xp_ref = refs
+  a, d = a_ref[...][None, None, :], d_ref[...][None, None, :]
+  acc_y = acc_x = None
+  for x_ref in x_refs:
+    x = x_ref[...].astype(jnp.float32)
+    y = x * a + d
+    if silu:
+      y = y / (1.0 + jnp.exp(-y))
+    acc_y = y if acc_y is None else acc_y + y
+    acc_x = x if acc_x is None else acc_x + x
+  y_ref[...] = (acc_y * 0.25).astype(y_ref.dtype)
+  xp_ref[...] = (acc_x * 0.25).astype(xp_ref.dtype)
+
+
+def _pool_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
+  b, h, w, c = x.shape
+  ph, pw = h // 2, w // 2
+  ht, wt = _pool_tile(ph, pw, tune)
+  corner = lambda dy, dx: pl.BlockSpec((None, ht, None, wt, None, BLOCK_C),
+                                       lambda i, j, l, k: (i, j, dy, l, dx, k))
+  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, k: (i, k))
+  tile = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, k: (i, j, l, k))
+  kw = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
+  x6 = x.reshape(b, ph, 2, pw, 2, c)  # a free view: the 2x2 windows' corners as axes
+  return pl.pallas_call(
+      functools.partial(_pool_kernel, silu=silu),
+      out_shape=(jax.ShapeDtypeStruct((b, ph, pw, c), out_dtype), jax.ShapeDtypeStruct((b, ph, pw, c), x.dtype)),
+      grid=(b, ph // ht, pw // wt, c // BLOCK_C),
+      in_specs=[corner(dy, dx) for dy in (0, 1) for dx in (0, 1)] + [row, row],
+      out_specs=(tile, tile),
+      interpret=interpret,
+      **kw,
+  )(x6, x6, x6, x6, a, d)
+
+
+def _pool_pallas(x, a, d, silu, out_dtype, interpret):
+  call = functools.partial(_pool_apply_call, silu=silu, out_dtype=out_dtype, interpret=interpret, tune=_TUNING)
+  return _per_example(call, (4, 2, 2), (4, 4))(x, a.astype(jnp.float32), d.astype(jnp.float32))
+
+
+def pool_reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> tuple[jax.Array, jax.Array]:
+  """`affine_act_pool`'s arithmetic as an XLA expression: act(x * a + d) and x, each 2x2-average-pooled in
+  float32 and rounded once (to `out_dtype`, to x's dtype)."""
+  b, h, w, c = x.shape
+  xf = x.astype(jnp.float32)
+  y = xf * a[:, None, None, :] + d[:, None, None, :]
+  if silu:
+    y = y / (1.0 + jnp.exp(-y))
+  pool = lambda v: v.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return pool(y).astype(out_dtype), pool(xf).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _affine_act_pool(x, a, d, silu, out_dtype, interpret):
+  return _pool_pallas(x, a, d, silu, out_dtype, interpret)
+
+
+def _pool_fwd(x, a, d, silu, out_dtype, interpret):
+  return _pool_pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
+
+
+def _pool_bwd(silu, out_dtype, interpret, res, g):
+  x, a, d = res
+
+  def f(x, a, d):  # the XLA expression with jax.nn.silu (finite gradients, as `_bwd`)
+    b, h, w, c = x.shape
+    xf = x.astype(jnp.float32)
+    y = xf * a[:, None, None, :] + d[:, None, None, :]
+    y = jax.nn.silu(y) if silu else y
+    pool = lambda v: v.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    return pool(y).astype(out_dtype), pool(xf).astype(x.dtype)
+
+  _, vjp = jax.vjp(f, x, a, d)
+  return vjp(g)
+
+
+_affine_act_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def affine_act_pool(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """x (B, H, W, C), a, d (B, C) -> (avg_pool2(act(x * a + d)) in `out_dtype`, avg_pool2(x) in x's dtype),
+  each (B, H/2, W/2, C): a down-sampling ResBlock's normalised input and its skip path, from ONE read of x.
+
+  The full-resolution activation is never written: each program reads the four corners of its 2x2 windows
+  (strided tiles of a free (B, H/2, 2, W/2, 2, C) view), applies the multiply-add and SiLU in float32 and
+  averages in float32, rounding once. (The XLA path rounds the activation, then pools it: the two differ by
+  at most about a rounding step.) Reverse-mode differentiable (the VJP of the XLA expression). Raises
+  ValueError for shapes `pool_supported` rejects."""
+  if x.ndim != 4:
+    raise ValueError(f"affine_act_pool: x (B, H, W, C), got {x.shape}")
+  b, h, w, c = x.shape
+  if a.shape != (b, c) or d.shape != a.shape:
+    raise ValueError(f"affine_act_pool: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
+  if not pool_supported(h, w, c):
+    raise ValueError(f"affine_act_pool: (H, W, C) = {(h, w, c)} not tiled (even H, W; C % {BLOCK_C}; "
+                     f"pow2(H/2) * pow2(W/2) >= 8)")
+  return _affine_act_pool(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
 def _stats_rows(n: int, tune: Tuning | None = None) -> int:

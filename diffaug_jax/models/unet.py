@@ -149,7 +149,10 @@ class GroupNorm32(nn.Module):
   scale-shift and SiLU that follow it optionally fused in.
 
   `__call__(x (B, ..., C) NHWC, scale_shift=None | (scale, shift) each broadcastable to (B, 1.., C),
-  silu=False) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype). Params `scale`
+  silu=False, pool=False) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype); with
+  `pool`, the pair (avg_pool2(that), avg_pool2(x)) (a down-sampling ResBlock's two paths; "pallas" computes
+  both from one read of x without writing the full-resolution activation, `pallas_norm.affine_act_pool`, and
+  pools in float32 before rounding once, the other modes round first). Params `scale`
   (C,), `bias` (C,) (torch: weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
   concatenation is the input (a decoder block's [h, skip], `UNet.skip_impl="split"`): the "channel" and
   "pallas" modes read the parts where they lie (per-part statistics; the apply fuses or, in the kernel, reads
@@ -187,9 +190,11 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False) -> jax.Array:
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, pool: bool = False):
     phases = x if isinstance(x, Phases) else None
     parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
+    if pool and (phases or len(parts) > 1):
+      raise ValueError("GroupNorm32: pool=True takes one array (a down-sampling ResBlock's input)")
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -202,7 +207,8 @@ class GroupNorm32(nn.Module):
     if mode == "auto":
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
-      return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas")
+      return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas",
+                          pool=pool)
     x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -224,9 +230,10 @@ class GroupNorm32(nn.Module):
       y = y * (1 + scale_shift[0]) + scale_shift[1]
     if silu:
       y = nn.silu(y)
-    return y.astype(out_dtype)
+    y = y.astype(out_dtype)
+    return (_avg_pool2(y), _avg_pool2(parts[0])) if pool else y
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, pool=False):
     # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
     phases = isinstance(x, Phases)
     parts = x.arrays if phases else x
@@ -256,6 +263,15 @@ class GroupNorm32(nn.Module):
       x = Phases(parts).interleave() if phases else _concat_channels(parts)  # fused into the apply
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
+
+    if pool:
+      kernel_pool = pallas and pallas_norm.pool_supported(*parts[0].shape[1:])
+      xla_pool = lambda parts, a, d: (_avg_pool2(xla_apply(parts, a, d)), _avg_pool2(parts[0]))
+      if not kernel_pool:
+        return xla_pool(parts, a, d)
+      kernel = lambda parts, a, d: pallas_norm.affine_act_pool(parts[0], a.reshape(b, c), d.reshape(b, c),
+                                                              silu=silu, out_dtype=out_dtype)
+      return jax.lax.platform_dependent(parts, a, d, cuda=kernel, default=xla_pool)
 
     if not pallas:
       return xla_apply(parts, a, d)
@@ -495,15 +511,18 @@ class ResBlock(nn.Module):
       raise ValueError("ResBlock: an input in parts is only supported without up/down sampling")
     x = parts[0] if len(parts) == 1 else parts  # the GroupNorm and the skip conv read parts where they lie
     c = sum(p.shape[-1] for p in parts)
-    h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True)
+    if self.down:
+      # The skip path's pool comes from the same read of x (on an NVIDIA GPU in bf16, one Pallas kernel that
+      # never writes the full-resolution activation; elsewhere the activation, then both pools, in XLA).
+      h, x = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True, pool=True)
+    else:
+      h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True)
     if self.up:
       # The skip path's nearest x2 fuses into the residual add below (no 4x copy of x is materialised).
       x = _upsample_nearest2(x)
       # "phases": h stays as its four phases; out_layers_0 (GroupNorm32) interleaves them as it applies.
       h = UpConv(self.out_channels, self.dtype, self.upsample_impl, name="in_layers_2")(h, keep_phases=True)
     else:
-      if self.down:
-        h, x = _avg_pool2(h), _avg_pool2(x)
       h = _conv(self.out_channels, 3, "in_layers_2", self.dtype)(h)
     emb_dim = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     emb_out = nn.Dense(emb_dim, dtype=self.dtype, param_dtype=jnp.float32, name="emb_layers_1")(
