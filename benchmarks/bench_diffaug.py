@@ -23,7 +23,8 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call), `tune=0|1` (1: the Pallas GroupNorm kernels traced with the launch parameters of `--pallas-tuning
-  FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults).
+  FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults), `pool=1|0` (0: the
+  down-sampling GroupNorms pool in XLA instead of the Pallas pooled apply, for its A/B).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -85,6 +86,9 @@ OPTIONS = {
     # 1: trace with the Pallas GroupNorm launch parameters of --pallas-tuning (a JSON file that
     # benchmarks/bench_pallas_norm.py writes) instead of pallas_norm's defaults.
     "tune": (("0", "1"), "0"),
+    # 0: a down-sampling ResBlock's GroupNorm pools in XLA (the Pallas pooled apply, `affine_act_pool`,
+    # refused while tracing), for its A/B; 1: the library (the kernel where it tiles).
+    "pool": (("1", "0"), "1"),
 }
 
 
@@ -122,6 +126,7 @@ class Case:
   edge: str = "gemm"
   cast: str = "1"
   tune: str = "0"
+  pool: str = "1"
 
   @property
   def opts(self) -> str:
@@ -221,11 +226,18 @@ def _changes_tuning(overrides: dict) -> bool:
   return pallas_norm.Tuning(**overrides) != pallas_norm.Tuning()
 
 
-def _tuning_ctx(case: Case, args):
-  if case.tune == "0":
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _kernel_ctx(case: Case, args):
+  """While tracing: the Pallas launch parameters of --pallas-tuning (tune=1), and pool=0's refusal of the
+  pooled apply kernel (GroupNorm32 then pools in XLA, as for shapes the kernel does not tile)."""
   from diffaug_jax.models import pallas_norm
-  return pallas_norm.tuning(**args.pallas_tuning_overrides)
+  with contextlib.ExitStack() as stack:
+    if case.tune == "1":
+      stack.enter_context(pallas_norm.tuning(**args.pallas_tuning_overrides))
+    if case.pool == "0":
+      supported, pallas_norm.pool_supported = pallas_norm.pool_supported, lambda *shape: False
+      stack.callback(setattr, pallas_norm, "pool_supported", supported)
+    yield
 
 
 def unet_for(module, case: Case):
@@ -597,13 +609,13 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   bench.last_good = None  # frees the previous case's program; set again only when this case runs well
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
          "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "edge": case.edge,
-         "cast": case.cast, "tune": case.tune}
+         "cast": case.cast, "tune": case.tune, "pool": case.pool}
   reason = static_skip(case, bench.platform)
   if reason:
     return {**row, "status": "skipped", "reason": reason}
   fn, args_for, holder = bench.build(case)
   t0 = time.perf_counter()
-  with _precision_ctx(case.dtype), _tuning_ctx(case, args):  # both are read while tracing
+  with _precision_ctx(case.dtype), _kernel_ctx(case, args):  # both are read while tracing
     lowered = fn.lower(*args_for(0))
   row["trace_s"] = time.perf_counter() - t0
   # What "auto" resolved to, from the program itself (the library may fall back to XLA while tracing).
@@ -619,7 +631,7 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   if short:  # skip now rather than fail (or thrash) at the first call
     return {**row, "status": "skipped", "reason": short}
   row["model_flops"] = bench.model_flops_for(case, lowered, row["attention_ran"])
-  row["flops_source"] = "model (lowered, XLA attention, default options)"
+  row["flops_source"] = "model (lowered, XLA attention, nearest up-sampling, default options)"
   if not row["model_flops"] or not math.isfinite(row["model_flops"]):
     # Fallback: the compiled program's own count (undercounts a scan body, and cuDNN custom calls may count 0).
     row["model_flops"], row["flops_source"] = row["xla_flops"], "compiled program (fallback)"

@@ -392,3 +392,29 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
   assert plan[4:7] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
   assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
+
+
+def test_pool_option_refuses_the_pooled_kernel_while_tracing():
+  """pool=0 (the A/B of the Pallas pooled apply): inside the case's tracing context a down-sampling GroupNorm
+  lowers for CUDA to the sums kernel and XLA pools (no pooled kernel); outside it, to the two kernels."""
+  import argparse
+
+  import jax
+  import jax.numpy as jnp
+  from jax import export
+
+  from diffaug_jax.models import pallas_norm
+  from diffaug_jax.models import unet as unet_lib
+  case = bench_diffaug.Case.parse("denoise:bf16:auto:2:pool=0")
+  assert case.pool == "0" and case.name == "denoise:bf16:auto:2:pool=0"
+  gn = unet_lib.GroupNorm32(stats="pallas")
+  v = {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}
+  x = jax.ShapeDtypeStruct((2, 16, 16, 256), jnp.bfloat16)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  lower = lambda: export.export(jax.jit(lambda v, x: gn.apply(v, x, silu=True, pool=True)), **opts)(v, x).mlir_module()
+  with bench_diffaug._kernel_ctx(case, argparse.Namespace(pallas_tuning_overrides={})):
+    text = lower()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "reduce_window" in text
+  text = lower()
+  assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" not in text
+  assert pallas_norm.pool_supported(16, 16, 256)
