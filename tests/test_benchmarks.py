@@ -411,7 +411,7 @@ def test_pool_option_refuses_the_pooled_kernel_while_tracing():
   v = {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}
   x = jax.ShapeDtypeStruct((2, 16, 16, 256), jnp.bfloat16)
   opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-  lower = lambda: export.export(jax.jit(lambda v, x: gn.apply(v, x, silu=True, pool=True)), **opts)(v, x).mlir_module()
+  lower = lambda: export.export(jax.jit(lambda v, x: gn.apply(v, x, silu=True, resample="down")), **opts)(v, x).mlir_module()
   with bench_diffaug._kernel_ctx(case, argparse.Namespace(pallas_tuning_overrides={})):
     text = lower()
   assert text.count("__gpu$xla.gpu.triton") == 1 and "reduce_window" in text

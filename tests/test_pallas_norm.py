@@ -379,6 +379,12 @@ def test_compiled_kernel_on_gpu():
   ry, rx = pallas_norm.pool_reference(x, a, d, True, jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(rx, np.float32))
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ry, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  # The up-sampling apply: the activation bit-equal to the rows kernel, the up-sampled copy exact.
+  y, xu = jax.jit(lambda x, a, d: pallas_norm.affine_act_up(x, a, d, silu=True, out_dtype=jnp.bfloat16))(x, a, d)
+  rows = jax.jit(lambda x, a, d: pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16))(
+      x.reshape(2, -1, 512), a, d)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(rows.reshape(x.shape), np.float32))
+  np.testing.assert_array_equal(np.asarray(xu, np.float32), np.asarray(pallas_norm.upsample_nearest2(x), np.float32))
 
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
@@ -700,36 +706,42 @@ def test_pool_kernel_gradient_and_refusals():
   assert not pallas_norm.pool_supported(28, 28, 512) and not pallas_norm.pool_supported(7, 8, 256)
 
 
-def test_groupnorm_pool_kernel_branch_and_lowering(monkeypatch):
-  """GroupNorm32(pool=True): every mode returns (avg_pool2(GN(x)), avg_pool2(x)) (the XLA paths: exactly the
-  pools of the unpooled call); "pallas" lowers for CUDA to the sums kernel + ONE pooling apply kernel and no
-  XLA pool of an activation, and with its CUDA branch forced (interpreter) it is within a rounding of
-  "channel" with the same float32 gradients; parts or Phases are refused."""
+@pytest.mark.parametrize("resample", ["down", "up"])
+def test_groupnorm_resample_kernel_branch_and_lowering(monkeypatch, resample):
+  """GroupNorm32(resample=...): every mode returns the pair (activation, skip path) of a resampling ResBlock,
+  "down" (avg_pool2(GN(x)), avg_pool2(x)), "up" (GN(x), nearest x2 of x) (the XLA paths: exactly the
+  resampled unresampled call); "pallas" lowers for CUDA to the sums kernel + ONE fused apply kernel and no
+  XLA resampling of an activation, and with its CUDA branch forced (interpreter) it is within a rounding of
+  "channel" with the same float32 gradients; parts or a bad value are refused."""
   shape = (2, 8, 16, 256)
   x = (2.0 + jax.random.normal(jax.random.key(6), shape))
   v, _ = _gn_apply("channel", 256, shape)
   ss = (jnp.full((2, 1, 1, 256), 0.1, jnp.float32), jnp.full((2, 1, 1, 256), -0.2, jnp.float32))
-  gn = lambda stats, x, pool: unet_lib.GroupNorm32(stats=stats).apply(
-      v, x, scale_shift=tuple(s.astype(x.dtype) for s in ss), silu=True, pool=pool)
+  gn = lambda stats, x, resample: unet_lib.GroupNorm32(stats=stats).apply(
+      v, x, scale_shift=tuple(s.astype(x.dtype) for s in ss), silu=True, resample=resample)
   for stats in ("two_pass", "one_pass", "channel"):
     for dt in (jnp.float32, jnp.bfloat16):
-      y, xp = gn(stats, x.astype(dt), True)
-      np.testing.assert_array_equal(np.asarray(y, np.float32),
-                                    np.asarray(unet_lib._avg_pool2(gn(stats, x.astype(dt), False)), np.float32))
-      np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(unet_lib._avg_pool2(x.astype(dt)), np.float32))
+      y, xr = gn(stats, x.astype(dt), resample)
+      want_y, want_x = unet_lib._resample_pair(gn(stats, x.astype(dt), None), x.astype(dt), resample)
+      np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+      np.testing.assert_array_equal(np.asarray(xr, np.float32), np.asarray(want_x, np.float32))
   opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-  text = export.export(jax.jit(lambda v, x: unet_lib.GroupNorm32(stats="pallas").apply(v, x, silu=True, pool=True)),
-                       **opts)(v, jax.ShapeDtypeStruct(shape, jnp.bfloat16)).mlir_module()
+  fn = lambda v, x: unet_lib.GroupNorm32(stats="pallas").apply(v, x, silu=True, resample=resample)
+  text = export.export(jax.jit(fn), **opts)(v, jax.ShapeDtypeStruct(shape, jnp.bfloat16)).mlir_module()
   assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" not in text
-  with pytest.raises(ValueError, match="pool=True"):
-    unet_lib.GroupNorm32().apply(v, (x[..., :128], x[..., 128:]), silu=True, pool=True)
+  assert not re.search(r"stablehlo.broadcast_in_dim .*-> tensor<2x8x2x16x2x256xbf16>", text)
+  with pytest.raises(ValueError, match="resample takes one array"):
+    unet_lib.GroupNorm32().apply(v, (x[..., :128], x[..., 128:]), silu=True, resample=resample)
+  with pytest.raises(ValueError, match="resample 'sideways'"):
+    unet_lib.GroupNorm32().apply(v, x, silu=True, resample="sideways")
   monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
   monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
-  monkeypatch.setattr(pallas_norm, "affine_act_pool", functools.partial(pallas_norm.affine_act_pool, interpret=True))
+  for name in ("affine_act_pool", "affine_act_up"):
+    monkeypatch.setattr(pallas_norm, name, functools.partial(getattr(pallas_norm, name), interpret=True))
   xb = x.astype(jnp.bfloat16)
-  for got, want in zip(gn("pallas", xb, True), gn("channel", xb, True)):
+  for got, want in zip(gn("pallas", xb, resample), gn("channel", xb, resample)):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -6, atol=2 ** -6)
-  loss = lambda stats: lambda x: sum(jnp.sum(jnp.sin(o)) for o in gn(stats, x, True))
+  loss = lambda stats: lambda x: sum(jnp.sum(jnp.sin(o)) for o in gn(stats, x, resample))
   np.testing.assert_allclose(jax.grad(loss("pallas"))(x), jax.grad(loss("channel"))(x), rtol=1e-4, atol=1e-4)
 
 
@@ -747,3 +759,47 @@ def test_pool_kernel_partitions_over_the_batch():
   for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(f)(x, a, d)):
     assert tuple(g.sharding.spec)[:1] == ("data",)
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)
+
+
+# ---- The up-sampling apply (`affine_act_up`): an up-sampling ResBlock's GroupNorm + SiLU, and its skip path
+# up-sampled by the same programs.
+
+
+@pytest.mark.parametrize("hw, rows", [((4, 8), 32), ((8, 2), 32), ((2, 64), 16)])
+def test_up_kernel_equals_its_expression(hw, rows, monkeypatch):
+  """Through the interpreter: the activation bit-equal to the rows kernel, the up-sampled copy exact."""
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(apply_rows=rows))
+  k = jax.random.split(jax.random.key(9), 3)
+  x = (3.0 * jax.random.normal(k[0], (2, *hw, 512))).astype(jnp.bfloat16)
+  a, d = jax.random.normal(k[1], (2, 512)), jax.random.normal(k[2], (2, 512))
+  y, xu = pallas_norm.affine_act_up(x, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True)
+  b, h, w, c = x.shape
+  assert y.shape == x.shape and xu.shape == (b, 2 * h, 2 * w, c) and xu.dtype == x.dtype
+  np.testing.assert_array_equal(np.asarray(xu, np.float32),
+                                np.asarray(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), np.float32))
+  rows_kernel = pallas_norm.affine_act(x.reshape(b, -1, c), a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(rows_kernel.reshape(x.shape), np.float32))
+
+
+def test_up_kernel_gradient_refusals_and_partitioning():
+  k = jax.random.split(jax.random.key(10), 3)
+  x = jax.random.normal(k[0], (8, 4, 4, 256))
+  a, d = jax.random.normal(k[1], (8, 256)), jax.random.normal(k[2], (8, 256))
+  kern = lambda x, a, d: pallas_norm.affine_act_up(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  xla = lambda x, a, d: (pallas_norm._xla_apply(x.reshape(8, -1, 256), a, d, True, jnp.float32).reshape(x.shape),
+                         pallas_norm.upsample_nearest2(x))
+  loss = lambda f: lambda x, a, d: sum(jnp.sum(jnp.sin(o)) for o in f(x, a, d))
+  for g, w in zip(jax.grad(loss(kern), (0, 1, 2))(x, a, d), jax.grad(loss(xla), (0, 1, 2))(x, a, d)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  for bad, match in ((x[0], "B, H, W, C"), (x[:, :2, :2], "not tiled"), (x[..., :128], "a, d")):
+    with pytest.raises(ValueError, match=match):
+      kern(bad, a, d)
+  if jax.device_count() >= 8:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+    compiled = jax.jit(kern).lower(put(x), put(a), put(d)).compile()
+    assert not _COLLECTIVES.search(compiled.as_text())
+    for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(kern)(x, a, d)):
+      assert tuple(g.sharding.spec)[:1] == ("data",)
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)

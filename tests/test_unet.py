@@ -591,8 +591,9 @@ def test_phases_reach_the_groupnorm_kernel_without_an_interleave_for_cuda():
   """A bf16 UNet with upsample_impl="phases", lowered for CUDA: the up-sampling ResBlock's conv output reaches
   the phase apply kernel as four arrays (3 Triton calls more than with "nearest": 4 sums + 1 apply instead of
   1 + 1) and no activation-sized interleaving concatenation is left in the program; the down-sampling
-  ResBlock leaves no reduce_window (its pools are in the GroupNorm kernel); with the XLA GroupNorm
-  ("channel") both are there (so the census can see them)."""
+  ResBlock leaves no reduce_window (its pools are in the GroupNorm kernel), the up-sampling one no broadcast
+  of its skip path (up-sampled by the GroupNorm kernel); with the XLA GroupNorm ("channel") all three are
+  there (so the census can see them)."""
   from jax import export
   m = unet_lib.unet_from_flags(image_size=16, num_channels=256, num_res_blocks=1, channel_mult="1,1",
                                attention_resolutions="", learn_sigma=True, resblock_updown=True,
@@ -614,6 +615,9 @@ def test_phases_reach_the_groupnorm_kernel_without_an_interleave_for_cuda():
   assert interleaves(text["phases"]) == [] and interleaves(text["phases+channel"])
   # ... and its down-sampling ResBlock pools in the GroupNorm's kernel: no XLA pool of an activation.
   assert "reduce_window" not in text["phases"] and "reduce_window" in text["phases+channel"]
+  # ... and its up-sampling ResBlock's skip path is up-sampled by the GroupNorm's kernel: no 2x2 broadcast.
+  up_copy = re.compile(r"stablehlo.broadcast_in_dim .*-> tensor<2x8x2x8x2x256xbf16>")
+  assert not up_copy.search(text["phases"]) and up_copy.search(text["phases+channel"])
 
 
 def test_programs_hold_frozen_score_params_in_compute_dtype(tmp_path):

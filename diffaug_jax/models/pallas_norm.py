@@ -55,9 +55,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "channel_sums", "channel_sums_reference",
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_up", "channel_sums", "channel_sums_reference",
            "current_tuning", "interleave_phases", "phases_supported", "pool_reference", "pool_supported", "reference",
-           "supported", "tuning"]
+           "supported", "tuning", "upsample_nearest2"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
@@ -531,6 +531,91 @@ def affine_act_pool(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out
     raise ValueError(f"affine_act_pool: (H, W, C) = {(h, w, c)} not tiled (even H, W; C % {BLOCK_C}; "
                      f"pow2(H/2) * pow2(W/2) >= 8)")
   return _affine_act_pool(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2 (in XLA: one broadcast, no gather)."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def _up_kernel(x_ref, a_ref, d_ref, y_ref, xu_ref, *, silu: bool):
+  """Grid axis 3 is the corner of the 2x2 up-sampled block this program writes x to; corner 0's program
+  also writes the activation."""
+  x = x_ref[...]
+  xu_ref[...] = x
+
+  @pl.when(pl.program_id(3) == 0)
+  def _():
+    y = x.astype(jnp.float32) * a_ref[...][None, None, :] + d_ref[...][None, None, :]
+    if silu:
+      y = y / (1.0 + jnp.exp(-y))
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _up_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
+  b, h, w, c = x.shape
+  ht, wt = _phase_tile(h, w, tune)
+  tile = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, p, k: (i, j, l, k))
+  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, p, k: (i, k))
+  corner = pl.BlockSpec((None, ht, None, wt, None, BLOCK_C), lambda i, j, l, p, k: (i, j, p // 2, l, p % 2, k))
+  kw = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
+  y, xu = pl.pallas_call(
+      functools.partial(_up_kernel, silu=silu),
+      out_shape=(jax.ShapeDtypeStruct((b, h, w, c), out_dtype), jax.ShapeDtypeStruct((b, h, 2, w, 2, c), x.dtype)),
+      grid=(b, h // ht, w // wt, 4, c // BLOCK_C),
+      in_specs=[tile, row, row],
+      out_specs=(tile, corner),
+      interpret=interpret,
+      **kw,
+  )(x, a, d)
+  return y, xu.reshape(b, 2 * h, 2 * w, c)
+
+
+def _up_pallas(x, a, d, silu, out_dtype, interpret):
+  call = functools.partial(_up_apply_call, silu=silu, out_dtype=out_dtype, interpret=interpret, tune=_TUNING)
+  return _per_example(call, (4, 2, 2), (4, 4))(x, a.astype(jnp.float32), d.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _affine_act_up(x, a, d, silu, out_dtype, interpret):
+  return _up_pallas(x, a, d, silu, out_dtype, interpret)
+
+
+def _up_fwd(x, a, d, silu, out_dtype, interpret):
+  return _up_pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
+
+
+def _up_bwd(silu, out_dtype, interpret, res, g):
+  x, a, d = res
+  b, h, w, c = x.shape
+  f = lambda x, a, d: (_xla_apply(x.reshape(b, -1, c), a, d, silu, out_dtype).reshape(x.shape), upsample_nearest2(x))
+  _, vjp = jax.vjp(f, x, a, d)
+  return vjp(g)
+
+
+_affine_act_up.defvjp(_up_fwd, _up_bwd)
+
+
+def affine_act_up(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """x (B, H, W, C), a, d (B, C) -> (act(x * a + d) (B, H, W, C) in `out_dtype`, upsample_nearest2(x)
+  (B, 2H, 2W, C) in x's dtype): an up-sampling ResBlock's normalised input (its conv up-samples it) and its
+  up-sampled skip path, from one read of x. The up-sampled copy is written by the same programs that apply
+  the GroupNorm, one (rows, columns, 256) tile per corner of the 2x2 blocks. Same tiling as
+  `affine_act_phases` (`phases_supported`). Reverse-mode differentiable (the VJP of the XLA expression)."""
+  if x.ndim != 4:
+    raise ValueError(f"affine_act_up: x (B, H, W, C), got {x.shape}")
+  b, h, w, c = x.shape
+  if a.shape != (b, c) or d.shape != a.shape:
+    raise ValueError(f"affine_act_up: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
+  if not phases_supported(h, w, c):
+    raise ValueError(f"affine_act_up: (H, W, C) = {(h, w, c)} not tiled (C % {BLOCK_C}, "
+                     f"pow2(H) * pow2(W) >= {MIN_BLOCK_N})")
+  return _affine_act_up(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
 def _stats_rows(n: int, tune: Tuning | None = None) -> int:

@@ -149,10 +149,12 @@ class GroupNorm32(nn.Module):
   scale-shift and SiLU that follow it optionally fused in.
 
   `__call__(x (B, ..., C) NHWC, scale_shift=None | (scale, shift) each broadcastable to (B, 1.., C),
-  silu=False, pool=False) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype); with
-  `pool`, the pair (avg_pool2(that), avg_pool2(x)) (a down-sampling ResBlock's two paths; "pallas" computes
-  both from one read of x without writing the full-resolution activation, `pallas_norm.affine_act_pool`, and
-  pools in float32 before rounding once, the other modes round first). Params `scale`
+  silu=False, resample=None) -> GN(x) [* (1 + scale) + shift] [-> SiLU]`, in `out_dtype` (None: x's dtype).
+  `resample` gives a resampling ResBlock's two paths from one read of x, as a pair: "down" ->
+  (avg_pool2(that), avg_pool2(x)) ("pallas": `pallas_norm.affine_act_pool`, which never writes the
+  full-resolution activation and pools in float32 before rounding once; the other modes round first), "up" ->
+  (that, nearest x2 of x) ("pallas": `pallas_norm.affine_act_up`, the up-sampled copy written by the apply
+  kernel). Params `scale`
   (C,), `bias` (C,) (torch: weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
   concatenation is the input (a decoder block's [h, skip], `UNet.skip_impl="split"`): the "channel" and
   "pallas" modes read the parts where they lie (per-part statistics; the apply fuses or, in the kernel, reads
@@ -190,11 +192,13 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, pool: bool = False):
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None):
     phases = x if isinstance(x, Phases) else None
     parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
-    if pool and (phases or len(parts) > 1):
-      raise ValueError("GroupNorm32: pool=True takes one array (a down-sampling ResBlock's input)")
+    if resample not in (None, "down", "up"):
+      raise ValueError(f"GroupNorm32: resample {resample!r} not in (None, 'down', 'up')")
+    if resample and (phases or len(parts) > 1):
+      raise ValueError("GroupNorm32: resample takes one array (a resampling ResBlock's input)")
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -208,7 +212,7 @@ class GroupNorm32(nn.Module):
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
       return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas",
-                          pool=pool)
+                          resample=resample)
     x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -231,9 +235,9 @@ class GroupNorm32(nn.Module):
     if silu:
       y = nn.silu(y)
     y = y.astype(out_dtype)
-    return (_avg_pool2(y), _avg_pool2(parts[0])) if pool else y
+    return _resample_pair(y, parts[0], resample)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, pool=False):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None):
     # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
     phases = isinstance(x, Phases)
     parts = x.arrays if phases else x
@@ -264,14 +268,14 @@ class GroupNorm32(nn.Module):
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
-    if pool:
-      kernel_pool = pallas and pallas_norm.pool_supported(*parts[0].shape[1:])
-      xla_pool = lambda parts, a, d: (_avg_pool2(xla_apply(parts, a, d)), _avg_pool2(parts[0]))
-      if not kernel_pool:
-        return xla_pool(parts, a, d)
-      kernel = lambda parts, a, d: pallas_norm.affine_act_pool(parts[0], a.reshape(b, c), d.reshape(b, c),
-                                                              silu=silu, out_dtype=out_dtype)
-      return jax.lax.platform_dependent(parts, a, d, cuda=kernel, default=xla_pool)
+    if resample:
+      fused, ok = {"down": (pallas_norm.affine_act_pool, pallas_norm.pool_supported),
+                   "up": (pallas_norm.affine_act_up, pallas_norm.phases_supported)}[resample]
+      xla_pair = lambda parts, a, d: _resample_pair(xla_apply(parts, a, d), parts[0], resample)
+      if not (pallas and ok(*parts[0].shape[1:])):
+        return xla_pair(parts, a, d)
+      kernel = lambda parts, a, d: fused(parts[0], a.reshape(b, c), d.reshape(b, c), silu=silu, out_dtype=out_dtype)
+      return jax.lax.platform_dependent(parts, a, d, cuda=kernel, default=xla_pair)
 
     if not pallas:
       return xla_apply(parts, a, d)
@@ -298,11 +302,17 @@ def _avg_pool2(x: jax.Array) -> jax.Array:
   return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
+def _resample_pair(y: jax.Array, x: jax.Array, resample: Optional[str]):
+  """GroupNorm32's result for `resample` from its activation y and input x (the XLA paths)."""
+  if resample == "down":
+    return _avg_pool2(y), _avg_pool2(x)
+  if resample == "up":
+    return y, _upsample_nearest2(x)
+  return y
+
+
 def _upsample_nearest2(x: jax.Array) -> jax.Array:
-  # Broadcast + reshape instead of two jnp.repeat calls: one fused copy, no gather.
-  b, h, w, c = x.shape
-  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-  return x.reshape(b, 2 * h, 2 * w, c)
+  return pallas_norm.upsample_nearest2(x)  # broadcast + reshape: one fused copy, no gather
 
 
 UPSAMPLE_IMPLS = ("nearest", "transposed", "phases")
@@ -511,15 +521,13 @@ class ResBlock(nn.Module):
       raise ValueError("ResBlock: an input in parts is only supported without up/down sampling")
     x = parts[0] if len(parts) == 1 else parts  # the GroupNorm and the skip conv read parts where they lie
     c = sum(p.shape[-1] for p in parts)
-    if self.down:
-      # The skip path's pool comes from the same read of x (on an NVIDIA GPU in bf16, one Pallas kernel that
-      # never writes the full-resolution activation; elsewhere the activation, then both pools, in XLA).
-      h, x = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True, pool=True)
-    else:
-      h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True)
+    # A resampling block's skip path (x pooled or up-sampled) comes from the GroupNorm's read of x (on an
+    # NVIDIA GPU in bf16 from its Pallas kernel; elsewhere in XLA).
+    resample = "down" if self.down else "up" if self.up else None
+    h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True, resample=resample)
+    if resample:
+      h, x = h
     if self.up:
-      # The skip path's nearest x2 fuses into the residual add below (no 4x copy of x is materialised).
-      x = _upsample_nearest2(x)
       # "phases": h stays as its four phases; out_layers_0 (GroupNorm32) interleaves them as it applies.
       h = UpConv(self.out_channels, self.dtype, self.upsample_impl, name="in_layers_2")(h, keep_phases=True)
     else:
