@@ -23,8 +23,10 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call), `tune=0|1` (1: the Pallas GroupNorm kernels traced with the launch parameters of `--pallas-tuning
-  FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults), `pool=1|0` (0: the
-  down-sampling GroupNorms pool in XLA instead of the Pallas pooled apply, for its A/B).
+  FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults),
+  `fuse=all|none|nopool|noup|nohead` (which of the GroupNorm kernels fused with a neighbour run: the pooled
+  apply of the down-sampling blocks, the up-sampling blocks' apply that also writes the up-sampled skip path,
+  the out block's apply + taps GEMM; the others run in XLA, for their A/B).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -86,10 +88,16 @@ OPTIONS = {
     # 1: trace with the Pallas GroupNorm launch parameters of --pallas-tuning (a JSON file that
     # benchmarks/bench_pallas_norm.py writes) instead of pallas_norm's defaults.
     "tune": (("0", "1"), "0"),
-    # 0: a down-sampling ResBlock's GroupNorm pools in XLA (the Pallas pooled apply, `affine_act_pool`,
-    # refused while tracing), for its A/B; 1: the library (the kernel where it tiles).
-    "pool": (("1", "0"), "1"),
+    # The GroupNorm kernels fused with their neighbours (gn=pallas), refused while tracing for their A/B (the
+    # GroupNorm then does that part in XLA, as for shapes a kernel does not tile): all = the library; none;
+    # nopool / noup / nohead = all but the down-sampling blocks' pooled apply (`affine_act_pool`), the
+    # up-sampling blocks' apply + skip-path copy (`affine_act_up`), the out block's apply + taps GEMM
+    # (`affine_act_matmul`).
+    "fuse": (("all", "none", "nopool", "noup", "nohead"), "all"),
 }
+# fuse value -> the pallas_norm predicates refused while tracing
+FUSED_KERNELS = {"pool": "pool_supported", "up": "up_supported", "head": "matmul_supported"}
+FUSE_OFF = {"all": (), "none": tuple(FUSED_KERNELS), "nopool": ("pool",), "noup": ("up",), "nohead": ("head",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +134,7 @@ class Case:
   edge: str = "gemm"
   cast: str = "1"
   tune: str = "0"
-  pool: str = "1"
+  fuse: str = "all"
 
   @property
   def opts(self) -> str:
@@ -228,15 +236,17 @@ def _changes_tuning(overrides: dict) -> bool:
 
 @contextlib.contextmanager
 def _kernel_ctx(case: Case, args):
-  """While tracing: the Pallas launch parameters of --pallas-tuning (tune=1), and pool=0's refusal of the
-  pooled apply kernel (GroupNorm32 then pools in XLA, as for shapes the kernel does not tile)."""
+  """While tracing: the Pallas launch parameters of --pallas-tuning (tune=1), and the fused GroupNorm kernels
+  the case's `fuse` turns off (their `pallas_norm.*_supported` predicate refuses every shape, so GroupNorm32
+  does that part in XLA)."""
   from diffaug_jax.models import pallas_norm
   with contextlib.ExitStack() as stack:
     if case.tune == "1":
       stack.enter_context(pallas_norm.tuning(**args.pallas_tuning_overrides))
-    if case.pool == "0":
-      supported, pallas_norm.pool_supported = pallas_norm.pool_supported, lambda *shape: False
-      stack.callback(setattr, pallas_norm, "pool_supported", supported)
+    for kernel in FUSE_OFF[case.fuse]:
+      name = FUSED_KERNELS[kernel]
+      stack.callback(setattr, pallas_norm, name, getattr(pallas_norm, name))
+      setattr(pallas_norm, name, lambda *shape: False)
     yield
 
 
@@ -609,7 +619,7 @@ def run_case(bench: Bench, case: Case, args, log) -> dict:
   bench.last_good = None  # frees the previous case's program; set again only when this case runs well
   row = {"case": case.name, "program": case.program, "dtype": case.dtype, "attention": case.attention,
          "batch": case.batch, "up": case.up, "gn": case.gn, "skip": case.skip, "edge": case.edge,
-         "cast": case.cast, "tune": case.tune, "pool": case.pool}
+         "cast": case.cast, "tune": case.tune, "fuse": case.fuse}
   reason = static_skip(case, bench.platform)
   if reason:
     return {**row, "status": "skipped", "reason": reason}

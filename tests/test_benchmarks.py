@@ -394,9 +394,12 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
 
 
-def test_pool_option_refuses_the_pooled_kernel_while_tracing():
-  """pool=0 (the A/B of the Pallas pooled apply): inside the case's tracing context a down-sampling GroupNorm
-  lowers for CUDA to the sums kernel and XLA pools (no pooled kernel); outside it, to the two kernels."""
+@pytest.mark.parametrize("fuse, off", [("none", ("pool", "up", "head")), ("nopool", ("pool",)),
+                                       ("noup", ("up",)), ("nohead", ("head",)), ("all", ())])
+def test_fuse_option_refuses_fused_kernels_while_tracing(fuse, off):
+  """fuse=... (the A/B of the GroupNorm kernels fused with a neighbour): inside the case's tracing context the
+  named kernels' predicates refuse every shape, so a GroupNorm lowered for CUDA does that part in XLA (one
+  Triton call, the sums); outside it every predicate is back."""
   import argparse
 
   import jax
@@ -405,16 +408,22 @@ def test_pool_option_refuses_the_pooled_kernel_while_tracing():
 
   from diffaug_jax.models import pallas_norm
   from diffaug_jax.models import unet as unet_lib
-  case = bench_diffaug.Case.parse("denoise:bf16:auto:2:pool=0")
-  assert case.pool == "0" and case.name == "denoise:bf16:auto:2:pool=0"
-  gn = unet_lib.GroupNorm32(stats="pallas")
+  case = bench_diffaug.Case.parse(f"denoise:bf16:auto:2:fuse={fuse}")
+  assert case.fuse == fuse and (case.name.endswith(f"fuse={fuse}") or fuse == "all")
   v = {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}
   x = jax.ShapeDtypeStruct((2, 16, 16, 256), jnp.bfloat16)
+  calls = {"pool": dict(resample="down"), "up": dict(resample="up"),
+           "head": dict(project=jnp.zeros((3, 3, 256, 6), jnp.float32))}
   opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-  lower = lambda: export.export(jax.jit(lambda v, x: gn.apply(v, x, silu=True, resample="down")), **opts)(v, x).mlir_module()
+
+  def triton_calls(kernel):
+    out = jnp.float32 if kernel == "head" else None
+    gn = unet_lib.GroupNorm32(stats="pallas", out_dtype=out)
+    fn = jax.jit(lambda v, x: gn.apply(v, x, silu=True, **calls[kernel]))
+    return export.export(fn, **opts)(v, x).mlir_module().count("__gpu$xla.gpu.triton")
+
   with bench_diffaug._kernel_ctx(case, argparse.Namespace(pallas_tuning_overrides={})):
-    text = lower()
-  assert text.count("__gpu$xla.gpu.triton") == 1 and "reduce_window" in text
-  text = lower()
-  assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" not in text
-  assert pallas_norm.pool_supported(16, 16, 256)
+    inside = {k: triton_calls(k) for k in calls}
+  assert inside == {k: 1 if k in off else 2 for k in calls}
+  assert {k: triton_calls(k) for k in calls} == {k: 2 for k in calls}
+  assert pallas_norm.pool_supported(16, 16, 256) and pallas_norm.up_supported(16, 16, 256)

@@ -385,6 +385,11 @@ def test_compiled_kernel_on_gpu():
       x.reshape(2, -1, 512), a, d)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(rows.reshape(x.shape), np.float32))
   np.testing.assert_array_equal(np.asarray(xu, np.float32), np.asarray(pallas_norm.upsample_nearest2(x), np.float32))
+  # The projected apply (the out block's GroupNorm + SiLU + taps GEMM), TF32 like XLA's float32 dot.
+  w = 0.05 * jax.random.normal(jax.random.key(5), (512, 54))
+  got = jax.jit(lambda x, a, d, w: pallas_norm.affine_act_matmul(x, a, d, w, silu=True))(x.reshape(2, -1, 512), a, d, w)
+  want = jax.jit(lambda x, a, d, w: pallas_norm.matmul_reference(x, a, d, w, True))(x.reshape(2, -1, 512), a, d, w)
+  np.testing.assert_allclose(got, want, rtol=0, atol=5e-3 * float(jnp.abs(want).max()))  # two TF32 roundings
 
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
@@ -803,3 +808,100 @@ def test_up_kernel_gradient_refusals_and_partitioning():
     for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(kern)(x, a, d)):
       assert tuple(g.sharding.spec)[:1] == ("data",)
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)
+
+
+# ---- The projected apply (`affine_act_matmul`): the out block's float32 GroupNorm + SiLU contracted with
+# the output conv's taps kernel, never written.
+
+
+@pytest.mark.parametrize("c, p, n", [(256, 54, 256), (64, 16, 48), (512, 128, 128), (128, 5, 16)])
+def test_matmul_kernel_equals_its_expression(c, p, n):
+  k = jax.random.split(jax.random.key(11), 4)
+  x = (3.0 * jax.random.normal(k[0], (2, n, c))).astype(jnp.bfloat16)
+  a, d = jax.random.normal(k[1], (2, c)), jax.random.normal(k[2], (2, c))
+  w = 0.1 * jax.random.normal(k[3], (c, p))
+  got = pallas_norm.affine_act_matmul(x, a, d, w, silu=True, interpret=True)
+  assert got.shape == (2, n, p) and got.dtype == jnp.float32
+  want = pallas_norm.matmul_reference(x, a, d, w, True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_matmul_kernel_gradient_refusals_partitioning_and_vmap():
+  k = jax.random.split(jax.random.key(12), 4)
+  x = jax.random.normal(k[0], (8, 32, 64))
+  a, d, w = jax.random.normal(k[1], (8, 64)), jax.random.normal(k[2], (8, 64)), jax.random.normal(k[3], (64, 6))
+  kern = lambda x, a, d, w: pallas_norm.affine_act_matmul(x, a, d, w, silu=True, interpret=True)
+  ref = lambda x, a, d, w: pallas_norm.matmul_reference(x, a, d, w, True)
+  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
+  for g, want in zip(jax.grad(loss(kern), (0, 1, 2, 3))(x, a, d, w), jax.grad(loss(ref), (0, 1, 2, 3))(x, a, d, w)):
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
+  for args, match in (((x[0], a, d, w), "x \\(B, N, C\\)"), ((x, a, d, w[:32]), "w \\(64, P\\)"),
+                      ((x[..., :48], a[:, :48], d[:, :48], w[:48]), "not tiled"),
+                      ((x, a, d, jnp.zeros((64, 200))), "not tiled")):
+    with pytest.raises(ValueError, match=match):
+      kern(*args)
+  got = jax.vmap(kern, in_axes=(0, 0, 0, None))(x.reshape(2, 4, 32, 64), a.reshape(2, 4, 64), d.reshape(2, 4, 64), w)
+  np.testing.assert_allclose(got.reshape(8, 32, 6), kern(x, a, d, w), rtol=1e-6, atol=1e-6)
+  with pytest.raises(NotImplementedError, match="weight"):
+    jax.vmap(kern, in_axes=(None, None, None, 0))(x, a, d, jnp.stack([w, w]))
+  if jax.device_count() >= 8:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+    wr = jax.device_put(w, NamedSharding(mesh, P()))
+    for shardy in (True, False):
+      previous = jax.config.jax_use_shardy_partitioner
+      jax.config.update("jax_use_shardy_partitioner", shardy)
+      try:
+        compiled = jax.jit(kern).lower(put(x), put(a), put(d), wr).compile()
+        assert not _COLLECTIVES.search(compiled.as_text())
+        got = compiled(put(x), put(a), put(d), wr)
+        assert tuple(got.sharding.spec)[:1] == ("data",)
+        np.testing.assert_allclose(got, kern(x, a, d, w), rtol=2e-5, atol=1e-5)
+      finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+def test_groupnorm_project_kernel_branch_and_the_unet_output_conv(monkeypatch):
+  """GroupNorm32(project=kernel): every mode equals the GroupNorm's output contracted with the kernel (the XLA
+  paths: bit for bit, no transpose); the "pallas" kernel branch (forced, interpreter) within float32 rounding
+  with the same gradients; the UNet's output conv (Conv3x3 with pre) is the conv of the GroupNorm's output,
+  and lowered for CUDA in bf16 it holds no float32 activation-sized tensor."""
+  shape = (2, 8, 8, 256)
+  x = (2.0 + jax.random.normal(jax.random.key(13), shape))
+  v, _ = _gn_apply("channel", 256, shape)
+  kern = 0.05 * jax.random.normal(jax.random.key(14), (3, 3, 256, 6))
+  gn = lambda stats, x, project=None: unet_lib.GroupNorm32(stats=stats, out_dtype=jnp.float32).apply(
+      v, x, silu=True, project=project)
+  for stats in ("two_pass", "channel"):
+    want = jnp.einsum("bhwc,ijco->bhwijo", gn(stats, x), kern)
+    np.testing.assert_array_equal(gn(stats, x, kern), want)
+  with pytest.raises(ValueError, match="project"):
+    unet_lib.GroupNorm32().apply(v, x, silu=True, project=kern, resample="down")
+  conv = unet_lib.Conv3x3(6, jnp.float32, "gemm")
+  cv = {"params": {"kernel": kern, "bias": jnp.arange(6.0)}}
+  norm = unet_lib.GroupNorm32(out_dtype=jnp.float32)
+  direct = conv.apply(cv, norm.apply(v, x, silu=True))
+  fused = conv.apply(cv, x, pre=lambda x, **kw: norm.apply(v, x, silu=True, **kw))
+  np.testing.assert_allclose(fused, direct, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(unet_lib.Conv3x3(6, jnp.float32, "conv").apply(
+      cv, x, pre=lambda x, **kw: norm.apply(v, x, silu=True, **kw)), direct, rtol=1e-5, atol=1e-5)
+  m = unet_lib.unet_from_flags(image_size=16, num_channels=256, num_res_blocks=1, channel_mult="1,1",
+                               attention_resolutions="", learn_sigma=True, resblock_updown=True,
+                               use_scale_shift_norm=True, dtype=jnp.bfloat16)
+  xs, ts = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
+  p = jax.eval_shape(m.init, jax.random.key(0), xs, ts)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  texts = {s: export.export(jax.jit(m.clone(norm_stats=s).apply), **opts)(p, xs, ts).mlir_module()
+           for s in ("auto", "channel")}
+  assert "tensor<2x16x16x256xf32>" not in texts["auto"] and "tensor<2x16x16x256xf32>" in texts["channel"]
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act_matmul",
+                      functools.partial(pallas_norm.affine_act_matmul, interpret=True))
+  xb = x.astype(jnp.bfloat16)
+  want = gn("channel", xb, kern)
+  np.testing.assert_allclose(gn("pallas", xb, kern), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  loss = lambda stats: lambda x, k: jnp.sum(jnp.sin(gn(stats, x, k)))
+  for g, w in zip(jax.grad(loss("pallas"), (0, 1))(x, kern), jax.grad(loss("channel"), (0, 1))(x, kern)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -192,13 +192,16 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None):
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None,
+               project: Optional[jax.Array] = None):
     phases = x if isinstance(x, Phases) else None
     parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
     if resample not in (None, "down", "up"):
       raise ValueError(f"GroupNorm32: resample {resample!r} not in (None, 'down', 'up')")
     if resample and (phases or len(parts) > 1):
       raise ValueError("GroupNorm32: resample takes one array (a resampling ResBlock's input)")
+    if project is not None and (resample or phases or len(parts) > 1 or project.ndim < 2):
+      raise ValueError("GroupNorm32: project (a (..., C, P) kernel) takes one array and no resample")
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -212,7 +215,7 @@ class GroupNorm32(nn.Module):
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
       return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas",
-                          resample=resample)
+                          resample=resample, project=project)
     x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -235,9 +238,9 @@ class GroupNorm32(nn.Module):
     if silu:
       y = nn.silu(y)
     y = y.astype(out_dtype)
-    return _resample_pair(y, parts[0], resample)
+    return _project(y, project) if project is not None else _resample_pair(y, parts[0], resample)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None, project=None):
     # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
     phases = isinstance(x, Phases)
     parts = x.arrays if phases else x
@@ -268,9 +271,25 @@ class GroupNorm32(nn.Module):
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
+    if project is not None:
+      xla_proj = lambda parts, a, d, w: _project(xla_apply(parts, a, d), w)
+      width = math.prod(project.shape) // c
+      if not (pallas and out_dtype == jnp.float32 and project.dtype == jnp.float32
+              and pallas_norm.matmul_supported(math.prod(spatial), c, width)):
+        return xla_proj(parts, a, d, project)
+
+      def kernel_proj(parts, a, d, w):
+        # (..., C, P) -> (C, (..., P)): a weight-sized transpose, in this branch only
+        w2 = jnp.moveaxis(w, -2, 0).reshape(c, width)
+        y = pallas_norm.affine_act_matmul(parts[0].reshape(b, -1, c), a.reshape(b, c), d.reshape(b, c), w2,
+                                          silu=silu)
+        return y.reshape(b, *spatial, *w.shape[:-2], w.shape[-1])
+
+      return jax.lax.platform_dependent(parts, a, d, project, cuda=kernel_proj, default=xla_proj)
+
     if resample:
       fused, ok = {"down": (pallas_norm.affine_act_pool, pallas_norm.pool_supported),
-                   "up": (pallas_norm.affine_act_up, pallas_norm.phases_supported)}[resample]
+                   "up": (pallas_norm.affine_act_up, pallas_norm.up_supported)}[resample]
       xla_pair = lambda parts, a, d: _resample_pair(xla_apply(parts, a, d), parts[0], resample)
       if not (pallas and ok(*parts[0].shape[1:])):
         return xla_pair(parts, a, d)
@@ -300,6 +319,12 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, 
 
 def _avg_pool2(x: jax.Array) -> jax.Array:
   return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def _project(y: jax.Array, w: jax.Array) -> jax.Array:
+  """GroupNorm32's `project`: y (..., C) contracted with w (*lead, C, P) over C -> (..., *lead, P) (the
+  dot's natural output order: no transpose)."""
+  return jnp.tensordot(y, w, axes=[[y.ndim - 1], [w.ndim - 2]])
 
 
 def _resample_pair(y: jax.Array, x: jax.Array, resample: Optional[str]):
@@ -472,7 +497,13 @@ def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
     patches = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(9 * c, o))
   # (B, H, W, 3, 3, O): the dot's natural output order (lhs free dims, then rhs free dims), so no transpose.
-  taps = jnp.einsum("bhwc,ijco->bhwijo", x, kernel)
+  return _sum_taps(jnp.einsum("bhwc,ijco->bhwijo", x, kernel))
+
+
+def _sum_taps(taps: jax.Array) -> jax.Array:
+  """taps[b, p, q, i, j] = x[b, p, q] @ kernel[i, j], (B, H, W, 3, 3, O) -> the 3x3 conv (zero padding 1)
+  (B, H, W, O): output (p, q) adds taps[b, p + i - 1, q + j - 1, i, j], nine shifted slices in one fusion."""
+  h, w = taps.shape[1:3]
   taps = jnp.pad(taps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return functools.reduce(operator.add, [taps[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3)])
 
@@ -487,12 +518,23 @@ class Conv3x3(nn.Module):
   zero_init: bool = False  # guided-diffusion's zero_module (the output conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, pre=None) -> jax.Array:
+    """x (B, H, W, C) -> (B, H, W, features). `pre`: a callable the input goes through first (the out block's
+    GroupNorm32 + SiLU), called as pre(x) or, with impl "gemm" and a narrow output, as
+    pre(x, project=kernel) with the (3, 3, C, features) kernel to contract over C, so that a GroupNorm can
+    hand back the taps directly
+    (`pallas_norm.affine_act_matmul`) instead of writing its float32 output."""
     if self.impl not in EDGE_IMPLS:
       raise ValueError(f"Conv3x3 impl {self.impl!r} not in {EDGE_IMPLS}")
+    c, o = x.shape[-1], self.features
     init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
-    kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel = self.param("kernel", init, (3, 3, c, o), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (o,), jnp.float32)
+    if pre is not None and self.impl == "gemm" and c >= o:
+      taps = pre(x, project=kernel.astype(self.dtype))  # (B, H, W, 3, 3, O)
+      return _sum_taps(taps) + bias.astype(self.dtype)
+    if pre is not None:
+      x = pre(x)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.impl == "gemm":
       return _conv3x3_as_gemm(x, kernel) + bias
@@ -765,8 +807,11 @@ class UNet(nn.Module):
 
     # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out): the
     # GroupNorm reads the compute-dtype activation and writes float32.
-    h = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")(h, silu=True)
-    return Conv3x3(self.out_channels, f32, self.edge_impl, zero_init=True, name="out_2")(h)
+    # The output conv passes its input through the float32 GroupNorm + SiLU itself (`pre`): with GEMM edges
+    # the GroupNorm returns the conv's taps, and its Pallas kernel never writes the float32 activation.
+    out_norm = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")
+    return Conv3x3(self.out_channels, f32, self.edge_impl, zero_init=True, name="out_2")(
+        h, pre=functools.partial(out_norm, silu=True))
 
 
 # Layers that run in float32 whatever the compute dtype (see UNet.__call__): the timestep MLP and the output
