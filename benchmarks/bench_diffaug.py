@@ -17,16 +17,16 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   the correctness reference)};
 - attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
-- opts, '+'-separated key=value (defaults left out of the case name): `up=nearest|transposed|phases`
+- opts, '+'-separated key=value (defaults left out of the case name): `up=phases|nearest|transposed`
   (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `skip=concat|split`
   (`UNet.skip_impl`), `edge=conv|gemm` (`UNet.edge_impl`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call), `tune=0|1` (1: the Pallas GroupNorm kernels traced with the launch parameters of `--pallas-tuning
   FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults),
-  `fuse=all|none|nopool|noup|nohead` (which of the GroupNorm kernels fused with a neighbour run: the pooled
-  apply of the down-sampling blocks, the up-sampling blocks' apply that also writes the up-sampled skip path,
-  the out block's apply + taps GEMM; the others run in XLA, for their A/B).
+  `fuse=all|none|nopool|noup` (which of the GroupNorm kernels fused with a neighbour run: the pooled apply of
+  the down-sampling blocks, the up-sampling blocks' apply that also writes the up-sampled skip path; the
+  others run in XLA, for their A/B).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -80,7 +80,7 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 # Case options (Case fields): key -> (allowed values, default). Values are the UNet field values, except cast
 # (1 = score params pre-cast with frozen_params_for_compute, as the programs hold them; 0 = float32 params).
 OPTIONS = {
-    "up": (("nearest", "transposed", "phases"), "nearest"),  # UNet.upsample_impl
+    "up": (("phases", "nearest", "transposed"), "phases"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
     "skip": (("concat", "split"), "split"),  # UNet.skip_impl
     "edge": (("conv", "gemm"), "gemm"),  # UNet.edge_impl
@@ -90,14 +90,13 @@ OPTIONS = {
     "tune": (("0", "1"), "0"),
     # The GroupNorm kernels fused with their neighbours (gn=pallas), refused while tracing for their A/B (the
     # GroupNorm then does that part in XLA, as for shapes a kernel does not tile): all = the library; none;
-    # nopool / noup / nohead = all but the down-sampling blocks' pooled apply (`affine_act_pool`), the
-    # up-sampling blocks' apply + skip-path copy (`affine_act_up`), the out block's apply + taps GEMM
-    # (`affine_act_matmul`).
-    "fuse": (("all", "none", "nopool", "noup", "nohead"), "all"),
+    # nopool / noup = all but the down-sampling blocks' pooled apply (`affine_act_pool`) / the up-sampling
+    # blocks' apply + skip-path copy (`affine_act_up`).
+    "fuse": (("all", "none", "nopool", "noup"), "all"),
 }
 # fuse value -> the pallas_norm predicates refused while tracing
-FUSED_KERNELS = {"pool": "pool_supported", "up": "up_supported", "head": "matmul_supported"}
-FUSE_OFF = {"all": (), "none": tuple(FUSED_KERNELS), "nopool": ("pool",), "noup": ("up",), "nohead": ("head",)}
+FUSED_KERNELS = {"pool": "pool_supported", "up": "up_supported"}
+FUSE_OFF = {"all": (), "none": tuple(FUSED_KERNELS), "nopool": ("pool",), "noup": ("up",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +127,7 @@ class Case:
   dtype: str
   attention: str
   batch: int
-  up: str = "nearest"
+  up: str = "phases"
   gn: str = "auto"
   skip: str = "split"
   edge: str = "gemm"
@@ -176,17 +175,20 @@ class Case:
 def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
   ensemble; with `tuned` (--pallas-tuning given), the three programs with the tuned Pallas launch parameters;
-  then the previous defaults (before the H200 A/B of 2026-11-26 made "pallas" / "split" / "gemm" the
-  defaults), together and one at a time; then the execution choices already decided on an H200 (attention,
-  up-sampling), params cast inside the call, float32 (TF32) speed, the batch sweep, the GroupNorm default
-  before that, transposed up-sampling in the train step."""
+  then the latest choices one at a time (nearest up-sampling for both programs, the fused GroupNorm kernels
+  off); then the defaults of the first H200 runs (before the A/Bs of 2026-11-26 made "pallas" / "split" /
+  "gemm" / "phases" the defaults), together and one at a time; then the execution choices already decided on
+  an H200 (attention, transposed up-sampling), params cast inside the call, float32 (TF32) speed, the batch
+  sweep, the GroupNorm default before "channel", transposed up-sampling in the train step."""
   b = size.main_batch
-  before = dict(gn="channel", skip="concat", edge="conv")  # the defaults of the first H200 runs
+  before = dict(gn="channel", skip="concat", edge="conv", up="nearest")  # the defaults of the first H200 runs
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b)]
   if tuned:
     plan += [Case(p, "bf16", "auto", b, tune="1") for p in ("denoise", "train", "ensemble")]
+  plan += [Case("denoise", "bf16", "auto", b, up="nearest"), Case("train", "bf16", "auto", b, up="nearest"),
+           Case("denoise", "bf16", "auto", b, fuse="none")]
   plan += [Case("denoise", "bf16", "auto", b, **before), Case("train", "bf16", "auto", b, **before),
            Case("denoise", "bf16", "auto", b, gn="channel"), Case("denoise", "bf16", "auto", b, skip="concat"),
            Case("denoise", "bf16", "auto", b, edge="conv"),
@@ -194,7 +196,7 @@ def default_plan(size: Size, tuned: bool = False) -> list[Case]:
            Case("denoise", "bf16", "auto", b, up="transposed"),
            Case("denoise", "bf16", "auto", b, cast="0"), Case("denoise", "f32", "xla", b)]
   plan += [Case("train", "bf16", "auto", s) for s in size.sweep_batches]
-  plan += [Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the previous default
+  plan += [Case("denoise", "bf16", "auto", b, gn="one_pass"),  # the GroupNorm default before "channel"
            Case("train", "bf16", "auto", b, up="transposed")]
   return plan
 

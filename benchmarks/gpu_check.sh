@@ -13,7 +13,7 @@
 #     run(command="SKIP_PARITY=1 GPU_CHECK_SECONDS=240 PROFILE_CASES= BENCH_ARGS='--cases denoise:bf16:auto:128,denoise:f32hi:xla:128,denoise:f32:xla:128,train:bf16:auto:128,train:bf16:auto:128:up=transposed' bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=300)
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
-# NVIDIA GPU in bf16), opts "+"-separated: up=nearest|transposed|phases, gn=auto|two_pass|one_pass|channel|pallas,
+# NVIDIA GPU in bf16), opts "+"-separated: up=phases|nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas,
 # skip=concat|split, edge=conv|gemm, cast=1|0, tune=0|1 (1: the sweep's fastest Pallas launch parameters).
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),

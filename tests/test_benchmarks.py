@@ -69,12 +69,12 @@ def test_case_parse_and_plan():
   Case = bench_diffaug.Case
   c = Case.parse("train:bf16:cudnn:128")
   assert (c.program, c.dtype, c.attention, c.batch) == ("train", "bf16", "cudnn", 128)
-  assert (c.up, c.gn, c.cast, c.opts) == ("nearest", "auto", "1", "")
+  assert (c.up, c.gn, c.cast, c.fuse, c.opts) == ("phases", "auto", "1", "all", "")
   c = Case.parse("denoise:bf16:auto:4:cast=0+up=transposed+gn=two_pass")
   assert (c.up, c.gn, c.cast) == ("transposed", "two_pass", "0")
   # Canonical name: options in a fixed order, defaults left out; it parses back to the same case.
   assert c.name == "denoise:bf16:auto:4:up=transposed+gn=two_pass+cast=0" and c.variant == c.name[8:]
-  assert Case.parse("denoise:bf16:auto:4:up=nearest+gn=auto+cast=1").name == "denoise:bf16:auto:4"
+  assert Case.parse("denoise:bf16:auto:4:up=phases+gn=auto+cast=1+fuse=all").name == "denoise:bf16:auto:4"
   assert Case.parse("denoise:f32:xla:2:gn=one_pass").name == "denoise:f32:xla:2:gn=one_pass"
   for bad, msg in (("train:bf16:128", "expected program"), ("fit:bf16:xla:8", "program in"),
                    ("train:fp8:xla:8", "dtype in"), ("train:bf16:best:8", "attention in"),
@@ -88,8 +88,10 @@ def test_case_parse_and_plan():
       Case.parse(bad)
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
-  before = "gn=channel+skip=concat+edge=conv"
+  before = "up=nearest+gn=channel+skip=concat+edge=conv"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
+                   "denoise:bf16:auto:128:up=nearest", "train:bf16:auto:128:up=nearest",
+                   "denoise:bf16:auto:128:fuse=none",
                    f"denoise:bf16:auto:128:{before}", f"train:bf16:auto:128:{before}",
                    "denoise:bf16:auto:128:gn=channel", "denoise:bf16:auto:128:skip=concat",
                    "denoise:bf16:auto:128:edge=conv", "denoise:bf16:xla:128", "denoise:bf16:auto:128:up=transposed",
@@ -147,7 +149,7 @@ def test_variants_reach_the_module_and_the_program():
       jnp.bfloat16, "cudnn", "one_pass", "transposed", "concat", "conv")
   m = bench.eps_factory(Case.parse("denoise:f32hi:auto:2")).module
   assert (m.dtype, m.attention_impl, m.norm_stats, m.upsample_impl, m.skip_impl, m.edge_impl) == (
-      jnp.float32, "auto", "auto", "nearest", "split", "gemm")  # the UNet's defaults
+      jnp.float32, "auto", "auto", "phases", "split", "gemm")  # the UNet's defaults
   assert m.clone(dtype=bench.unet.dtype, attention_impl="auto") == bench.unet  # only the case's fields differ
 
   def lowered(spec):
@@ -256,7 +258,7 @@ def test_denoise_correctness_and_table(tmp_path):
 @pytest.mark.slow
 def test_train_and_ensemble_with_profile(tmp_path):
   prof = tmp_path / "trace"
-  named = "ensemble:bf16:auto:2:skip=concat+up=nearest"  # a non-canonical spelling of the third case
+  named = "ensemble:bf16:auto:2:skip=concat+up=phases"  # a non-canonical spelling of the third case
   res = bench_diffaug.main(FAST + ["--no-peak", "--peak-tflops", "1.0", "--members", "2", "--out",
                                    str(tmp_path), "--profile", str(prof), "--profile-cases", f"train,{named}",
                                    "--profile-steps", "1", "--cases",
@@ -394,8 +396,8 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
 
 
-@pytest.mark.parametrize("fuse, off", [("none", ("pool", "up", "head")), ("nopool", ("pool",)),
-                                       ("noup", ("up",)), ("nohead", ("head",)), ("all", ())])
+@pytest.mark.parametrize("fuse, off", [("none", ("pool", "up")), ("nopool", ("pool",)), ("noup", ("up",)),
+                                       ("all", ())])
 def test_fuse_option_refuses_fused_kernels_while_tracing(fuse, off):
   """fuse=... (the A/B of the GroupNorm kernels fused with a neighbour): inside the case's tracing context the
   named kernels' predicates refuse every shape, so a GroupNorm lowered for CUDA does that part in XLA (one
@@ -412,13 +414,11 @@ def test_fuse_option_refuses_fused_kernels_while_tracing(fuse, off):
   assert case.fuse == fuse and (case.name.endswith(f"fuse={fuse}") or fuse == "all")
   v = {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}
   x = jax.ShapeDtypeStruct((2, 16, 16, 256), jnp.bfloat16)
-  calls = {"pool": dict(resample="down"), "up": dict(resample="up"),
-           "head": dict(project=jnp.zeros((3, 3, 256, 6), jnp.float32))}
+  calls = {"pool": dict(resample="down"), "up": dict(resample="up")}
   opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
 
   def triton_calls(kernel):
-    out = jnp.float32 if kernel == "head" else None
-    gn = unet_lib.GroupNorm32(stats="pallas", out_dtype=out)
+    gn = unet_lib.GroupNorm32(stats="pallas")
     fn = jax.jit(lambda v, x: gn.apply(v, x, silu=True, **calls[kernel]))
     return export.export(fn, **opts)(v, x).mlir_module().count("__gpu$xla.gpu.triton")
 

@@ -37,15 +37,14 @@ def golden_models(golden_dir):
 
 
 # Execution choices that must not change the function (same params): the defaults (decoder skips in parts,
-# the input and output convs as GEMMs), guided-diffusion's literal structure (concatenated skips, convs), and
-# the fast paths forced on in float32 (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed
-# convs, the "channel" GroupNorm fold, with per-part statistics over the decoder's parts, up-sampling convs as
-# one 2x2 conv of the four output phases).
+# the input and output convs as GEMMs, up-sampling convs as four 2x2 phase convs), guided-diffusion's literal
+# structure (concatenated skips, convs, nearest x2 then the 3x3 conv), and the fast paths forced on in float32
+# (one-pass GroupNorm statistics, up-sampling convs as stride-2 transposed convs, the "channel" GroupNorm fold,
+# with per-part statistics over the decoder's parts and per-phase statistics over the up-sampling convs).
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
-              "phases": dict(upsample_impl="phases"),
               "channel": dict(norm_stats="channel"),
-              "concat+conv": dict(skip_impl="concat", edge_impl="conv"),
-              "channel+concat": dict(norm_stats="channel", skip_impl="concat")}
+              "concat+conv+nearest": dict(skip_impl="concat", edge_impl="conv", upsample_impl="nearest"),
+              "channel+concat+nearest": dict(norm_stats="channel", skip_impl="concat", upsample_impl="nearest")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -597,7 +596,7 @@ def test_phases_reach_the_groupnorm_kernel_without_an_interleave_for_cuda():
   from jax import export
   m = unet_lib.unet_from_flags(image_size=16, num_channels=256, num_res_blocks=1, channel_mult="1,1",
                                attention_resolutions="", learn_sigma=True, resblock_updown=True,
-                               use_scale_shift_norm=True, dtype=jnp.bfloat16)
+                               use_scale_shift_norm=True, dtype=jnp.bfloat16, upsample_impl="nearest")
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   p = jax.eval_shape(m.init, jax.random.key(0), x, t)

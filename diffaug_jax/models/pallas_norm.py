@@ -55,9 +55,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "affine_act_matmul", "affine_act_phases", "affine_act_pool", "affine_act_up",
-           "channel_sums", "channel_sums_reference", "current_tuning", "interleave_phases", "matmul_reference",
-           "matmul_supported", "phases_supported", "pool_reference", "pool_supported", "reference", "supported",
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_up",
+           "channel_sums", "channel_sums_reference", "current_tuning", "interleave_phases", "phases_supported", "pool_reference", "pool_supported", "reference", "supported",
            "tuning", "up_supported", "upsample_nearest2"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
@@ -116,15 +115,14 @@ def _block_n(n: int, tune: Tuning | None = None) -> int:
   return min(n & -n, (tune or _TUNING).apply_rows)
 
 
-def _per_example(fn, in_ranks: tuple, out_ranks: tuple, replicated: tuple = ()):
+def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
   """`fn(*operands)`, whose operands and results all lead with the batch axis and which works example by
   example, as a function XLA partitions over whatever shards that batch axis: each device runs `fn` on its own
   examples, with the other axes whole, and nothing is communicated. (XLA cannot see inside a Pallas call, so
   without this a batch-sharded program would gather every operand onto every device.) On one device it is
   `fn` itself (jax lowers a custom_partitioning call inline there). Under vmap the mapped axis is folded into
   the batch. `fn` must build its kernel from the shapes it is called with: in a sharded program they are one
-  device's shapes. Operands whose positions are in `replicated` have no batch axis (a weight matrix): every
-  device gets them whole, and they may not be vmapped."""
+  device's shapes."""
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec
 
@@ -143,9 +141,8 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple, replicated: tuple = ()):
                     "NamedSharding to split it over the batch.", stacklevel=2)
     return spec[0] if spec else None
 
-  def shardings(mesh, batch, ranks, whole=()):
-    return tuple(NamedSharding(mesh, PartitionSpec(*(None,) * r) if i in whole else
-                               PartitionSpec(batch, *(None,) * (r - 1))) for i, r in enumerate(ranks))
+  def shardings(mesh, batch, ranks):
+    return tuple(NamedSharding(mesh, PartitionSpec(batch, *(None,) * (r - 1))) for r in ranks)
 
   def infer(mesh, arg_shapes, result_shape):  # GSPMD propagation
     out = shardings(mesh, batch_of(arg_shapes), out_ranks)
@@ -154,15 +151,14 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple, replicated: tuple = ()):
   def partition(mesh, arg_shapes, result_shape):
     batch = batch_of(arg_shapes)
     out = shardings(mesh, batch, out_ranks)
-    return mesh, positional, (out[0] if single else out), shardings(mesh, batch, in_ranks, replicated)
+    return mesh, positional, (out[0] if single else out), shardings(mesh, batch, in_ranks)
 
-  # Shardy: factor "b" is the batch, shared by every operand and result (but the replicated ones); every other
-  # axis is its own factor and is kept whole.
+  # Shardy: factor "b" is the batch, shared by every operand and result; every other axis is its own factor
+  # and is kept whole.
   names = iter(f"f{i}" for i in range(sum(in_ranks) + sum(out_ranks)))
-  spec = lambda r, batched=True: " ".join((["b"] if batched else []) + [next(names) for _ in range(r - batched)])
-  ins = [spec(r, i not in replicated) for i, r in enumerate(in_ranks)]
-  outs = [spec(r) for r in out_ranks]
-  others = tuple(f for s in ins + outs for f in s.split() if f != "b")
+  spec = lambda r: " ".join(["b", *(next(names) for _ in range(r - 1))])
+  ins, outs = [spec(r) for r in in_ranks], [spec(r) for r in out_ranks]
+  others = tuple(f for s in ins + outs for f in s.split()[1:])
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                         sharding_rule=", ".join(ins) + " -> " + ", ".join(outs), need_replication_factors=others)
 
@@ -177,12 +173,8 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple, replicated: tuple = ()):
 
   @call.def_vmap
   def _vmap_rule(axis_size, in_batched, *operands):
-    if any(in_batched[i] for i in replicated):
-      raise NotImplementedError("pallas_norm: vmap over a kernel's weight operand")
-    full = [o if batched or i in replicated else jnp.broadcast_to(o, (axis_size, *o.shape))
-            for i, (o, batched) in enumerate(zip(operands, in_batched))]
-    fold = lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1] * axis_size, *o.shape[2:])
-    out = call(*(o if i in replicated else fold(o) for i, o in enumerate(full)))
+    full = [o if batched else jnp.broadcast_to(o, (axis_size, *o.shape)) for o, batched in zip(operands, in_batched)]
+    out = call(*(jnp.moveaxis(o, 0, 1).reshape(o.shape[1] * axis_size, *o.shape[2:]) for o in full))
     unfold = lambda y: jnp.moveaxis(y.reshape(y.shape[0] // axis_size, axis_size, *y.shape[1:]), 1, 0)
     return (unfold(out), True) if single else (tuple(map(unfold, out)), (True,) * len(out))
 
@@ -629,100 +621,6 @@ def affine_act_up(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_d
     raise ValueError(f"affine_act_up: (H, W, C) = {(h, w, c)} not tiled (C % {BLOCK_C}, "
                      f"pow2(H) * pow2(W) >= {MIN_BLOCK_N})")
   return _affine_act_up(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
-
-
-MATMUL_ROWS = 128  # rows per `affine_act_matmul` program (the (C, P) matrix is re-read from L2 per program)
-MATMUL_CHUNK = 64  # channels per step: act and the dot's operands stay a (rows, 64) tile
-
-
-def matmul_supported(n: int, c: int, p: int) -> bool:
-  """Whether `affine_act_matmul` tiles (B, n, c) x (c, p): c a power of two in [64, 1024], p <= 128, and
-  n divisible by 16."""
-  return 64 <= c <= 1024 and c & (c - 1) == 0 and 1 <= p <= 128 and (n & -n) >= MIN_BLOCK_N
-
-
-def _matmul_kernel(x_ref, a_ref, d_ref, w_ref, o_ref, *, silu: bool):
-  acc = jnp.zeros(o_ref.shape, jnp.float32)
-  for k in range(x_ref.shape[1] // MATMUL_CHUNK):  # static: a few 64-channel steps
-    ch = pl.ds(k * MATMUL_CHUNK, MATMUL_CHUNK)
-    y = x_ref[:, ch].astype(jnp.float32) * a_ref[ch][None, :] + d_ref[ch][None, :]
-    if silu:
-      y = y / (1.0 + jnp.exp(-y))
-    # Default precision: TF32 on Hopper, as XLA's float32 dot of the same operands.
-    acc = acc + jnp.dot(y, w_ref[ch, :], preferred_element_type=jnp.float32)
-  o_ref[...] = acc
-
-
-def _matmul_call(x, a, d, w, *, silu, interpret):
-  b, n, c = x.shape
-  p = w.shape[1]
-  rows = min(n & -n, MATMUL_ROWS)
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=8, num_stages=1)
-  return pl.pallas_call(
-      functools.partial(_matmul_kernel, silu=silu),
-      out_shape=jax.ShapeDtypeStruct((b, n, p), jnp.float32),
-      grid=(b, n // rows),
-      in_specs=[pl.BlockSpec((None, rows, c), lambda i, j: (i, j, 0)),
-                pl.BlockSpec((None, c), lambda i, j: (i, 0)), pl.BlockSpec((None, c), lambda i, j: (i, 0)),
-                pl.BlockSpec((c, p), lambda i, j: (0, 0))],
-      out_specs=pl.BlockSpec((None, rows, p), lambda i, j: (i, j, 0)),
-      interpret=interpret,
-      **kw,
-  )(x, a, d, w)
-
-
-def _matmul_pallas(x, a, d, w, silu, interpret):
-  p = w.shape[1]
-  padded = max(16, 1 << (p - 1).bit_length())  # Triton tiles: a power of two, >= 16 for the MMA
-  w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, padded - p)))
-  call = functools.partial(_matmul_call, silu=silu, interpret=interpret)
-  y = _per_example(call, (3, 2, 2, 2), (3,), replicated=(3,))(x, a.astype(jnp.float32), d.astype(jnp.float32), w)
-  return y[..., :p]
-
-
-def matmul_reference(x, a, d, w, silu: bool) -> jax.Array:
-  """`affine_act_matmul` as an XLA expression (float32 act, default-precision float32 dot)."""
-  return jnp.einsum("bnc,cp->bnp", _xla_apply(x, a, d, silu, jnp.float32), w.astype(jnp.float32))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _affine_act_matmul(x, a, d, w, silu, interpret):
-  return _matmul_pallas(x, a, d, w, silu, interpret)
-
-
-def _matmul_fwd(x, a, d, w, silu, interpret):
-  return _matmul_pallas(x, a, d, w, silu, interpret), (x, a, d, w)
-
-
-def _matmul_bwd(silu, interpret, res, g):
-  _, vjp = jax.vjp(lambda *args: matmul_reference(*args, silu), *res)
-  return vjp(g)
-
-
-_affine_act_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def affine_act_matmul(x: jax.Array, a: jax.Array, d: jax.Array, w: jax.Array, *, silu: bool,
-                      interpret: bool = False) -> jax.Array:
-  """x (B, N, C), a, d (B, C), w (C, P) -> act(x * a + d) @ w, (B, N, P) float32: a float32 GroupNorm output
-  that only feeds a per-pixel linear map (the UNet's output conv as a taps GEMM, `Conv3x3`) never written.
-
-  act in float32 as `affine_act`, the product at default precision (TF32 on Hopper, like XLA's float32 dot),
-  summed over 64-channel steps. Reverse-mode differentiable (the VJP of `matmul_reference`). Raises
-  ValueError for shapes `matmul_supported` rejects."""
-  if x.ndim != 3 or w.ndim != 2:
-    raise ValueError(f"affine_act_matmul: x (B, N, C) and w (C, P), got {x.shape}, {w.shape}")
-  b, n, c = x.shape
-  if a.shape != (b, c) or d.shape != a.shape or w.shape[0] != c:
-    raise ValueError(f"affine_act_matmul: a, d (B, C) = {(b, c)} and w ({c}, P), got {a.shape}, {d.shape}, "
-                     f"{w.shape}")
-  if not matmul_supported(n, c, w.shape[1]):
-    raise ValueError(f"affine_act_matmul: (N, C, P) = {(n, c, w.shape[1])} not tiled (C a power of two in "
-                     f"[64, 1024], P <= 128, N % {MIN_BLOCK_N})")
-  return _affine_act_matmul(x, a, d, w, bool(silu), bool(interpret))
 
 
 def _stats_rows(n: int, tune: Tuning | None = None) -> int:

@@ -24,11 +24,14 @@ Speed (execution choices, same params; see the UNet fields; each default chosen 
 benchmarks/RESULTS.md): cuDNN fused attention where it applies (`attention_impl="auto"`), q/k/v written
 contiguously by three GEMMs over column blocks of the qkv kernel (no strided slices of the activation),
 GroupNorm in reduced precision as one read for the statistics and one fused multiply-add + SiLU, as Pallas
-(Triton) kernels on an NVIDIA GPU (`norm_stats="auto"` -> "pallas"), decoder skips without a materialised
-concatenation (`skip_impl="split"`), the input and output 3x3 convs (3 -> 256, 256 -> 6 channels) as one
-GEMM each (`edge_impl="gemm"`; within 2% alone, faster in every combination); together 7% faster than
-"channel" + "concat" + "conv" (denoise, ADM-256 at 224, batch 128). Optional: the up-sampling convs as
-stride-2 transposed convs on the low-resolution input (`upsample_impl="transposed"`, measured 3% slower).
+(Triton) kernels on an NVIDIA GPU (`norm_stats="auto"` -> "pallas"; in a resampling ResBlock the same kernel
+also writes the pooled or up-sampled skip path, and a down-sampling block's kernel pools the activation
+before writing it), decoder skips without a materialised concatenation (`skip_impl="split"`), the input and
+output 3x3 convs (3 -> 256, 256 -> 6 channels) as one GEMM each (`edge_impl="gemm"`), the up-sampling convs
+as four 2x2 convs on the low-resolution input, one per output phase, interleaved by the GroupNorm kernel that
+reads them (`upsample_impl="phases"`: 0.44x the arithmetic of those convs, 3.3-4% faster than "nearest").
+Optional: one stride-2 transposed conv instead (`upsample_impl="transposed"`, measured 3% slower than
+"nearest").
 
 GPU note: parity at 1e-5 in float32 assumes full-precision matmuls/convs (CPU). On GPUs XLA may use TF32 for
 float32 dots by default; for bit-level comparisons run under `jax.default_matmul_precision("highest")`.
@@ -192,16 +195,13 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None,
-               project: Optional[jax.Array] = None):
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None):
     phases = x if isinstance(x, Phases) else None
     parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
     if resample not in (None, "down", "up"):
       raise ValueError(f"GroupNorm32: resample {resample!r} not in (None, 'down', 'up')")
     if resample and (phases or len(parts) > 1):
       raise ValueError("GroupNorm32: resample takes one array (a resampling ResBlock's input)")
-    if project is not None and (resample or phases or len(parts) > 1 or project.ndim < 2):
-      raise ValueError("GroupNorm32: project (a (..., C, P) kernel) takes one array and no resample")
     c = sum(p.shape[-1] for p in parts)
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
@@ -215,7 +215,7 @@ class GroupNorm32(nn.Module):
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
       return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas",
-                          resample=resample, project=project)
+                          resample=resample)
     x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -238,9 +238,9 @@ class GroupNorm32(nn.Module):
     if silu:
       y = nn.silu(y)
     y = y.astype(out_dtype)
-    return _project(y, project) if project is not None else _resample_pair(y, parts[0], resample)
+    return _resample_pair(y, parts[0], resample)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None, project=None):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None):
     # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
     phases = isinstance(x, Phases)
     parts = x.arrays if phases else x
@@ -270,22 +270,6 @@ class GroupNorm32(nn.Module):
       x = Phases(parts).interleave() if phases else _concat_channels(parts)  # fused into the apply
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
-
-    if project is not None:
-      xla_proj = lambda parts, a, d, w: _project(xla_apply(parts, a, d), w)
-      width = math.prod(project.shape) // c
-      if not (pallas and out_dtype == jnp.float32 and project.dtype == jnp.float32
-              and pallas_norm.matmul_supported(math.prod(spatial), c, width)):
-        return xla_proj(parts, a, d, project)
-
-      def kernel_proj(parts, a, d, w):
-        # (..., C, P) -> (C, (..., P)): a weight-sized transpose, in this branch only
-        w2 = jnp.moveaxis(w, -2, 0).reshape(c, width)
-        y = pallas_norm.affine_act_matmul(parts[0].reshape(b, -1, c), a.reshape(b, c), d.reshape(b, c), w2,
-                                          silu=silu)
-        return y.reshape(b, *spatial, *w.shape[:-2], w.shape[-1])
-
-      return jax.lax.platform_dependent(parts, a, d, project, cuda=kernel_proj, default=xla_proj)
 
     if resample:
       fused, ok = {"down": (pallas_norm.affine_act_pool, pallas_norm.pool_supported),
@@ -319,12 +303,6 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, 
 
 def _avg_pool2(x: jax.Array) -> jax.Array:
   return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-
-
-def _project(y: jax.Array, w: jax.Array) -> jax.Array:
-  """GroupNorm32's `project`: y (..., C) contracted with w (*lead, C, P) over C -> (..., *lead, P) (the
-  dot's natural output order: no transpose)."""
-  return jnp.tensordot(y, w, axes=[[y.ndim - 1], [w.ndim - 2]])
 
 
 def _resample_pair(y: jax.Array, x: jax.Array, resample: Optional[str]):
@@ -411,12 +389,18 @@ class UpConv(nn.Module):
     up-sampled intermediate. The phases are interleaved by one copy, or (`keep_phases`) by the GroupNorm32
     that reads them (`Phases`).
   All three are equal in exact arithmetic; in floating point the summed taps round differently (float32:
-  ~1e-7 relative). The folded kernels are summed in float32 (also for pre-cast bf16 params) before the
-  compute-dtype cast: weights only, once per call.
+  ~1e-7 relative). The folded kernels add the taps rounded to the compute dtype, in float32, and round the
+  sums once more (weights only, once per call): from float32 params that is what pre-cast params
+  (`cast_params_for_compute`) give, so the two stay bit-identical.
   """
   features: int
   dtype: Dtype = jnp.float32
-  impl: str = "nearest"
+  impl: str = "phases"
+
+  def _taps(self, kernel: jax.Array) -> jax.Array:
+    """The 3x3 taps as the folds add them: rounded to the compute dtype (as pre-cast params already are),
+    then float32."""
+    return kernel.astype(self.dtype or kernel.dtype).astype(jnp.float32)
 
   @nn.compact
   def __call__(self, x: jax.Array, keep_phases: bool = False):
@@ -429,7 +413,7 @@ class UpConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
     if self.impl == "phases":
-      kernels = _phase_kernels(kernel.astype(jnp.float32))
+      kernels = _phase_kernels(self._taps(kernel))
       x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
       # Phase (py, px) reads input rows (i - 1 + py, i + py): its own zero padding makes each output (B, H, W).
       phases = Phases(tuple(
@@ -440,7 +424,7 @@ class UpConv(nn.Module):
     if self.impl == "nearest":
       x, pad, dilation = _upsample_nearest2(x), 1, 1
     else:
-      kernel = _fold_nearest2(_fold_nearest2(kernel.astype(jnp.float32), 0), 1)  # (4, 4, Cin, Cout)
+      kernel = _fold_nearest2(_fold_nearest2(self._taps(kernel), 0), 1)  # (4, 4, Cin, Cout)
       pad, dilation = 2, 2
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(dilation,) * 2,
@@ -518,23 +502,12 @@ class Conv3x3(nn.Module):
   zero_init: bool = False  # guided-diffusion's zero_module (the output conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array, pre=None) -> jax.Array:
-    """x (B, H, W, C) -> (B, H, W, features). `pre`: a callable the input goes through first (the out block's
-    GroupNorm32 + SiLU), called as pre(x) or, with impl "gemm" and a narrow output, as
-    pre(x, project=kernel) with the (3, 3, C, features) kernel to contract over C, so that a GroupNorm can
-    hand back the taps directly
-    (`pallas_norm.affine_act_matmul`) instead of writing its float32 output."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     if self.impl not in EDGE_IMPLS:
       raise ValueError(f"Conv3x3 impl {self.impl!r} not in {EDGE_IMPLS}")
-    c, o = x.shape[-1], self.features
     init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
-    kernel = self.param("kernel", init, (3, 3, c, o), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (o,), jnp.float32)
-    if pre is not None and self.impl == "gemm" and c >= o:
-      taps = pre(x, project=kernel.astype(self.dtype))  # (B, H, W, 3, 3, O)
-      return _sum_taps(taps) + bias.astype(self.dtype)
-    if pre is not None:
-      x = pre(x)
+    kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.impl == "gemm":
       return _conv3x3_as_gemm(x, kernel) + bias
@@ -552,7 +525,7 @@ class ResBlock(nn.Module):
   down: bool = False
   dtype: Dtype = jnp.float32
   norm_stats: str = "auto"
-  upsample_impl: str = "nearest"
+  upsample_impl: str = "phases"
 
   @nn.compact
   def __call__(self, x, emb: jax.Array, train: bool = False) -> jax.Array:
@@ -644,7 +617,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
   conv_resample: bool = True
   dtype: Dtype = jnp.float32
-  upsample_impl: str = "nearest"
+  upsample_impl: str = "phases"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -698,9 +671,11 @@ class UNet(nn.Module):
   # norm_stats: GroupNorm statistics and apply, "auto" (two-pass in float32, "pallas" in bf16/fp16:
   # auto_norm_stats), "two_pass", "one_pass", "channel", "pallas" (see GroupNorm32).
   norm_stats: str = "auto"
-  # upsample_impl: "nearest" (materialise nearest x2, then the 3x3 conv, like guided-diffusion) or
-  # "transposed" (the same map as one stride-2 transposed conv on the low-resolution input; see UpConv).
-  upsample_impl: str = "nearest"
+  # upsample_impl: "phases" (default; nearest x2 + the 3x3 conv as four 2x2 convs on the low-resolution
+  # input, one per output phase: 0.44x the arithmetic; H200, bf16: 3.3-4% faster), "nearest" (materialise
+  # nearest x2, then the 3x3 conv, like guided-diffusion) or "transposed" (one stride-2 transposed conv;
+  # measured 3% slower than "nearest"). Same function; see UpConv.
+  upsample_impl: str = "phases"
   # skip_impl: how a decoder block takes its encoder skip: "concat" (concatenate, then the ResBlock, like
   # guided-diffusion) or "split" (default; the ResBlock gets both parts; its 1x1 skip conv is one conv per part
   # and its GroupNorm reads the parts, so with the "channel"/"pallas" statistics (bf16 "auto") the
@@ -807,11 +782,8 @@ class UNet(nn.Module):
 
     # Output head in float32, like guided-diffusion's fp16 mode (h.type(x.dtype) before self.out): the
     # GroupNorm reads the compute-dtype activation and writes float32.
-    # The output conv passes its input through the float32 GroupNorm + SiLU itself (`pre`): with GEMM edges
-    # the GroupNorm returns the conv's taps, and its Pallas kernel never writes the float32 activation.
-    out_norm = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")
-    return Conv3x3(self.out_channels, f32, self.edge_impl, zero_init=True, name="out_2")(
-        h, pre=functools.partial(out_norm, silu=True))
+    h = GroupNorm32(stats=self.norm_stats, out_dtype=f32, name="out_0")(h, silu=True)
+    return Conv3x3(self.out_channels, f32, self.edge_impl, zero_init=True, name="out_2")(h)
 
 
 # Layers that run in float32 whatever the compute dtype (see UNet.__call__): the timestep MLP and the output
@@ -869,7 +841,7 @@ def unet_from_flags(image_size: int = 64, num_channels: int = 128, num_res_block
                     use_fp16: bool = False, use_new_attention_order: bool = False, *, in_channels: int = 3,
                     num_classes: int = 1000, dtype: Optional[Dtype] = None,
                     attention_impl: Optional[str] = "auto", norm_stats: str = "auto",
-                    upsample_impl: str = "nearest", skip_impl: str = "split", edge_impl: str = "gemm",
+                    upsample_impl: str = "phases", skip_impl: str = "split", edge_impl: str = "gemm",
                     **unknown) -> UNet:
   """guided-diffusion `create_model(...)` arguments -> UNet (same semantics).
 
