@@ -39,6 +39,21 @@ squares small when |mean| >> std). Same `supported` shapes as the apply. Measure
 batch 128): 3.8 TB/s against 3.1 TB/s for XLA's reduction. Reverse-mode differentiable in x and the pivot
 (custom VJP, backward in XLA).
 
+Three variants of the apply read or write a neighbour's layout, so that the UNet's resampling blocks move
+less (ADM-256 at 224, bf16; each on an H200 in the profile of 2026-11-26, 19:01 UTC, ms per call of the
+denoise program):
+- `affine_act_phases`: the four output phases of `UNet.upsample_impl="phases"` (four 2x2 convs on the
+  low-resolution input) in, the interleaved (B, 2H, 2W, C) activation out: the interleaving copy that XLA
+  would make (4.1 ms at 224x224 in the profile of the first "phases" form) is gone; the kernel moves
+  3.5 TB/s (1.9 ms at 224x224, as the plain apply).
+- `affine_act_pool`: a down-sampling ResBlock's apply + SiLU + 2x2 average pool, and the pool of its skip
+  path, from one read of x (2.0 ms at 224x224, against 2.1 + 1.0 + 1.0 for XLA's apply and two pools).
+- `affine_act_up`: an up-sampling ResBlock's apply, and its skip path up-sampled by the same programs
+  (2.1 ms at 112x112 -> 224x224, against 0.5 + 2.0 for the apply and XLA's broadcast).
+In the whole program they measured within noise of the same program with that work in XLA (the bench's
+`fuse=none` ran at 1.007x and 1.003x of the fused default in two calls, inside the +-2% verdict band): kept,
+as they move fewer bytes and cost nothing measurable.
+
 Launch parameters: `Tuning` (rows per tile, warps, stages). In the sweep of `benchmarks/bench_pallas_norm.py`
 on an H200 the sums' defaults were the fastest (tied by 2 and 4 stages), the apply's lost by 2.2% to 16-row
 tiles on the kernels alone, and the two tied in the whole UNet (within 0.2%), so the defaults stay.
