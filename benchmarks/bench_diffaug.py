@@ -24,9 +24,9 @@ Case syntax `program:dtype:attention:batch[:opts]`:
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
   call), `tune=0|1` (1: the Pallas GroupNorm kernels traced with the launch parameters of `--pallas-tuning
   FILE`, which `benchmarks/bench_pallas_norm.py` writes; 0: `pallas_norm`'s defaults),
-  `fuse=all|none|nopool|noup` (which of the GroupNorm kernels fused with a neighbour run: the pooled apply of
-  the down-sampling blocks, the up-sampling blocks' apply that also writes the up-sampled skip path; the
-  others run in XLA, for their A/B).
+  `fuse=all|none|nopool|noup` (which of the resampling blocks' GroupNorm kernels that also pool / up-sample
+  the skip path run: the pooled apply of the down-sampling blocks, the up-sampling blocks' apply; off = the
+  rows apply kernel, then XLA resamples; for their A/B).
 Variants are `module.clone(...)` of the same UNet: the params are identical for every value.
 
 Programs (each one jitted function, weights are arguments, never constants):
@@ -88,10 +88,10 @@ OPTIONS = {
     # 1: trace with the Pallas GroupNorm launch parameters of --pallas-tuning (a JSON file that
     # benchmarks/bench_pallas_norm.py writes) instead of pallas_norm's defaults.
     "tune": (("0", "1"), "0"),
-    # The GroupNorm kernels fused with their neighbours (gn=pallas), refused while tracing for their A/B (the
-    # GroupNorm then does that part in XLA, as for shapes a kernel does not tile): all = the library; none;
-    # nopool / noup = all but the down-sampling blocks' pooled apply (`affine_act_pool`) / the up-sampling
-    # blocks' apply + skip-path copy (`affine_act_up`).
+    # The resampling blocks' GroupNorm kernels that also pool / up-sample the skip path (gn=pallas), refused
+    # while tracing for their A/B (the GroupNorm then applies with its rows kernel and resamples in XLA, as for
+    # shapes those kernels do not tile): all = the library; none = both off; nopool / noup = the pooled apply
+    # (`affine_act_pool`) / the up-sampling apply (`affine_act_up`) off. The phase apply is not affected.
     "fuse": (("all", "none", "nopool", "noup"), "all"),
 }
 # fuse value -> the pallas_norm predicates refused while tracing
@@ -465,7 +465,8 @@ class Bench:
         n = self.args.members
         n_noisy = n - 1  # member t = 0 classifies the raw image (no UNet call)
         flops = n_noisy * u + n * cl
-      elif (lowered is not None and attention == "xla" and dataclasses.replace(case, dtype="f32", attention="xla") == reference
+      elif (lowered is not None and attention == "xla"
+            and dataclasses.replace(case, dtype="f32", attention="xla") == reference
             and math.isfinite(_flops_of(lowered))):
         flops = _flops_of(lowered)
       else:

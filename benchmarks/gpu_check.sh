@@ -18,7 +18,7 @@
 # fuse=all|none|nopool|noup (the GroupNorm kernels fused with a resampling neighbour; none = that work in XLA).
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s;
 # the bench assumes 150 s for a case it has not timed yet (--compile-estimate), so leave it more than that after
-# the parity step: with 152 s left a call of 2026-11-26 skipped every case), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
+# the parity step: with 136 s left a call of 2026-11-26 skipped every case), SKIP_PARITY=1, PARITY_SECONDS (120), PARITY_K (pytest -k),
 # BENCH_ARGS extra arguments for bench_diffaug.py (e.g. "--cases denoise:bf16:auto:128,denoise:bf16:auto:128:up=transposed+gn=two_pass"),
 # TUNE_SECONDS (budget of the Pallas launch-parameter sweep, bench_pallas_norm.py; default 0 = off, at most a
 # third of what is left), TUNE_ARGS,

@@ -639,20 +639,11 @@ def test_groupnorm_phases_lower_to_kernels_without_interleave_for_cuda():
 def test_phase_kernel_partitions_over_the_batch_and_vmaps():
   """The phase apply in a batch-sharded program: no collective, the result stays batch-sharded, equal to the
   unsharded call (values and gradients); vmapped, equal to a loop."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   phases, a, d = _phase_inputs(b=8, h=4, w=4, c=256)
   f = lambda ps, a, d: pallas_norm.affine_act_phases(ps, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
   loss = jax.grad(lambda ps, a, d: jnp.sum(f(ps, a, d) ** 2), (0, 1, 2))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
-  args = (phases, a, d)
   for fn in (f, loss):
-    sharded = jax.tree.map(put, args)
-    compiled = jax.jit(fn).lower(*sharded).compile()
-    assert not _COLLECTIVES.search(compiled.as_text())
-    for g, w in zip(jax.tree.leaves(compiled(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
-      assert tuple(g.sharding.spec)[:1] == ("data",)
-      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-4)
+    _assert_partitions_over_the_batch(fn, (phases, a, d), atol=1e-4)
   stacked = (tuple(p.reshape(2, 4, *p.shape[1:]) for p in phases), a.reshape(2, 4, -1), d.reshape(2, 4, -1))
   got = jax.jit(jax.vmap(f))(*stacked)
   for i in range(2):
@@ -747,18 +738,25 @@ def test_groupnorm_resample_kernel_branch_and_lowering(monkeypatch, resample):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the suite runs with 8 fake CPUs)")
 def test_pool_kernel_partitions_over_the_batch():
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   k = jax.random.split(jax.random.key(8), 3)
   x = jax.random.normal(k[0], (8, 4, 8, 256))
   a, d = jax.random.normal(k[1], (8, 256)), jax.random.normal(k[2], (8, 256))
   f = lambda x, a, d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  _assert_partitions_over_the_batch(f, (x, a, d))
+
+
+def _assert_partitions_over_the_batch(fn, args, atol=1e-5):
+  """fn on batch-sharded args (8 devices): no collective in the program, results still batch-sharded and
+  equal to the unsharded call."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()), ("data",))
   put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
-  compiled = jax.jit(f).lower(put(x), put(a), put(d)).compile()
+  sharded = jax.tree.map(put, args)
+  compiled = jax.jit(fn).lower(*sharded).compile()
   assert not _COLLECTIVES.search(compiled.as_text())
-  for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(f)(x, a, d)):
+  for g, w in zip(jax.tree.leaves(compiled(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
     assert tuple(g.sharding.spec)[:1] == ("data",)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=atol)
 
 
 # ---- The up-sampling apply (`affine_act_up`): an up-sampling ResBlock's GroupNorm + SiLU, and its skip path
@@ -795,11 +793,36 @@ def test_up_kernel_gradient_refusals_and_partitioning():
     with pytest.raises(ValueError, match=match):
       kern(bad, a, d)
   if jax.device_count() >= 8:
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
-    compiled = jax.jit(kern).lower(put(x), put(a), put(d)).compile()
-    assert not _COLLECTIVES.search(compiled.as_text())
-    for g, w in zip(compiled(put(x), put(a), put(d)), jax.jit(kern)(x, a, d)):
-      assert tuple(g.sharding.spec)[:1] == ("data",)
-      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-5)
+    _assert_partitions_over_the_batch(kern, (x, a, d))
+  # vmapped (the mapped axis joins the batch): equal to a loop, for this kernel and the pooled one
+  pool = lambda x, a, d: pallas_norm.affine_act_pool(x, a, d, silu=True, out_dtype=jnp.float32, interpret=True)
+  x8 = jnp.concatenate([x, x[:, ::-1]], axis=2)  # (8, 4, 8, 256): pooled tiles of 2 x 4 pixels
+  for f, xv in ((kern, x), (pool, x8)):
+    stacked = (xv.reshape(2, 4, *xv.shape[1:]), a.reshape(2, 4, -1), d.reshape(2, 4, -1))
+    got = jax.jit(jax.vmap(f))(*stacked)
+    for i in range(2):
+      for g, w in zip(got, f(*(v[i] for v in stacked))):
+        np.testing.assert_array_equal(np.asarray(g[i]), np.asarray(w))
+
+
+def test_groupnorm_phases_fallbacks_and_refusals(monkeypatch):
+  """Phases the phase kernel does not tile (7 x 7) lower for CUDA to no apply kernel (XLA interleaves in its
+  apply; the sums kernels do not tile either) and still equal the GroupNorm of the interleave; a resample of
+  Phases is refused. A resampling GroupNorm whose fused kernel does not tile (28 x 28 pooled: 14 x 14) keeps
+  the rows apply kernel and resamples in XLA."""
+  phases = tuple(2.0 + jax.random.normal(jax.random.key(20 + i), (2, 7, 7, 256)) for i in range(4))
+  v, _ = _gn_apply("channel", 256, (2, 14, 14, 256))
+  gn = lambda stats, x, **kw: unet_lib.GroupNorm32(stats=stats).apply(v, x, silu=True, **kw)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  spec = tuple(jax.ShapeDtypeStruct(p.shape, jnp.bfloat16) for p in phases)
+  text = export.export(jax.jit(lambda v, ps: gn("pallas", unet_lib.Phases(ps))), **opts)(v, spec).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 0
+  want = gn("channel", pallas_norm.interleave_phases(phases))
+  np.testing.assert_allclose(gn("pallas", unet_lib.Phases(phases)), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="resample takes one array"):
+    gn("pallas", unet_lib.Phases(phases), resample="down")
+  x = jax.ShapeDtypeStruct((2, 28, 28, 256), jnp.bfloat16)
+  assert not pallas_norm.pool_supported(28, 28, 256) and pallas_norm.supported(28 * 28, 256)
+  text = export.export(jax.jit(lambda v, x: gn("pallas", x, resample="down")), **opts)(v, x).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" in text  # sums + rows apply, XLA pools
+

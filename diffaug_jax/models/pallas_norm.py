@@ -12,7 +12,7 @@ XLA's fusion of the same arithmetic and 3.4 TB/s for an XLA elementwise y = 2x i
 4.3 TB/s. The UNet uses it by default in bf16 (`UNet.norm_stats="auto"` -> "pallas").
 
 Sharding: XLA cannot see inside a Pallas call, and left alone would gather a batch-sharded operand onto every
-device. Both kernels work example by example, so each is wrapped in a `custom_partitioning` rule
+device. Every kernel here works example by example, so each is wrapped in a `custom_partitioning` rule
 (`_per_example`) that splits it over whatever shards the batch axis, with no communication; on one device
 that is the kernel itself (the same lowered program); under vmap the mapped axis is folded into the batch.
 The rule is checked on 8 CPU devices through the Pallas interpreter (the kernels, and GroupNorm32's kernel
@@ -40,8 +40,8 @@ batch 128): 3.8 TB/s against 3.1 TB/s for XLA's reduction. Reverse-mode differen
 (custom VJP, backward in XLA).
 
 Three variants of the apply read or write a neighbour's layout, so that the UNet's resampling blocks move
-less (ADM-256 at 224, bf16; each on an H200 in the profile of 2026-11-26, 19:01 UTC, ms per call of the
-denoise program):
+less (ADM-256 at 224, bf16, batch 128; each from the H200 profiles of 2026-11-26 in benchmarks/RESULTS.md,
+calls 5 and 7, ms per call of the denoise program):
 - `affine_act_phases`: the four output phases of `UNet.upsample_impl="phases"` (four 2x2 convs on the
   low-resolution input) in, the interleaved (B, 2H, 2W, C) activation out: the interleaving copy that XLA
   would make (4.1 ms at 224x224 in the profile of the first "phases" form) is gone; the kernel moves
@@ -49,10 +49,12 @@ denoise program):
 - `affine_act_pool`: a down-sampling ResBlock's apply + SiLU + 2x2 average pool, and the pool of its skip
   path, from one read of x (2.0 ms at 224x224, against 2.1 + 1.0 + 1.0 for XLA's apply and two pools).
 - `affine_act_up`: an up-sampling ResBlock's apply, and its skip path up-sampled by the same programs
-  (2.1 ms at 112x112 -> 224x224, against 0.5 + 2.0 for the apply and XLA's broadcast).
-In the whole program they measured within noise of the same program with that work in XLA (the bench's
-`fuse=none` ran at 1.007x and 1.003x of the fused default in two calls, inside the +-2% verdict band): kept,
-as they move fewer bytes and cost nothing measurable.
+  (x is read from memory once; the four corner programs of a tile re-load it, from L2) (2.1 ms at
+  112x112 -> 224x224, against 0.5 + 2.0 for the apply and XLA's broadcast).
+The phase apply replaced an interleaving copy and was not timed against it in one process. With the pooled
+and up-sampling applies refused (the bench's `fuse=none`, which then also ran those GroupNorms' apply in
+XLA), the whole denoise ran at 1.003x the default in call 8, inside the +-2% verdict band: they are kept, as
+they move fewer bytes and cost nothing measurable.
 
 Launch parameters: `Tuning` (rows per tile, warps, stages). In the sweep of `benchmarks/bench_pallas_norm.py`
 on an H200 the sums' defaults were the fastest (tied by 2 and 4 stages), the apply's lost by 2.2% to 16-row
@@ -70,9 +72,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_up",
-           "channel_sums", "channel_sums_reference", "current_tuning", "interleave_phases", "phases_supported", "pool_reference", "pool_supported", "reference", "supported",
-           "tuning", "up_supported", "upsample_nearest2"]
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_up", "channel_sums",
+           "channel_sums_reference", "current_tuning", "interleave_phases", "phases_supported", "pool_reference",
+           "pool_supported", "reference", "supported", "tuning", "up_supported", "upsample_nearest2"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
@@ -81,9 +83,12 @@ MIN_BLOCK_N = 16  # fewest rows a tile may have (`supported`)
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-  """Launch parameters of the two kernels, read when a program is traced (`tuning` changes them for the
-  programs traced inside it; `benchmarks/bench_pallas_norm.py` sweeps them on a GPU)."""
-  apply_rows: int = 32  # rows per `affine_act` tile (x 256 channels): 64 elements per thread at 4 warps
+  """Launch parameters of the kernels, read when a program is traced (`tuning` changes them for the programs
+  traced inside it; `benchmarks/bench_pallas_norm.py` sweeps them on a GPU). The apply_* fields serve every
+  apply kernel (rows, phases, pooled, up-sampling), the stats_* fields `channel_sums`."""
+  # pixels per apply tile (x 256 channels): 64 elements per thread at 4 warps; the pooled apply's output tiles
+  # hold half as many (each reads 4x that many input pixels)
+  apply_rows: int = 32
   apply_warps: int = 4
   apply_stages: int = 1
   stats_rows: int = 1024  # rows per `channel_sums` program (one partial sum per stats_rows rows, 256 channels)
@@ -233,6 +238,24 @@ def _part_index_map(i, j, k, *, lo: int, hi: int):
   return i, j, jnp.minimum(jnp.maximum(k - lo, 0), hi - lo - 1)
 
 
+def _launch(interpret: bool, warps: int, stages: int) -> dict:
+  """pallas_call's Triton launch parameters (none for the interpreter)."""
+  if interpret:
+    return {}
+  from jax.experimental.pallas import triton as pltriton
+  return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+
+
+def _corner_specs(ht: int, wt: int):
+  """BlockSpecs over the grid (B, H / ht, W / wt, 4, C / 256) of the kernels that write a 2x up-sampled
+  (B, H, 2, W, 2, C) view: a (ht, wt, 256) tile of a (B, H, W, C) array, a (B, C) row, and the output tile of
+  grid axis 3's corner p = (p // 2, p % 2)."""
+  tile = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, p, k: (i, j, l, k))
+  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, p, k: (i, k))
+  corner = pl.BlockSpec((None, ht, None, wt, None, BLOCK_C), lambda i, j, l, p, k: (i, j, p // 2, l, p % 2, k))
+  return tile, row, corner
+
+
 def _apply_call(*operands, silu, out_dtype, interpret, tune):
   *parts, a, d = operands
   b, n, _ = parts[0].shape
@@ -242,10 +265,6 @@ def _apply_call(*operands, silu, out_dtype, interpret, tune):
              for lo, hi in zip(bounds, bounds[1:])]
   tile = pl.BlockSpec((None, bn, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
   return pl.pallas_call(
       functools.partial(_kernel, silu=silu, bounds=bounds),
       out_shape=jax.ShapeDtypeStruct((b, n, bounds[-1] * BLOCK_C), out_dtype),
@@ -253,7 +272,7 @@ def _apply_call(*operands, silu, out_dtype, interpret, tune):
       in_specs=[*x_specs, row, row],
       out_specs=tile,
       interpret=interpret,
-      **kw,
+      **_launch(interpret, tune.apply_warps, tune.apply_stages),
   )(*parts, a, d)
 
 
@@ -264,13 +283,28 @@ def _pallas(parts, a, d, silu, out_dtype, interpret):
                                                              d.astype(jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act(parts, a, d, silu, out_dtype, interpret):
-  return _pallas(parts, a, d, silu, out_dtype, interpret)
+def _with_vjp(pallas_fn, bwd):
+  """`pallas_fn(x, a, d, silu, out_dtype, interpret)` as a reverse-differentiable function with backward pass
+  `bwd(silu, out_dtype, interpret, (x, a, d), g)`. `x` may be a tuple of arrays."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+  def fn(x, a, d, silu, out_dtype, interpret):
+    return pallas_fn(x, a, d, silu, out_dtype, interpret)
+
+  def fwd(x, a, d, silu, out_dtype, interpret):
+    return pallas_fn(x, a, d, silu, out_dtype, interpret), (x, a, d)
+
+  fn.defvjp(fwd, bwd)
+  return fn
 
 
-def _fwd(parts, a, d, silu, out_dtype, interpret):
-  return _pallas(parts, a, d, silu, out_dtype, interpret), (parts, a, d)
+def _with_xla_vjp(pallas_fn, expression):
+  """`_with_vjp` whose backward pass is the VJP of `expression(x, a, d, silu, out_dtype)`: the same arithmetic
+  in XLA, with `jax.nn.silu` (finite for any input; the module docstring says why)."""
+  def bwd(silu, out_dtype, interpret, res, g):
+    _, vjp = jax.vjp(lambda *args: expression(*args, silu, out_dtype), *res)
+    return vjp(g)
+
+  return _with_vjp(pallas_fn, bwd)
 
 
 def _xla_apply(x, a, d, silu, out_dtype):
@@ -293,7 +327,7 @@ def _bwd(silu, out_dtype, interpret, res, g):
   return tuple(dparts), cat(da), cat(dd)
 
 
-_affine_act.defvjp(_fwd, _bwd)
+_affine_act = _with_vjp(_pallas, _bwd)
 
 
 def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpret: bool = False) -> jax.Array:
@@ -359,15 +393,9 @@ def _phase_kernel(*refs, silu: bool):
 def _phase_apply_call(*operands, silu, out_dtype, interpret, tune):
   *phases, a, d = operands
   b, h, w, c = phases[0].shape
-  ht, wt = _phase_tile(h, w, tune)
-  x_spec = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, p, k: (i, j, l, k))
-  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, p, k: (i, k))
   # The output as (B, H, py, W, px, C), a free view of (B, 2H, 2W, C): phase p's tile lands at (p // 2, p % 2).
-  out_spec = pl.BlockSpec((None, ht, None, wt, None, BLOCK_C), lambda i, j, l, p, k: (i, j, p // 2, l, p % 2, k))
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
+  ht, wt = _phase_tile(h, w, tune)
+  x_spec, row, out_spec = _corner_specs(ht, wt)
   y = pl.pallas_call(
       functools.partial(_phase_kernel, silu=silu),
       out_shape=jax.ShapeDtypeStruct((b, h, 2, w, 2, c), out_dtype),
@@ -376,7 +404,7 @@ def _phase_apply_call(*operands, silu, out_dtype, interpret, tune):
       in_specs=[x_spec] * 4 + [row, row],
       out_specs=out_spec,
       interpret=interpret,
-      **kw,
+      **_launch(interpret, tune.apply_warps, tune.apply_stages),
   )(*phases, a, d)
   return y.reshape(b, 2 * h, 2 * w, c)
 
@@ -386,24 +414,13 @@ def _phase_pallas(phases, a, d, silu, out_dtype, interpret):
   return _per_example(call, (4,) * 4 + (2, 2), (4,))(*phases, a.astype(jnp.float32), d.astype(jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act_phases(phases, a, d, silu, out_dtype, interpret):
-  return _phase_pallas(phases, a, d, silu, out_dtype, interpret)
-
-
-def _phase_fwd(phases, a, d, silu, out_dtype, interpret):
-  return _phase_pallas(phases, a, d, silu, out_dtype, interpret), (phases, a, d)
-
-
-def _phase_bwd(silu, out_dtype, interpret, res, g):
-  phases, a, d = res
+def _phase_expression(phases, a, d, silu, out_dtype):
   b, c = a.shape
-  f = lambda ps, a, d: _xla_apply(interleave_phases(ps).reshape(b, -1, c), a, d, silu, out_dtype)
-  _, vjp = jax.vjp(f, phases, a, d)
-  return vjp(g.reshape(b, -1, c))
+  return _xla_apply(interleave_phases(phases).reshape(b, -1, c), a, d, silu, out_dtype).reshape(
+      b, 2 * phases[0].shape[1], 2 * phases[0].shape[2], c)
 
 
-_affine_act_phases.defvjp(_phase_fwd, _phase_bwd)
+_affine_act_phases = _with_xla_vjp(_phase_pallas, _phase_expression)
 
 
 def affine_act_phases(phases, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
@@ -467,10 +484,6 @@ def _pool_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
                                        lambda i, j, l, k: (i, j, dy, l, dx, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, k: (i, k))
   tile = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, k: (i, j, l, k))
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
   x6 = x.reshape(b, ph, 2, pw, 2, c)  # a free view: the 2x2 windows' corners as axes
   return pl.pallas_call(
       functools.partial(_pool_kernel, silu=silu),
@@ -479,7 +492,7 @@ def _pool_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
       in_specs=[corner(dy, dx) for dy in (0, 1) for dx in (0, 1)] + [row, row],
       out_specs=(tile, tile),
       interpret=interpret,
-      **kw,
+      **_launch(interpret, tune.apply_warps, tune.apply_stages),
   )(x6, x6, x6, x6, a, d)
 
 
@@ -488,43 +501,26 @@ def _pool_pallas(x, a, d, silu, out_dtype, interpret):
   return _per_example(call, (4, 2, 2), (4, 4))(x, a.astype(jnp.float32), d.astype(jnp.float32))
 
 
-def pool_reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> tuple[jax.Array, jax.Array]:
-  """`affine_act_pool`'s arithmetic as an XLA expression: act(x * a + d) and x, each 2x2-average-pooled in
-  float32 and rounded once (to `out_dtype`, to x's dtype)."""
+def _pool_pair(x: jax.Array, y: jax.Array, out_dtype) -> tuple[jax.Array, jax.Array]:
+  """(avg_pool2(y), avg_pool2(x)) for a float32 activation y of x (B, H, W, C): pooled in float32, rounded once
+  (to `out_dtype`, to x's dtype)."""
   b, h, w, c = x.shape
-  xf = x.astype(jnp.float32)
-  y = xf * a[:, None, None, :] + d[:, None, None, :]
-  if silu:
-    y = y / (1.0 + jnp.exp(-y))
   pool = lambda v: v.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-  return pool(y).astype(out_dtype), pool(xf).astype(x.dtype)
+  return pool(y).astype(out_dtype), pool(x.astype(jnp.float32)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act_pool(x, a, d, silu, out_dtype, interpret):
-  return _pool_pallas(x, a, d, silu, out_dtype, interpret)
+def pool_reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> tuple[jax.Array, jax.Array]:
+  """`affine_act_pool`'s arithmetic as an XLA expression (`reference`'s apply, then `_pool_pair`)."""
+  b, c = a.shape
+  return _pool_pair(x, reference(x.reshape(b, -1, c), a, d, silu, jnp.float32).reshape(x.shape), out_dtype)
 
 
-def _pool_fwd(x, a, d, silu, out_dtype, interpret):
-  return _pool_pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
+def _pool_expression(x, a, d, silu, out_dtype):
+  b, c = a.shape
+  return _pool_pair(x, _xla_apply(x.reshape(b, -1, c), a, d, silu, jnp.float32).reshape(x.shape), out_dtype)
 
 
-def _pool_bwd(silu, out_dtype, interpret, res, g):
-  x, a, d = res
-
-  def f(x, a, d):  # the XLA expression with jax.nn.silu (finite gradients, as `_bwd`)
-    b, h, w, c = x.shape
-    xf = x.astype(jnp.float32)
-    y = xf * a[:, None, None, :] + d[:, None, None, :]
-    y = jax.nn.silu(y) if silu else y
-    pool = lambda v: v.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-    return pool(y).astype(out_dtype), pool(xf).astype(x.dtype)
-
-  _, vjp = jax.vjp(f, x, a, d)
-  return vjp(g)
-
-
-_affine_act_pool.defvjp(_pool_fwd, _pool_bwd)
+_affine_act_pool = _with_xla_vjp(_pool_pallas, _pool_expression)
 
 
 def affine_act_pool(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
@@ -537,15 +533,19 @@ def affine_act_pool(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out
   averages in float32, rounding once. (The XLA path rounds the activation, then pools it: the two differ by
   at most about a rounding step.) Reverse-mode differentiable (the VJP of the XLA expression). Raises
   ValueError for shapes `pool_supported` rejects."""
+  _check_nhwc("affine_act_pool", x, a, d, pool_supported, f"even H, W; C % {BLOCK_C}; pow2(H/2) * pow2(W/2) >= 8")
+  return _affine_act_pool(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+def _check_nhwc(name: str, x, a, d, supported_fn, rule: str) -> None:
+  """x (B, H, W, C) with a, d (B, C) that `supported_fn(H, W, C)` tiles, else ValueError."""
   if x.ndim != 4:
-    raise ValueError(f"affine_act_pool: x (B, H, W, C), got {x.shape}")
+    raise ValueError(f"{name}: x (B, H, W, C), got {x.shape}")
   b, h, w, c = x.shape
   if a.shape != (b, c) or d.shape != a.shape:
-    raise ValueError(f"affine_act_pool: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
-  if not pool_supported(h, w, c):
-    raise ValueError(f"affine_act_pool: (H, W, C) = {(h, w, c)} not tiled (even H, W; C % {BLOCK_C}; "
-                     f"pow2(H/2) * pow2(W/2) >= 8)")
-  return _affine_act_pool(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+    raise ValueError(f"{name}: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
+  if not supported_fn(h, w, c):
+    raise ValueError(f"{name}: (H, W, C) = {(h, w, c)} not tiled ({rule})")
 
 
 def upsample_nearest2(x: jax.Array) -> jax.Array:
@@ -576,13 +576,7 @@ def _up_kernel(x_ref, a_ref, d_ref, y_ref, xu_ref, *, silu: bool):
 def _up_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
   b, h, w, c = x.shape
   ht, wt = _phase_tile(h, w, tune)
-  tile = pl.BlockSpec((None, ht, wt, BLOCK_C), lambda i, j, l, p, k: (i, j, l, k))
-  row = pl.BlockSpec((None, BLOCK_C), lambda i, j, l, p, k: (i, k))
-  corner = pl.BlockSpec((None, ht, None, wt, None, BLOCK_C), lambda i, j, l, p, k: (i, j, p // 2, l, p % 2, k))
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.apply_warps, num_stages=tune.apply_stages)
+  tile, row, corner = _corner_specs(ht, wt)
   y, xu = pl.pallas_call(
       functools.partial(_up_kernel, silu=silu),
       out_shape=(jax.ShapeDtypeStruct((b, h, w, c), out_dtype), jax.ShapeDtypeStruct((b, h, 2, w, 2, c), x.dtype)),
@@ -590,7 +584,7 @@ def _up_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
       in_specs=[tile, row, row],
       out_specs=(tile, corner),
       interpret=interpret,
-      **kw,
+      **_launch(interpret, tune.apply_warps, tune.apply_stages),
   )(x, a, d)
   return y, xu.reshape(b, 2 * h, 2 * w, c)
 
@@ -600,41 +594,23 @@ def _up_pallas(x, a, d, silu, out_dtype, interpret):
   return _per_example(call, (4, 2, 2), (4, 4))(x, a.astype(jnp.float32), d.astype(jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act_up(x, a, d, silu, out_dtype, interpret):
-  return _up_pallas(x, a, d, silu, out_dtype, interpret)
+def _up_expression(x, a, d, silu, out_dtype):
+  b, c = a.shape
+  return _xla_apply(x.reshape(b, -1, c), a, d, silu, out_dtype).reshape(x.shape), upsample_nearest2(x)
 
 
-def _up_fwd(x, a, d, silu, out_dtype, interpret):
-  return _up_pallas(x, a, d, silu, out_dtype, interpret), (x, a, d)
-
-
-def _up_bwd(silu, out_dtype, interpret, res, g):
-  x, a, d = res
-  b, h, w, c = x.shape
-  f = lambda x, a, d: (_xla_apply(x.reshape(b, -1, c), a, d, silu, out_dtype).reshape(x.shape), upsample_nearest2(x))
-  _, vjp = jax.vjp(f, x, a, d)
-  return vjp(g)
-
-
-_affine_act_up.defvjp(_up_fwd, _up_bwd)
+_affine_act_up = _with_xla_vjp(_up_pallas, _up_expression)
 
 
 def affine_act_up(x: jax.Array, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """x (B, H, W, C), a, d (B, C) -> (act(x * a + d) (B, H, W, C) in `out_dtype`, upsample_nearest2(x)
   (B, 2H, 2W, C) in x's dtype): an up-sampling ResBlock's normalised input (its conv up-samples it) and its
-  up-sampled skip path, from one read of x. The up-sampled copy is written by the same programs that apply
-  the GroupNorm, one (rows, columns, 256) tile per corner of the 2x2 blocks. Same tiling as
+  up-sampled skip path, x read from memory once. The up-sampled copy is written by the same programs that
+  apply the GroupNorm, one (rows, columns, 256) tile per corner of the 2x2 blocks (the four corner programs
+  of a tile load it; all but the first from L2). Same tiling as
   `affine_act_phases` (`up_supported`). Reverse-mode differentiable (the VJP of the XLA expression)."""
-  if x.ndim != 4:
-    raise ValueError(f"affine_act_up: x (B, H, W, C), got {x.shape}")
-  b, h, w, c = x.shape
-  if a.shape != (b, c) or d.shape != a.shape:
-    raise ValueError(f"affine_act_up: a, d (B, C) = {(b, c)}, got {a.shape}, {d.shape}")
-  if not up_supported(h, w, c):
-    raise ValueError(f"affine_act_up: (H, W, C) = {(h, w, c)} not tiled (C % {BLOCK_C}, "
-                     f"pow2(H) * pow2(W) >= {MIN_BLOCK_N})")
+  _check_nhwc("affine_act_up", x, a, d, up_supported, f"C % {BLOCK_C}, pow2(H) * pow2(W) >= {MIN_BLOCK_N}")
   return _affine_act_up(x, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
@@ -671,10 +647,6 @@ def _stats_call(x, pivot, *, interpret, tune):
   tile = pl.BlockSpec((None, rows, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
   part = pl.BlockSpec((None, None, BLOCK_C), lambda i, j, k: (i, j, k))
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    kw["compiler_params"] = pltriton.CompilerParams(num_warps=tune.stats_warps, num_stages=tune.stats_stages)
   out = jax.ShapeDtypeStruct((b, chunks, c), jnp.float32)
   return pl.pallas_call(
       functools.partial(_stats_kernel, block_n=block_n),
@@ -683,7 +655,7 @@ def _stats_call(x, pivot, *, interpret, tune):
       in_specs=[tile, row],
       out_specs=(part, part),
       interpret=interpret,
-      **kw,
+      **_launch(interpret, tune.stats_warps, tune.stats_stages),
   )(x, pivot)
 
 

@@ -29,7 +29,7 @@ also writes the pooled or up-sampled skip path, and a down-sampling block's kern
 before writing it), decoder skips without a materialised concatenation (`skip_impl="split"`), the input and
 output 3x3 convs (3 -> 256, 256 -> 6 channels) as one GEMM each (`edge_impl="gemm"`), the up-sampling convs
 as four 2x2 convs on the low-resolution input, one per output phase, interleaved by the GroupNorm kernel that
-reads them (`upsample_impl="phases"`: 0.44x the arithmetic of those convs, 3.3-4% faster than "nearest").
+reads them (`upsample_impl="phases"`: 0.44x the arithmetic of those convs, 3.2-3.3% faster than "nearest").
 Optional: one stride-2 transposed conv instead (`upsample_impl="transposed"`, measured 3% slower than
 "nearest").
 
@@ -271,18 +271,6 @@ class GroupNorm32(nn.Module):
       y = x.astype(jnp.float32) * a + d
       return (nn.silu(y) if silu else y).astype(out_dtype)
 
-    if resample:
-      fused, ok = {"down": (pallas_norm.affine_act_pool, pallas_norm.pool_supported),
-                   "up": (pallas_norm.affine_act_up, pallas_norm.up_supported)}[resample]
-      xla_pair = lambda parts, a, d: _resample_pair(xla_apply(parts, a, d), parts[0], resample)
-      if not (pallas and ok(*parts[0].shape[1:])):
-        return xla_pair(parts, a, d)
-      kernel = lambda parts, a, d: fused(parts[0], a.reshape(b, c), d.reshape(b, c), silu=silu, out_dtype=out_dtype)
-      return jax.lax.platform_dependent(parts, a, d, cuda=kernel, default=xla_pair)
-
-    if not pallas:
-      return xla_apply(parts, a, d)
-
     def kernel_apply(parts, a, d):
       if phases:
         return pallas_norm.affine_act_phases(parts, a.reshape(b, c), d.reshape(b, c), silu=silu,
@@ -291,7 +279,22 @@ class GroupNorm32(nn.Module):
                                  d.reshape(b, c), silu=silu, out_dtype=out_dtype)
       return y.reshape(b, *spatial, c)
 
-    return jax.lax.platform_dependent(parts, a, d, cuda=kernel_apply, default=xla_apply)
+    def apply(parts, a, d):
+      if not pallas:
+        return xla_apply(parts, a, d)
+      return jax.lax.platform_dependent(parts, a, d, cuda=kernel_apply, default=xla_apply)
+
+    if not resample:
+      return apply(parts, a, d)
+    # A resampling block: one kernel for the apply and the skip path where it tiles, else the apply (the rows
+    # kernel where that tiles), then the XLA pools / up-sampling.
+    fused, ok = {"down": (pallas_norm.affine_act_pool, pallas_norm.pool_supported),
+                 "up": (pallas_norm.affine_act_up, pallas_norm.up_supported)}[resample]
+    if not (pallas and ok(*parts[0].shape[1:])):
+      return _resample_pair(apply(parts, a, d), parts[0], resample)
+    xla_pair = lambda parts, a, d: _resample_pair(xla_apply(parts, a, d), parts[0], resample)
+    kernel = lambda parts, a, d: fused(parts[0], a.reshape(b, c), d.reshape(b, c), silu=silu, out_dtype=out_dtype)
+    return jax.lax.platform_dependent(parts, a, d, cuda=kernel, default=xla_pair)
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, zero: bool = False) -> nn.Conv:
@@ -481,13 +484,7 @@ def _conv3x3_as_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
     patches = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(9 * c, o))
   # (B, H, W, 3, 3, O): the dot's natural output order (lhs free dims, then rhs free dims), so no transpose.
-  return _sum_taps(jnp.einsum("bhwc,ijco->bhwijo", x, kernel))
-
-
-def _sum_taps(taps: jax.Array) -> jax.Array:
-  """taps[b, p, q, i, j] = x[b, p, q] @ kernel[i, j], (B, H, W, 3, 3, O) -> the 3x3 conv (zero padding 1)
-  (B, H, W, O): output (p, q) adds taps[b, p + i - 1, q + j - 1, i, j], nine shifted slices in one fusion."""
-  h, w = taps.shape[1:3]
+  taps = jnp.einsum("bhwc,ijco->bhwijo", x, kernel)
   taps = jnp.pad(taps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return functools.reduce(operator.add, [taps[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3)])
 
@@ -672,7 +669,7 @@ class UNet(nn.Module):
   # auto_norm_stats), "two_pass", "one_pass", "channel", "pallas" (see GroupNorm32).
   norm_stats: str = "auto"
   # upsample_impl: "phases" (default; nearest x2 + the 3x3 conv as four 2x2 convs on the low-resolution
-  # input, one per output phase: 0.44x the arithmetic; H200, bf16: 3.3-4% faster), "nearest" (materialise
+  # input, one per output phase: 0.44x the arithmetic; H200, bf16: 3.2-3.3% faster), "nearest" (materialise
   # nearest x2, then the 3x3 conv, like guided-diffusion) or "transposed" (one stride-2 transposed conv;
   # measured 3% slower than "nearest"). Same function; see UpConv.
   upsample_impl: str = "phases"
