@@ -157,8 +157,9 @@ class GroupNorm32(nn.Module):
   (avg_pool2(that), avg_pool2(x)) ("pallas": `pallas_norm.affine_act_pool`, which never writes the
   full-resolution activation and pools in float32 before rounding once; the other modes round first), "up" ->
   (that, nearest x2 of x) ("pallas": `pallas_norm.affine_act_up`, the up-sampled copy written by the apply
-  kernel). Params `scale`
-  (C,), `bias` (C,) (torch: weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
+  kernel). `x` may also be `Phases` (an up-sampling conv's output phases: per-phase statistics, and the apply
+  interleaves them; `pallas_norm.affine_act_phases` on a GPU). Params `scale` (C,), `bias` (C,) (torch:
+  weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
   concatenation is the input (a decoder block's [h, skip], `UNet.skip_impl="split"`): the "channel" and
   "pallas" modes read the parts where they lie (per-part statistics; the apply fuses or, in the kernel, reads
   the concatenation), the others concatenate first.
