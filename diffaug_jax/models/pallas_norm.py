@@ -208,10 +208,14 @@ def supported(n: int, c: int) -> bool:
 
 def reference(x: jax.Array, a: jax.Array, d: jax.Array, silu: bool, out_dtype) -> jax.Array:
   """The kernel's arithmetic as an XLA expression (for tests; the UNet's XLA path uses `jax.nn.silu`)."""
-  y = x.astype(jnp.float32) * a[:, None, :] + d[:, None, :]
-  if silu:
-    y = y / (1.0 + jnp.exp(-y))
-  return y.astype(out_dtype)
+  return _act(x, a[:, None, :], d[:, None, :], silu).astype(out_dtype)
+
+
+def _act(x, a, d, silu: bool):
+  """Every apply kernel's arithmetic (and `reference`'s), float32: one multiply-add with a, d broadcast to x,
+  then x * sigmoid(x) written as x / (1 + exp(-x))."""
+  y = x.astype(jnp.float32) * a + d
+  return y / (1.0 + jnp.exp(-y)) if silu else y
 
 
 def _kernel(*refs, silu: bool, bounds: tuple):
@@ -221,10 +225,7 @@ def _kernel(*refs, silu: bool, bounds: tuple):
   *x_refs, a_ref, d_ref, o_ref = refs
 
   def apply(x_ref):
-    y = x_ref[...].astype(jnp.float32) * a_ref[...][None, :] + d_ref[...][None, :]
-    if silu:
-      y = y / (1.0 + jnp.exp(-y))
-    o_ref[...] = y.astype(o_ref.dtype)
+    o_ref[...] = _act(x_ref[...], a_ref[...][None, :], d_ref[...][None, :], silu).astype(o_ref.dtype)
 
   if len(x_refs) == 1:
     apply(x_refs[0])
@@ -380,10 +381,7 @@ def _phase_kernel(*refs, silu: bool):
   *x_refs, a_ref, d_ref, o_ref = refs
 
   def apply(x_ref):
-    y = x_ref[...].astype(jnp.float32) * a_ref[...][None, None, :] + d_ref[...][None, None, :]
-    if silu:
-      y = y / (1.0 + jnp.exp(-y))
-    o_ref[...] = y.astype(o_ref.dtype)
+    o_ref[...] = _act(x_ref[...], a_ref[...][None, None, :], d_ref[...][None, None, :], silu).astype(o_ref.dtype)
 
   p = pl.program_id(3)
   for q, x_ref in enumerate(x_refs):
@@ -467,9 +465,7 @@ def _pool_kernel(*refs, silu: bool):
   acc_y = acc_x = None
   for x_ref in x_refs:
     x = x_ref[...].astype(jnp.float32)
-    y = x * a + d
-    if silu:
-      y = y / (1.0 + jnp.exp(-y))
+    y = _act(x, a, d, silu)
     acc_y = y if acc_y is None else acc_y + y
     acc_x = x if acc_x is None else acc_x + x
   y_ref[...] = (acc_y * 0.25).astype(y_ref.dtype)
@@ -567,10 +563,7 @@ def _up_kernel(x_ref, a_ref, d_ref, y_ref, xu_ref, *, silu: bool):
 
   @pl.when(pl.program_id(3) == 0)
   def _():
-    y = x.astype(jnp.float32) * a_ref[...][None, None, :] + d_ref[...][None, None, :]
-    if silu:
-      y = y / (1.0 + jnp.exp(-y))
-    y_ref[...] = y.astype(y_ref.dtype)
+    y_ref[...] = _act(x, a_ref[...][None, None, :], d_ref[...][None, None, :], silu).astype(y_ref.dtype)
 
 
 def _up_apply_call(x, a, d, *, silu, out_dtype, interpret, tune):
