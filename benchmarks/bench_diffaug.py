@@ -18,7 +18,7 @@ Case syntax `program:dtype:attention:batch[:opts]`:
 - attention = `UNet.attention_impl` in {auto (the library default: cuDNN fused attention on an NVIDIA GPU in
   bf16/fp16, else XLA), xla, cudnn}; each row records what ran (the lowered program's cuDNN custom call);
 - opts, '+'-separated key=value (defaults left out of the case name): `up=phases|nearest|transposed`
-  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `skip=concat|split`
+  (`UNet.upsample_impl`), `gn=auto|two_pass|one_pass|channel|pallas` (`UNet.norm_stats`), `skip=concat|split|fused`
   (`UNet.skip_impl`), `edge=conv|gemm` (`UNet.edge_impl`), `cast=1|0` (1: the frozen score
   params are cast to the case dtype once, outside the jitted function, with
   `score.frozen_params_for_compute`, as train.py / evaluate.py hold them; 0: float32 params, cast inside every
@@ -82,7 +82,7 @@ ATTENTIONS = ("auto", "xla", "cudnn")  # UNet.attention_impl
 OPTIONS = {
     "up": (("phases", "nearest", "transposed"), "phases"),  # UNet.upsample_impl
     "gn": (("auto", "two_pass", "one_pass", "channel", "pallas"), "auto"),  # UNet.norm_stats
-    "skip": (("concat", "split"), "split"),  # UNet.skip_impl
+    "skip": (("concat", "split", "fused"), "split"),  # UNet.skip_impl
     "edge": (("conv", "gemm"), "gemm"),  # UNet.edge_impl
     "cast": (("1", "0"), "1"),
     # 1: trace with the Pallas GroupNorm launch parameters of --pallas-tuning (a JSON file that
@@ -174,7 +174,7 @@ class Case:
 
 def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble; with `tuned` (--pallas-tuning given), the three programs with the tuned Pallas launch parameters;
+  ensemble; the three programs with the candidate `skip=fused`; with `tuned` (--pallas-tuning given), the three programs with the tuned Pallas launch parameters;
   then the latest choices one at a time (nearest up-sampling for both programs, the fused GroupNorm kernels
   off); then the defaults of the first H200 runs (before the A/Bs of 2026-11-26 made "pallas" / "split" /
   "gemm" / "phases" the defaults), together and one at a time; then the execution choices already decided on
@@ -185,6 +185,8 @@ def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   plan = [Case("denoise", "bf16", "auto", b), Case("train", "bf16", "auto", b),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b)]
+  # The candidate not yet measured on a GPU: the decoder skip convs computed by the GroupNorm kernel.
+  plan += [Case(p, "bf16", "auto", b, skip="fused") for p in ("denoise", "train", "ensemble")]
   if tuned:
     plan += [Case(p, "bf16", "auto", b, tune="1") for p in ("denoise", "train", "ensemble")]
   plan += [Case("denoise", "bf16", "auto", b, up="nearest"), Case("train", "bf16", "auto", b, up="nearest"),

@@ -14,6 +14,8 @@ kernels alone is a lead, not a verdict: the whole program's A/B (`tune=1` cases 
 
 Shapes (full): the 224x224 GroupNorms of ADM-256 at 224 (9 per call of 256 channels, 3 decoder ones over the
 [h, skip] parts of 2 x 256) and a 112x112 one of 512 channels; batch 128, bf16 in and out, float32 a and d.
+The fused skip kernel (`affine_act_skip`, `UNet.skip_impl="fused"`) on three decoder blocks' [h, skip] and
+1x1 skip conv, against the library's "split" form (the apply kernel, then XLA's per-part 1x1 convs).
 Nothing here imports tensorflow_datasets or grain.
 """
 from __future__ import annotations
@@ -34,8 +36,13 @@ if _REPO not in sys.path:
 APPLY_SHAPES = {"224x224 c256": (128, 224 * 224, [256]), "224x224 c256+256 (parts)": (128, 224 * 224, [256, 256]),
                 "112x112 c512": (128, 112 * 112, [512])}
 STATS_SHAPES = {"224x224 c256": (128, 224 * 224, 256), "112x112 c512": (128, 112 * 112, 512)}
+# name -> (batch, rows, [channels of each part], output channels): decoder blocks' [h, skip] -> 1x1 skip conv
+SKIP_SHAPES = {"224x224 c256+256 -> 256": (128, 224 * 224, [256, 256], 256),
+               "112x112 c256+256 -> 256": (128, 112 * 112, [256, 256], 256),
+               "56x56 c512+256 -> 512": (128, 56 * 56, [512, 256], 512)}
 TINY_APPLY = {"tiny c256": (2, 64, [256]), "tiny c256+256 (parts)": (2, 64, [256, 256])}
 TINY_STATS = {"tiny c256": (2, 64, 256)}
+TINY_SKIP = {"tiny c256+256 -> 256": (2, 128, [256, 256], 256)}
 
 # Candidates (Tuning overrides; {} = the library's defaults, always first). Apply: rows per tile and warps.
 APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, apply_warps=8),
@@ -43,8 +50,12 @@ APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, 
 # stats_rows is capped by the largest power of two dividing the rows (1024 at 224x224, 256 at 112x112).
 STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
               dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
+# The fused skip kernel (`affine_act_skip`): rows per tile, input-channel step, warps, pipeline stages.
+SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_chunk=32), dict(skip_chunk=128),
+             dict(skip_stages=2), dict(skip_stages=4), dict(skip_warps=4)]
 TINY_APPLY_GRID = [{}, dict(apply_rows=16)]
 TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
+TINY_SKIP_GRID = [{}, dict(skip_rows=64)]
 
 
 def time_fn(fn, args, *, warmup: int, target_s: float, repeats: int) -> float:
@@ -84,6 +95,7 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from diffaug_jax.models import pallas_norm
+  from diffaug_jax.models.unet import skip_conv
 
   t_start = time.perf_counter()
   device = jax.devices()[0]
@@ -92,6 +104,7 @@ def main(argv=None) -> dict:
   interpret = args.tiny
   apply_shapes, stats_shapes = (TINY_APPLY, TINY_STATS) if args.tiny else (APPLY_SHAPES, STATS_SHAPES)
   apply_grid, stats_grid = (TINY_APPLY_GRID, TINY_STATS_GRID) if args.tiny else (APPLY_GRID, STATS_GRID)
+  skip_shapes, skip_grid = (TINY_SKIP, TINY_SKIP_GRID) if args.tiny else (SKIP_SHAPES, SKIP_GRID)
   timing = dict(warmup=1 if args.tiny else 2, target_s=0.0 if args.tiny else args.target_s,
                 repeats=1 if args.tiny else args.repeats)
   print(f"[pallas] {getattr(device, 'device_kind', device)} ({device.platform}), jax {jax.__version__}, "
@@ -155,20 +168,50 @@ def main(argv=None) -> dict:
       record("stats", shape, _cfg_name(cfg), time_fn(fn, (x, pivot), **timing), nbytes, err,
              tuning=cfg, ok=err <= 1e-5)
 
+  for shape, (b, n, parts_c, o) in skip_shapes.items():
+    ks = jax.random.split(jax.random.fold_in(key, 3 * n + o), len(parts_c) + 4)
+    parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
+    c = sum(parts_c)
+    a = 1.0 + 0.1 * jax.random.normal(ks[-4], (b, c), jnp.float32)
+    d = 0.1 * jax.random.normal(ks[-3], (b, c), jnp.float32)
+    w = (jax.random.normal(ks[-2], (c, o), jnp.float32) / c ** 0.5).astype(jnp.bfloat16)
+    bias = (0.1 * jax.random.normal(ks[-1], (o,), jnp.float32)).astype(jnp.bfloat16)
+    nbytes = 2 * b * n * (2 * c + o)  # bf16: the parts read, the activation and the skip conv written
+    # The library's skip_impl="split" on the same operands: the apply kernel, then the per-part 1x1 convs.
+    split = jax.jit(lambda parts, a, d, w, bias: (
+        pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=interpret),
+        skip_conv(tuple(p[:, :, None] for p in parts), w[None, None], bias)[:, :, 0]))
+    want = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(parts, a, d, w, bias)
+    record("skip", shape, "split: apply kernel + XLA 1x1 convs", time_fn(split, (parts, a, d, w, bias), **timing),
+           nbytes)
+    for cfg in skip_grid:
+      if over_budget():
+        print(f"[pallas] budget: skip the remaining skip candidates at {shape}", flush=True)
+        break
+      with pallas_norm.tuning(**cfg):
+        fn = jax.jit(lambda parts, a, d, w, bias: pallas_norm.affine_act_skip(
+            parts, a, d, w, bias, silu=True, out_dtype=jnp.bfloat16, interpret=interpret)).lower(
+                parts, a, d, w, bias).compile()
+      got = fn(parts, a, d, w, bias)
+      # |act| < 16 and |skip| ~ a few: one bf16 ulp at 16 covers both (the skip: one rounding of float32 sums)
+      err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for g, r in zip(got, want))
+      record("skip", shape, _cfg_name(cfg), time_fn(fn, (parts, a, d, w, bias), **timing), nbytes, err,
+             tuning=cfg, ok=err <= 0.0625)
+
   best = {}
-  for kernel, grid in (("apply", apply_grid), ("stats", stats_grid)):
+  n_shapes = {"apply": len(apply_shapes), "stats": len(stats_shapes), "skip": len(skip_shapes)}
+  for kernel, grid in (("apply", apply_grid), ("stats", stats_grid), ("skip", skip_grid)):
     totals = {}
     for cfg in grid:
       mine = [r for r in rows if r["kernel"] == kernel and r.get("tuning") == cfg]
-      n_shapes = len(apply_shapes if kernel == "apply" else stats_shapes)
-      if len(mine) == n_shapes and all(r["ok"] for r in mine):  # measured everywhere, and right
+      if len(mine) == n_shapes[kernel] and all(r["ok"] for r in mine):  # measured everywhere, and right
         totals[_cfg_name(cfg)] = (sum(r["ms"] for r in mine), cfg)
     if totals:
       name, (ms, cfg) = min(totals.items(), key=lambda kv: kv[1][0])
       default_ms = totals.get("default", (float("nan"),))[0]
       best[kernel] = dict(config=name, tuning=cfg, ms=ms, default_ms=default_ms)
   tuning = {}
-  for kernel in ("apply", "stats"):
+  for kernel in ("apply", "stats", "skip"):
     tuning.update(best.get(kernel, {}).get("tuning", {}))
   result = dict(device=str(getattr(device, "device_kind", device)), platform=device.platform,
                 jax=jax.__version__, interpret=interpret, defaults=dataclasses.asdict(pallas_norm.Tuning()),

@@ -14,7 +14,7 @@
 #
 # Cases: program:dtype:attention:batch[:opts], attention auto|xla|cudnn (auto = the UNet default: cuDNN on an
 # NVIDIA GPU in bf16), opts "+"-separated: up=phases|nearest|transposed, gn=auto|two_pass|one_pass|channel|pallas,
-# skip=concat|split, edge=conv|gemm, cast=1|0, tune=0|1 (1: the sweep's fastest Pallas launch parameters),
+# skip=concat|split|fused, edge=conv|gemm, cast=1|0, tune=0|1 (1: the sweep's fastest Pallas launch parameters),
 # fuse=all|none|nopool|noup (the GroupNorm kernels fused with a resampling neighbour; none = that work in XLA).
 # Knobs (environment): GPU_CHECK_SECONDS total budget (default 490; the bench stops by then, inside run's 540 s;
 # the bench assumes 150 s for a case it has not timed yet (--compile-estimate), so leave it more than that after
@@ -62,7 +62,8 @@ if [ "${SKIP_PARITY:-0}" != "1" ]; then
   FILES=""
   # The Pallas file's interpreter tests are device-independent (proven on CPU; slow through many tiny GPU
   # launches): only its compiled-kernel test runs here, first.
-  for f in ${PARITY_FILES:-tests/test_pallas_norm.py::test_compiled_kernel_on_gpu tests/test_diffusion.py \
+  for f in ${PARITY_FILES:-tests/test_pallas_norm.py::test_compiled_kernel_on_gpu \
+           tests/test_pallas_norm.py::test_compiled_skip_kernel_on_gpu tests/test_diffusion.py \
            tests/test_unet.py tests/test_convert_classifiers.py tests/test_augment.py}; do
     [ -f "${f%%::*}" ] && FILES="$FILES $f"
   done

@@ -90,7 +90,8 @@ def test_case_parse_and_plan():
   names = [p.name for p in plan]
   before = "up=nearest+gn=channel+skip=concat+edge=conv"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "denoise:bf16:auto:128:up=nearest", "train:bf16:auto:128:up=nearest",
+                   "denoise:bf16:auto:128:skip=fused", "train:bf16:auto:128:skip=fused",
+                   "ensemble:bf16:auto:128:skip=fused", "denoise:bf16:auto:128:up=nearest", "train:bf16:auto:128:up=nearest",
                    "denoise:bf16:auto:128:fuse=none",
                    f"denoise:bf16:auto:128:{before}", f"train:bf16:auto:128:{before}",
                    "denoise:bf16:auto:128:gn=channel", "denoise:bf16:auto:128:skip=concat",
@@ -99,7 +100,7 @@ def test_case_parse_and_plan():
                    "denoise:bf16:auto:128:gn=one_pass", "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))
   tuned = [p.name for p in bench_diffaug.default_plan(bench_diffaug.FULL, tuned=True)]
-  assert tuned == names[:4] + [f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[4:]
+  assert tuned == names[:7] + [f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[7:]
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
   assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
   assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
@@ -356,11 +357,12 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   import bench_pallas_norm
   from diffaug_jax.models import pallas_norm
   res = bench_pallas_norm.main(["--tiny", "--out", str(tmp_path)])
-  assert {r["kernel"] for r in res["rows"]} == {"apply", "copy", "stats"}
+  assert {r["kernel"] for r in res["rows"]} == {"apply", "copy", "stats", "skip"}
   checked = [r for r in res["rows"] if "ok" in r]
-  assert len(checked) == 2 * len(bench_pallas_norm.TINY_APPLY_GRID) + len(bench_pallas_norm.TINY_STATS_GRID)
+  assert len(checked) == (2 * len(bench_pallas_norm.TINY_APPLY_GRID) + len(bench_pallas_norm.TINY_STATS_GRID)
+                          + len(bench_pallas_norm.TINY_SKIP_GRID))
   assert all(r["ok"] for r in checked), checked
-  assert set(res["best"]) == {"apply", "stats"}
+  assert set(res["best"]) == {"apply", "stats", "skip"}
   saved = json.loads((tmp_path / "pallas_tuning.json").read_text())
   assert saved["tuning"] == res["tuning"] and "| stats |" in (tmp_path / "pallas_tuning.md").read_text()
   assert bench_diffaug.load_pallas_tuning(str(tmp_path / "pallas_tuning.json")) == res["tuning"]
@@ -392,7 +394,7 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   assert out["meta"]["pallas_tuning"] == {"file": str(flat), "overrides": {"apply_rows": 16, "stats_rows": 16}}
   assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case
   plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
-  assert plan[4:7] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
+  assert plan[7:10] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
   assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
 
 

@@ -826,3 +826,134 @@ def test_groupnorm_phases_fallbacks_and_refusals(monkeypatch):
   text = export.export(jax.jit(lambda v, x: gn("pallas", x, resample="down")), **opts)(v, x).mlir_module()
   assert text.count("__gpu$xla.gpu.triton") == 2 and "reduce_window" in text  # sums + rows apply, XLA pools
 
+
+
+# ---- The fused skip (`affine_act_skip`): a decoder ResBlock's GroupNorm apply and its 1x1 skip conv of the
+# raw input from one read of the parts (UNet.skip_impl="fused").
+
+
+def _skip_inputs(widths=(256, 256), o=256, b=2, n=128, dtype=jnp.bfloat16, seed=11):
+  k = jax.random.split(jax.random.key(seed), len(widths) + 4)
+  parts = tuple((2.0 * jax.random.normal(kk, (b, n, w))).astype(dtype) for kk, w in zip(k, widths))
+  c = sum(widths)
+  w = jax.random.normal(k[-4], (c, o)) / c ** 0.5
+  return parts, jax.random.normal(k[-3], (b, c)), jax.random.normal(k[-2], (b, c)), w, jax.random.normal(k[-1], (o,))
+
+
+@pytest.mark.parametrize("widths, o, n, rows", [((256, 256), 256, 128, 64), ((512, 256), 512, 64, 128),
+                                                ((256,), 256, 192, 128)])
+@pytest.mark.parametrize("dtype, silu", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_skip_kernel_equals_its_expression(widths, o, n, rows, dtype, silu, monkeypatch):
+  """Through the interpreter, with one and several row tiles, output-channel tiles and parts: the activation
+  equals the apply (bf16: to a rounding of the float32 value), the skip conv equals `skip_reference` (float32
+  accumulation of every channel, one rounding), which equals the 1x1 conv of the concatenation."""
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(skip_rows=rows, skip_chunk=64))
+  parts, a, d, w, bias = _skip_inputs(widths, o, n=n, dtype=dtype)
+  y, s = pallas_norm.affine_act_skip(parts, a, d, w, bias, silu=silu, out_dtype=dtype, interpret=True)
+  ry, rs = pallas_norm.skip_reference(parts, a, d, w, bias, silu, dtype)
+  c = sum(widths)
+  assert y.shape == (2, n, c) and s.shape == (2, n, o) and y.dtype == s.dtype == dtype
+  tol = 2e-6 if dtype == jnp.float32 else 2 ** -7
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ry, np.float32), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(rs, np.float32), rtol=tol, atol=4 * tol)
+  x = jnp.concatenate(parts, axis=-1)
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(pallas_norm.reference(x, a, d, silu, dtype), np.float32), rtol=tol, atol=tol)
+  conv = jnp.einsum("bnc,co->bno", x.astype(jnp.float32), w.astype(dtype).astype(jnp.float32),
+                    precision="highest") + bias
+  np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(conv), rtol=tol, atol=4 * tol)
+
+
+def test_skip_kernel_gradient_refusals_partitioning_and_vmap():
+  """The custom VJP is the expression's (parts, a, d, w, bias); shapes it cannot tile are refused; it
+  partitions over a sharded batch with the weights replicated (no collective) and vmaps into the batch."""
+  parts, a, d, w, bias = _skip_inputs(n=64, dtype=jnp.float32, b=8)
+  kern = lambda ps, a, d, w, bias: pallas_norm.affine_act_skip(ps, a, d, w, bias, silu=True, out_dtype=jnp.float32,
+                                                               interpret=True)
+  ref = lambda ps, a, d, w, bias: pallas_norm.skip_reference(ps, a, d, w, bias, True, jnp.float32)
+  loss = lambda f: lambda *args: sum(jnp.sum(jnp.sin(o)) for o in f(*args))
+  got = jax.grad(loss(kern), tuple(range(5)))(parts, a, d, w, bias)
+  want = jax.grad(loss(ref), tuple(range(5)))(parts, a, d, w, bias)
+  for g, wt in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # (forwards differ in summation order)
+    np.testing.assert_allclose(g, wt, rtol=1e-4, atol=1e-4)
+  for bad, match in (((parts[0][..., :128], parts[1], parts[0][..., 128:]), "not tiled"), ((parts[0][:, :48],), "a, d"),
+                     (tuple(p[:, :32] for p in parts), "not tiled"), ((parts[0][0],), "B, N, C")):
+    with pytest.raises(ValueError, match=match):
+      kern(bad, a, d, w, bias)
+  with pytest.raises(ValueError, match="not tiled"):
+    kern(parts, a, d, w[:, :128], bias[:128])
+  with pytest.raises(ValueError, match="w \\(C, O\\)"):
+    kern(parts, a, d, w.T, bias)
+  assert pallas_norm.skip_supported(50176, (256, 256), 256) and not pallas_norm.skip_supported(784, (512,), 512)
+  if jax.device_count() >= 8:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))
+    whole = lambda v: jax.device_put(v, NamedSharding(mesh, P()))
+    args = (jax.tree.map(batch, parts), batch(a), batch(d), whole(w), whole(bias))
+    compiled = jax.jit(kern).lower(*args).compile()
+    assert not _COLLECTIVES.search(compiled.as_text())
+    for g, wt in zip(compiled(*args), kern(parts, a, d, w, bias)):
+      assert tuple(g.sharding.spec)[:1] == ("data",)
+      np.testing.assert_allclose(np.asarray(g), np.asarray(wt), rtol=2e-5, atol=1e-5)
+  split = lambda v: v.reshape(2, 4, *v.shape[1:])
+  got = jax.jit(jax.vmap(kern, in_axes=(0, 0, 0, None, None)))(tuple(map(split, parts)), split(a), split(d), w, bias)
+  for i in range(2):
+    for g, wt in zip(got, kern(tuple(split(p)[i] for p in parts), split(a)[i], split(d)[i], w, bias)):
+      np.testing.assert_allclose(np.asarray(g[i]), np.asarray(wt), rtol=1e-6, atol=1e-6)
+  with pytest.raises(NotImplementedError, match="weight operand"):
+    jax.vmap(kern, in_axes=(None, None, None, 0, None))(parts, a, d, jnp.stack([w, w]), bias)
+
+
+def test_groupnorm_project_kernel_branch_through_the_interpreter(monkeypatch):
+  """GroupNorm32(stats="pallas") given parts and a projection, its CUDA branch forced (the kernels through
+  Pallas' interpreter): the activation within a bf16 rounding of "channel" on the parts, the projection of
+  `skip_conv`; float32 gradients (parts, scale, kernel) equal the XLA path's. Lowered for CUDA: the sums of
+  each part and one fused kernel, no convolution; the projection is refused with phases or resampling."""
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **per: per["cuda"](*args))
+  monkeypatch.setattr(pallas_norm, "channel_sums", functools.partial(pallas_norm.channel_sums, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act_skip", functools.partial(pallas_norm.affine_act_skip, interpret=True))
+  k = jax.random.split(jax.random.key(12), 4)
+  parts = tuple(3.0 + 2.0 * jax.random.normal(kk, (2, 8, 8, 256)) for kk in k[:2])
+  v, _ = _gn_apply("channel", 512, (2, 8, 8, 512))
+  kernel = jax.random.normal(k[2], (1, 1, 512, 256)) / 512 ** 0.5
+  kbias = jax.random.normal(k[3], (256,))
+
+  def fn(stats, ps, kernel, v=v, dt=jnp.bfloat16):
+    ps = tuple(p.astype(dt) for p in ps)
+    return unet_lib.GroupNorm32(stats=stats).apply(v, ps, silu=True, project=(kernel.astype(dt), kbias.astype(dt)))
+
+  (y, s), (wy, ws) = fn("pallas", parts, kernel), fn("channel", parts, kernel)
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(wy, np.float32), rtol=2 ** -7, atol=2 ** -7)
+  # The projection: one rounding of the float32 conv of the bf16 operands (the XLA path's split convs round
+  # each part's sum too, so they are only near it).
+  r = lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)
+  exact = unet_lib.skip_conv(tuple(map(r, parts)), r(kernel), r(kbias))
+  np.testing.assert_allclose(np.asarray(s, np.float32), exact, rtol=2 ** -8, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ws, np.float32), exact, rtol=2 ** -6, atol=2 ** -4)
+  loss = lambda stats: lambda ps, v, kernel: sum(jnp.sum(jnp.sin(o)) for o in fn(stats, ps, kernel, v, jnp.float32))
+  for g, w in zip(jax.tree.leaves(jax.grad(loss("pallas"), (0, 1, 2))(parts, v, kernel)),
+                  jax.tree.leaves(jax.grad(loss("channel"), (0, 1, 2))(parts, v, kernel))):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)  # kernel grads ~100: float32 sums
+  monkeypatch.undo()
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  spec = tuple(jax.ShapeDtypeStruct(p.shape, jnp.bfloat16) for p in parts)
+  text = export.export(jax.jit(lambda v, ps: fn("pallas", ps, kernel, v)), **opts)(v, spec).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 3 and "stablehlo.convolution" not in text
+  with pytest.raises(ValueError, match="project takes"):
+    unet_lib.GroupNorm32(stats="pallas").apply(v, parts[0], resample="down", project=(kernel, kbias))
+  with pytest.raises(ValueError, match="project takes"):
+    unet_lib.GroupNorm32(stats="pallas").apply(v, parts, project=(kernel[:, :, :256], kbias))
+
+
+@pytest.mark.skipif(not _cuda(), reason="the compiled Triton kernel needs an NVIDIA GPU")
+def test_compiled_skip_kernel_on_gpu():
+  """On a GPU: the compiled fused skip kernel (its Triton dot included) equals its expression, on a
+  decoder's [h, skip] at 56x56 (64-row tiles) and 112x112 (128-row tiles), one and two output tiles."""
+  for widths, o, n in (((256, 256), 256, 3136), ((512, 256), 512, 12544)):
+    parts, a, d, w, bias = _skip_inputs(widths, o, n=n)
+    y, s = jax.jit(lambda ps, a, d, w, bias: pallas_norm.affine_act_skip(ps, a, d, w, bias, silu=True,
+                                                                          out_dtype=jnp.bfloat16))(parts, a, d, w, bias)
+    ry, rs = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(parts, a, d, w, bias)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ry, np.float32), rtol=2 ** -7, atol=2 ** -7)
+    np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(rs, np.float32), rtol=2 ** -7, atol=2 ** -5)

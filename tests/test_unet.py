@@ -44,7 +44,8 @@ def golden_models(golden_dir):
 FAST_PATHS = {"one_pass+transposed": dict(norm_stats="one_pass", upsample_impl="transposed"),
               "channel": dict(norm_stats="channel"),
               "concat+conv+nearest": dict(skip_impl="concat", edge_impl="conv", upsample_impl="nearest"),
-              "channel+concat+nearest": dict(norm_stats="channel", skip_impl="concat", upsample_impl="nearest")}
+              "channel+concat+nearest": dict(norm_stats="channel", skip_impl="concat", upsample_impl="nearest"),
+              "fused": dict(skip_impl="fused"), "channel+fused": dict(norm_stats="channel", skip_impl="fused")}
 
 
 @pytest.mark.parametrize("variant", [None, *FAST_PATHS])
@@ -539,6 +540,36 @@ def test_skip_split_feeds_no_concatenation_to_a_conv():
   for field in ("skip_impl", "edge_impl"):
     with pytest.raises(ValueError, match=f"UNet.{field}"):
       m.clone(**{field: "fast"}).apply(v, x, t)
+
+
+def test_skip_fused_moves_decoder_skip_convs_into_the_groupnorm_kernel():
+  """skip_impl="fused": the same params as "split" (values too); lowered for CUDA in bf16, every decoder
+  block's 1x1 skip conv is gone from the program (its first GroupNorm's kernel computes it from the parts it
+  reads; the Triton call count is unchanged: that kernel replaces the apply), while "split" keeps two 1x1
+  convs per decoder block; with the XLA GroupNorm ("channel") the convs are back (nothing to fuse into)."""
+  from jax import export
+  m = unet_lib.unet_from_flags(image_size=16, num_channels=256, num_res_blocks=1, channel_mult="1,1",
+                               attention_resolutions="", learn_sigma=True, resblock_updown=True,
+                               use_scale_shift_norm=True, dtype=jnp.bfloat16)
+  fused = m.clone(skip_impl="fused")
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  p = jax.eval_shape(m.init, jax.random.key(0), x, t)
+  assert jax.eval_shape(fused.init, jax.random.key(0), x, t) == p
+  small = unet_lib.unet_from_flags(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                   attention_resolutions="", learn_sigma=True)
+  xs, ts = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), small.init(jax.random.key(1), xs, ts),
+                      small.clone(skip_impl="fused").init(jax.random.key(1), xs, ts))
+  assert jax.tree.all(same)
+  opts = dict(platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  text = {name: export.export(jax.jit(mod.apply), **opts)(p, x, t).mlir_module()
+          for name, mod in (("split", m), ("fused", fused), ("fused+channel", fused.clone(norm_stats="channel")))}
+  one_by_one = {k: len(re.findall(r"stablehlo.convolution.*tensor<1x1x\d+x\d+xbf16>", v)) for k, v in text.items()}
+  triton = {k: v.count("__gpu$xla.gpu.triton") for k, v in text.items()}
+  decoder_blocks = 2 * (m.num_res_blocks + 1)
+  assert one_by_one == {"split": 2 * decoder_blocks, "fused": 0, "fused+channel": 2 * decoder_blocks}, one_by_one
+  assert triton["fused"] == triton["split"] and triton["fused+channel"] == 0, triton
 
 
 @pytest.mark.parametrize("upsample_impl", unet_lib.UPSAMPLE_IMPLS)

@@ -51,6 +51,15 @@ calls 5 and 7, ms per call of the denoise program):
 - `affine_act_up`: an up-sampling ResBlock's apply, and its skip path up-sampled by the same programs
   (x is read from memory once; the four corner programs of a tile re-load it, from L2) (2.1 ms at
   112x112 -> 224x224, against 0.5 + 2.0 for the apply and XLA's broadcast).
+- `affine_act_skip` (not yet measured on a GPU): a ResBlock's apply, and its 1x1 skip conv of the raw input
+  from the same tiles, so the conv does not read x again (`UNet.skip_impl="fused"`). Why: with "split" a
+  224x224 decoder block reads its [h, skip] parts (3.3 GB each at batch 128) for the apply, then again for
+  the two per-part skip convs (a GEMM, and a conv that takes the first's output as side input: 1.8 + 2.8 ms
+  in the H200 profile of call 7). Those convs move 16.5 GB (both parts, the first's output, two writes);
+  fused, the skip conv adds only its 3.3 GB write to the apply's traffic (~1 ms at the apply's 3.5 TB/s),
+  if its arithmetic (1.7 TFLOP per 224x224 block) hides under the memory traffic. The product runs on the
+  tensor cores through Triton's dot ((rows, 64) x (64, 256) steps into a float32 (rows, 256) accumulator);
+  whether it keeps up is for a GPU to show (`bench_pallas_norm.py` times it against "split").
 The phase apply replaced an interleaving copy and was not timed against it in one process. With the pooled
 and up-sampling applies refused (the bench's `fuse=none`, which then also ran those GroupNorms' apply in
 XLA), the whole denoise ran at 1.003x the default in call 8, inside the +-2% verdict band: they are kept, as
@@ -72,9 +81,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_up", "channel_sums",
-           "channel_sums_reference", "current_tuning", "interleave_phases", "phases_supported", "pool_reference",
-           "pool_supported", "reference", "supported", "tuning", "up_supported", "upsample_nearest2"]
+__all__ = ["Tuning", "affine_act", "affine_act_phases", "affine_act_pool", "affine_act_skip", "affine_act_up",
+           "channel_sums", "channel_sums_reference", "current_tuning", "interleave_phases", "phases_supported",
+           "pool_reference", "pool_supported", "reference", "skip_reference", "skip_supported", "supported",
+           "tuning", "up_supported", "upsample_nearest2"]
 
 BLOCK_C = 256  # channel tile: divides every width of ADM-256/128 (concatenations included); narrower UNets
 # (iddpm CIFAR-10: 128, ADM-64: 192 channels) mostly fall back to XLA
@@ -96,6 +106,12 @@ class Tuning:
   stats_warps: int = 4
   # 3 stages let Triton prefetch the next sub-tiles while the current one is added (a load and two adds).
   stats_stages: int = 3
+  # `affine_act_skip`: (rows x 256 outputs) accumulator tiles, walked over the input channels in `skip_chunk`
+  # steps (Triton's usual Hopper GEMM tile: 128 x 256 x 64, 8 warps, 3 stages; unmeasured in this kernel)
+  skip_rows: int = 128
+  skip_chunk: int = 64
+  skip_warps: int = 8
+  skip_stages: int = 3
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -103,10 +119,13 @@ class Tuning:
       if type(v) is not int or v < 1:  # not bool either
         raise ValueError(f"pallas_norm.Tuning.{f.name} must be a positive int, got {v!r}")
     for name, least in (("apply_rows", MIN_BLOCK_N), ("stats_rows", MIN_BLOCK_N), ("stats_block", MIN_BLOCK_N),
-                        ("apply_warps", 1), ("stats_warps", 1)):  # Triton: power-of-two tiles and warp counts
+                        ("skip_rows", MIN_BLOCK_N), ("skip_chunk", MIN_BLOCK_N), ("apply_warps", 1),
+                        ("stats_warps", 1), ("skip_warps", 1)):  # Triton: power-of-two tiles and warp counts
       v = getattr(self, name)
       if v & (v - 1) or v < least:
         raise ValueError(f"pallas_norm.Tuning.{name} must be a power of two >= {least}, got {v}")
+    if self.skip_chunk > BLOCK_C:
+      raise ValueError(f"pallas_norm.Tuning.skip_chunk must divide {BLOCK_C}, got {self.skip_chunk}")
 
 
 _TUNING = Tuning()
@@ -135,14 +154,15 @@ def _block_n(n: int, tune: Tuning | None = None) -> int:
   return min(n & -n, (tune or _TUNING).apply_rows)
 
 
-def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
+def _per_example(fn, in_ranks: tuple, out_ranks: tuple, replicated: tuple = ()):
   """`fn(*operands)`, whose operands and results all lead with the batch axis and which works example by
   example, as a function XLA partitions over whatever shards that batch axis: each device runs `fn` on its own
   examples, with the other axes whole, and nothing is communicated. (XLA cannot see inside a Pallas call, so
   without this a batch-sharded program would gather every operand onto every device.) On one device it is
   `fn` itself (jax lowers a custom_partitioning call inline there). Under vmap the mapped axis is folded into
   the batch. `fn` must build its kernel from the shapes it is called with: in a sharded program they are one
-  device's shapes."""
+  device's shapes. Operands whose positions are in `replicated` have no batch axis (a weight matrix): every
+  device gets them whole, and they may not be vmapped."""
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec
 
@@ -161,8 +181,9 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
                     "NamedSharding to split it over the batch.", stacklevel=2)
     return spec[0] if spec else None
 
-  def shardings(mesh, batch, ranks):
-    return tuple(NamedSharding(mesh, PartitionSpec(batch, *(None,) * (r - 1))) for r in ranks)
+  def shardings(mesh, batch, ranks, whole=()):
+    return tuple(NamedSharding(mesh, PartitionSpec(*(None,) * r) if i in whole else
+                               PartitionSpec(batch, *(None,) * (r - 1))) for i, r in enumerate(ranks))
 
   def infer(mesh, arg_shapes, result_shape):  # GSPMD propagation
     out = shardings(mesh, batch_of(arg_shapes), out_ranks)
@@ -171,14 +192,15 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
   def partition(mesh, arg_shapes, result_shape):
     batch = batch_of(arg_shapes)
     out = shardings(mesh, batch, out_ranks)
-    return mesh, positional, (out[0] if single else out), shardings(mesh, batch, in_ranks)
+    return mesh, positional, (out[0] if single else out), shardings(mesh, batch, in_ranks, replicated)
 
-  # Shardy: factor "b" is the batch, shared by every operand and result; every other axis is its own factor
-  # and is kept whole.
+  # Shardy: factor "b" is the batch, shared by every operand and result but the replicated ones; every other
+  # axis is its own factor and is kept whole.
   names = iter(f"f{i}" for i in range(sum(in_ranks) + sum(out_ranks)))
-  spec = lambda r: " ".join(["b", *(next(names) for _ in range(r - 1))])
-  ins, outs = [spec(r) for r in in_ranks], [spec(r) for r in out_ranks]
-  others = tuple(f for s in ins + outs for f in s.split()[1:])
+  spec = lambda r, batched=True: " ".join((["b"] if batched else []) + [next(names) for _ in range(r - batched)])
+  ins = [spec(r, i not in replicated) for i, r in enumerate(in_ranks)]
+  outs = [spec(r) for r in out_ranks]
+  others = tuple(f for s in ins + outs for f in s.split() if f != "b")
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                         sharding_rule=", ".join(ins) + " -> " + ", ".join(outs), need_replication_factors=others)
 
@@ -193,8 +215,12 @@ def _per_example(fn, in_ranks: tuple, out_ranks: tuple):
 
   @call.def_vmap
   def _vmap_rule(axis_size, in_batched, *operands):
-    full = [o if batched else jnp.broadcast_to(o, (axis_size, *o.shape)) for o, batched in zip(operands, in_batched)]
-    out = call(*(jnp.moveaxis(o, 0, 1).reshape(o.shape[1] * axis_size, *o.shape[2:]) for o in full))
+    if any(in_batched[i] for i in replicated):
+      raise NotImplementedError("pallas_norm: vmap over a kernel's weight operand")
+    full = [o if batched or i in replicated else jnp.broadcast_to(o, (axis_size, *o.shape))
+            for i, (o, batched) in enumerate(zip(operands, in_batched))]
+    fold = lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1] * axis_size, *o.shape[2:])
+    out = call(*(o if i in replicated else fold(o) for i, o in enumerate(full)))
     unfold = lambda y: jnp.moveaxis(y.reshape(y.shape[0] // axis_size, axis_size, *y.shape[1:]), 1, 0)
     return (unfold(out), True) if single else (tuple(map(unfold, out)), (True,) * len(out))
 
@@ -351,6 +377,142 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
     if not supported(n, p.shape[2]):
       raise ValueError(f"affine_act: (N, C) = {p.shape[1:]} not tiled (C % {BLOCK_C}, N % {MIN_BLOCK_N})")
   return _affine_act(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
+
+
+SKIP_BLOCK_O = 256  # output channels per `affine_act_skip` program
+SKIP_MIN_ROWS = 64  # fewest rows of an `affine_act_skip` tile (a Hopper warpgroup MMA is 64 rows tall)
+
+
+def skip_supported(n: int, widths, o: int) -> bool:
+  """Whether `affine_act_skip` tiles parts (B, n, widths[i]) projected to o channels: every width and o a
+  multiple of 256, and n divisible by 64."""
+  return (len(widths) > 0 and all(w > 0 and w % BLOCK_C == 0 for w in widths) and o > 0
+          and o % SKIP_BLOCK_O == 0 and (n & -n) >= SKIP_MIN_ROWS)
+
+
+def _skip_kernel(*refs, silu: bool, widths: tuple, chunk: int):
+  """refs = (x parts, a parts, d parts, w parts (C_i, 256), bias (256,), act out (rows, C), skip out
+  (rows, 256)). Each part is walked in `chunk`-channel steps: the step's x is applied into the act tile and
+  multiplied into the float32 accumulator. Grid axis 2 is the output-channel tile; its first program writes
+  the activation (the others only read x again, from L2)."""
+  k = len(widths)
+  x_refs, a_refs, d_refs, w_refs = refs[:k], refs[k:2 * k], refs[2 * k:3 * k], refs[3 * k:4 * k]
+  bias_ref, y_ref, s_ref = refs[4 * k:]
+  first = pl.program_id(2) == 0
+  acc = jnp.zeros(s_ref.shape, jnp.float32)
+  offset = 0
+  for x_ref, a_ref, d_ref, w_ref, width in zip(x_refs, a_refs, d_refs, w_refs, widths):
+    def step(i, acc, x_ref=x_ref, a_ref=a_ref, d_ref=d_ref, w_ref=w_ref, offset=offset):
+      start = pl.multiple_of(i * chunk, chunk)
+      ch = pl.ds(start, chunk)
+      x = x_ref[:, ch]
+
+      @pl.when(first)
+      def _():
+        y = _act(x, a_ref[ch][None, :], d_ref[ch][None, :], silu)
+        y_ref[:, pl.ds(offset + start, chunk)] = y.astype(y_ref.dtype)
+
+      return acc + jnp.dot(x, w_ref[ch, :], preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, width // chunk, step, acc)
+    offset += width
+  s_ref[...] = (acc + bias_ref[...].astype(jnp.float32)[None, :]).astype(s_ref.dtype)
+
+
+def _skip_call(*operands, silu, out_dtype, interpret, tune):
+  k = (len(operands) - 1) // 4
+  parts = operands[:k]
+  b, n, _ = parts[0].shape
+  widths = tuple(p.shape[2] for p in parts)
+  c, o = sum(widths), operands[-1].shape[0]
+  rows = min(n & -n, tune.skip_rows)
+  x_specs = [pl.BlockSpec((None, rows, w), lambda i, j, l: (i, j, 0)) for w in widths]
+  row_specs = [pl.BlockSpec((None, w), lambda i, j, l: (i, 0)) for w in widths]
+  w_specs = [pl.BlockSpec((w, SKIP_BLOCK_O), lambda i, j, l: (0, l)) for w in widths]
+  return pl.pallas_call(
+      functools.partial(_skip_kernel, silu=silu, widths=widths, chunk=min(tune.skip_chunk, BLOCK_C)),
+      out_shape=(jax.ShapeDtypeStruct((b, n, c), out_dtype), jax.ShapeDtypeStruct((b, n, o), parts[0].dtype)),
+      grid=(b, n // rows, o // SKIP_BLOCK_O),
+      in_specs=[*x_specs, *row_specs, *row_specs, *w_specs, pl.BlockSpec((SKIP_BLOCK_O,), lambda i, j, l: (l,))],
+      out_specs=(pl.BlockSpec((None, rows, c), lambda i, j, l: (i, j, 0)),
+                 pl.BlockSpec((None, rows, SKIP_BLOCK_O), lambda i, j, l: (i, j, l))),
+      interpret=interpret,
+      **_launch(interpret, tune.skip_warps, tune.skip_stages),
+  )(*operands)
+
+
+def _split(v: jax.Array, widths, axis: int = -1) -> list:
+  """v cut along `axis` into consecutive pieces of `widths` (a part's slice of a, d or w)."""
+  offsets = [0, *itertools.accumulate(widths)]
+  return [jax.lax.slice_in_dim(v, lo, hi, axis=axis) for lo, hi in zip(offsets, offsets[1:])]
+
+
+def _skip_pallas(parts, a, d, silu, out_dtype, interpret, w, bias):
+  widths = [p.shape[2] for p in parts]
+  k = len(parts)
+  operands = (*parts, *_split(a.astype(jnp.float32), widths), *_split(d.astype(jnp.float32), widths),
+              *_split(w.astype(parts[0].dtype), widths, axis=0), bias)
+  call = functools.partial(_skip_call, silu=silu, out_dtype=out_dtype, interpret=interpret, tune=_TUNING)
+  ranks = (3,) * k + (2,) * (3 * k) + (1,)
+  return _per_example(call, ranks, (3, 3), replicated=tuple(range(3 * k, 4 * k + 1)))(*operands)
+
+
+def skip_reference(x, a, d, w, bias, silu: bool, out_dtype) -> tuple[jax.Array, jax.Array]:
+  """`affine_act_skip` as an XLA expression: (the apply of every part, concatenated; sum_i x_i @ w_i + bias
+  from x's dtype operands with float32 accumulation, rounded once to x's dtype)."""
+  parts = tuple(x)
+  widths = [p.shape[2] for p in parts]
+  act = jnp.concatenate([_xla_apply(p, ai, di, silu, out_dtype)
+                         for p, ai, di in zip(parts, _split(a, widths), _split(d, widths))], axis=-1)
+  dt = parts[0].dtype
+  acc = sum(jnp.einsum("bnc,co->bno", p, wi, preferred_element_type=jnp.float32)
+            for p, wi in zip(parts, _split(w.astype(dt), widths, axis=0)))
+  return act, (acc + bias.astype(jnp.float32)).astype(dt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _affine_act_skip(x, a, d, silu, out_dtype, interpret, w, bias):
+  return _skip_pallas(x, a, d, silu, out_dtype, interpret, w, bias)
+
+
+def _skip_fwd(x, a, d, silu, out_dtype, interpret, w, bias):
+  return _skip_pallas(x, a, d, silu, out_dtype, interpret, w, bias), (x, a, d, w, bias)
+
+
+def _skip_bwd(silu, out_dtype, interpret, res, g):
+  _, vjp = jax.vjp(lambda *args: skip_reference(*args, silu, out_dtype), *res)
+  return vjp(g)
+
+
+_affine_act_skip.defvjp(_skip_fwd, _skip_bwd)
+
+
+def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array, *, silu: bool, out_dtype,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """x (B, N, C) or its channel parts (B, N, C_i), a, d (B, C), w (C, O), bias (O,) -> (act(x * a + d)
+  (B, N, C) in `out_dtype`, x @ w + bias (B, N, O) in x's dtype): a decoder ResBlock's GroupNorm apply and
+  its 1x1 skip conv of the raw input (`UNet.skip_impl="fused"`), from ONE read of x.
+
+  The apply is `affine_act`'s arithmetic. The product takes x's dtype operands (w is cast to it) and
+  accumulates all C channels in float32, rounding once after the bias (`skip_reference`; the split form's
+  per-part convs round each part's sum first). Each program owns (rows, 256 output channels): it walks its
+  rows' input channels in steps, applying them into the activation (the programs of the first output tile
+  write it) and multiplying them into its accumulator. Reverse-mode differentiable in every array argument
+  (the VJP of `skip_reference`). Raises ValueError for shapes `skip_supported` rejects."""
+  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  if not parts or any(p.ndim != 3 for p in parts):
+    raise ValueError(f"affine_act_skip: x (B, N, C) or parts (B, N, C_i), got {[p.shape for p in parts]}")
+  b, n = parts[0].shape[:2]
+  widths = tuple(p.shape[2] for p in parts)
+  c = sum(widths)
+  if (any(p.shape[:2] != (b, n) for p in parts) or a.shape != (b, c) or d.shape != a.shape or w.ndim != 2
+      or w.shape[0] != c or bias.shape != (w.shape[1],)):
+    raise ValueError(f"affine_act_skip: parts (B, N, C_i), a, d (B, C), w (C, O), bias (O,), got "
+                     f"{[p.shape for p in parts]}, {a.shape}, {d.shape}, {w.shape}, {bias.shape}")
+  if not skip_supported(n, widths, w.shape[1]):
+    raise ValueError(f"affine_act_skip: N = {n}, widths {widths}, O = {w.shape[1]} not tiled (C_i % {BLOCK_C}, "
+                     f"O % {SKIP_BLOCK_O}, N % {SKIP_MIN_ROWS})")
+  return _affine_act_skip(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret), w, bias)
 
 
 def _phase_tile(h: int, w: int, tune: Tuning | None = None) -> tuple[int, int]:

@@ -162,7 +162,11 @@ class GroupNorm32(nn.Module):
   weight, bias). `x` may also be a tuple of channel parts (B, ..., C_i) whose
   concatenation is the input (a decoder block's [h, skip], `UNet.skip_impl="split"`): the "channel" and
   "pallas" modes read the parts where they lie (per-part statistics; the apply fuses or, in the kernel, reads
-  the concatenation), the others concatenate first.
+  the concatenation), the others concatenate first. `project=(kernel (1, 1, C, O), bias (O,))` (in the
+  compute dtype) also returns the 1x1 conv of the raw input, as a pair (activation, `skip_conv(x, kernel,
+  bias)`): a ResBlock's skip connection from the same read of x (`UNet.skip_impl="fused"`; "pallas":
+  `pallas_norm.affine_act_skip` where it tiles, which accumulates all C channels in float32 and rounds once;
+  elsewhere the apply and `skip_conv`).
 
   `stats` picks how the float32 group statistics are computed and applied:
   - "two_pass": mean, then the centred variance (like torch): the activation is read three times (mean,
@@ -196,7 +200,8 @@ class GroupNorm32(nn.Module):
   out_dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None):
+  def __call__(self, x, scale_shift: Optional[tuple] = None, silu: bool = False, resample: Optional[str] = None,
+               project: Optional[tuple] = None):
     phases = x if isinstance(x, Phases) else None
     parts = phases.arrays[:1] if phases else _as_parts(x)  # (the phases share the channels)
     if resample not in (None, "down", "up"):
@@ -204,6 +209,9 @@ class GroupNorm32(nn.Module):
     if resample and (phases or len(parts) > 1):
       raise ValueError("GroupNorm32: resample takes one array (a resampling ResBlock's input)")
     c = sum(p.shape[-1] for p in parts)
+    if project is not None and (phases or resample or project[0].shape[:3] != (1, 1, c)):
+      raise ValueError("GroupNorm32: project takes a (1, 1, C, O) kernel and (O,) bias, for an array or channel "
+                       f"parts without resample (C = {c}; got {project[0].shape})")
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
     if self.stats not in NORM_STATS:
@@ -216,7 +224,7 @@ class GroupNorm32(nn.Module):
       mode = auto_norm_stats(parts[0].dtype)
     if mode in ("channel", "pallas"):
       return self._folded(phases or parts, scale, bias, scale_shift, silu, out_dtype, pallas=mode == "pallas",
-                          resample=resample)
+                          resample=resample, project=project)
     x = phases.interleave() if phases else _concat_channels(parts)
     # Reference order: normalise in float32 at (at least) the output precision, round, then scale-shift, SiLU.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -239,9 +247,11 @@ class GroupNorm32(nn.Module):
     if silu:
       y = nn.silu(y)
     y = y.astype(out_dtype)
+    if project is not None:
+      return y, skip_conv(parts, *project)
     return _resample_pair(y, parts[0], resample)
 
-  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None):
+  def _folded(self, x, scale, bias, scale_shift, silu, out_dtype, pallas=False, resample=None, project=None):
     # x: channel parts, or Phases (spatial pieces: per-phase statistics, the apply interleaves).
     phases = isinstance(x, Phases)
     parts = x.arrays if phases else x
@@ -285,6 +295,20 @@ class GroupNorm32(nn.Module):
         return xla_apply(parts, a, d)
       return jax.lax.platform_dependent(parts, a, d, cuda=kernel_apply, default=xla_apply)
 
+    if project is not None:
+      # A decoder block's skip conv from the apply's read of the parts (`UNet.skip_impl="fused"`), where the
+      # kernel tiles; else the apply and `skip_conv` (XLA's 1x1 convs).
+      n, kernel, kbias = math.prod(spatial), project[0], project[1]
+      xla_pair = lambda parts, a, d: (xla_apply(parts, a, d), skip_conv(parts, kernel, kbias))
+      if not (pallas and pallas_norm.skip_supported(n, [p.shape[-1] for p in parts], kernel.shape[-1])):
+        return apply(parts, a, d), skip_conv(parts, kernel, kbias)
+
+      def kernel_pair(parts, a, d):
+        y, s = pallas_norm.affine_act_skip(tuple(p.reshape(b, n, p.shape[-1]) for p in parts), a.reshape(b, c),
+                                           d.reshape(b, c), kernel[0, 0], kbias, silu=silu, out_dtype=out_dtype)
+        return y.reshape(b, *spatial, c), s.reshape(b, *spatial, kernel.shape[-1])
+
+      return jax.lax.platform_dependent(parts, a, d, cuda=kernel_pair, default=xla_pair)
     if not resample:
       return apply(parts, a, d)
     # A resampling block: one kernel for the apply and the skip path where it tiles, else the apply (the rows
@@ -436,31 +460,39 @@ class UpConv(nn.Module):
     return y + bias
 
 
-SKIP_IMPLS = ("concat", "split")
+def skip_conv(parts: Sequence[jax.Array], kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The 1x1 conv with `kernel` (1, 1, C, O) and `bias` (O,) (their dtype is the compute dtype) of the channel
+  concatenation of `parts`, as one conv per part with its slice of the kernel, summed, plus the bias."""
+  offsets = [0, *itertools.accumulate(p.shape[-1] for p in parts)]
+  convs = [jax.lax.conv_general_dilated(p.astype(kernel.dtype), kernel[:, :, lo:hi], (1, 1), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+           for p, lo, hi in zip(parts, offsets, offsets[1:])]
+  return functools.reduce(operator.add, convs) + bias
 
 
 class SkipConv(nn.Module):
   """The ResBlock's 1x1 `skip_connection` conv over the channel concatenation of `parts` (the params of a
   1x1 `nn.Conv` over all their channels), computed as the sum of one conv per part with its slice of the
-  kernel: a decoder block given (h, skip) never materialises their concatenation (its GroupNorm32 takes the
-  parts too). Equal to the conv of the concatenation in exact arithmetic; in floating point the partial sums
-  round differently (float32: ~1e-7 relative; in bf16 each part's conv output may be rounded to bf16 before
-  the add, unless XLA folds the add into the cuDNN conv as its side input)."""
+  kernel (`skip_conv`): a decoder block given (h, skip) never materialises their concatenation (its
+  GroupNorm32 takes the parts too). Equal to the conv of the concatenation in exact arithmetic; in floating
+  point the partial sums round differently (float32: ~1e-7 relative; in bf16 each part's conv output may be
+  rounded to bf16 before the add, unless XLA folds the add into the cuDNN conv as its side input).
+  `weights(C)` gives the (kernel, bias) in the compute dtype, for a caller that computes the conv itself
+  (`UNet.skip_impl="fused"`: the GroupNorm kernel that reads the parts anyway)."""
   features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
-    widths = [p.shape[-1] for p in parts]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, sum(widths), self.features),
-                        jnp.float32)
+  def weights(self, channels: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
-    offsets = [0, *itertools.accumulate(widths)]
-    convs = [jax.lax.conv_general_dilated(p.astype(self.dtype), kernel[:, :, lo:hi], (1, 1), ((0, 0), (0, 0)),
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-             for p, lo, hi in zip(parts, offsets, offsets[1:])]
-    return functools.reduce(operator.add, convs) + bias
+    return nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    return skip_conv(parts, *self.weights(sum(p.shape[-1] for p in parts)))
+
+
+SKIP_IMPLS = ("concat", "split", "fused")
 
 
 EDGE_IMPLS = ("conv", "gemm")
@@ -524,6 +556,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   norm_stats: str = "auto"
   upsample_impl: str = "phases"
+  skip_impl: str = "split"  # "fused": an input in parts has its skip conv computed by its first GroupNorm
 
   @nn.compact
   def __call__(self, x, emb: jax.Array, train: bool = False) -> jax.Array:
@@ -537,8 +570,13 @@ class ResBlock(nn.Module):
     # A resampling block's skip path (x pooled or up-sampled) comes from the GroupNorm's read of x (on an
     # NVIDIA GPU in bf16 from its Pallas kernel; elsewhere in XLA).
     resample = "down" if self.down else "up" if self.up else None
-    h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True, resample=resample)
-    if resample:
+    project = None
+    if self.skip_impl == "fused" and self.out_channels != c and not resample:
+      # The skip conv reads what the GroupNorm reads (a decoder block's parts, or one array): one kernel does
+      # both, where it tiles.
+      project = SkipConv(self.out_channels, self.dtype, name="skip_connection").weights(c)
+    h = GroupNorm32(stats=self.norm_stats, name="in_layers_0")(x, silu=True, resample=resample, project=project)
+    if resample or project is not None:
       h, x = h
     if self.up:
       # "phases": h stays as its four phases; out_layers_0 (GroupNorm32) interleaves them as it applies.
@@ -556,7 +594,9 @@ class ResBlock(nn.Module):
       h = out_norm(h.map(lambda p: p + emb_out) if isinstance(h, Phases) else h + emb_out, silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero=True)(h)
-    if self.out_channels != c:
+    if project is not None:
+      pass  # x is the skip conv's output already
+    elif self.out_channels != c:
       x = SkipConv(self.out_channels, self.dtype, name="skip_connection")(parts if len(parts) > 1 else (x,))
     elif len(parts) > 1:
       x = _concat_channels(parts)  # identity skip over parts (not in the ADM presets)
@@ -678,7 +718,10 @@ class UNet(nn.Module):
   # guided-diffusion) or "split" (default; the ResBlock gets both parts; its 1x1 skip conv is one conv per part
   # and its GroupNorm reads the parts, so with the "channel"/"pallas" statistics (bf16 "auto") the
   # concatenation is never materialised; the float32 two-pass statistics still concatenate; see SkipConv,
-  # GroupNorm32). H200, bf16: 2.5% faster than "concat".
+  # GroupNorm32). H200, bf16: 2.5% faster than "concat". "fused" (not measured on a GPU yet): "split", and
+  # every ResBlock with a 1x1 skip conv (the decoder blocks, an encoder block that widens) computes that conv
+  # in its first GroupNorm's Pallas kernel from the read the apply makes anyway (`pallas_norm.affine_act_skip`;
+  # where it tiles: ADM-256 at 224, the 10 blocks at 56x56 and above); elsewhere it is "split".
   skip_impl: str = "split"
   # edge_impl: the input conv (3 -> 256 channels in ADM-256) and the float32 output conv (256 -> 6): "conv", or
   # "gemm" (default; each as one GEMM, by its narrow side: im2col patches when it has fewer input than output
@@ -725,7 +768,8 @@ class UNet(nn.Module):
 
     def res(name, out_ch, **kw):
       return ResBlock(out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, dtype=dt,
-                      norm_stats=self.norm_stats, upsample_impl=self.upsample_impl, name=name, **kw)
+                      norm_stats=self.norm_stats, upsample_impl=self.upsample_impl, skip_impl=self.skip_impl,
+                      name=name, **kw)
 
     def attn(name, heads):
       return AttentionBlock(num_heads=heads, num_head_channels=self.num_head_channels,
@@ -762,7 +806,7 @@ class UNet(nn.Module):
     idx = 0
     for level, mult in list(enumerate(self.channel_mult))[::-1]:
       for i in range(self.num_res_blocks + 1):
-        h = (h, hs.pop()) if self.skip_impl == "split" else jnp.concatenate([h, hs.pop()], axis=-1)
+        h = jnp.concatenate([h, hs.pop()], axis=-1) if self.skip_impl == "concat" else (h, hs.pop())
         ch = int(mc * mult)
         h = res(f"output_blocks_{idx}_0", ch)(h, emb, train)
         j = 1
