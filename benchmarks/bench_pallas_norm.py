@@ -51,8 +51,8 @@ APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, 
 STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
               dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
 # The fused skip kernel (`affine_act_skip`): rows per tile, input-channel step, warps, pipeline stages.
-SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_chunk=32), dict(skip_chunk=128),
-             dict(skip_stages=2), dict(skip_stages=4), dict(skip_warps=4)]
+SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_rows=256, skip_block_o=128),
+             dict(skip_chunk=32), dict(skip_chunk=128), dict(skip_stages=2), dict(skip_stages=4), dict(skip_warps=4)]
 TINY_APPLY_GRID = [{}, dict(apply_rows=16)]
 TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
 TINY_SKIP_GRID = [{}, dict(skip_rows=64)]

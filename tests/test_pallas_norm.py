@@ -203,7 +203,9 @@ def test_tuning_context_and_validation():
     raise RuntimeError
   assert pallas_norm.current_tuning() == default
   for bad, msg in ((dict(apply_rows=48), "power of two"), (dict(stats_block=8), "power of two"),
-                   (dict(apply_warps=0), "positive int"), (dict(stats_stages=2.0), "positive int")):
+                   (dict(apply_warps=0), "positive int"), (dict(stats_stages=2.0), "positive int"),
+                   (dict(skip_chunk=512), "divide 256"), (dict(skip_block_o=512), "divide 256"),
+                   (dict(skip_rows=96), "power of two")):
     with pytest.raises(ValueError, match=msg):
       pallas_norm.Tuning(**bad)
   with pytest.raises(TypeError):
@@ -840,14 +842,14 @@ def _skip_inputs(widths=(256, 256), o=256, b=2, n=128, dtype=jnp.bfloat16, seed=
   return parts, jax.random.normal(k[-3], (b, c)), jax.random.normal(k[-2], (b, c)), w, jax.random.normal(k[-1], (o,))
 
 
-@pytest.mark.parametrize("widths, o, n, rows", [((256, 256), 256, 128, 64), ((512, 256), 512, 64, 128),
-                                                ((256,), 256, 192, 128)])
+@pytest.mark.parametrize("widths, o, n, rows, bo", [((256, 256), 256, 128, 64, 256), ((512, 256), 512, 64, 128, 256),
+                                                    ((256,), 256, 192, 128, 128)])
 @pytest.mark.parametrize("dtype, silu", [(jnp.bfloat16, True), (jnp.float32, False)])
-def test_skip_kernel_equals_its_expression(widths, o, n, rows, dtype, silu, monkeypatch):
+def test_skip_kernel_equals_its_expression(widths, o, n, rows, bo, dtype, silu, monkeypatch):
   """Through the interpreter, with one and several row tiles, output-channel tiles and parts: the activation
   equals the apply (bf16: to a rounding of the float32 value), the skip conv equals `skip_reference` (float32
   accumulation of every channel, one rounding), which equals the 1x1 conv of the concatenation."""
-  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(skip_rows=rows, skip_chunk=64))
+  monkeypatch.setattr(pallas_norm, "_TUNING", pallas_norm.Tuning(skip_rows=rows, skip_chunk=64, skip_block_o=bo))
   parts, a, d, w, bias = _skip_inputs(widths, o, n=n, dtype=dtype)
   y, s = pallas_norm.affine_act_skip(parts, a, d, w, bias, silu=silu, out_dtype=dtype, interpret=True)
   ry, rs = pallas_norm.skip_reference(parts, a, d, w, bias, silu, dtype)

@@ -109,6 +109,7 @@ class Tuning:
   # `affine_act_skip`: (rows x 256 outputs) accumulator tiles, walked over the input channels in `skip_chunk`
   # steps (Triton's usual Hopper GEMM tile: 128 x 256 x 64, 8 warps, 3 stages; unmeasured in this kernel)
   skip_rows: int = 128
+  skip_block_o: int = 256  # output channels per program (<= 256: `skip_supported` outputs are multiples of 256)
   skip_chunk: int = 64
   skip_warps: int = 8
   skip_stages: int = 3
@@ -119,13 +120,15 @@ class Tuning:
       if type(v) is not int or v < 1:  # not bool either
         raise ValueError(f"pallas_norm.Tuning.{f.name} must be a positive int, got {v!r}")
     for name, least in (("apply_rows", MIN_BLOCK_N), ("stats_rows", MIN_BLOCK_N), ("stats_block", MIN_BLOCK_N),
-                        ("skip_rows", MIN_BLOCK_N), ("skip_chunk", MIN_BLOCK_N), ("apply_warps", 1),
+                        ("skip_rows", MIN_BLOCK_N), ("skip_chunk", MIN_BLOCK_N), ("skip_block_o", MIN_BLOCK_N),
+                        ("apply_warps", 1),
                         ("stats_warps", 1), ("skip_warps", 1)):  # Triton: power-of-two tiles and warp counts
       v = getattr(self, name)
       if v & (v - 1) or v < least:
         raise ValueError(f"pallas_norm.Tuning.{name} must be a power of two >= {least}, got {v}")
-    if self.skip_chunk > BLOCK_C:
-      raise ValueError(f"pallas_norm.Tuning.skip_chunk must divide {BLOCK_C}, got {self.skip_chunk}")
+    for name in ("skip_chunk", "skip_block_o"):
+      if getattr(self, name) > BLOCK_C:
+        raise ValueError(f"pallas_norm.Tuning.{name} must divide {BLOCK_C}, got {getattr(self, name)}")
 
 
 _TUNING = Tuning()
@@ -379,7 +382,7 @@ def affine_act(x, a: jax.Array, d: jax.Array, *, silu: bool, out_dtype, interpre
   return _affine_act(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
-SKIP_BLOCK_O = 256  # output channels per `affine_act_skip` program
+SKIP_BLOCK_O = 256  # `affine_act_skip` outputs: a multiple of this (each program owns Tuning.skip_block_o)
 SKIP_MIN_ROWS = 64  # fewest rows of an `affine_act_skip` tile (a Hopper warpgroup MMA is 64 rows tall)
 
 
@@ -391,14 +394,14 @@ def skip_supported(n: int, widths, o: int) -> bool:
 
 
 def _skip_kernel(*refs, silu: bool, widths: tuple, chunk: int):
-  """refs = (x parts, a parts, d parts, w parts (C_i, 256), bias (256,), act out (rows, C), skip out
-  (rows, 256)). Each part is walked in `chunk`-channel steps: the step's x is applied into the act tile and
-  multiplied into the float32 accumulator. Grid axis 2 is the output-channel tile; its first program writes
-  the activation (the others only read x again, from L2)."""
+  """refs = (x parts, a parts, d parts, w parts (C_i, bo), bias (bo,), act out (rows, C), skip out
+  (rows, bo)), bo = Tuning.skip_block_o. Each part is walked in `chunk`-channel steps: the step's x is applied into the act tile and
+  multiplied into the float32 accumulator. Grid axis 0 is the output-channel tile; the programs of the first
+  write the activation (the others only read x again)."""
   k = len(widths)
   x_refs, a_refs, d_refs, w_refs = refs[:k], refs[k:2 * k], refs[2 * k:3 * k], refs[3 * k:4 * k]
   bias_ref, y_ref, s_ref = refs[4 * k:]
-  first = pl.program_id(2) == 0
+  first = pl.program_id(0) == 0
   acc = jnp.zeros(s_ref.shape, jnp.float32)
   offset = 0
   for x_ref, a_ref, d_ref, w_ref, width in zip(x_refs, a_refs, d_refs, w_refs, widths):
@@ -425,17 +428,19 @@ def _skip_call(*operands, silu, out_dtype, interpret, tune):
   b, n, _ = parts[0].shape
   widths = tuple(p.shape[2] for p in parts)
   c, o = sum(widths), operands[-1].shape[0]
-  rows = min(n & -n, tune.skip_rows)
-  x_specs = [pl.BlockSpec((None, rows, w), lambda i, j, l: (i, j, 0)) for w in widths]
-  row_specs = [pl.BlockSpec((None, w), lambda i, j, l: (i, 0)) for w in widths]
-  w_specs = [pl.BlockSpec((w, SKIP_BLOCK_O), lambda i, j, l: (0, l)) for w in widths]
+  rows, bo = min(n & -n, tune.skip_rows), tune.skip_block_o
+  # Grid (output tile, example, row tile): the first axis is launched fastest, so the programs that share a
+  # row tile (and read the same x) run side by side and all but the first find x in L2.
+  x_specs = [pl.BlockSpec((None, rows, w), lambda l, i, j: (i, j, 0)) for w in widths]
+  row_specs = [pl.BlockSpec((None, w), lambda l, i, j: (i, 0)) for w in widths]
+  w_specs = [pl.BlockSpec((w, bo), lambda l, i, j: (0, l)) for w in widths]
   return pl.pallas_call(
       functools.partial(_skip_kernel, silu=silu, widths=widths, chunk=min(tune.skip_chunk, BLOCK_C)),
       out_shape=(jax.ShapeDtypeStruct((b, n, c), out_dtype), jax.ShapeDtypeStruct((b, n, o), parts[0].dtype)),
-      grid=(b, n // rows, o // SKIP_BLOCK_O),
-      in_specs=[*x_specs, *row_specs, *row_specs, *w_specs, pl.BlockSpec((SKIP_BLOCK_O,), lambda i, j, l: (l,))],
-      out_specs=(pl.BlockSpec((None, rows, c), lambda i, j, l: (i, j, 0)),
-                 pl.BlockSpec((None, rows, SKIP_BLOCK_O), lambda i, j, l: (i, j, l))),
+      grid=(o // bo, b, n // rows),
+      in_specs=[*x_specs, *row_specs, *row_specs, *w_specs, pl.BlockSpec((bo,), lambda l, i, j: (l,))],
+      out_specs=(pl.BlockSpec((None, rows, c), lambda l, i, j: (i, j, 0)),
+                 pl.BlockSpec((None, rows, bo), lambda l, i, j: (i, j, l))),
       interpret=interpret,
       **_launch(interpret, tune.skip_warps, tune.skip_stages),
   )(*operands)
