@@ -174,7 +174,8 @@ class Case:
 
 def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, the correctness reference, the
-  ensemble; the three programs with the candidate `skip=fused`; with `tuned` (--pallas-tuning given), the three programs with the tuned Pallas launch parameters;
+  ensemble; the three programs with the candidate `skip=fused`; with `tuned` (--pallas-tuning given),
+  denoise and train with `skip=fused` and the tuned launch parameters, then the three programs with them;
   then the latest choices one at a time (nearest up-sampling for both programs, the fused GroupNorm kernels
   off); then the defaults of the first H200 runs (before the A/Bs of 2026-11-26 made "pallas" / "split" /
   "gemm" / "phases" the defaults), together and one at a time; then the execution choices already decided on
@@ -188,6 +189,7 @@ def default_plan(size: Size, tuned: bool = False) -> list[Case]:
   # The candidate not yet measured on a GPU: the decoder skip convs computed by the GroupNorm kernel.
   plan += [Case(p, "bf16", "auto", b, skip="fused") for p in ("denoise", "train", "ensemble")]
   if tuned:
+    plan += [Case(p, "bf16", "auto", b, skip="fused", tune="1") for p in ("denoise", "train")]
     plan += [Case(p, "bf16", "auto", b, tune="1") for p in ("denoise", "train", "ensemble")]
   plan += [Case("denoise", "bf16", "auto", b, up="nearest"), Case("train", "bf16", "auto", b, up="nearest"),
            Case("denoise", "bf16", "auto", b, fuse="none")]

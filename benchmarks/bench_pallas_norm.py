@@ -3,6 +3,7 @@ largest shapes and write the fastest as `pallas_tuning.json` (issue 7).
 
     python benchmarks/bench_pallas_norm.py --out $OUT              # GPU: ADM-256 at 224, batch 128 shapes
     python benchmarks/bench_pallas_norm.py --tiny                  # CPU smoke test (Pallas interpreter)
+    python benchmarks/bench_pallas_norm.py --out $OUT --kernels skip --target-s 0.1   # the fused skip only
     python benchmarks/bench_diffaug.py --pallas-tuning $OUT/pallas_tuning.json --cases denoise:bf16:auto:128:tune=1
 
 For each `pallas_norm.Tuning` candidate it compiles the kernel at each shape, checks its result against the
@@ -51,8 +52,10 @@ APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, 
 STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
               dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
 # The fused skip kernel (`affine_act_skip`): rows per tile, input-channel step, warps, pipeline stages.
+# (At 128 rows x 256 outputs the float32 accumulator needs 8 warps; 128-channel steps take 2 stages to fit
+# shared memory.)
 SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_rows=256, skip_block_o=128),
-             dict(skip_chunk=32), dict(skip_chunk=128), dict(skip_stages=2), dict(skip_stages=4), dict(skip_warps=4)]
+             dict(skip_chunk=32), dict(skip_chunk=128, skip_stages=2), dict(skip_stages=2), dict(skip_stages=4)]
 TINY_APPLY_GRID = [{}, dict(apply_rows=16)]
 TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
 TINY_SKIP_GRID = [{}, dict(skip_rows=64)]
@@ -89,6 +92,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--time-budget", type=float, default=None, help="seconds; later candidates are skipped")
   ap.add_argument("--target-s", type=float, default=0.25, help="timed seconds per repeat")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--kernels", default="apply,stats,skip",
+                  help="comma list of the kernels to sweep (apply, stats, skip); the others keep their defaults")
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
   import jax
@@ -105,6 +110,12 @@ def main(argv=None) -> dict:
   apply_shapes, stats_shapes = (TINY_APPLY, TINY_STATS) if args.tiny else (APPLY_SHAPES, STATS_SHAPES)
   apply_grid, stats_grid = (TINY_APPLY_GRID, TINY_STATS_GRID) if args.tiny else (APPLY_GRID, STATS_GRID)
   skip_shapes, skip_grid = (TINY_SKIP, TINY_SKIP_GRID) if args.tiny else (SKIP_SHAPES, SKIP_GRID)
+  kernels = [k for k in args.kernels.split(",") if k]
+  if not kernels or set(kernels) - {"apply", "stats", "skip"}:
+    raise SystemExit(f"bench_pallas_norm: --kernels {args.kernels!r}: a comma list of apply, stats, skip")
+  apply_shapes = apply_shapes if "apply" in kernels else {}
+  stats_shapes = stats_shapes if "stats" in kernels else {}
+  skip_shapes = skip_shapes if "skip" in kernels else {}
   timing = dict(warmup=1 if args.tiny else 2, target_s=0.0 if args.tiny else args.target_s,
                 repeats=1 if args.tiny else args.repeats)
   print(f"[pallas] {getattr(device, 'device_kind', device)} ({device.platform}), jax {jax.__version__}, "
@@ -168,6 +179,9 @@ def main(argv=None) -> dict:
       record("stats", shape, _cfg_name(cfg), time_fn(fn, (x, pivot), **timing), nbytes, err,
              tuning=cfg, ok=err <= 1e-5)
 
+  # The fused skip: every shape's split baseline first, then candidate by candidate over the shapes (a budget
+  # cut leaves whole candidates out, not shapes).
+  skip_data = {}
   for shape, (b, n, parts_c, o) in skip_shapes.items():
     ks = jax.random.split(jax.random.fold_in(key, 3 * n + o), len(parts_c) + 4)
     parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
@@ -176,31 +190,44 @@ def main(argv=None) -> dict:
     d = 0.1 * jax.random.normal(ks[-3], (b, c), jnp.float32)
     w = (jax.random.normal(ks[-2], (c, o), jnp.float32) / c ** 0.5).astype(jnp.bfloat16)
     bias = (0.1 * jax.random.normal(ks[-1], (o,), jnp.float32)).astype(jnp.bfloat16)
+    operands = (parts, a, d, w, bias)
     nbytes = 2 * b * n * (2 * c + o)  # bf16: the parts read, the activation and the skip conv written
     # The library's skip_impl="split" on the same operands: the apply kernel, then the per-part 1x1 convs.
+    side = round(n ** 0.5)  # the convs on the block's (H, W) (a 1x1 conv's algorithm may depend on them)
+    hw = (side, side) if side * side == n else (n, 1)
     split = jax.jit(lambda parts, a, d, w, bias: (
         pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=interpret),
-        skip_conv(tuple(p[:, :, None] for p in parts), w[None, None], bias)[:, :, 0]))
-    want = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(parts, a, d, w, bias)
-    record("skip", shape, "split: apply kernel + XLA 1x1 convs", time_fn(split, (parts, a, d, w, bias), **timing),
-           nbytes)
-    for cfg in skip_grid:
-      if over_budget():
-        print(f"[pallas] budget: skip the remaining skip candidates at {shape}", flush=True)
-        break
-      with pallas_norm.tuning(**cfg):
-        fn = jax.jit(lambda parts, a, d, w, bias: pallas_norm.affine_act_skip(
-            parts, a, d, w, bias, silu=True, out_dtype=jnp.bfloat16, interpret=interpret)).lower(
-                parts, a, d, w, bias).compile()
-      got = fn(parts, a, d, w, bias)
+        skip_conv(tuple(p.reshape(b, *hw, -1) for p in parts), w[None, None], bias).reshape(b, n, -1)))
+    want = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(*operands)
+    record("skip", shape, "split: apply kernel + XLA 1x1 convs", time_fn(split, operands, **timing), nbytes)
+    skip_data[shape] = (operands, want, nbytes)
+  for cfg in skip_grid if skip_data else ():
+    if over_budget():
+      print("[pallas] budget: skip the remaining skip candidates", flush=True)
+      break
+    for shape, (operands, want, nbytes) in skip_data.items():
+      try:  # a tiling Triton cannot compile (registers, shared memory) loses; the sweep goes on
+        with pallas_norm.tuning(**cfg):
+          fn = jax.jit(lambda parts, a, d, w, bias: pallas_norm.affine_act_skip(
+              parts, a, d, w, bias, silu=True, out_dtype=jnp.bfloat16, interpret=interpret)).lower(
+                  *operands).compile()
+        got = fn(*operands)
+      except Exception as e:  # noqa: BLE001 - any compile/run failure is this candidate's result
+        print(f"[pallas] skip   {shape:26s} {_cfg_name(cfg):44s} FAILED: {type(e).__name__}: {str(e)[:200]}",
+              flush=True)
+        rows.append(dict(kernel="skip", shape=shape, config=_cfg_name(cfg), tuning=cfg, ok=False,
+                         ms=float("nan"), gb_per_s=0.0, error=f"{type(e).__name__}: {str(e)[:500]}"))
+        continue
       # |act| < 16 and |skip| ~ a few: one bf16 ulp at 16 covers both (the skip: one rounding of float32 sums)
       err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for g, r in zip(got, want))
-      record("skip", shape, _cfg_name(cfg), time_fn(fn, (parts, a, d, w, bias), **timing), nbytes, err,
-             tuning=cfg, ok=err <= 0.0625)
+      record("skip", shape, _cfg_name(cfg), time_fn(fn, operands, **timing), nbytes, err, tuning=cfg,
+             ok=err <= 0.0625)
 
   best = {}
   n_shapes = {"apply": len(apply_shapes), "stats": len(stats_shapes), "skip": len(skip_shapes)}
   for kernel, grid in (("apply", apply_grid), ("stats", stats_grid), ("skip", skip_grid)):
+    if kernel not in kernels:
+      continue
     totals = {}
     for cfg in grid:
       mine = [r for r in rows if r["kernel"] == kernel and r.get("tuning") == cfg]
@@ -217,9 +244,14 @@ def main(argv=None) -> dict:
                 jax=jax.__version__, interpret=interpret, defaults=dataclasses.asdict(pallas_norm.Tuning()),
                 tuning=tuning, best=best, rows=rows, total_s=time.perf_counter() - t_start)
   md = ["| kernel | shape | config | ms | GB/s | max abs err |", "|---|---|---|---:|---:|---:|"]
-  md += [f"| {r['kernel']} | {r['shape']} | {r['config']} | {r['ms']:.3f} | {r['gb_per_s']:.0f} | "
-         f"{r['max_abs_err']:.1e} |" if "max_abs_err" in r else
-         f"| {r['kernel']} | {r['shape']} | {r['config']} | {r['ms']:.3f} | {r['gb_per_s']:.0f} | |" for r in rows]
+  def md_row(r):
+    head = f"| {r['kernel']} | {r['shape']} | {r['config']} |"
+    if "error" in r:
+      return f"{head} failed | | {r['error'][:100].replace('|', '/')} |"
+    err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else ""
+    return f"{head} {r['ms']:.3f} | {r['gb_per_s']:.0f} | {err} |"
+
+  md += [md_row(r) for r in rows]
   md += ["", "Best (summed over the shapes): " + "; ".join(
       f"{k}: {v['config']} {v['ms']:.3f} ms (default {v['default_ms']:.3f})" for k, v in best.items()),
       f"Tuning overrides: `{json.dumps(tuning)}`"]

@@ -100,7 +100,8 @@ def test_case_parse_and_plan():
                    "denoise:bf16:auto:128:gn=one_pass", "train:bf16:auto:128:up=transposed"]
   assert all(Case.parse(n) == p for n, p in zip(names, plan))
   tuned = [p.name for p in bench_diffaug.default_plan(bench_diffaug.FULL, tuned=True)]
-  assert tuned == names[:7] + [f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[7:]
+  assert tuned == names[:7] + [f"{p}:bf16:auto:128:skip=fused+tune=1" for p in ("denoise", "train")] + [
+      f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[7:]
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
   assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
   assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
@@ -375,6 +376,22 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
     bench_diffaug.main(FAST + ["--no-peak", "--cases", "denoise:bf16:auto:2:tune=1"])
   with pytest.raises(SystemExit, match="need a GPU"):
     bench_pallas_norm.main([])
+  # One kernel's sweep; a candidate that fails to compile is a failed row, not the end of the sweep.
+  real = pallas_norm.affine_act_skip
+
+  def flaky(*args, **kw):
+    if pallas_norm.current_tuning().skip_rows == 64:
+      raise RuntimeError("out of registers")
+    return real(*args, **kw)
+
+  monkeypatch.setattr(pallas_norm, "affine_act_skip", flaky)
+  only = bench_pallas_norm.main(["--tiny", "--kernels", "skip"])
+  monkeypatch.setattr(pallas_norm, "affine_act_skip", real)
+  assert {r["kernel"] for r in only["rows"]} == {"skip"} and only["best"]["skip"]["config"] == "default"
+  failed = [r for r in only["rows"] if "error" in r]
+  assert [r["config"] for r in failed] == ["skip_rows=64"] and "out of registers" in failed[0]["error"]
+  with pytest.raises(SystemExit, match="--kernels"):
+    bench_pallas_norm.main(["--tiny", "--kernels", "apply,matmul"])
   flat.write_text(json.dumps({"apply_rows": 16, "stats_rows": 16}))
   from diffaug_jax.models import unet as unet_lib
   seen, folded = [], unet_lib.GroupNorm32._folded
@@ -394,7 +411,7 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   assert out["meta"]["pallas_tuning"] == {"file": str(flat), "overrides": {"apply_rows": 16, "stats_rows": 16}}
   assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case
   plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
-  assert plan[7:10] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
+  assert plan[9:12] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
   assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
 
 

@@ -843,7 +843,7 @@ def _skip_inputs(widths=(256, 256), o=256, b=2, n=128, dtype=jnp.bfloat16, seed=
 
 
 @pytest.mark.parametrize("widths, o, n, rows, bo", [((256, 256), 256, 128, 64, 256), ((512, 256), 512, 64, 128, 256),
-                                                    ((256,), 256, 192, 128, 128)])
+                                                    ((256,), 256, 256, 128, 128), ((256, 512, 256), 256, 192, 64, 256)])
 @pytest.mark.parametrize("dtype, silu", [(jnp.bfloat16, True), (jnp.float32, False)])
 def test_skip_kernel_equals_its_expression(widths, o, n, rows, bo, dtype, silu, monkeypatch):
   """Through the interpreter, with one and several row tiles, output-channel tiles and parts: the activation
@@ -886,6 +886,8 @@ def test_skip_kernel_gradient_refusals_partitioning_and_vmap():
     kern(parts, a, d, w[:, :128], bias[:128])
   with pytest.raises(ValueError, match="w \\(C, O\\)"):
     kern(parts, a, d, w.T, bias)
+  with pytest.raises(ValueError, match="one dtype"):
+    kern((parts[0], parts[1].astype(jnp.bfloat16)), a, d, w, bias)
   assert pallas_norm.skip_supported(50176, (256, 256), 256) and not pallas_norm.skip_supported(784, (512,), 512)
   if jax.device_count() >= 8:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -942,6 +944,12 @@ def test_groupnorm_project_kernel_branch_through_the_interpreter(monkeypatch):
   spec = tuple(jax.ShapeDtypeStruct(p.shape, jnp.bfloat16) for p in parts)
   text = export.export(jax.jit(lambda v, ps: fn("pallas", ps, kernel, v)), **opts)(v, spec).mlir_module()
   assert text.count("__gpu$xla.gpu.triton") == 3 and "stablehlo.convolution" not in text
+  # 4 x 4 pixels (16 rows): the apply and sums tile, the fused kernel does not (< 64 rows): the rows apply
+  # kernel and the per-part 1x1 convs in XLA.
+  small = tuple(jax.ShapeDtypeStruct((2, 4, 4, 256), jnp.bfloat16) for _ in parts)
+  assert pallas_norm.supported(16, 256) and not pallas_norm.skip_supported(16, (256, 256), 256)
+  text = export.export(jax.jit(lambda v, ps: fn("pallas", ps, kernel, v)), **opts)(v, small).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 3 and text.count("stablehlo.convolution") == 2
   with pytest.raises(ValueError, match="project takes"):
     unet_lib.GroupNorm32(stats="pallas").apply(v, parts[0], resample="down", project=(kernel, kbias))
   with pytest.raises(ValueError, match="project takes"):

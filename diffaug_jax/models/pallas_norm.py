@@ -107,7 +107,9 @@ class Tuning:
   # 3 stages let Triton prefetch the next sub-tiles while the current one is added (a load and two adds).
   stats_stages: int = 3
   # `affine_act_skip`: (rows x 256 outputs) accumulator tiles, walked over the input channels in `skip_chunk`
-  # steps (Triton's usual Hopper GEMM tile: 128 x 256 x 64, 8 warps, 3 stages; unmeasured in this kernel)
+  # steps (Triton's usual Hopper GEMM tile: 128 x 256 x 64, 8 warps, 3 stages; unmeasured in this kernel: the
+  # float32 accumulator alone takes 128 registers per thread at 8 warps, so 64-row tiles are the fallback if
+  # the compiled kernel spills)
   skip_rows: int = 128
   skip_block_o: int = 256  # output channels per program (<= 256: `skip_supported` outputs are multiples of 256)
   skip_chunk: int = 64
@@ -510,6 +512,8 @@ def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array
   b, n = parts[0].shape[:2]
   widths = tuple(p.shape[2] for p in parts)
   c = sum(widths)
+  if any(p.dtype != parts[0].dtype for p in parts):  # one dtype: Triton's dot takes w in the parts' dtype
+    raise ValueError(f"affine_act_skip: parts of one dtype, got {[str(p.dtype) for p in parts]}")
   if (any(p.shape[:2] != (b, n) for p in parts) or a.shape != (b, c) or d.shape != a.shape or w.ndim != 2
       or w.shape[0] != c or bias.shape != (w.shape[1],)):
     raise ValueError(f"affine_act_skip: parts (B, N, C_i), a, d (B, C), w (C, O), bias (O,), got "

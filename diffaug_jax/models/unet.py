@@ -209,9 +209,10 @@ class GroupNorm32(nn.Module):
     if resample and (phases or len(parts) > 1):
       raise ValueError("GroupNorm32: resample takes one array (a resampling ResBlock's input)")
     c = sum(p.shape[-1] for p in parts)
-    if project is not None and (phases or resample or project[0].shape[:3] != (1, 1, c)):
+    if project is not None and (phases or resample or project[0].ndim != 4 or project[0].shape[:3] != (1, 1, c)
+                                or project[1].shape != project[0].shape[3:]):
       raise ValueError("GroupNorm32: project takes a (1, 1, C, O) kernel and (O,) bias, for an array or channel "
-                       f"parts without resample (C = {c}; got {project[0].shape})")
+                       f"parts without resample (C = {c}; got {project[0].shape}, {project[1].shape})")
     if c % self.num_groups:
       raise ValueError(f"GroupNorm32: channels {c} not divisible by {self.num_groups} groups ({self.name})")
     if self.stats not in NORM_STATS:
@@ -300,7 +301,9 @@ class GroupNorm32(nn.Module):
       # kernel tiles; else the apply and `skip_conv` (XLA's 1x1 convs).
       n, kernel, kbias = math.prod(spatial), project[0], project[1]
       xla_pair = lambda parts, a, d: (xla_apply(parts, a, d), skip_conv(parts, kernel, kbias))
-      if not (pallas and pallas_norm.skip_supported(n, [p.shape[-1] for p in parts], kernel.shape[-1])):
+      # (the kernel returns the parts' dtype, skip_conv the kernel's: one dtype for both branches)
+      if not (pallas and pallas_norm.skip_supported(n, [p.shape[-1] for p in parts], kernel.shape[-1])
+              and all(p.dtype == kernel.dtype for p in parts)):
         return apply(parts, a, d), skip_conv(parts, kernel, kbias)
 
       def kernel_pair(parts, a, d):
@@ -486,7 +489,7 @@ class SkipConv(nn.Module):
   def weights(self, channels: int) -> tuple[jax.Array, jax.Array]:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+    return tuple(nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype))
 
   def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
     return skip_conv(parts, *self.weights(sum(p.shape[-1] for p in parts)))
@@ -556,7 +559,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   norm_stats: str = "auto"
   upsample_impl: str = "phases"
-  skip_impl: str = "split"  # "fused": an input in parts has its skip conv computed by its first GroupNorm
+  skip_impl: str = "split"  # "fused": the 1x1 skip conv (if any) computed by the first GroupNorm (no resampling)
 
   @nn.compact
   def __call__(self, x, emb: jax.Array, train: bool = False) -> jax.Array:
