@@ -46,8 +46,11 @@ TINY_STATS = {"tiny c256": (2, 64, 256)}
 TINY_SKIP = {"tiny c256+256 -> 256": (2, 128, [256, 256], 256)}
 
 # Candidates (Tuning overrides; {} = the library's defaults, always first). Apply: rows per tile and warps.
-APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=64), dict(apply_rows=64, apply_warps=8),
-              dict(apply_rows=128, apply_warps=8), dict(apply_rows=128, apply_warps=4)]
+# (An H200 sweep of 2026-11-26 measured the single-tile ones: 32 rows 3.71 TB/s, 16 rows 3.80, 64 rows with 4 / 8
+# warps 2.45 / 3.66, 128 rows 0.16; the looped ones, apply_steps > 1 with pipelining stages, are new.)
+APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_steps=4, apply_stages=3), dict(apply_steps=8, apply_stages=3),
+              dict(apply_rows=16, apply_steps=8, apply_stages=3), dict(apply_steps=4, apply_stages=2),
+              dict(apply_steps=8, apply_stages=4), dict(apply_rows=64, apply_warps=8)]
 # stats_rows is capped by the largest power of two dividing the rows (1024 at 224x224, 256 at 112x112).
 STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
               dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
@@ -56,7 +59,7 @@ STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=51
 # shared memory.)
 SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_rows=256, skip_block_o=128),
              dict(skip_chunk=32), dict(skip_chunk=128, skip_stages=2), dict(skip_stages=2), dict(skip_stages=4)]
-TINY_APPLY_GRID = [{}, dict(apply_rows=16)]
+TINY_APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=16, apply_steps=2, apply_stages=2)]
 TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
 TINY_SKIP_GRID = [{}, dict(skip_rows=64)]
 
@@ -93,7 +96,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--target-s", type=float, default=0.25, help="timed seconds per repeat")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--kernels", default="apply,stats,skip",
-                  help="comma list of the kernels to sweep (apply, stats, skip); the others keep their defaults")
+                  help="comma list of the kernels to sweep, in that order (apply, stats, skip); the others keep "
+                       "their defaults")
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
   import jax
@@ -134,94 +138,104 @@ def main(argv=None) -> dict:
     print(f"[pallas] {kernel:6s} {shape:26s} {cfg:44s} {1e3 * sec:8.3f} ms {nbytes / sec / 1e9:8.0f} GB/s"
           + (f"  err {err:.2e}" if err is not None else ""), flush=True)
 
-  for shape, (b, n, parts_c) in apply_shapes.items():
-    ks = jax.random.split(jax.random.fold_in(key, n * len(parts_c)), len(parts_c) + 2)
-    parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
-    c = sum(parts_c)
-    a = 1.0 + 0.1 * jax.random.normal(ks[-2], (b, c), jnp.float32)
-    d = 0.1 * jax.random.normal(ks[-1], (b, c), jnp.float32)
-    nbytes = 2 * 2 * b * n * c  # bf16 read + write
-    xla = jax.jit(lambda parts, a, d: jax.nn.silu(jnp.concatenate(parts, -1).astype(jnp.float32) * a[:, None]
-                                                  + d[:, None]).astype(jnp.bfloat16))
-    want = xla(parts, a, d)
-    record("apply", shape, "XLA fusion", time_fn(xla, (parts, a, d), **timing), nbytes)
-    copy = jax.jit(lambda x: x * 2)
-    record("copy", shape, "XLA y = 2x", time_fn(copy, (parts[0],), **timing), 2 * 2 * b * n * parts_c[0])
-    for cfg in apply_grid:
+  def sweep(kernel, grid, data, kernel_fn, error_fn, tolerance):
+    """Candidate by candidate over the shapes (a budget cut leaves whole candidates out, not shapes):
+    compile `kernel_fn` under the candidate's launch parameters, check `error_fn(got, want)` against
+    `tolerance`, time it. A candidate that fails to compile or run (registers, shared memory) is a failed row;
+    the sweep goes on."""
+    for cfg in grid if data else ():
       if over_budget():
-        print(f"[pallas] budget: skip the remaining apply candidates at {shape}", flush=True)
+        print(f"[pallas] budget: skip the remaining {kernel} candidates", flush=True)
         break
-      with pallas_norm.tuning(**cfg):  # read while tracing: a fresh jit per candidate
-        fn = jax.jit(lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
-                                                                 interpret=interpret)).lower(parts, a, d).compile()
-      got = fn(parts, a, d)
-      err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-      record("apply", shape, _cfg_name(cfg), time_fn(fn, (parts, a, d), **timing), nbytes, err,
-             tuning=cfg, ok=err <= 0.0625)  # one bf16 ulp at |y| < 16 (exp differs between XLA and Triton)
+      for shape, (args, want, nbytes) in data.items():
+        try:
+          with pallas_norm.tuning(**cfg):  # read while tracing: a fresh function per candidate
+            fn = jax.jit(lambda *a: kernel_fn(*a)).lower(*args).compile()
+          got = fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compile/run failure is this candidate's result
+          print(f"[pallas] {kernel:6s} {shape:26s} {_cfg_name(cfg):44s} FAILED: {type(e).__name__}: "
+                f"{str(e)[:200]}", flush=True)
+          rows.append(dict(kernel=kernel, shape=shape, config=_cfg_name(cfg), tuning=cfg, ok=False,
+                           ms=float("nan"), gb_per_s=0.0, error=f"{type(e).__name__}: {str(e)[:500]}"))
+          continue
+        err = error_fn(got, want, shape)
+        record(kernel, shape, _cfg_name(cfg), time_fn(fn, args, **timing), nbytes, err, tuning=cfg,
+               ok=err <= tolerance)
 
-  for shape, (b, n, c) in stats_shapes.items():
-    kx, kp = jax.random.split(jax.random.fold_in(key, 7 * n + c))
-    x = (3.0 + jax.random.normal(kx, (b, n, c), jnp.float32)).astype(jnp.bfloat16)
-    pivot = x[:, 0, :].astype(jnp.float32)
-    nbytes = 2 * b * n * c
-    ref = jax.jit(pallas_norm.channel_sums_reference)
-    w1, w2 = ref(x, pivot)
-    record("stats", shape, "XLA reduction", time_fn(ref, (x, pivot), **timing), nbytes)
-    for cfg in stats_grid:
-      if over_budget():
-        print(f"[pallas] budget: skip the remaining stats candidates at {shape}", flush=True)
-        break
-      with pallas_norm.tuning(**cfg):
-        fn = jax.jit(lambda x, p: pallas_norm.channel_sums(x, p, interpret=interpret)).lower(x, pivot).compile()
-      s1, s2 = fn(x, pivot)
+  max_abs = lambda got, want: max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                                  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+  def run_apply():
+    # ---- the apply: XLA's fusion of the same arithmetic and a copy as references
+    apply_data = {}
+    for shape, (b, n, parts_c) in apply_shapes.items():
+      ks = jax.random.split(jax.random.fold_in(key, n * len(parts_c)), len(parts_c) + 2)
+      parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
+      c = sum(parts_c)
+      a = 1.0 + 0.1 * jax.random.normal(ks[-2], (b, c), jnp.float32)
+      d = 0.1 * jax.random.normal(ks[-1], (b, c), jnp.float32)
+      nbytes = 2 * 2 * b * n * c  # bf16 read + write
+      xla = jax.jit(lambda parts, a, d: jax.nn.silu(jnp.concatenate(parts, -1).astype(jnp.float32) * a[:, None]
+                                                    + d[:, None]).astype(jnp.bfloat16))
+      record("apply", shape, "XLA fusion", time_fn(xla, (parts, a, d), **timing), nbytes)
+      copy = jax.jit(lambda x: x * 2)
+      record("copy", shape, "XLA y = 2x", time_fn(copy, (parts[0],), **timing), 2 * 2 * b * n * parts_c[0])
+      apply_data[shape] = ((parts, a, d), xla(parts, a, d), nbytes)
+    # one bf16 ulp at |y| < 16 (exp differs between XLA and Triton)
+    sweep("apply", apply_grid, apply_data,
+          lambda parts, a, d: pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16,
+                                                     interpret=interpret),
+          lambda got, want, shape: max_abs(got, want), 0.0625)
+
+  def run_stats():
+    # ---- the statistics: XLA's reduction as the reference
+    stats_data = {}
+    for shape, (b, n, c) in stats_shapes.items():
+      kx, kp = jax.random.split(jax.random.fold_in(key, 7 * n + c))
+      x = (3.0 + jax.random.normal(kx, (b, n, c), jnp.float32)).astype(jnp.bfloat16)
+      pivot = x[:, 0, :].astype(jnp.float32)
+      ref = jax.jit(pallas_norm.channel_sums_reference)
+      record("stats", shape, "XLA reduction", time_fn(ref, (x, pivot), **timing), 2 * b * n * c)
+      stats_data[shape] = ((x, pivot), ref(x, pivot), 2 * b * n * c)
+
+    def sums_error(got, want, shape):
       # float32 sums in another order: relative to the sum of |terms| (n * E|d| ~ n), not to the (small) result
-      err = max(float(jnp.max(jnp.abs(s1 - w1))) / n, float(jnp.max(jnp.abs(s2 - w2) / (w2 + n))))
-      record("stats", shape, _cfg_name(cfg), time_fn(fn, (x, pivot), **timing), nbytes, err,
-             tuning=cfg, ok=err <= 1e-5)
+      (s1, s2), (w1, w2), n = got, want, stats_shapes[shape][1]
+      return max(float(jnp.max(jnp.abs(s1 - w1))) / n, float(jnp.max(jnp.abs(s2 - w2) / (w2 + n))))
 
-  # The fused skip: every shape's split baseline first, then candidate by candidate over the shapes (a budget
-  # cut leaves whole candidates out, not shapes).
-  skip_data = {}
-  for shape, (b, n, parts_c, o) in skip_shapes.items():
-    ks = jax.random.split(jax.random.fold_in(key, 3 * n + o), len(parts_c) + 4)
-    parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
-    c = sum(parts_c)
-    a = 1.0 + 0.1 * jax.random.normal(ks[-4], (b, c), jnp.float32)
-    d = 0.1 * jax.random.normal(ks[-3], (b, c), jnp.float32)
-    w = (jax.random.normal(ks[-2], (c, o), jnp.float32) / c ** 0.5).astype(jnp.bfloat16)
-    bias = (0.1 * jax.random.normal(ks[-1], (o,), jnp.float32)).astype(jnp.bfloat16)
-    operands = (parts, a, d, w, bias)
-    nbytes = 2 * b * n * (2 * c + o)  # bf16: the parts read, the activation and the skip conv written
-    # The library's skip_impl="split" on the same operands: the apply kernel, then the per-part 1x1 convs.
-    side = round(n ** 0.5)  # the convs on the block's (H, W) (a 1x1 conv's algorithm may depend on them)
-    hw = (side, side) if side * side == n else (n, 1)
-    split = jax.jit(lambda parts, a, d, w, bias: (
-        pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=interpret),
-        skip_conv(tuple(p.reshape(b, *hw, -1) for p in parts), w[None, None], bias).reshape(b, n, -1)))
-    want = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(*operands)
-    record("skip", shape, "split: apply kernel + XLA 1x1 convs", time_fn(split, operands, **timing), nbytes)
-    skip_data[shape] = (operands, want, nbytes)
-  for cfg in skip_grid if skip_data else ():
-    if over_budget():
-      print("[pallas] budget: skip the remaining skip candidates", flush=True)
-      break
-    for shape, (operands, want, nbytes) in skip_data.items():
-      try:  # a tiling Triton cannot compile (registers, shared memory) loses; the sweep goes on
-        with pallas_norm.tuning(**cfg):
-          fn = jax.jit(lambda parts, a, d, w, bias: pallas_norm.affine_act_skip(
-              parts, a, d, w, bias, silu=True, out_dtype=jnp.bfloat16, interpret=interpret)).lower(
-                  *operands).compile()
-        got = fn(*operands)
-      except Exception as e:  # noqa: BLE001 - any compile/run failure is this candidate's result
-        print(f"[pallas] skip   {shape:26s} {_cfg_name(cfg):44s} FAILED: {type(e).__name__}: {str(e)[:200]}",
-              flush=True)
-        rows.append(dict(kernel="skip", shape=shape, config=_cfg_name(cfg), tuning=cfg, ok=False,
-                         ms=float("nan"), gb_per_s=0.0, error=f"{type(e).__name__}: {str(e)[:500]}"))
-        continue
-      # |act| < 16 and |skip| ~ a few: one bf16 ulp at 16 covers both (the skip: one rounding of float32 sums)
-      err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for g, r in zip(got, want))
-      record("skip", shape, _cfg_name(cfg), time_fn(fn, operands, **timing), nbytes, err, tuning=cfg,
-             ok=err <= 0.0625)
+    sweep("stats", stats_grid, stats_data, lambda x, p: pallas_norm.channel_sums(x, p, interpret=interpret),
+          sums_error, 1e-5)
+
+  def run_skip():
+    # ---- the fused skip: the library's skip_impl="split" on the same operands as the reference (the apply
+    # kernel, then XLA's per-part 1x1 convs)
+    skip_data = {}
+    for shape, (b, n, parts_c, o) in skip_shapes.items():
+      ks = jax.random.split(jax.random.fold_in(key, 3 * n + o), len(parts_c) + 4)
+      parts = tuple(jax.random.normal(k, (b, n, c), jnp.bfloat16) for k, c in zip(ks, parts_c))
+      c = sum(parts_c)
+      a = 1.0 + 0.1 * jax.random.normal(ks[-4], (b, c), jnp.float32)
+      d = 0.1 * jax.random.normal(ks[-3], (b, c), jnp.float32)
+      w = (jax.random.normal(ks[-2], (c, o), jnp.float32) / c ** 0.5).astype(jnp.bfloat16)
+      bias = (0.1 * jax.random.normal(ks[-1], (o,), jnp.float32)).astype(jnp.bfloat16)
+      operands = (parts, a, d, w, bias)
+      nbytes = 2 * b * n * (2 * c + o)  # bf16: the parts read, the activation and the skip conv written
+      side = round(n ** 0.5)  # the convs on the block's (H, W) (a 1x1 conv's algorithm may depend on them)
+      hw = (side, side) if side * side == n else (n, 1)
+      split = jax.jit(lambda parts, a, d, w, bias, b=b, n=n, hw=hw: (
+          pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=interpret),
+          skip_conv(tuple(p.reshape(b, *hw, -1) for p in parts), w[None, None], bias).reshape(b, n, -1)))
+      record("skip", shape, "split: apply kernel + XLA 1x1 convs", time_fn(split, operands, **timing), nbytes)
+      want = jax.jit(lambda *args: pallas_norm.skip_reference(*args, True, jnp.bfloat16))(*operands)
+      skip_data[shape] = (operands, want, nbytes)
+    # |act| < 16 and |skip| ~ a few: one bf16 ulp at 16 covers both (the skip: one rounding of float32 sums)
+    sweep("skip", skip_grid, skip_data,
+          lambda parts, a, d, w, bias: pallas_norm.affine_act_skip(parts, a, d, w, bias, silu=True,
+                                                                   out_dtype=jnp.bfloat16, interpret=interpret),
+          lambda got, want, shape: max_abs(got, want), 0.0625)
+
+  for kernel in kernels:  # in the order asked for: a time budget cuts the last
+    {"apply": run_apply, "stats": run_stats, "skip": run_skip}[kernel]()
 
   best = {}
   n_shapes = {"apply": len(apply_shapes), "stats": len(stats_shapes), "skip": len(skip_shapes)}

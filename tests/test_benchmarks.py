@@ -89,8 +89,8 @@ def test_case_parse_and_plan():
   plan = bench_diffaug.default_plan(bench_diffaug.FULL)
   names = [p.name for p in plan]
   before = "up=nearest+gn=channel+skip=concat+edge=conv"
-  assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "denoise:bf16:auto:128:skip=fused", "train:bf16:auto:128:skip=fused",
+  assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:bf16:auto:128:skip=fused",
+                   "train:bf16:auto:128:skip=fused", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
                    "ensemble:bf16:auto:128:skip=fused", "denoise:bf16:auto:128:up=nearest", "train:bf16:auto:128:up=nearest",
                    "denoise:bf16:auto:128:fuse=none",
                    f"denoise:bf16:auto:128:{before}", f"train:bf16:auto:128:{before}",
@@ -103,7 +103,8 @@ def test_case_parse_and_plan():
   assert tuned == names[:7] + [f"{p}:bf16:auto:128:skip=fused+tune=1" for p in ("denoise", "train")] + [
       f"{p}:bf16:auto:128:tune=1" for p in ("denoise", "train", "ensemble")] + names[7:]
   tiny = [p.name for p in bench_diffaug.default_plan(bench_diffaug.TINY)]
-  assert tiny[:3] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:f32hi:xla:4"]
+  assert tiny[:5] == ["denoise:bf16:auto:4", "train:bf16:auto:4", "denoise:bf16:auto:4:skip=fused",
+                      "train:bf16:auto:4:skip=fused", "denoise:f32hi:xla:4"]
   assert "train:bf16:auto:2" in tiny and len(tiny) == len(names) - 1  # one sweep batch
 
 

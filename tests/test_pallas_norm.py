@@ -198,6 +198,12 @@ def test_tuning_context_and_validation():
     assert pallas_norm._block_n(64) == 16 and pallas_norm._stats_rows(64) == 16  # 4 row tiles, 4 chunks
     np.testing.assert_array_equal(np.asarray(apply_fn(), np.float32), np.asarray(want_y, np.float32))
     _assert_sums_close(sums_fn(), want_s, x, pivot)
+  with pallas_norm.tuning(apply_rows=16, apply_steps=2, apply_stages=3):  # 2 programs of 2 sub-tiles each
+    np.testing.assert_array_equal(np.asarray(apply_fn(), np.float32), np.asarray(want_y, np.float32))
+    parts = (x[..., :256], x[..., 256:])
+    np.testing.assert_array_equal(
+        np.asarray(pallas_norm.affine_act(parts, a, d, silu=True, out_dtype=jnp.bfloat16, interpret=True), np.float32),
+        np.asarray(want_y, np.float32))
   assert pallas_norm.current_tuning() == default and pallas_norm._block_n(64) == 32
   with pytest.raises(RuntimeError), pallas_norm.tuning(apply_warps=8):
     raise RuntimeError
@@ -205,7 +211,7 @@ def test_tuning_context_and_validation():
   for bad, msg in ((dict(apply_rows=48), "power of two"), (dict(stats_block=8), "power of two"),
                    (dict(apply_warps=0), "positive int"), (dict(stats_stages=2.0), "positive int"),
                    (dict(skip_chunk=512), "divide 256"), (dict(skip_block_o=512), "divide 256"),
-                   (dict(skip_rows=96), "power of two")):
+                   (dict(skip_rows=96), "power of two"), (dict(apply_steps=3), "power of two")):
     with pytest.raises(ValueError, match=msg):
       pallas_norm.Tuning(**bad)
   with pytest.raises(TypeError):
@@ -232,6 +238,7 @@ def test_tuning_reaches_the_triton_launch():
   # grid = (batch, row tiles or chunks, channel tiles)
   assert launch("apply") == [["2", "128", "1"], ["4"], ["1"]]
   assert launch("apply", apply_rows=64, apply_warps=8, apply_stages=2) == [["2", "64", "1"], ["8"], ["2"]]
+  assert launch("apply", apply_steps=8, apply_stages=3) == [["2", "16", "1"], ["4"], ["3"]]  # 256-row programs
   assert launch("sums") == [["2", "4", "1"], ["4"], ["3"]]
   assert launch("sums", stats_rows=512, stats_warps=8, stats_stages=2) == [["2", "8", "1"], ["8"], ["2"]]
 

@@ -67,7 +67,10 @@ they move fewer bytes and cost nothing measurable.
 
 Launch parameters: `Tuning` (rows per tile, warps, stages). In the sweep of `benchmarks/bench_pallas_norm.py`
 on an H200 the sums' defaults were the fastest (tied by 2 and 4 stages), the apply's lost by 2.2% to 16-row
-tiles on the kernels alone, and the two tied in the whole UNet (within 0.2%), so the defaults stay.
+tiles on the kernels alone, and the two tied in the whole UNet (within 0.2%), so the defaults stay. Added
+since, not yet swept on a GPU: `apply_steps` (the rows apply walks several sub-tiles per program in a loop
+that Triton can pipeline, like the sums kernel, which reads at 3.8 TB/s where the one-tile apply moves 3.5-3.7)
+and the `skip_*` parameters of `affine_act_skip`.
 """
 from __future__ import annotations
 
@@ -101,6 +104,10 @@ class Tuning:
   apply_rows: int = 32
   apply_warps: int = 4
   apply_stages: int = 1
+  # tiles per program of the rows apply (`affine_act`): > 1 walks apply_rows-row sub-tiles in a loop, which
+  # Triton can software-pipeline (apply_stages > 1: the next sub-tile's load in flight while this one is
+  # applied and stored) (unmeasured; the sweep's candidates)
+  apply_steps: int = 1
   stats_rows: int = 1024  # rows per `channel_sums` program (one partial sum per stats_rows rows, 256 channels)
   stats_block: int = 16  # rows per sub-tile: two 16 x 256 float32 accumulators = 64 registers/thread at 4 warps
   stats_warps: int = 4
@@ -123,7 +130,7 @@ class Tuning:
         raise ValueError(f"pallas_norm.Tuning.{f.name} must be a positive int, got {v!r}")
     for name, least in (("apply_rows", MIN_BLOCK_N), ("stats_rows", MIN_BLOCK_N), ("stats_block", MIN_BLOCK_N),
                         ("skip_rows", MIN_BLOCK_N), ("skip_chunk", MIN_BLOCK_N), ("skip_block_o", MIN_BLOCK_N),
-                        ("apply_warps", 1),
+                        ("apply_steps", 1), ("apply_warps", 1),
                         ("stats_warps", 1), ("skip_warps", 1)):  # Triton: power-of-two tiles and warp counts
       v = getattr(self, name)
       if v & (v - 1) or v < least:
@@ -249,14 +256,25 @@ def _act(x, a, d, silu: bool):
   return y / (1.0 + jnp.exp(-y)) if silu else y
 
 
-def _kernel(*refs, silu: bool, bounds: tuple):
+def _kernel(*refs, silu: bool, bounds: tuple, sub: int):
   """refs = (x part refs..., a, d, out). Channel tile k lies in part i when bounds[i] <= k < bounds[i + 1];
   only that part's block is read (each part's BlockSpec clamps k into its own range; Triton loads nothing
-  for a branch that does not run)."""
+  for a branch that does not run). A block of more than `sub` rows is applied `sub` rows at a time."""
   *x_refs, a_ref, d_ref, o_ref = refs
 
   def apply(x_ref):
-    o_ref[...] = _act(x_ref[...], a_ref[...][None, :], d_ref[...][None, :], silu).astype(o_ref.dtype)
+    a, d = a_ref[...][None, :], d_ref[...][None, :]
+    steps = x_ref.shape[0] // sub
+    if steps == 1:
+      o_ref[...] = _act(x_ref[...], a, d, silu).astype(o_ref.dtype)
+      return
+
+    def step(i, carry):
+      rows = pl.ds(pl.multiple_of(i * sub, sub), sub)
+      o_ref[rows, :] = _act(x_ref[rows, :], a, d, silu).astype(o_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, steps, step, 0)
 
   if len(x_refs) == 1:
     apply(x_refs[0])
@@ -292,13 +310,14 @@ def _apply_call(*operands, silu, out_dtype, interpret, tune):
   *parts, a, d = operands
   b, n, _ = parts[0].shape
   bounds = (0, *itertools.accumulate(p.shape[2] // BLOCK_C for p in parts))  # channel-tile offsets
-  bn = _block_n(n, tune)
+  sub = _block_n(n, tune)
+  bn = min(n & -n, sub * tune.apply_steps)  # rows per program: apply_steps sub-tiles where n allows
   x_specs = [pl.BlockSpec((None, bn, BLOCK_C), functools.partial(_part_index_map, lo=lo, hi=hi))
              for lo, hi in zip(bounds, bounds[1:])]
   tile = pl.BlockSpec((None, bn, BLOCK_C), lambda i, j, k: (i, j, k))
   row = pl.BlockSpec((None, BLOCK_C), lambda i, j, k: (i, k))
   return pl.pallas_call(
-      functools.partial(_kernel, silu=silu, bounds=bounds),
+      functools.partial(_kernel, silu=silu, bounds=bounds, sub=sub),
       out_shape=jax.ShapeDtypeStruct((b, n, bounds[-1] * BLOCK_C), out_dtype),
       grid=(b, n // bn, bounds[-1]),
       in_specs=[*x_specs, row, row],
