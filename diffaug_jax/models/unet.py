@@ -297,8 +297,8 @@ class GroupNorm32(nn.Module):
       return jax.lax.platform_dependent(parts, a, d, cuda=kernel_apply, default=xla_apply)
 
     if project is not None:
-      # A decoder block's skip conv from the apply's read of the parts (`UNet.skip_impl="fused"`), where the
-      # kernel tiles; else the apply and `skip_conv` (XLA's 1x1 convs).
+      # A ResBlock's skip conv from the apply's read of its input (`UNet.skip_impl="fused"`), where the kernel
+      # tiles; else the apply and `skip_conv` (XLA's 1x1 convs).
       n, kernel, kbias = math.prod(spatial), project[0], project[1]
       xla_pair = lambda parts, a, d: (xla_apply(parts, a, d), skip_conv(parts, kernel, kbias))
       # (the kernel returns the parts' dtype, skip_conv the kernel's: one dtype for both branches)
@@ -597,12 +597,11 @@ class ResBlock(nn.Module):
       h = out_norm(h.map(lambda p: p + emb_out) if isinstance(h, Phases) else h + emb_out, silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero=True)(h)
-    if project is not None:
-      pass  # x is the skip conv's output already
-    elif self.out_channels != c:
-      x = SkipConv(self.out_channels, self.dtype, name="skip_connection")(parts if len(parts) > 1 else (x,))
-    elif len(parts) > 1:
-      x = _concat_channels(parts)  # identity skip over parts (not in the ADM presets)
+    if project is None:  # (with a projection, x is the skip conv's output already)
+      if self.out_channels != c:
+        x = SkipConv(self.out_channels, self.dtype, name="skip_connection")(parts if len(parts) > 1 else (x,))
+      elif len(parts) > 1:
+        x = _concat_channels(parts)  # identity skip over parts (not in the ADM presets)
     if len(parts) > 1:
       # h first: XLA's cuDNN rewriter folds an add into the conv of its FIRST single-use conv operand (as bias,
       # then side input); a split skip conv already holds its second part as side input, the out conv does not.
