@@ -363,14 +363,20 @@ def _xla_apply(x, a, d, silu, out_dtype):
   return (jax.nn.silu(y) if silu else y).astype(out_dtype)
 
 
+def _split(v: jax.Array, widths, axis: int = -1) -> list:
+  """v cut along `axis` into consecutive pieces of `widths` (a part's slice of a, d or w)."""
+  offsets = [0, *itertools.accumulate(widths)]
+  return [jax.lax.slice_in_dim(v, lo, hi, axis=axis) for lo, hi in zip(offsets, offsets[1:])]
+
+
 def _bwd(silu, out_dtype, interpret, res, g):
   # Part by part against its channel slice of a, d and g: the backward concatenates only the (B, C) da, dd.
   parts, a, d = res
-  offsets = [0, *itertools.accumulate(p.shape[2] for p in parts)]
+  widths = [p.shape[2] for p in parts]
   dparts, da, dd = [], [], []
-  for p, lo, hi in zip(parts, offsets, offsets[1:]):
-    _, vjp = jax.vjp(lambda *args: _xla_apply(*args, silu, out_dtype), p, a[:, lo:hi], d[:, lo:hi])
-    dp, dai, ddi = vjp(g[..., lo:hi])
+  for p, ai, di, gi in zip(parts, _split(a, widths), _split(d, widths), _split(g, widths)):
+    _, vjp = jax.vjp(lambda *args: _xla_apply(*args, silu, out_dtype), p, ai, di)
+    dp, dai, ddi = vjp(gi)
     dparts.append(dp)
     da.append(dai)
     dd.append(ddi)
@@ -465,12 +471,6 @@ def _skip_call(*operands, silu, out_dtype, interpret, tune):
       interpret=interpret,
       **_launch(interpret, tune.skip_warps, tune.skip_stages),
   )(*operands)
-
-
-def _split(v: jax.Array, widths, axis: int = -1) -> list:
-  """v cut along `axis` into consecutive pieces of `widths` (a part's slice of a, d or w)."""
-  offsets = [0, *itertools.accumulate(widths)]
-  return [jax.lax.slice_in_dim(v, lo, hi, axis=axis) for lo, hi in zip(offsets, offsets[1:])]
 
 
 def _skip_pallas(parts, a, d, silu, out_dtype, interpret, w, bias):
