@@ -172,10 +172,11 @@ class Case:
     return cls(prog, dt, attn, int(b), **opts)
 
 
-def default_plan(size: Size, tuned: bool = False) -> list[Case]:
+def default_plan(size: Size, tuned=False) -> list[Case]:
   """Priority order (a time budget cuts the tail): denoise and train step, both with the candidate
-  `skip=fused`, the correctness reference, the ensemble without and with it; with `tuned` (--pallas-tuning given),
-  denoise and train with `skip=fused` and the tuned launch parameters, then the three programs with them;
+  `skip=fused`, the correctness reference, the ensemble without and with it; with `tuned` (True, or which
+  launch parameters --pallas-tuning changes, `_changes_tuning`): for "skip", denoise and train with
+  `skip=fused` and the tuned parameters; for "norm" (apply / sums), the three programs with them;
   then the latest choices one at a time (nearest up-sampling for both programs, the fused GroupNorm kernels
   off); then the defaults of the first H200 runs (before the A/Bs of 2026-11-26 made "pallas" / "split" /
   "gemm" / "phases" the defaults), together and one at a time; then the execution choices already decided on
@@ -189,8 +190,10 @@ def default_plan(size: Size, tuned: bool = False) -> list[Case]:
           Case("denoise", "bf16", "auto", b, skip="fused"), Case("train", "bf16", "auto", b, skip="fused"),
           Case("denoise", "f32hi", "xla", b),  # the reference of the correctness check
           Case("ensemble", "bf16", "auto", b), Case("ensemble", "bf16", "auto", b, skip="fused")]
-  if tuned:
+  tuned = {"skip", "norm"} if tuned is True else set(tuned or ())
+  if "skip" in tuned:  # the fused skip kernel's parameters won: only skip=fused programs change
     plan += [Case(p, "bf16", "auto", b, skip="fused", tune="1") for p in ("denoise", "train")]
+  if "norm" in tuned:  # the apply / sums parameters won: every program changes
     plan += [Case(p, "bf16", "auto", b, tune="1") for p in ("denoise", "train", "ensemble")]
   plan += [Case("denoise", "bf16", "auto", b, up="nearest"), Case("train", "bf16", "auto", b, up="nearest"),
            Case("denoise", "bf16", "auto", b, fuse="none")]
@@ -236,9 +239,14 @@ def load_pallas_tuning(path: str) -> dict:
   return overrides
 
 
-def _changes_tuning(overrides: dict) -> bool:
+def _changes_tuning(overrides: dict) -> tuple:
+  """Which kernels' launch parameters `overrides` changes: () or a subset of ("skip", "norm") (the fused skip
+  kernel's `skip_*` fields; the apply and sums fields)."""
   from diffaug_jax.models import pallas_norm
-  return pallas_norm.Tuning(**overrides) != pallas_norm.Tuning()
+  new, old = pallas_norm.Tuning(**overrides), pallas_norm.Tuning()
+  changed = [f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)]
+  return tuple(kind for kind, hit in (("skip", any(f.startswith("skip_") for f in changed)),
+                                      ("norm", any(not f.startswith("skip_") for f in changed))) if hit)
 
 
 @contextlib.contextmanager

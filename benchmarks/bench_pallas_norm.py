@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
   apply_shapes, stats_shapes = (TINY_APPLY, TINY_STATS) if args.tiny else (APPLY_SHAPES, STATS_SHAPES)
   apply_grid, stats_grid = (TINY_APPLY_GRID, TINY_STATS_GRID) if args.tiny else (APPLY_GRID, STATS_GRID)
   skip_shapes, skip_grid = (TINY_SKIP, TINY_SKIP_GRID) if args.tiny else (SKIP_SHAPES, SKIP_GRID)
-  kernels = [k for k in args.kernels.split(",") if k]
+  kernels = list(dict.fromkeys(k for k in args.kernels.split(",") if k))  # ordered, no repeats
   if not kernels or set(kernels) - {"apply", "stats", "skip"}:
     raise SystemExit(f"bench_pallas_norm: --kernels {args.kernels!r}: a comma list of apply, stats, skip")
   apply_shapes = apply_shapes if "apply" in kernels else {}
@@ -148,19 +148,18 @@ def main(argv=None) -> dict:
         print(f"[pallas] budget: skip the remaining {kernel} candidates", flush=True)
         break
       for shape, (args, want, nbytes) in data.items():
-        try:
+        try:  # compile, run (blocking: a GPU fault surfaces here), check and time, or a failed row
           with pallas_norm.tuning(**cfg):  # read while tracing: a fresh function per candidate
             fn = jax.jit(lambda *a: kernel_fn(*a)).lower(*args).compile()
-          got = fn(*args)
+          err = error_fn(jax.block_until_ready(fn(*args)), want, shape)
+          sec = time_fn(fn, args, **timing)
         except Exception as e:  # noqa: BLE001 - any compile/run failure is this candidate's result
           print(f"[pallas] {kernel:6s} {shape:26s} {_cfg_name(cfg):44s} FAILED: {type(e).__name__}: "
                 f"{str(e)[:200]}", flush=True)
           rows.append(dict(kernel=kernel, shape=shape, config=_cfg_name(cfg), tuning=cfg, ok=False,
                            ms=float("nan"), gb_per_s=0.0, error=f"{type(e).__name__}: {str(e)[:500]}"))
           continue
-        err = error_fn(got, want, shape)
-        record(kernel, shape, _cfg_name(cfg), time_fn(fn, args, **timing), nbytes, err, tuning=cfg,
-               ok=err <= tolerance)
+        record(kernel, shape, _cfg_name(cfg), sec, nbytes, err, tuning=cfg, ok=err <= tolerance)
 
   max_abs = lambda got, want: max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
                                   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -234,49 +233,54 @@ def main(argv=None) -> dict:
                                                                    out_dtype=jnp.bfloat16, interpret=interpret),
           lambda got, want, shape: max_abs(got, want), 0.0625)
 
+  def summarize(final: bool) -> dict:
+    """The winners so far and the result dict; written to --out after every kernel's sweep (a run killed
+    later keeps what it measured), printed at the end."""
+    best = {}
+    n_shapes = {"apply": len(apply_shapes), "stats": len(stats_shapes), "skip": len(skip_shapes)}
+    for kernel, grid in (("apply", apply_grid), ("stats", stats_grid), ("skip", skip_grid)):
+      totals = {}
+      for cfg in grid:
+        mine = [r for r in rows if r["kernel"] == kernel and r.get("tuning") == cfg]
+        if mine and len(mine) == n_shapes[kernel] and all(r["ok"] for r in mine):  # measured everywhere, right
+          totals[_cfg_name(cfg)] = (sum(r["ms"] for r in mine), cfg)
+      if totals:
+        name, (ms, cfg) = min(totals.items(), key=lambda kv: kv[1][0])
+        default_ms = totals.get("default", (float("nan"),))[0]
+        best[kernel] = dict(config=name, tuning=cfg, ms=ms, default_ms=default_ms)
+    tuning = {}
+    for kernel in ("apply", "stats", "skip"):
+      tuning.update(best.get(kernel, {}).get("tuning", {}))
+    result = dict(device=str(getattr(device, "device_kind", device)), platform=device.platform,
+                  jax=jax.__version__, interpret=interpret, defaults=dataclasses.asdict(pallas_norm.Tuning()),
+                  tuning=tuning, best=best, rows=rows, total_s=time.perf_counter() - t_start, complete=final)
+
+    def md_row(r):
+      head = f"| {r['kernel']} | {r['shape']} | {r['config']} |"
+      if "error" in r:
+        return f"{head} failed | | {r['error'][:100].replace('|', '/')} |"
+      err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else ""
+      return f"{head} {r['ms']:.3f} | {r['gb_per_s']:.0f} | {err} |"
+
+    md = ["| kernel | shape | config | ms | GB/s | max abs err |", "|---|---|---|---:|---:|---:|"]
+    md += [md_row(r) for r in rows]
+    md += ["", "Best (summed over the shapes): " + "; ".join(
+        f"{k}: {v['config']} {v['ms']:.3f} ms (default {v['default_ms']:.3f})" for k, v in best.items()),
+        f"Tuning overrides: `{json.dumps(tuning)}`"]
+    if final:
+      print("\n" + "\n".join(md), flush=True)
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, "pallas_tuning.json"), "w") as f:
+        json.dump(result, f, indent=1)
+      with open(os.path.join(args.out, "pallas_tuning.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return result
+
   for kernel in kernels:  # in the order asked for: a time budget cuts the last
     {"apply": run_apply, "stats": run_stats, "skip": run_skip}[kernel]()
-
-  best = {}
-  n_shapes = {"apply": len(apply_shapes), "stats": len(stats_shapes), "skip": len(skip_shapes)}
-  for kernel, grid in (("apply", apply_grid), ("stats", stats_grid), ("skip", skip_grid)):
-    if kernel not in kernels:
-      continue
-    totals = {}
-    for cfg in grid:
-      mine = [r for r in rows if r["kernel"] == kernel and r.get("tuning") == cfg]
-      if len(mine) == n_shapes[kernel] and all(r["ok"] for r in mine):  # measured everywhere, and right
-        totals[_cfg_name(cfg)] = (sum(r["ms"] for r in mine), cfg)
-    if totals:
-      name, (ms, cfg) = min(totals.items(), key=lambda kv: kv[1][0])
-      default_ms = totals.get("default", (float("nan"),))[0]
-      best[kernel] = dict(config=name, tuning=cfg, ms=ms, default_ms=default_ms)
-  tuning = {}
-  for kernel in ("apply", "stats", "skip"):
-    tuning.update(best.get(kernel, {}).get("tuning", {}))
-  result = dict(device=str(getattr(device, "device_kind", device)), platform=device.platform,
-                jax=jax.__version__, interpret=interpret, defaults=dataclasses.asdict(pallas_norm.Tuning()),
-                tuning=tuning, best=best, rows=rows, total_s=time.perf_counter() - t_start)
-  md = ["| kernel | shape | config | ms | GB/s | max abs err |", "|---|---|---|---:|---:|---:|"]
-  def md_row(r):
-    head = f"| {r['kernel']} | {r['shape']} | {r['config']} |"
-    if "error" in r:
-      return f"{head} failed | | {r['error'][:100].replace('|', '/')} |"
-    err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else ""
-    return f"{head} {r['ms']:.3f} | {r['gb_per_s']:.0f} | {err} |"
-
-  md += [md_row(r) for r in rows]
-  md += ["", "Best (summed over the shapes): " + "; ".join(
-      f"{k}: {v['config']} {v['ms']:.3f} ms (default {v['default_ms']:.3f})" for k, v in best.items()),
-      f"Tuning overrides: `{json.dumps(tuning)}`"]
-  print("\n" + "\n".join(md), flush=True)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pallas_tuning.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "pallas_tuning.md"), "w") as f:
-      f.write("\n".join(md) + "\n")
-  return result
+    summarize(final=False)
+  return summarize(final=True)
 
 
 if __name__ == "__main__":

@@ -413,7 +413,11 @@ def test_pallas_tuning_sweep_and_the_bench_option(tmp_path, monkeypatch):
   assert pallas_norm.current_tuning() == pallas_norm.Tuning()  # restored after the case
   plan = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=True)]
   assert plan[9:12] == [f"{p}:bf16:auto:4:tune=1" for p in ("denoise", "train", "ensemble")]
-  assert bench_diffaug._changes_tuning({"apply_rows": 16}) and not bench_diffaug._changes_tuning({"apply_rows": 32})
+  assert bench_diffaug._changes_tuning({"apply_rows": 16}) == ("norm",)
+  assert bench_diffaug._changes_tuning({"apply_rows": 32}) == ()
+  assert bench_diffaug._changes_tuning({"skip_rows": 64, "stats_stages": 2}) == ("skip", "norm")
+  skip_only = [c.name for c in bench_diffaug.default_plan(bench_diffaug.TINY, tuned=("skip",))]
+  assert [n for n in skip_only if "tune=1" in n] == [f"{p}:bf16:auto:4:skip=fused+tune=1" for p in ("denoise", "train")]
 
 
 @pytest.mark.parametrize("fuse, off", [("none", ("pool", "up")), ("nopool", ("pool",)), ("noup", ("up",)),
