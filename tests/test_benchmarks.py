@@ -91,7 +91,8 @@ def test_case_parse_and_plan():
   before = "up=nearest+gn=channel+skip=concat+edge=conv"
   assert names == ["denoise:bf16:auto:128", "train:bf16:auto:128", "denoise:bf16:auto:128:skip=fused",
                    "train:bf16:auto:128:skip=fused", "denoise:f32hi:xla:128", "ensemble:bf16:auto:128",
-                   "ensemble:bf16:auto:128:skip=fused", "denoise:bf16:auto:128:up=nearest", "train:bf16:auto:128:up=nearest",
+                   "ensemble:bf16:auto:128:skip=fused", "denoise:bf16:auto:128:up=nearest",
+                   "train:bf16:auto:128:up=nearest",
                    "denoise:bf16:auto:128:fuse=none",
                    f"denoise:bf16:auto:128:{before}", f"train:bf16:auto:128:{before}",
                    "denoise:bf16:auto:128:gn=channel", "denoise:bf16:auto:128:skip=concat",

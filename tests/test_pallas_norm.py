@@ -985,7 +985,8 @@ def test_resblock_fused_skip_through_the_interpreter(monkeypatch):
     monkeypatch.setattr(pallas_norm, name, functools.partial(getattr(pallas_norm, name), interpret=True))
   calls = []
   real = pallas_norm.affine_act_skip
-  monkeypatch.setattr(pallas_norm, "affine_act_skip", lambda *a, **kw: calls.append(1) or real(*a, **kw, interpret=True))
+  monkeypatch.setattr(pallas_norm, "affine_act_skip",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw, interpret=True))
   k = jax.random.split(jax.random.key(13), 3)
   parts = tuple(1.0 + jax.random.normal(kk, (2, 8, 8, 256)) for kk in k[:2])
   emb = jax.random.normal(k[2], (2, 64))

@@ -422,9 +422,9 @@ def skip_supported(n: int, widths, o: int) -> bool:
 
 def _skip_kernel(*refs, silu: bool, widths: tuple, chunk: int):
   """refs = (x parts, a parts, d parts, w parts (C_i, bo), bias (bo,), act out (rows, C), skip out
-  (rows, bo)), bo = Tuning.skip_block_o. Each part is walked in `chunk`-channel steps: the step's x is applied into the act tile and
-  multiplied into the float32 accumulator. Grid axis 0 is the output-channel tile; the programs of the first
-  write the activation (the others only read x again)."""
+  (rows, bo)), bo = Tuning.skip_block_o. Each part is walked in `chunk`-channel steps: the step's x is
+  applied into the act tile and multiplied into the float32 accumulator. Grid axis 0 is the output-channel
+  tile; the programs of the first write the activation (the others only read x again)."""
   k = len(widths)
   x_refs, a_refs, d_refs, w_refs = refs[:k], refs[k:2 * k], refs[2 * k:3 * k], refs[3 * k:4 * k]
   bias_ref, y_ref, s_ref = refs[4 * k:]
@@ -462,7 +462,7 @@ def _skip_call(*operands, silu, out_dtype, interpret, tune):
   row_specs = [pl.BlockSpec((None, w), lambda l, i, j: (i, 0)) for w in widths]
   w_specs = [pl.BlockSpec((w, bo), lambda l, i, j: (0, l)) for w in widths]
   return pl.pallas_call(
-      functools.partial(_skip_kernel, silu=silu, widths=widths, chunk=min(tune.skip_chunk, BLOCK_C)),
+      functools.partial(_skip_kernel, silu=silu, widths=widths, chunk=tune.skip_chunk),
       out_shape=(jax.ShapeDtypeStruct((b, n, c), out_dtype), jax.ShapeDtypeStruct((b, n, o), parts[0].dtype)),
       grid=(o // bo, b, n // rows),
       in_specs=[*x_specs, *row_specs, *row_specs, *w_specs, pl.BlockSpec((bo,), lambda l, i, j: (l,))],
