@@ -496,21 +496,10 @@ def skip_reference(x, a, d, w, bias, silu: bool, out_dtype) -> tuple[jax.Array, 
   return act, (acc + bias.astype(jnp.float32)).astype(dt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _affine_act_skip(x, a, d, silu, out_dtype, interpret, w, bias):
-  return _skip_pallas(x, a, d, silu, out_dtype, interpret, w, bias)
-
-
-def _skip_fwd(x, a, d, silu, out_dtype, interpret, w, bias):
-  return _skip_pallas(x, a, d, silu, out_dtype, interpret, w, bias), (x, a, d, w, bias)
-
-
-def _skip_bwd(silu, out_dtype, interpret, res, g):
-  _, vjp = jax.vjp(lambda *args: skip_reference(*args, silu, out_dtype), *res)
-  return vjp(g)
-
-
-_affine_act_skip.defvjp(_skip_fwd, _skip_bwd)
+# The shared custom-VJP wrapper, with (parts, w, bias) as its first argument.
+_affine_act_skip = _with_xla_vjp(
+    lambda x, a, d, silu, out_dtype, interpret: _skip_pallas(x[0], a, d, silu, out_dtype, interpret, x[1], x[2]),
+    lambda x, a, d, silu, out_dtype: skip_reference(x[0], a, d, x[1], x[2], silu, out_dtype))
 
 
 def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array, *, silu: bool, out_dtype,
@@ -540,7 +529,7 @@ def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array
   if not skip_supported(n, widths, w.shape[1]):
     raise ValueError(f"affine_act_skip: N = {n}, widths {widths}, O = {w.shape[1]} not tiled (C_i % {BLOCK_C}, "
                      f"O % {SKIP_BLOCK_O}, N % {SKIP_MIN_ROWS})")
-  return _affine_act_skip(parts, a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret), w, bias)
+  return _affine_act_skip((parts, w, bias), a, d, bool(silu), jnp.dtype(out_dtype), bool(interpret))
 
 
 def _phase_tile(h: int, w: int, tune: Tuning | None = None) -> tuple[int, int]:
