@@ -54,11 +54,11 @@ APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_steps=4, apply_stages=3), dict
 # stats_rows is capped by the largest power of two dividing the rows (1024 at 224x224, 256 at 112x112).
 STATS_GRID = [{}, dict(stats_block=32), dict(stats_rows=512), dict(stats_rows=512, stats_block=32),
               dict(stats_warps=8, stats_block=32), dict(stats_stages=2), dict(stats_stages=4)]
-# The fused skip kernel (`affine_act_skip`): rows per tile, input-channel step, warps, pipeline stages.
-# (At 128 rows x 256 outputs the float32 accumulator needs 8 warps; 128-channel steps take 2 stages to fit
-# shared memory.)
-SKIP_GRID = [{}, dict(skip_rows=64), dict(skip_rows=64, skip_warps=4), dict(skip_rows=256, skip_block_o=128),
-             dict(skip_chunk=32), dict(skip_chunk=128, skip_stages=2), dict(skip_stages=2), dict(skip_stages=4)]
+# The fused skip kernel (`affine_act_skip`): rows x outputs per tile, input-channel step, warps, pipeline
+# stages. All but the last compile without spills for sm_90a in `triton_resources.py` (the pip Triton); the
+# last, 128 x 256 (Triton's usual Hopper GEMM tile, the first default), spills there: is it slower here?
+SKIP_GRID = [{}, dict(skip_rows=64, skip_block_o=256), dict(skip_rows=64), dict(skip_stages=2),
+             dict(skip_stages=4), dict(skip_chunk=32), dict(skip_chunk=128, skip_stages=2), dict(skip_block_o=256)]
 TINY_APPLY_GRID = [{}, dict(apply_rows=16), dict(apply_rows=16, apply_steps=2, apply_stages=2)]
 TINY_STATS_GRID = [{}, dict(stats_rows=16), dict(stats_rows=32, stats_block=32)]
 TINY_SKIP_GRID = [{}, dict(skip_rows=64)]

@@ -454,3 +454,62 @@ def test_fuse_option_refuses_fused_kernels_while_tracing(fuse, off):
   assert inside == {k: k in off for k in resample}
   assert not any(xla_resamples(k) for k in resample)
   assert pallas_norm.pool_supported(16, 16, 256) and pallas_norm.up_supported(16, 16, 256)
+
+
+# ---------------------------------------------------------------- triton_resources.py
+
+
+def _lowered_kernels():
+  """A program with two identical apply calls and one fused skip call, lowered for CUDA on this machine."""
+  import jax
+  import jax.numpy as jnp
+  from jax import export
+
+  from diffaug_jax.models import pallas_norm
+
+  def fn(x, a, d, w, bias):
+    y1 = pallas_norm.affine_act(x, a, d, silu=True, out_dtype=jnp.bfloat16)
+    y2 = pallas_norm.affine_act(x + 1, a, d, silu=True, out_dtype=jnp.bfloat16)
+    return y1, y2, pallas_norm.affine_act_skip(x, a, d, w, bias, silu=False, out_dtype=jnp.bfloat16)
+
+  s = jax.ShapeDtypeStruct
+  args = (s((2, 256, 256), jnp.bfloat16), s((2, 256), jnp.float32), s((2, 256), jnp.float32),
+          s((256, 256), jnp.bfloat16), s((256,), jnp.bfloat16))
+  with pallas_norm.tuning(skip_warps=4, skip_stages=2, skip_block_o=128):
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  return exported.mlir_module()
+
+
+def test_triton_resources_reads_every_kernel_of_a_cuda_lowering():
+  """The offline register census finds each Triton call of a program lowered for CUDA (no GPU here), with
+  its launch parameters as Tuning set them and its IR as text; identical kernels make one row."""
+  import triton_resources
+
+  calls = triton_resources.triton_calls(_lowered_kernels())
+  assert [c["name"] for c in calls] == ["_kernel", "_kernel", "_skip_kernel"]
+  skip = calls[2]
+  assert (skip["warps"], skip["stages"]) == (4, 2)
+  assert skip["grid"] == (2, 2, 2)  # (output tiles of 128, batch, row tiles of 128)
+  assert "tt.func public @_skip_kernel" in skip["ttir"] and "tt.dot" in skip["ttir"]
+  assert calls[0]["ttir"] == calls[1]["ttir"]
+  seen = []
+  rows = triton_resources.kernel_rows(_lowered_kernels(), compile_fn=lambda *a: seen.append(a) or {"regs": 1})
+  assert [(r["kernel"], r["calls"], r["warps"]) for r in rows] == [("_kernel", 2, 4), ("_skip_kernel", 1, 4)]
+  assert len(seen) == 2 and "| _skip_kernel | 1 |" in triton_resources.table(
+      [dict(r, stack=0, spill_stores=0, spill_loads=0, shared=0, mma=0) for r in rows])
+  assert triton_resources.parse_assignments(["skip_impl=fused", "skip_rows=64"]) == {
+      "skip_impl": "fused", "skip_rows": 64}
+  with pytest.raises(SystemExit, match="name=value"):
+    triton_resources.parse_assignments(["skip_rows"])
+
+
+def test_triton_resources_compiles_for_sm90_without_a_gpu():
+  """With the pip `triton` installed (not a dependency: skipped without it), a kernel compiles for sm_90a
+  and its resources are read back: the skip kernel runs on Hopper MMA instructions."""
+  pytest.importorskip("triton")
+  import triton_resources
+
+  skip = triton_resources.triton_calls(_lowered_kernels())[2]
+  res = triton_resources.compile_sm90(skip["ttir"], skip["warps"], skip["stages"])
+  assert 0 < res["regs"] <= 255 and res["mma"] > 0 and res["shared"] > 0

@@ -113,12 +113,13 @@ class Tuning:
   stats_warps: int = 4
   # 3 stages let Triton prefetch the next sub-tiles while the current one is added (a load and two adds).
   stats_stages: int = 3
-  # `affine_act_skip`: (rows x 256 outputs) accumulator tiles, walked over the input channels in `skip_chunk`
-  # steps (Triton's usual Hopper GEMM tile: 128 x 256 x 64, 8 warps, 3 stages; unmeasured in this kernel: the
-  # float32 accumulator alone takes 128 registers per thread at 8 warps, so 64-row tiles are the fallback if
-  # the compiled kernel spills)
+  # `affine_act_skip`: (rows x skip_block_o outputs) float32 accumulator tiles, walked over the input channels
+  # in `skip_chunk` steps (unmeasured on a GPU). Compiled offline for sm_90a (`benchmarks/triton_resources.py`,
+  # the pip Triton), Triton's usual Hopper GEMM tile, 128 x 256 x 64 at 8 warps, spills in the 112x112 and
+  # 224x224 blocks (255 registers, ~100-160 local stores): the apply's tile competes with the 128-register
+  # accumulator. 128 x 128 uses 165-216 registers and spills nowhere; 64 x 256 also fits (the sweep's rival).
   skip_rows: int = 128
-  skip_block_o: int = 256  # output channels per program (<= 256: `skip_supported` outputs are multiples of 256)
+  skip_block_o: int = 128  # output channels per program (<= 256: `skip_supported` outputs are multiples of 256)
   skip_chunk: int = 64
   skip_warps: int = 8
   skip_stages: int = 3
