@@ -100,6 +100,16 @@ run_bench() {
     | tee "$OUT/bench.log"
   return "${PIPESTATUS[0]}"
 }
+# SM clock, power and temperature every 0.5 s while the bench runs (read-only queries; the card's settings are
+# left alone). Why: in call 7's trace the second traced call's kernels took 5% (convolutions) to 24% (mid-UNet)
+# longer than the first's, and the timed medians match the second: whether the card lowers its clock under
+# sustained load is read here, not guessed.
+CLOCKS=/tmp/gpu_check_clocks.csv
+FIELDS=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
+nvidia-smi --query-gpu=$FIELDS,clocks_event_reasons.active --format=csv,noheader,nounits -c 1 >/dev/null 2>&1 \
+  && FIELDS=$FIELDS,clocks_event_reasons.active
+nvidia-smi --query-gpu=$FIELDS --format=csv,noheader,nounits -lms 500 >"$CLOCKS" 2>/dev/null &
+SAMPLER=$!
 run_bench
 rc=$?
 if [ $rc -ne 0 ] && grep -q "Unknown flag" "$OUT/bench.log"; then
@@ -110,6 +120,23 @@ if [ $rc -ne 0 ] && grep -q "Unknown flag" "$OUT/bench.log"; then
 fi
 echo "bench exit: $rc (124 = killed at the time limit; results.json holds every finished case)" | tee -a "$LOG"
 
+kill "$SAMPLER" 2>/dev/null
+wait "$SAMPLER" 2>/dev/null
+$PY - "$CLOCKS" "$FIELDS" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import collections, statistics, sys
+rows = [[v.strip() for v in line.split(",")] for line in open(sys.argv[1]) if line.count(",") >= 4]
+num = lambda i: [float(r[i]) for r in rows if r[i].replace(".", "", 1).isdigit()]
+sm, power, temp = num(1), num(3), num(4)
+if not sm:
+  print("clocks during the bench: no samples (no nvidia-smi?)")
+else:
+  print(f"clocks during the bench ({len(sm)} samples, 0.5 s apart): SM MHz min {min(sm):.0f} / median "
+        f"{statistics.median(sm):.0f} / max {max(sm):.0f}; power W median {statistics.median(power or [0]):.0f} "
+        f"/ max {max(power or [0]):.0f}; temperature C max {max(temp or [0]):.0f}")
+  if "clocks_event_reasons" in sys.argv[2]:
+    reasons = collections.Counter(r[5] for r in rows if len(r) > 5)
+    print("  clock event reasons (bitmask: samples):", dict(reasons.most_common(6)))
+PYEOF
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 \
   | sed 's/^/after bench: /' | tee -a "$LOG"
 
