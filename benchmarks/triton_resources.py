@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of every Pallas (Triton) kernel of the ADM UNet, compiled for an H100 /
 H200 (sm_90a) on a machine without a GPU (issue 7).
 
-    pip install triton                                      # the compiler only; no GPU or driver needed
+    pip install triton                     # the compiler only (not a dependency); no GPU or driver needed
     PYTHONPATH=. python benchmarks/triton_resources.py                        # ADM-256 at 224, batch 128
     PYTHONPATH=. python benchmarks/triton_resources.py --unet skip_impl=fused --tune skip_rows=64
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import os
 import re
 import subprocess
@@ -51,8 +52,8 @@ def parse_assignments(items) -> dict:
 
 
 def triton_calls(module_text: str) -> list[dict]:
-  """The Triton custom calls of a StableHLO module (`jax.export`'s `mlir_module()`), in program order: {name, grid, warps, stages, ttir (the kernel's Triton IR as text), where (the op's
-  location)}."""
+  """The Triton custom calls of a StableHLO module (`jax.export`'s `mlir_module()`), in program order:
+  {name, grid, warps, stages, ttir (the kernel's Triton IR as text), where (the op's location)}."""
   from jax._src.interpreters import mlir as jax_mlir
   from jax._src.lib import triton
   from jax._src.lib.mlir import ir
@@ -96,8 +97,9 @@ def compile_sm90(ttir: str, warps: int, stages: int) -> dict:
     src = os.path.join(tmp, "kernel.ttir")
     with open(src, "w") as f:
       f.write(ttir)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages,
-                                                                        enable_fp_fusion=True))
+    # (fp fusion on: Triton's default, stated because Triton 3.9 warns that its default will change)
+    options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cubin = os.path.join(tmp, "kernel.cubin")
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
@@ -158,7 +160,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description="registers and spills of the UNet's Pallas kernels, compiled offline")
   ap.add_argument("--preset", default="adm_256_uncond")
   ap.add_argument("--size", type=int, default=224, help="input height = width")
   ap.add_argument("--batch", type=int, default=128)
@@ -169,9 +171,7 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
-  try:
-    import triton  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("triton") is None:
     raise SystemExit("triton_resources: needs the `triton` package (pip install triton); no GPU is needed")
   rows = kernel_rows(unet_program(args))
   print(f"{args.preset} at {args.size}x{args.size}, batch {args.batch}, bf16; UNet {args.unet or 'defaults'}, "

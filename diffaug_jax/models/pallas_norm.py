@@ -58,7 +58,7 @@ calls 5 and 7, ms per call of the denoise program):
   in the H200 profile of call 7). Those convs move 16.4 GB (both parts, the first's output, two writes);
   fused, the skip conv adds only its 3.3 GB write to the apply's traffic (~1 ms at the apply's 3.5 TB/s),
   if its arithmetic (1.7 TFLOP per 224x224 block) hides under the memory traffic. The product runs on the
-  tensor cores through Triton's dot ((rows, 64) x (64, 256) steps into a float32 (rows, 256) accumulator);
+  tensor cores through Triton's dot (by default (128, 64) x (64, 128) steps into a float32 (128, 128) accumulator);
   whether it keeps up is for a GPU to show (`bench_pallas_norm.py` times it against "split").
 The phase apply replaced an interleaving copy and was not timed against it in one process. With the pooled
 and up-sampling applies refused (the bench's `fuse=none`, which then also ran those GroupNorms' apply in
@@ -511,7 +511,7 @@ def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array
 
   The apply is `affine_act`'s arithmetic. The product takes x's dtype operands (w is cast to it) and
   accumulates all C channels in float32, rounding once after the bias (`skip_reference`; the split form's
-  per-part convs round each part's sum first). Each program owns (rows, 256 output channels): it walks its
+  per-part convs round each part's sum first). Each program owns (rows, `Tuning.skip_block_o` outputs): it walks its
   rows' input channels in steps, applying them into the activation (the programs of the first output tile
   write it) and multiplying them into its accumulator. Reverse-mode differentiable in every array argument
   (the VJP of `skip_reference`). Raises ValueError for shapes `skip_supported` rejects."""
