@@ -58,8 +58,8 @@ calls 5 and 7, ms per call of the denoise program):
   in the H200 profile of call 7). Those convs move 16.4 GB (both parts, the first's output, two writes);
   fused, the skip conv adds only its 3.3 GB write to the apply's traffic (~1 ms at the apply's 3.5 TB/s),
   if its arithmetic (1.7 TFLOP per 224x224 block) hides under the memory traffic. The product runs on the
-  tensor cores through Triton's dot (by default (128, 64) x (64, 128) steps into a float32 (128, 128) accumulator);
-  whether it keeps up is for a GPU to show (`bench_pallas_norm.py` times it against "split").
+  tensor cores through Triton's dot (by default (128, 64) x (64, 128) steps into a float32 (128, 128)
+  accumulator); whether it keeps up is for a GPU to show (`bench_pallas_norm.py` times it against "split").
 The phase apply replaced an interleaving copy and was not timed against it in one process. With the pooled
 and up-sampling applies refused (the bench's `fuse=none`, which then also ran those GroupNorms' apply in
 XLA), the whole denoise ran at 1.003x the default in call 8, inside the +-2% verdict band: they are kept, as
@@ -117,7 +117,7 @@ class Tuning:
   # in `skip_chunk` steps (unmeasured on a GPU). Compiled offline for sm_90a (`benchmarks/triton_resources.py`,
   # the pip Triton), Triton's usual Hopper GEMM tile, 128 x 256 x 64 at 8 warps, spills in the 112x112 and
   # 224x224 blocks (255 registers, ~100-160 local stores): the apply's tile competes with the 128-register
-  # accumulator. 128 x 128 uses 165-216 registers and spills nowhere; 64 x 256 also fits (the sweep's rival).
+  # accumulator. 128 x 128 uses 104-216 registers and spills nowhere; 64 x 256 also fits (the sweep's rival).
   skip_rows: int = 128
   skip_block_o: int = 128  # output channels per program (<= 256: `skip_supported` outputs are multiples of 256)
   skip_chunk: int = 64
@@ -511,10 +511,10 @@ def affine_act_skip(x, a: jax.Array, d: jax.Array, w: jax.Array, bias: jax.Array
 
   The apply is `affine_act`'s arithmetic. The product takes x's dtype operands (w is cast to it) and
   accumulates all C channels in float32, rounding once after the bias (`skip_reference`; the split form's
-  per-part convs round each part's sum first). Each program owns (rows, `Tuning.skip_block_o` outputs): it walks its
-  rows' input channels in steps, applying them into the activation (the programs of the first output tile
-  write it) and multiplying them into its accumulator. Reverse-mode differentiable in every array argument
-  (the VJP of `skip_reference`). Raises ValueError for shapes `skip_supported` rejects."""
+  per-part convs round each part's sum first). Each program owns (rows, `Tuning.skip_block_o` outputs): it
+  walks its rows' input channels in steps, applying them into the activation (the programs of the first
+  output tile write it) and multiplying them into its accumulator. Reverse-mode differentiable in every array
+  argument (the VJP of `skip_reference`). Raises ValueError for shapes `skip_supported` rejects."""
   parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
   if not parts or any(p.ndim != 3 for p in parts):
     raise ValueError(f"affine_act_skip: x (B, N, C) or parts (B, N, C_i), got {[p.shape for p in parts]}")
