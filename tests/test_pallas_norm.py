@@ -966,7 +966,7 @@ def test_groupnorm_project_kernel_branch_through_the_interpreter(monkeypatch):
 @pytest.mark.skipif(not _cuda(), reason="the compiled Triton kernel needs an NVIDIA GPU")
 def test_compiled_skip_kernel_on_gpu():
   """On a GPU: the compiled fused skip kernel (its Triton dot included) equals its expression, on a
-  decoder's [h, skip] at 56x56 (64-row tiles) and 112x112 (128-row tiles), one and two output tiles."""
+  decoder's [h, skip] at 56x56 (64-row tiles) and 112x112 (128-row tiles), two and four output tiles."""
   for widths, o, n in (((256, 256), 256, 3136), ((512, 256), 512, 12544)):
     parts, a, d, w, bias = _skip_inputs(widths, o, n=n)
     y, s = jax.jit(lambda ps, a, d, w, bias: pallas_norm.affine_act_skip(ps, a, d, w, bias, silu=True,
