@@ -91,8 +91,8 @@ def num_kept(dim: int, percentile: float) -> int:
 def react_threshold(id_features: Array, percentile: float = 90.0) -> float:
   """ReAct clip value: the `percentile` of all ID penultimate activations (flattened)."""
   _check_percentile(percentile)
-  # float32 as given (no float64 copy: ID features of a large reference set are GBs); np.percentile
-  # interpolates the two neighbouring order statistics in float64 either way.
+  # float32 as given (no float64 copy: ID features of a large reference set are GBs); np.percentile then
+  # interpolates the two neighbouring order statistics in float32 (within an ulp of the float64 threshold).
   return float(np.percentile(np.asarray(id_features).reshape(-1), percentile))
 
 

@@ -78,7 +78,8 @@ def score_all(module, variables, logits: np.ndarray, features: np.ndarray, *,
               ash_percentile: float = 90.0, scale_percentile: float = 85.0,
               chunk: int = 4096) -> dict[str, np.ndarray]:
   """All scores for precomputed (logits, features), in chunks of `chunk` rows (the last one zero-padded, so
-  one compiled program serves every chunk of every set)."""
+  one compiled program serves every chunk of every set of at least `chunk` rows; a shorter set is one chunk
+  of its own length, and compiles its own)."""
   n = len(logits)
   chunk = max(1, min(chunk, n))
   fn = _scorer(module, tuple(methods), react_clip is not None, float(ash_percentile), float(scale_percentile))
