@@ -3,6 +3,7 @@
 Tiny stand-in models (a linear classifier on pooled pixels, an analytic eps model) keep this CPU-cheap:
 ~20 s on 2 cores with 8 fake devices.
 """
+import importlib
 import json
 
 import jax
@@ -273,6 +274,20 @@ def test_suite_options_are_checked():
     suites.expand_suite("imagenet_c", {"source": "Folder", "path": "/data/imagenet-c"})
   with pytest.raises(ValueError, match="unknown option.*corruption"):
     suites.expand_suite("cifar10_c", {"corruption": ("fog",)})
+  # An option another suite reads, or a folder source where there is no folder form, is not ignored:
+  with pytest.raises(ValueError, match=r"'clean' does not read option\(s\) \['path', 'source'\]"):
+    suites.expand_suite("clean", {"source": "folder", "path": "/data/other"})
+  with pytest.raises(ValueError, match=r"'imagenet_r' does not read option\(s\) \['severities'\]"):
+    suites.expand_suite("imagenet_r", {"severities": (5,)})
+  with pytest.raises(ValueError, match="'cifar10_c' has no folder form"):
+    suites.expand_suite("cifar10_c", {"source": "folder"})
+  with pytest.raises(ValueError, match="unknown suite 'imagenet_x'"):
+    suites.expand_suite("imagenet_x", {"path": "/x"})
+  # The shipped eval configs' suites all expand (their options are the ones each suite reads).
+  for config in ("eval_imagenet", "eval_cifar10", "eval_digits"):
+    cfg = importlib.import_module(f"configs.{config}").get_config()
+    for name, opts in cfg.suites.items():
+      assert suites.expand_suite(name, dict(opts))
 
 
 def test_dda_step_hands_the_padding_mask_to_batch_norm(monkeypatch, setup):

@@ -130,6 +130,14 @@ def _tfds(name, split, data_dir):
 
 
 SUITE_OPTIONS = ("source", "path", "data_dir", "split", "corruptions", "severities", "head", "seed", "tfds_name")
+_FOLDER_SUITES = ("imagenet_c", "imagenet_r", "imagenet_a", "imagenet_sketch", "imagenet_v2")
+# The options each suite reads (data_dir: all). An option another suite reads is an error here too: a
+# `path=` given to "clean" would otherwise evaluate the base config's data instead of the folder.
+_SUITE_READS = {"clean": ("split", "tfds_name"), "cifar10_c": ("source", "corruptions", "severities"),
+                "imagenet_c": ("source", "path", "corruptions", "severities"),
+                "imagenet_r": ("source", "path", "head"), "imagenet_a": ("source", "path", "head"),
+                "imagenet_sketch": ("source", "path"), "imagenet_v2": ("source", "path"),
+                "corrupted": ("corruptions", "severities", "seed", "split")}
 
 
 def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: str = "") -> list[EvalSet]:
@@ -139,15 +147,25 @@ def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: s
   corruptions, severities, head ("subset" | "full"), seed (for "corrupted"), tfds_name (for "clean").
   A misspelled option or source is an error: silently ignoring `severity=5` would run all five severities,
   and reading `source="Folder"` as TFDS would swap the official ImageNet-C release for the regenerated one.
+  So is an option this suite does not read (`_SUITE_READS`), and source="folder" for a suite without a
+  folder form (clean, cifar10_c, corrupted).
   """
+  if name not in SUITES:
+    raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
   cfg = dict(cfg or {})
   unknown = sorted(set(cfg) - set(SUITE_OPTIONS))
   if unknown:
     raise ValueError(f"suite {name!r}: unknown option(s) {unknown}; known: {', '.join(SUITE_OPTIONS)}")
+  unread = sorted(set(cfg) - {"data_dir", *_SUITE_READS[name]})
+  if unread:
+    raise ValueError(f"suite {name!r} does not read option(s) {unread}; it reads: "
+                     f"{', '.join(('data_dir', *_SUITE_READS[name]))}")
   cfg.setdefault("data_dir", data_dir)
   src = cfg.get("source") or "tfds"
   if src not in ("tfds", "folder"):
     raise ValueError(f"suite {name!r}: source must be 'tfds' or 'folder', got {src!r}")
+  if src == "folder" and name not in _FOLDER_SUITES:
+    raise ValueError(f"suite {name!r} has no folder form (source='folder': {', '.join(_FOLDER_SUITES)})")
   get = cfg.get
   if name == "clean":
     if get("tfds_name"):
@@ -199,7 +217,7 @@ def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: s
                                               "seed": int(get("seed", 0)), "split": get("split")},
                            corruption=c, severity=s))
     return out
-  raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+  raise AssertionError(name)  # every name in SUITES is handled above
 
 
 SUITES = ("clean", "cifar10_c", "imagenet_c", "imagenet_r", "imagenet_a", "imagenet_sketch",
