@@ -59,18 +59,18 @@ def diffaug_at(key: Array, x0: Array, t: Array | int, eps_fn: EpsFn,
 
 
 def diffaug(key: Array, x0: Array, eps_fn: EpsFn, schedule: diffusion.Schedule, *,
-            t_low: int = 0, t_high: int = 1000, clip: bool = True) -> tuple[Array, Array]:
+            t_low: int = 0, t_high: int | None = None, clip: bool = True) -> tuple[Array, Array]:
   """The DiffAug training augmentation: t ~ U{t_low, ..., t_high - 1} per example, one denoising step.
 
   Args:
     key: PRNG key (split into the t draw and the noise).
     x0: (B, H, W, C) images in [-1, 1].
-    t_low, t_high: range of t (t_high exclusive; capped to the schedule length).
+    t_low, t_high: range of t (t_high exclusive, at most the schedule length T; None: T).
   Returns:
     (x0_hat (B, H, W, C) float32, t (B,) int32).
   """
-  t_high = min(t_high, schedule.num_timesteps)
-  if not 0 <= t_low < t_high:
+  t_high = schedule.num_timesteps if t_high is None else t_high
+  if not 0 <= t_low < t_high <= schedule.num_timesteps:  # (a larger t_high is not quietly capped)
     raise ValueError(f"need 0 <= t_low < t_high <= {schedule.num_timesteps}, got [{t_low}, {t_high})")
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, x0.shape[:1], t_low, t_high, dtype=jnp.int32)

@@ -90,6 +90,8 @@ def make_optimizer(cfg: Any, *, global_batch_size: int, steps_per_epoch: int,
     momentum = float(cfg.get("momentum", 0.9)) or None
     parts.append(optax.sgd(schedule, momentum=momentum, nesterov=bool(cfg.get("nesterov", False))))
   elif name in ("adamw", "adam"):
+    if name == "adam" and wd:  # torch.optim.Adam's weight_decay: L2 added to the gradient, before the moments
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
                              eps=float(cfg.get("eps", 1e-8)), weight_decay=wd if name == "adamw" else 0.0,
                              mask=mask))

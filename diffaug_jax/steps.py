@@ -73,6 +73,10 @@ class StepConfig:
   def __post_init__(self):
     if self.diffaug_source not in ("image_da", "clean"):
       raise ValueError(f"diffaug_source must be 'image_da' or 'clean', got {self.diffaug_source!r}")
+    if self.diffaug and self.schedule is not None and \
+        not 0 <= self.t_low < self.t_high <= self.schedule.num_timesteps:
+      raise ValueError(f"DiffAug t range [t_low, t_high) = [{self.t_low}, {self.t_high}) must lie in "
+                       f"[0, {self.schedule.num_timesteps}] (the score model's schedule) and be non-empty")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -344,7 +344,8 @@ def write_config(config, workdir: str) -> None:
 
 
 # Fields (dotted paths, or a section) a resumed run may change: how long it runs, how it reads and lays out
-# data and reports, not what it computes.
+# data and reports, not what it computes. (A new length does re-plan a cosine schedule's remaining learning
+# rates: that extends or shortens the run rather than bit-resuming it, and the resume says so.)
 RESUME_MAY_CHANGE = ("num_train_steps", "num_epochs", "log_every", "block_every", "eval_every",
                      "checkpoint_every", "keep_checkpoints", "async_checkpoint", "progress", "final_eval",
                      "distributed", "eval_batch_size", "init_checkpoint", "require_init_checkpoint", "fsdp",
@@ -379,10 +380,16 @@ def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool =
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    changed, one_sided = config_changes(json.load(f), config)
+    saved = json.load(f)
+  changed, one_sided = config_changes(saved, config)
   if one_sided:
     _log(f"note: {path} and this config differ in which fields they set ({', '.join(one_sided)}): fields "
          "added or removed by another version of the code; resuming")
+  lengths = [f"{k} {saved.get(k)} -> {config.get(k)}" for k in ("num_train_steps", "num_epochs")
+             if saved.get(k) != config.get(k)]
+  if lengths and config.get("optim", {}).get("schedule") == "cosine":
+    _log(f"note: the run's length changed ({', '.join(lengths)}) under a cosine schedule: the learning rate "
+         "of the remaining steps follows the new length")
   if changed and not allow:
     shown = ", ".join(changed[:12]) + (" ..." if len(changed) > 12 else "")
     raise ValueError(f"{workdir} holds a run at step {resume_step} made with another config ({shown} differ "
@@ -490,8 +497,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     step_cfg = steps.StepConfig(schedule=schedule, diffaug=bool(config.diffaug.enabled),
                                 diffaug_weight=float(config.diffaug.get("weight", 1.0)),
                                 t_low=int(config.diffaug.get("t_low", 0)),
-                                # 0: the whole schedule (1000 for ADM, 4000 for improved-diffusion's cosine)
-                                t_high=int(config.diffaug.get("t_high", 0) or 0) or schedule.num_timesteps,
+                                # 0: the whole schedule (1000 for ADM, 4000 for improved-diffusion's cosine;
+                                # a baseline run loads no score model, so has no schedule and no t range)
+                                t_high=int(config.diffaug.get("t_high", 0) or 0) or (
+                                    schedule.num_timesteps if schedule is not None else 1000),
                                 jsd_weight=float(config.get("jsd_weight", 12.0)),
                                 label_smoothing=float(config.get("label_smoothing", 0.0)),
                                 lr_schedule=lr_schedule, mix=mix, diffaug_source=diffaug_source)

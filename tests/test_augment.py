@@ -62,6 +62,8 @@ def test_t_is_uniform_over_range():
 def test_bad_t_range_rejected():
   with pytest.raises(ValueError):
     augment.diffaug(jax.random.key(0), images(2), toy_eps_fn, SCHED, t_low=500, t_high=500)
+  with pytest.raises(ValueError, match=r"t_high <= 1000, got \[0, 4000\)"):  # not quietly capped to T
+    augment.diffaug(jax.random.key(0), images(2), toy_eps_fn, SCHED, t_high=4000)
   # A known t outside the schedule is an error (the table gather would silently clamp it to T - 1).
   for t in (1000, -1, np.array([3, 1000])):
     with pytest.raises(ValueError, match="t must lie in"):

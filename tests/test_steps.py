@@ -213,6 +213,21 @@ def test_imagenet_recipe_schedule_and_sgd_semantics():
   np.testing.assert_allclose(p["w"], pt, rtol=1e-6)
 
 
+def test_adam_weight_decay_is_torch_adams_l2():
+  """name="adam" with weight_decay is torch.optim.Adam's: wd * param joins the gradient before the moments
+  (so a zero gradient still moves a weight by ~lr on the first step); "adamw" decays after them."""
+  import ml_collections
+  from diffaug_jax import optim
+  params = {"w": jnp.full((3,), 2.0)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for name, want in (("adam", -0.1), ("adamw", -0.1 * 0.5 * 2.0)):
+    cfg = ml_collections.ConfigDict(dict(name=name, learning_rate=0.1, lr_batch_base=0, schedule="constant",
+                                         weight_decay=0.5))
+    tx, _ = optim.make_optimizer(cfg, global_batch_size=8, steps_per_epoch=10, total_steps=100)
+    u, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-5, err_msg=name)
+
+
 def test_warmup_starts_at_zero_and_vit_tokens_are_not_decayed():
   """Warm-up is lr * step / warmup for every schedule kind; "no_bias_norm" skips 1-D params and the ViT's
   pos_embed / cls_token (timm's no_weight_decay, as DeiT-III trains)."""

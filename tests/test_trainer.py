@@ -153,6 +153,33 @@ def test_bad_input_loses_nothing(tmp_path):
     assert not (tmp_path / field / "config.json").exists()
 
 
+def test_baseline_run_with_the_whole_schedule_t_range(tmp_path):
+  """diffaug.t_high = 0 means "the score model's whole schedule"; a baseline run loads no score model, and
+  must still run (the CIFAR baseline configs set t_high = 0). An out-of-schedule range is a config error."""
+  cfg = tiny_config(steps=2, diffaug=False)
+  cfg.diffaug.t_high = 0
+  trainer.train_and_evaluate(cfg, str(tmp_path / "baseline"))
+  bad = tiny_config(steps=2)
+  bad.diffaug.t_high = 4000
+  with pytest.raises(ValueError, match=r"\[0, 4000\) must lie in \[0, 1000\]"):
+    trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_resume_with_a_new_length_says_the_cosine_schedule_is_replanned(tmp_path, capsys):
+  """A new num_train_steps may be resumed (RESUME_MAY_CHANGE); under a cosine schedule, whose remaining
+  learning rates follow the new length, the resume says so (a step schedule's do not: no note)."""
+  cfg = tiny_config(steps=8)
+  cfg.optim.schedule = "cosine"
+  trainer.write_config(cfg, str(tmp_path))
+  longer = tiny_config(steps=16)
+  longer.optim.schedule = "cosine"
+  assert trainer.check_resume_config(longer, str(tmp_path), 8) == []
+  assert "num_train_steps 8 -> 16) under a cosine schedule" in capsys.readouterr().out
+  trainer.write_config(tiny_config(steps=8), str(tmp_path))
+  assert trainer.check_resume_config(tiny_config(steps=16), str(tmp_path), 8) == []
+  assert "cosine" not in capsys.readouterr().out
+
+
 def test_init_checkpoint_must_fit_the_model(tmp_path):
   trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(tmp_path / "a"))
   cfg = tiny_config(steps=2, diffaug=False)
