@@ -28,8 +28,9 @@ DEFAULT_ENSEMBLE_TS = tuple(range(0, 500, 50))  # 0, 50, ..., 450; t = 0 is the 
 
 def _check_concrete_t(t, num_timesteps: int) -> None:
   """Rejects a host-side t (Python int, numpy array) outside [0, T): the table gather would, without a word,
-  clamp t >= T to T - 1 and wrap a negative t around from the end. A jax array is not read (a traced t cannot be; a device one would cost a sync, and a
-  multi-host one is not addressable); `diffaug` draws it in range."""
+  clamp t >= T to T - 1 and wrap a negative t around from the end. A jax array is not read (a traced t
+  cannot be; a device one would cost a sync, and a multi-host one is not addressable); `diffaug` draws it in
+  range."""
   if isinstance(t, jax.Array):
     return
   tv = np.asarray(t)
