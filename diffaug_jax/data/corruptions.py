@@ -409,14 +409,19 @@ def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int = 0,
   ]) if len(images) else images.copy()
 
 
-def corrupt_iterator(batches, name: str, severity: int, *, seed: int = 0):
+def corrupt_iterator(batches, name: str, severity: int, *, seed: int = 0, process_index: int = 0,
+                     process_count: int = 1):
   """Wraps an eval iterator of `{"image", "label", "mask"}` dicts, corrupting `image` (padding included,
-  harmless: it is masked). Image indices run over the whole stream, so results do not depend on the batch
-  size."""
-  offset = 0
+  harmless: it is masked). Row r of this host's stream (counted over all its batches) is global example
+  process_index + r * process_count, the eval loaders' host layout, and uses that example's random stream:
+  results depend neither on the batch size nor on the number of hosts."""
+  row = 0
   for batch in batches:
     batch = dict(batch)
-    n = len(batch["image"])
-    batch["image"] = corrupt(batch["image"], name, severity, seed=seed, index_offset=offset)
-    offset += n
+    images = batch["image"]
+    if len(images):
+      batch["image"] = np.stack([
+          corrupt(im, name, severity, seed=seed, index_offset=process_index + (row + i) * process_count)
+          for i, im in enumerate(images)])
+    row += len(images)
     yield batch
