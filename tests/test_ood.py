@@ -194,6 +194,10 @@ def test_iterate_batches_splits_global_batches_over_processes(tmp_path, source):
 
   n1, one = examples(0, 1)
   assert len(one) == (37 if source == "npz" else 45) and len(set(one)) == len(one)
+  if source == "npz":  # float images in [0, 1] are refused (they would read as a constant -1)
+    np.savez(tmp_path / "f.npz", image=images / 255.0, label=np.arange(37, dtype=np.int32))
+    with pytest.raises(ValueError, match="must be uint8"):
+      loading.load_arrays({"source": "npz", "path": str(tmp_path / "f.npz")})
   for pc in (2, 3):
     parts = [examples(pi, pc) for pi in range(pc)]
     assert len({n for n, _ in parts}) == 1  # same number of batches on every process

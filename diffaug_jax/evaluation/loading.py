@@ -226,6 +226,10 @@ def load_arrays(data_cfg, *, split: str | None = None, return_indices: bool = Fa
       raise ValueError("data source 'npz' needs `path` (an .npz with arrays image (uint8 NHWC) and label)")
     with np.load(cfg_get(data_cfg, "path")) as z:
       n = len(z["label"])
+      if z["image"].dtype != np.uint8 or z["image"].ndim != 4 or len(z["image"]) != n:
+        raise ValueError(f"{cfg_get(data_cfg, 'path')}: `image` must be uint8 (N, H, W, C) with one label "
+                         f"each, got {z['image'].dtype} {z['image'].shape} for {n} labels (float images "
+                         "in [0, 1] would read as a constant -1)")
       images = z["image"][::skip].astype(np.float32) / 127.5 - 1.0
       labels = z["label"][::skip].astype(np.int32)
     return out(images, labels, np.arange(0, n, skip))
