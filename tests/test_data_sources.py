@@ -59,6 +59,16 @@ def test_folder_source_labels_and_corrupt_file(tmp_path, caplog):
   assert gray.shape == (16, 16, 1)
 
 
+def test_folder_follows_linked_sub_folders(tmp_path):
+  """A symlinked directory inside a class folder is read, as torchvision's ImageFolder reads it."""
+  root = make_folder(tmp_path / "imgs", corrupt=False)
+  make_folder(tmp_path / "more", corrupt=False)
+  os.symlink(tmp_path / "more" / "dog", root / "dog" / "linked")
+  src = sources.FolderSource(str(root), channels=3)
+  linked = [f for f in src.files if os.sep + "linked" + os.sep in f]
+  assert len(linked) == 4 and len(src) == 11 and src.labels[src.files.index(linked[0])] == 1
+
+
 def test_folder_class_names_subset(tmp_path):
   root = make_folder(tmp_path / "imgs", corrupt=False)
   src = sources.FolderSource(str(root), class_names=["ant", "cat", "bee", "dog"])

@@ -222,7 +222,7 @@ class FolderSource(_RobustSource):
     exts = tuple(e.lower() for e in extensions)
     files, labels = [], []
     for d in dirs:
-      for dirpath, subdirs, fnames in os.walk(os.path.join(root, d)):
+      for dirpath, subdirs, fnames in os.walk(os.path.join(root, d), followlinks=True):  # as ImageFolder
         subdirs.sort()
         for fn in sorted(fnames):
           if fn.lower().endswith(exts) and not fn.startswith("."):
