@@ -99,6 +99,22 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(one, batch)
 
 
+def shard_global_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """A batch that every process holds whole (the same global batch on each, e.g. drawn from one seeded RNG)
+  -> global arrays sharded on `data`, equal to it: each process contributes its contiguous rows. (Passing it
+  to `shard_batch` as a local slice would make a global batch of process_count copies.)"""
+  pi, pc = jax.process_index(), jax.process_count()
+
+  def rows(x):
+    x = np.asarray(x)
+    if len(x) % pc:
+      raise ValueError(f"a global batch of {len(x)} rows does not split over {pc} processes")
+    k = len(x) // pc
+    return x[pi * k:(pi + 1) * k]
+
+  return shard_batch(jax.tree.map(rows, batch), mesh)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a pytree (identical on every process) replicated on the mesh."""
   return jax.device_put(tree, replicated(mesh))

@@ -133,6 +133,41 @@ def test_ood_two_processes_match_one_process(tmp_path):
       assert multi["metrics"]["noise"][m][k] == pytest.approx(single["metrics"]["noise"][m][k], abs=1e-6), (m, k)
 
 
+def _da_run() -> dict:
+  """The DA-classifier's training and diffused-test accuracy on 8 x 8 digits (a Gaussian denoiser as the
+  score model), in however many processes run it: every process holds the same arrays and draws the same
+  batches (the global batch), of which it feeds its rows."""
+  import jax
+  import ml_collections
+  from diffaug_jax import diffusion
+  from diffaug_jax.evaluation import da_classifier as dac, loading
+  from diffaug_jax.models.time_classifier import time_classifier
+  from test_da_classifier import _numpy_init
+  sched = diffusion.linear_schedule(1000)
+  dc = ml_collections.ConfigDict(dict(source="digits", image_size=8, channels=1))
+  xtr, ytr = loading.load_arrays(dc, split="train")
+  xte, yte = loading.load_arrays(dc, split="test")
+  eps_fn, sp = dac.gaussian_denoiser(xtr, sched)
+  m = time_classifier(10, denoising_augmented=True, width=8, channel_mult=(1, 2))
+  v, hist = dac.train_classifier(jax.random.key(1), m, xtr, ytr, eps_fn, sp, sched, steps=4, batch_size=16,
+                                 variables=_numpy_init(m, (1, 8, 8, 1), (1,), (1, 8, 8, 1)), log_every=1)
+  ev = dac.evaluate_diffused(jax.random.key(2), m, v, xte[:100], yte[:100], eps_fn, sp, sched, batch_size=32)
+  return {"loss": [h["loss"] for h in hist], "accuracy": ev["accuracy"], "num_examples": ev["num_examples"]}
+
+
+@pytest.mark.slow
+def test_da_classifier_two_processes_match_one_process(tmp_path):
+  """train_classifier / evaluate_diffused under jax.distributed: the global batch is the drawn batch (not
+  one copy per process), and every test example is scored once, as in one process."""
+  import json
+  _run_two_processes(str(tmp_path / "multi"), "da")
+  multi = json.loads((tmp_path / "multi" / "da.json").read_text())
+  single = _da_run()
+  assert multi["num_examples"] == single["num_examples"] == 100
+  np.testing.assert_allclose(multi["loss"], single["loss"], rtol=1e-5)
+  assert multi["accuracy"] == pytest.approx(single["accuracy"])
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
   """Preemption on several hosts: SIGTERM reaches ONE process (process 1); JAX's preemption sync manager makes
@@ -181,7 +216,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
 
 if __name__ == "__main__":
   # Child: argv = workdir, port, process id, source ("arrays" | "digits": train; "preempt": train until
-  # SIGTERM; "ood": the OOD task, argv[5] = its data folder).
+  # SIGTERM; "ood": the OOD task, argv[5] = its data folder; "da": `_da_run`).
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -193,6 +228,13 @@ if __name__ == "__main__":
     cfg.log_every = 1
     out = trainer.train_and_evaluate(cfg, sys.argv[1])
     print(f"CHILD step={out['step']} preempted={out['preempted']}", flush=True)
+  elif sys.argv[4] == "da":
+    import json
+    out = _da_run()
+    if jax.process_index() == 0:
+      os.makedirs(sys.argv[1], exist_ok=True)
+      pathlib.Path(sys.argv[1], "da.json").write_text(json.dumps(out))
+    print(f"CHILD da processes={jax.process_count()}", flush=True)
   elif sys.argv[4] == "ood":
     from diffaug_jax.evaluation import ood
     ood.run(_ood_config(sys.argv[5]), sys.argv[1])

@@ -193,8 +193,9 @@ def train_classifier(key: Array, module: TimeClassifier, images: np.ndarray, lab
   history = []
   for step in range(steps):
     idx = rng.integers(0, len(images), batch_size)
-    batch = sharding.shard_batch({"image": images[idx].astype(np.float32),
-                                  "label": labels[idx].astype(np.int32)}, mesh)
+    # (every process draws the same idx: the global batch, of which each feeds its rows)
+    batch = sharding.shard_global_batch({"image": images[idx].astype(np.float32),
+                                         "label": labels[idx].astype(np.int32)}, mesh)
     params, opt_state, m = step_fn(params, opt_state, score_params, batch, jax.random.fold_in(step_key, step))
     if step % log_every == 0 or step == steps - 1:  # also blocks: keeps the dispatch queue short
       history.append({"step": step, **{k: float(v) for k, v in m.items()}})
@@ -222,7 +223,7 @@ def evaluate_diffused(key: Array, module: TimeClassifier, variables: Any, images
   for i, s in enumerate(range(0, len(images), batch_size)):
     b, mask = sharding.pad_to_multiple({"image": images[s:s + batch_size].astype(np.float32),
                                         "t": t_all[s:s + batch_size]}, batch_size)
-    b = sharding.shard_batch(b, mesh)
+    b = sharding.shard_global_batch(b, mesh)  # every process holds the whole test set
     p = np.asarray(fn(variables, score_params, b["image"], b["t"], jax.random.fold_in(n_key, i)))
     preds.append(p[mask > 0])
   correct = np.concatenate(preds) == np.asarray(labels)
