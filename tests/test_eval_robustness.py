@@ -108,6 +108,25 @@ def test_dda_sharded_equals_single(setup):
     np.testing.assert_array_equal(out8[k], out1[k])
 
 
+def test_dda_respaces_the_score_models_own_schedule(setup, monkeypatch):
+  """DDA runs on the score model's schedule respaced (a cosine 4000-step model keeps its abar table and
+  its 0..3999 timesteps), not on a linear 1000-step one."""
+  base = diffusion.cosine_schedule(4000)
+  sched = dda.dda_schedule(spacing="100", base=base)
+  keep = np.asarray(sched.timestep_map)
+  assert len(keep) == 100 and keep[-1] == 3999  # (guided-diffusion spacing: the last step kept)
+  np.testing.assert_allclose(np.asarray(sched.alphas_cumprod), np.asarray(base.alphas_cumprod)[keep], rtol=1e-5)
+  seen = []
+  monkeypatch.setattr(dda, "dda_schedule", lambda **kw: seen.append(kw) or sched)
+  params, sp, images, labels = setup
+  model = {"name": "m", "classify_fn": classify_fn, "params": params, "model_fn": model_fn, "score_params": sp,
+           "schedule": base, "learn_sigma": True}
+  robustness.evaluate_models([model], {"clean": {}}, ["dda"], cfg={"dda": {"start_step": 1, "factor": 2}},
+                             make_batches=lambda es: (_batches(images[:8], labels[:8]), None),
+                             key=jax.random.key(0))
+  assert seen and seen[0]["base"] is base
+
+
 def test_dda_scale0_is_plain_respaced_sampling():
   sched = dda.dda_schedule(spacing="10")
   rng = np.random.default_rng(1)

@@ -147,6 +147,8 @@ def plain_respaced_sampling(key: Array, ref: Array, model_fn: ModelFn, schedule:
   return x
 
 
-def dda_schedule(num_steps: int = 1000, spacing: str = "100") -> diffusion.Schedule:
-  """The DDA schedule: linear 1000 respaced to `spacing` (default 100 steps)."""
-  return diffusion.respace(diffusion.linear_schedule(num_steps), spacing)
+def dda_schedule(num_steps: int = 1000, spacing: str = "100", *,
+                 base: diffusion.Schedule | None = None) -> diffusion.Schedule:
+  """The DDA schedule: the score model's schedule `base` (default: linear over `num_steps`, the ADM models'
+  and the official DDA's) respaced to `spacing` (default 100 steps)."""
+  return diffusion.respace(diffusion.linear_schedule(num_steps) if base is None else base, spacing)

@@ -308,7 +308,9 @@ def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[s
                   scale=float(dda_cfg.get("scale", 6.0)), learn_sigma=bool(model.get("learn_sigma", True)),
                   norm=str(dda_cfg.get("norm", "per_example")),
                   image_size=int(dda_cfg.get("image_size", 0)) or None)
-        sched = model.get("dda_schedule") or dda_lib.dda_schedule(spacing=str(dda_cfg.get("spacing", "100")))
+        # (respaced from the score model's own schedule: a cosine 4000-step model is not a linear 1000 one)
+        sched = model.get("dda_schedule") or dda_lib.dda_schedule(spacing=str(dda_cfg.get("spacing", "100")),
+                                                                  base=model.get("schedule"))
         rk = ("dda",) + hkey
         runners.setdefault(rk, classify.ShardedRunner(
             dda_step(model["classify_fn"], model["model_fn"], sched, h, **kw), mesh))
