@@ -126,8 +126,8 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
               rescale_vb: bool = False) -> tuple[Array, dict]:
   """DDPM training loss with uniform t (guided-diffusion's `training_losses`, eps prediction).
 
-  loss_type "simple": L_simple = ||eps - eps_hat||^2 (mean over pixels and batch). "hybrid" (needs
-  learn_sigma): L_simple + L_vb, where L_vb trains only the variance channels (the mean is a
+  loss_type "simple" (without learn_sigma): L_simple = ||eps - eps_hat||^2 (mean over pixels and batch).
+  "hybrid" (with learn_sigma, as guided-diffusion whenever the variance is learned): L_simple + L_vb, where L_vb trains only the variance channels (the mean is a
   stop_gradient copy, as in the reference); `rescale_vb` multiplies L_vb by T/1000 (RESCALED_MSE).
 
   Args:
@@ -137,8 +137,11 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
   """
   if loss_type not in ("simple", "hybrid"):
     raise ValueError(f"loss_type must be 'simple' or 'hybrid', got {loss_type!r}")
-  if loss_type == "hybrid" and not learn_sigma:
-    raise ValueError("loss_type 'hybrid' needs learn_sigma=True")
+  if (loss_type == "hybrid") != learn_sigma:
+    # guided-diffusion adds L_vb whenever the variance is learned: "simple" would leave the variance
+    # channels at their initial values, which sampling and DDA then use.
+    raise ValueError(f"learn_sigma={learn_sigma} needs loss_type {'hybrid' if learn_sigma else 'simple'}, got "
+                     f"{loss_type!r} (the variance channels are trained by L_vb only)")
   x0 = x0.astype(jnp.float32)
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)

@@ -82,8 +82,9 @@ class StepConfig:
 @dataclasses.dataclass(frozen=True)
 class ScoreStepConfig:
   """Static settings of the DDPM step: schedule, learn_sigma (6-channel output), loss_type
-  ("simple" | "hybrid"), rescale_vb (L_vb x T/1000: guided/improved-diffusion's RESCALED_MSE, their default
-  rescale_learned_sigmas=True), ema_decay, class_cond (pass labels as `y`), lr_schedule (metric only)."""
+  ("simple" | "hybrid": "hybrid" exactly when learn_sigma), rescale_vb (L_vb x T/1000: improved-diffusion's
+  RESCALED_MSE, its default rescale_learned_sigmas=True; guided-diffusion's default is False, the same at
+  T = 1000), ema_decay, class_cond (pass labels as `y`), lr_schedule (metric only)."""
   schedule: diffusion.Schedule
   learn_sigma: bool = False
   loss_type: str = "simple"

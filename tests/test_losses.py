@@ -85,3 +85,5 @@ def test_ddpm_loss_simple_and_hybrid():
   assert float(jax.grad(g)(0.3)) == 0.0 and float(jax.grad(f)(0.3)) != 0.0
   with pytest.raises(ValueError):
     losses.ddpm_loss(jax.random.key(1), x0, zero3, s, learn_sigma=False, loss_type="hybrid")
+  with pytest.raises(ValueError, match="variance channels are trained by L_vb only"):  # never trained
+    losses.ddpm_loss(jax.random.key(1), x0, zero6, s, learn_sigma=True, loss_type="simple")
