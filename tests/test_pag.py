@@ -4,6 +4,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffaug_jax import diffusion
 from diffaug_jax.evaluation import pag
@@ -35,6 +36,9 @@ def test_gradients_match_direct_grad_and_png(tmp_path):
   from PIL import Image
   im = Image.open(tmp_path / "pag.png")
   assert im.size[0] > im.size[1] / 3 * 4 - 1  # 4 columns (x0, x_t, a, b), 3 rows
+  for bad in (1000, -1):  # the gather would clamp / wrap it, under the asked-for t's name
+    with pytest.raises(ValueError, match=r"PAG t must lie in \[0, 1000\)"):
+      pag.pag_gradients(key, x0, labels, logit_fn, schedule, bad)
 
 
 def test_normalize_gradients():

@@ -24,7 +24,10 @@ LogitFn = Callable[[Array, Array], Array]  # (x_t (B, H, W, C), t (B,)) -> logit
 
 
 def diffuse(key: Array, x0: Array, t: int, schedule: diffusion.Schedule) -> Array:
-  """x_t = q_sample(x0, t, eps) with fresh eps; x0 (B, H, W, C) in [-1, 1]."""
+  """x_t = q_sample(x0, t, eps) with fresh eps; x0 (B, H, W, C) in [-1, 1]; t an int in [0, T) (the table
+  gather would clamp or wrap any other, and the results would name the t asked for)."""
+  if not 0 <= int(t) < schedule.num_timesteps:
+    raise ValueError(f"PAG t must lie in [0, {schedule.num_timesteps}), got {t}")
   tt = jnp.full(x0.shape[:1], t, jnp.int32)
   return diffusion.q_sample(schedule, x0.astype(jnp.float32), tt,
                             jax.random.normal(key, x0.shape, jnp.float32))
