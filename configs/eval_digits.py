@@ -19,7 +19,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "robustness"
   c.seed = 0
-  c.demo_dir = "runs/demo"
   # A tuple (not a list) so that --config.models="({'name': ..., 'workdir': ...},)" can replace it.
   c.models = (dict(name="CNN", workdir="runs/demo/baseline"),
               dict(name="CNN+DiffAug", workdir="runs/demo/diffaug"))

@@ -16,7 +16,6 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "ood"
-  c.seed = 0
   c.methods = ("msp", "energy", "react", "ash_b", "ash_s", "scale")
   c.react_percentile = 90.0
   c.ash_percentile = 90.0
