@@ -308,8 +308,10 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
   """(module, params) of a frozen score model: EMA params of a score-mode workdir of ours, or a converted
   parameter file (`convert.common.load_params`, e.g. the guided-diffusion 256x256 model) with a UNet preset.
 
-  schedule: the (kind, num_timesteps) the caller will use; for a workdir it must be the one the score model
-  was trained with (`config.ddpm`), since eps_hat means nothing under another noise schedule."""
+  schedule: the (kind, num_timesteps) the caller will use; it must be the one the score model was trained
+  with, since eps_hat means nothing under another noise schedule: for a workdir its `config.ddpm`, for a
+  preset of a released checkpoint the schedule the preset names (`UNET_PRESETS`: noise_schedule,
+  diffusion_steps)."""
   from diffaug_jax import trainer
   if workdir and params_path:
     raise ValueError(f"config.score names both a workdir ({workdir}) and a params_path ({params_path}); "
@@ -340,7 +342,14 @@ def load_score_model(*, workdir: str | None = None, params_path: str | None = No
       raise ValueError("a score model loaded from params_path needs config.score.preset")
     from flax import traverse_util
     from diffaug_jax.convert import common, guided_diffusion
-    from diffaug_jax.models.unet import unet_from_preset
+    from diffaug_jax.models.unet import UNET_PRESETS, unet_from_preset
+    flags = {**UNET_PRESETS.get(preset, {}), **(overrides or {})}
+    if schedule is not None and "noise_schedule" in flags:  # a released checkpoint's own schedule
+      trained = (str(flags["noise_schedule"]), int(flags.get("diffusion_steps", 1000)))
+      if (str(schedule[0]), int(schedule[1])) != trained:
+        raise ValueError(f"preset {preset!r} was trained with the {trained[0]} schedule over {trained[1]} steps, "
+                         f"but config.score asks for {schedule[0]} over {schedule[1]}: set "
+                         f"--config.score.schedule={trained[0]} --config.score.num_timesteps={trained[1]}")
     variables = common.load_params(params_path)
     params = variables.get("params", variables) if isinstance(variables, dict) else variables
     kw = dict(overrides or {})

@@ -237,6 +237,14 @@ def test_score_params_file_is_checked_against_its_preset(tmp_path):
                                 overrides={"image_size": 8})
   with pytest.raises(ValueError, match="both a workdir"):
     checkpoint.load_score_model(workdir=str(tmp_path), params_path=str(tmp_path / "ok.msgpack"), preset="digits")
+  # A released checkpoint's preset names its schedule: improved-diffusion's CIFAR-10 model under the linear
+  # 1000-step default would read t / 4 of a cosine 4000-step schedule, silently.
+  with pytest.raises(ValueError, match="'iddpm_cifar10' was trained with the cosine schedule over 4000 steps"):
+    checkpoint.load_score_model(params_path=str(tmp_path / "ok.msgpack"), preset="iddpm_cifar10",
+                                schedule=("linear", 1000))
+  with pytest.raises(ValueError, match="'adm_256_uncond' was trained with the linear schedule over 1000"):
+    checkpoint.load_score_model(params_path=str(tmp_path / "ok.msgpack"), preset="adm_256_uncond",
+                                schedule=("cosine", 1000))
 
 
 def test_misspelled_model_spec_keys_are_errors():

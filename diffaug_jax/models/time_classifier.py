@@ -111,5 +111,5 @@ class TimeClassifier(nn.Module):
 
 
 def time_classifier(num_classes: int = 10, *, denoising_augmented: bool = False, **kw) -> TimeClassifier:
-  """Factory; digits default width 32, channel_mult (1, 2, 2) (~0.1M parameters)."""
+  """Factory; digits default width 32, channel_mult (1, 2, 2) (~0.19M parameters on 16 x 16 x 1 input)."""
   return TimeClassifier(num_classes=num_classes, denoising_augmented=denoising_augmented, **kw)

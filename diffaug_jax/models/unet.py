@@ -936,28 +936,33 @@ _ADM_DEFAULTS = dict(num_res_blocks=2, channel_mult="", learn_sigma=False, class
                      num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=False,
                      use_fp16=False, use_new_attention_order=False)
 
+# The presets of released checkpoints also name the noise schedule they were trained with (noise_schedule,
+# diffusion_steps: guided-diffusion flags the network ignores); `checkpoint.load_score_model` holds the
+# caller's schedule to them.
 UNET_PRESETS: dict = {
     # 256x256_diffusion_uncond.pt (the DiffAug score model), 552,814,086 params. Linear schedule, 1000 steps.
     "adm_256_uncond": dict(_ADM_DEFAULTS, image_size=256, num_channels=256, num_res_blocks=2,
                            attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
-                           resblock_updown=True, use_scale_shift_norm=True),
+                           resblock_updown=True, use_scale_shift_norm=True, noise_schedule="linear",
+                           diffusion_steps=1000),
     # 256x256_diffusion.pt (class-conditional). Linear schedule.
     "adm_256_cond": dict(_ADM_DEFAULTS, image_size=256, num_channels=256, num_res_blocks=2,
                          attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
-                         class_cond=True, resblock_updown=True),
+                         class_cond=True, resblock_updown=True, noise_schedule="linear", diffusion_steps=1000),
     # 64x64_diffusion.pt. Cosine schedule, dropout 0.1 (only matters for training).
     "adm_64_cond": dict(_ADM_DEFAULTS, image_size=64, num_channels=192, num_res_blocks=3,
                         attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
-                        class_cond=True, resblock_updown=True, use_new_attention_order=True, dropout=0.1),
+                        class_cond=True, resblock_updown=True, use_new_attention_order=True, dropout=0.1,
+                        noise_schedule="cosine", diffusion_steps=1000),
     # 128x128_diffusion.pt. Linear schedule.
     "adm_128_cond": dict(_ADM_DEFAULTS, image_size=128, num_channels=256, num_res_blocks=2,
                          attention_resolutions="32,16,8", num_heads=4, learn_sigma=True, class_cond=True,
-                         resblock_updown=True),
+                         resblock_updown=True, noise_schedule="linear", diffusion_steps=1000),
     # improved-diffusion cifar10_uncond_50M_500K.pt (L_hybrid, cosine schedule with 4000 steps, dropout 0.3).
     # Trained with rescale_timesteps=True: the network sees t / 4 (timestep_scale 0.25).
     "iddpm_cifar10": dict(_ADM_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3,
                           attention_resolutions="16,8", num_heads=4, learn_sigma=True, dropout=0.3,
-                          diffusion_steps=4000, rescale_timesteps=True),
+                          noise_schedule="cosine", diffusion_steps=4000, rescale_timesteps=True),
     # Small 32x32 model to train on CIFAR-10-sized data (~9M params).
     "small_32": dict(_ADM_DEFAULTS, image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2",
                      attention_resolutions="8", num_head_channels=32, learn_sigma=False, dropout=0.1),
