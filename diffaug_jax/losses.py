@@ -127,8 +127,9 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
   """DDPM training loss with uniform t (guided-diffusion's `training_losses`, eps prediction).
 
   loss_type "simple" (without learn_sigma): L_simple = ||eps - eps_hat||^2 (mean over pixels and batch).
-  "hybrid" (with learn_sigma, as guided-diffusion whenever the variance is learned): L_simple + L_vb, where L_vb trains only the variance channels (the mean is a
-  stop_gradient copy, as in the reference); `rescale_vb` multiplies L_vb by T/1000 (RESCALED_MSE).
+  "hybrid" (with learn_sigma, as guided-diffusion whenever the variance is learned): L_simple + L_vb, where
+  L_vb trains only the variance channels (the mean is a stop_gradient copy, as in the reference);
+  `rescale_vb` multiplies L_vb by T/1000 (RESCALED_MSE).
 
   Args:
     x0: (B, H, W, C) in [-1, 1]. model_fn(x_t, t_original) -> (B, H, W, C or 2C).
