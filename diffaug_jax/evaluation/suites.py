@@ -129,7 +129,6 @@ def _tfds(name, split, data_dir):
   return {"kind": "tfds", "name": name, "split": split, "data_dir": data_dir}
 
 
-SUITE_OPTIONS = ("source", "path", "data_dir", "split", "corruptions", "severities", "head", "seed", "tfds_name")
 _FOLDER_SUITES = ("imagenet_c", "imagenet_r", "imagenet_a", "imagenet_sketch", "imagenet_v2")
 # The options each suite reads (data_dir: all). An option another suite reads is an error here too: a
 # `path=` given to "clean" would otherwise evaluate the base config's data instead of the folder.
@@ -138,6 +137,7 @@ _SUITE_READS = {"clean": ("split", "tfds_name"), "cifar10_c": ("source", "corrup
                 "imagenet_r": ("source", "path", "head"), "imagenet_a": ("source", "path", "head"),
                 "imagenet_sketch": ("source", "path"), "imagenet_v2": ("source", "path"),
                 "corrupted": ("corruptions", "severities", "seed", "split")}
+SUITE_OPTIONS = ("data_dir", *sorted(set().union(*_SUITE_READS.values())))  # every option some suite reads
 
 
 def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: str = "") -> list[EvalSet]:
