@@ -352,11 +352,19 @@ def test_mce_hand_computed():
       "sets": sets, "summary": robustness._suite_summary("imagenet_c", sets, ["default", "de"])}}}}  # pylint: disable=protected-access
   md = tables.results_table(res)
   assert "| m | IN-C | 20.00 | 40.00 |" in md, md
+  # Severity 5 alone is not the published (1-5) mCE, and the table says so.
+  assert "over severities 5 only, not comparable with the 1-5 mCE" in md, md
+  assert r["severities"] == [1, 5]
   assert suites.summary_sets("imagenet_c", ["spatter/5"]) == ["spatter/5"]  # only extras asked for
   assert r["mCE"] == pytest.approx((ce_g + ce_b) / 2)
   # All five severities give the familiar AlexNet mean (sum err / sum alexnet): AlexNet itself -> 100.
   alex = {c: {s + 1: 1 - e for s, e in enumerate(v)} for c, v in suites.ALEXNET_ERRORS.items()}
-  assert suites.mce(alex)["mCE"] == pytest.approx(100.0)
+  assert suites.mce(alex)["mCE"] == pytest.approx(100.0) and suites.mce(alex)["severities"] == [1, 2, 3, 4, 5]
+  alex_sets = {f"{c}/{sev}": {"default": {"accuracy": a}} for c, v in alex.items() for sev, a in v.items()}
+  full = {"modes": ["default"], "suites": {"imagenet_c": {}}, "models": {"alexnet": {"imagenet_c": {
+      "sets": alex_sets, "summary": robustness._suite_summary("imagenet_c", alex_sets, ["default"])}}}}  # pylint: disable=protected-access
+  md = tables.results_table(full)
+  assert "IN-C: mCE normalised by AlexNet)" in md and "| alexnet | 100.00 |" in md, md
   assert np.mean(suites.ALEXNET_ERRORS["gaussian_noise"]) == pytest.approx(0.886428, abs=1e-6)
   u = suites.mce({"fog": {1: 0.8, 2: 0.6}}, normalise=False)
   assert u["mCE"] == pytest.approx(30.0)

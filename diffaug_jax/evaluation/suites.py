@@ -326,7 +326,9 @@ def mce(accuracies: Mapping[str, Mapping[int, float]], *, normalise: bool = True
   mCE = mean over the 15 standard corruptions present; the extra corruptions (no AlexNet reference) are
   reported unnormalised (mean error, %) under "error_extra", not averaged.
   normalise=False (CIFAR-10-C): CE_c = mean_s E_{c,s}, mCE = mean over corruptions.
-  Returns {"mCE": percent, "CE": {corruption: percent}[, "error_extra": {corruption: percent}]}.
+  Returns {"mCE": percent, "CE": {corruption: percent}, "severities": [the severities present]
+  [, "error_extra": {corruption: percent}]}. The published ImageNet-C mCE averages severities 1-5; over
+  fewer severities (e.g. only 5) the number is not comparable with it, which "severities" records.
   """
   ce, extra = {}, {}
   for c, by_sev in accuracies.items():
@@ -338,7 +340,8 @@ def mce(accuracies: Mapping[str, Mapping[int, float]], *, normalise: bool = True
       extra[c] = 100.0 * float(np.mean(list(errs.values())))
     else:
       ce[c] = 100.0 * float(np.mean(list(errs.values())))
-  out = {"mCE": float(np.mean(list(ce.values()))) if ce else float("nan"), "CE": ce}
+  out = {"mCE": float(np.mean(list(ce.values()))) if ce else float("nan"), "CE": ce,
+         "severities": sorted({int(s) for by_sev in accuracies.values() for s in by_sev})}
   if extra:
     out["error_extra"] = extra
   return out
