@@ -16,10 +16,18 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "default.py"), "Config file (path[:arg]).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<arg>]).")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume the run in --workdir even though --config computes something else "
     "than its config.json (the old file is kept as config.before_step<N>.json).")
+
+
+def default_run_name(config_filename: str | None) -> str:
+  """'configs/cifar10_resnet18.py:baseline' -> 'cifar10_resnet18_baseline' (the arg kept, so the baseline and
+  +DiffAug runs of one file do not share a workdir); the embedded demo (default.py, no arg) -> 'demo'."""
+  path, _, arg = (config_filename or "default").partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return "demo" if (name, arg) == ("default", "") else name + (f"_{arg}" if arg else "")
 
 
 def main(argv):
@@ -29,8 +37,7 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename or "default"))[0]
-    workdir = os.path.join(_HERE, "runs", "demo" if name == "default" else name)
+    workdir = os.path.join(_HERE, "runs", default_run_name(flags.FLAGS["config"].config_filename))
   from diffaug_jax import perf, sharding
   perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
   sharding.initialize_distributed()  # before any other JAX call

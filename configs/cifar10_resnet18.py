@@ -19,12 +19,13 @@ better CIFAR-10-C accuracy (evaluate with evaluate.py). Not measured here (CPU o
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: "baseline" | "diffaug" (default "diffaug")."""
   arg = arg or "diffaug"
-  if arg not in ("baseline", "diffaug"):
-    raise ValueError(f"cifar10_resnet18: arg must be 'baseline' or 'diffaug', got {arg!r}")
+  check_arg(__file__, arg, ("baseline", "diffaug"))
   from diffaug_jax.data.config import cifar10_config
   c = ml_collections.ConfigDict()
   c.mode = "classifier"

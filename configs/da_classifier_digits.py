@@ -16,8 +16,11 @@ is more accurate overall (paper Table 4's claim; here e.g. ~36% vs ~31% with the
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  check_arg(__file__, arg, (None, "smoke"))
   c = ml_collections.ConfigDict()
   c.task = "da_classifier"
   c.seed = 0

@@ -21,6 +21,8 @@ accuracy than the baseline.
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 IMAGE_SIZE = 8  # digits at their native 8x8 (the upsampling factor is a config choice; 16x16 costs 4x CPU)
 
@@ -96,8 +98,7 @@ def classifier_run(smoke: bool) -> ml_collections.ConfigDict:
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: None (full demo) | "smoke" (reduced size, < 60 s, used by tests/test_demo.py)."""
-  if arg not in (None, "", "smoke", "full"):
-    raise ValueError(f"configs/default.py: unknown arg {arg!r}; expected 'smoke' or nothing")
+  check_arg(__file__, arg, (None, "smoke", "full"))
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.mode = "demo"

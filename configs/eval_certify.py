@@ -12,8 +12,11 @@ Outputs: certify_sigma{s}.tsv (index, label, prediction, radius, correct, second
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  check_arg(__file__, arg, (None, "imagenet", "smoke"))
   c = ml_collections.ConfigDict()
   c.task = "certify"
   c.seed = 0

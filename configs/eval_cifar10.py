@@ -11,8 +11,11 @@ only severity 5.
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
+  check_arg(__file__, arg, (None, "sev5"))
   from diffaug_jax.data.config import cifar10_config
   c = ml_collections.ConfigDict()
   c.task = "robustness"

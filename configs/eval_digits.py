@@ -11,10 +11,11 @@ on the corrupted digits and gains more from DE than the baseline (numbers vary w
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "smoke", "full"):
-    raise ValueError(f"configs/eval_digits.py: unknown arg {arg!r}; expected smoke or full")
+  check_arg(__file__, arg, (None, "smoke", "full"))
   from diffaug_jax.data.config import digits_config
   c = ml_collections.ConfigDict()
   c.task = "robustness"

@@ -16,10 +16,11 @@ Default/DE): RN50 17.87/27.12, RN50+DiffAug 20.87/32.22.
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "dda", "allsev"):
-    raise ValueError(f"configs/eval_imagenet.py: unknown arg {arg!r}; expected dda or allsev")
+  check_arg(__file__, arg, (None, "dda", "allsev"))
   from diffaug_jax.data.config import imagenet_config
   c = ml_collections.ConfigDict()
   c.task = "robustness"

@@ -12,8 +12,11 @@ Outputs: ood.json (all metrics, both FPR@95 conventions), ood.md (AUROC and Open
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  check_arg(__file__, arg, (None, "imagenet"))
   c = ml_collections.ConfigDict()
   c.task = "ood"
   c.methods = ("msp", "energy", "react", "ash_b", "ash_s", "scale")

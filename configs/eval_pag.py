@@ -11,8 +11,11 @@ baseline's noisy gradients. Output: pag.png (rows = images; columns x0, x_t, one
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  check_arg(__file__, arg, (None, "imagenet"))
   c = ml_collections.ConfigDict()
   c.task = "pag"
   c.seed = 0

@@ -19,7 +19,7 @@ Not measured here.
 """
 import ml_collections
 
-from diffaug_jax.config_files import sibling
+from diffaug_jax.config_files import check_arg, sibling
 
 _FINAL_LR = {"augmix": 1e-3, "deepaugment": 1e-6, "dam": 1e-6}
 
@@ -27,8 +27,7 @@ _FINAL_LR = {"augmix": 1e-3, "deepaugment": 1e-6, "dam": 1e-6}
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: "augmix" (default) | "deepaugment" | "dam" (DeepAugment + AugMix)."""
   arg = arg or "augmix"
-  if arg not in _FINAL_LR:
-    raise ValueError(f"imagenet_finetune_diffaug: arg must be one of {sorted(_FINAL_LR)}, got {arg!r}")
+  check_arg(__file__, arg, sorted(_FINAL_LR))
   with_augmix = arg in ("augmix", "dam")
   c = sibling(__file__, "imagenet_resnet50_diffaug").get_config("augmix" if with_augmix else "diffaug")
   c.optim.learning_rate = _FINAL_LR[arg]

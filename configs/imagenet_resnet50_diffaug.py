@@ -17,12 +17,13 @@ Expected (paper Table 1, severity 5): IN-Test Default 75.95 / DE 75.07; IN-C Def
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: "diffaug" (default) | "baseline" | "augmix" (AugMix + DiffAug + JSD)."""
   arg = arg or "diffaug"
-  if arg not in ("baseline", "diffaug", "augmix"):
-    raise ValueError(f"imagenet_resnet50_diffaug: arg must be baseline|diffaug|augmix, got {arg!r}")
+  check_arg(__file__, arg, ("baseline", "diffaug", "augmix"))
   from diffaug_jax.data.config import imagenet_config
   c = ml_collections.ConfigDict()
   c.mode = "classifier"

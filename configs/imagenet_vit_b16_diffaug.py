@@ -32,12 +32,13 @@ without DiffAug: 83.71 / 80.43; 50.75 / 48.25). Not measured here.
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: "diffaug" (default) | "baseline"."""
   arg = arg or "diffaug"
-  if arg not in ("baseline", "diffaug"):
-    raise ValueError(f"imagenet_vit_b16_diffaug: arg must be baseline|diffaug, got {arg!r}")
+  check_arg(__file__, arg, ("baseline", "diffaug"))
   from diffaug_jax.data.config import imagenet_config
   c = ml_collections.ConfigDict()
   c.mode = "classifier"

@@ -14,11 +14,12 @@ here (CPU only).
 """
 import ml_collections
 
+from diffaug_jax.config_files import check_arg
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """arg: None ("small_32", linear T=1000, L_simple) | "iddpm" (improved-diffusion: cosine T=4000, hybrid)."""
-  if arg not in (None, "", "iddpm"):
-    raise ValueError(f"score_cifar10: arg must be empty or 'iddpm', got {arg!r}")
+  check_arg(__file__, arg, (None, "iddpm"))
   iddpm = arg == "iddpm"
   from diffaug_jax.data.config import cifar10_config
   c = ml_collections.ConfigDict()

@@ -47,6 +47,32 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
       loading.load_classifier({"workdir": str(tmp_path / "baseline")}, data_cfg=data_cfg)
 
 
+def test_train_default_workdir_keeps_the_config_arg():
+  """Without --workdir, train.py's run directory names the config and its arg: the baseline and +DiffAug runs
+  of one config file get two workdirs (they shared one, and the second stopped on a changed config)."""
+  import subprocess
+  import sys
+  code = ("import importlib.util as u; s = u.spec_from_file_location('t', 'train.py'); m = u.module_from_spec(s); "
+          "s.loader.exec_module(m); print([m.default_run_name(f) for f in (None, 'configs/default.py', "
+          "'configs/default.py:smoke', 'configs/cifar10_resnet18.py:baseline', 'configs/cifar10_resnet18.py:diffaug')])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == str(["demo", "demo", "default_smoke", "cifar10_resnet18_baseline",
+                             "cifar10_resnet18_diffaug"])
+
+
+def test_every_config_refuses_an_unknown_arg():
+  """`--config file.py:arg` with an arg the file does not know is an error naming the file, in every config
+  (a typo such as :sev_5 would otherwise run the default recipe)."""
+  import glob
+  from diffaug_jax.config_files import load_module
+  files = sorted(glob.glob(str(REPO / "configs" / "*.py")))
+  assert len(files) >= 15
+  for path in files:
+    # (cifar10_wrn28_10 passes its arg on to cifar10_resnet18, which names itself)
+    with pytest.raises(ValueError, match=rf"({pathlib.Path(path).name}|cifar10_resnet18.py): unknown arg"):
+      load_module(path).get_config("no_such_arg")
+
+
 def test_all_configs_load_and_build():
   """Every config's get_config(arg) returns a complete config whose models can be built (no init)."""
   from diffaug_jax import mixing, trainer
