@@ -54,7 +54,8 @@ def test_train_default_workdir_keeps_the_config_arg():
   import sys
   code = ("import importlib.util as u; s = u.spec_from_file_location('t', 'train.py'); m = u.module_from_spec(s); "
           "s.loader.exec_module(m); print([m.default_run_name(f) for f in (None, 'configs/default.py', "
-          "'configs/default.py:smoke', 'configs/cifar10_resnet18.py:baseline', 'configs/cifar10_resnet18.py:diffaug')])")
+          "'configs/default.py:smoke', 'configs/cifar10_resnet18.py:baseline', "
+          "'configs/cifar10_resnet18.py:diffaug')])")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert out.strip() == str(["demo", "demo", "default_smoke", "cifar10_resnet18_baseline",
                              "cifar10_resnet18_diffaug"])
