@@ -5,7 +5,8 @@
   python train.py --config configs/score_cifar10.py --workdir runs/score_c10
 
 A run resumes from the latest checkpoint in --workdir (under the config it was started with, apart from its
-length and logging; --allow_config_change to override); SIGTERM saves a checkpoint and exits.
+length and logging; --allow_config_change to override); SIGTERM saves a checkpoint and exits with status 143
+(not 0: the run is not finished; rerunning the command resumes it).
 """
 import os
 import sys
@@ -47,6 +48,10 @@ def main(argv):
   else:
     from diffaug_jax import trainer
     summary = trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
+    if summary.get("preempted"):
+      print(f"stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command to resume",
+            flush=True)
+      sys.exit(trainer.PREEMPTED_EXIT_CODE)
     if summary.get("eval"):
       print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()), flush=True)
 

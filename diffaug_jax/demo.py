@@ -119,7 +119,7 @@ def _check_finished(summary: dict, what: str) -> None:
   if summary.get("preempted"):
     print(f"{what}: stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command "
           f"to resume", flush=True)
-    raise Preempted(0)
+    raise Preempted(trainer.PREEMPTED_EXIT_CODE)
 
 
 def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict:

@@ -46,6 +46,11 @@ from diffaug_jax.state import TrainState
 
 PyTree = Any
 
+# Exit status of train.py (and the demo) after a SIGTERM stop with its checkpoint saved: 128 + SIGTERM, as a
+# shell reports a process killed by it, so `train.py && evaluate.py` does not go on with a half-trained run
+# and a job runner sees a run to restart (0 would read as finished). Rerunning the command resumes.
+PREEMPTED_EXIT_CODE = 143
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, None: None}
 
 

@@ -61,6 +61,24 @@ def test_train_default_workdir_keeps_the_config_arg():
                              "cifar10_resnet18_diffaug"])
 
 
+def test_a_preempted_run_exits_143(tmp_path):
+  """train.py (and the demo) exit with status 143 after a SIGTERM stop, not 0: `train.py && evaluate.py`
+  must not go on with a half-trained run, and a job runner must see a run to restart."""
+  import subprocess
+  import sys
+  from diffaug_jax import demo
+  with pytest.raises(SystemExit) as e:
+    demo._check_finished({"preempted": True, "step": 3}, "score")  # pylint: disable=protected-access
+  assert e.value.code == 143
+  code = ("import runpy, sys; from diffaug_jax import trainer; "
+          "trainer.train_and_evaluate = lambda *a, **k: {'preempted': True, 'step': 3}; "
+          "sys.argv = ['train.py', '--config', 'configs/cifar10_resnet18.py:baseline', "
+          f"'--workdir', {str(tmp_path)!r}]; "
+          "runpy.run_path('train.py', run_name='__main__')")
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 143 and "stopped by SIGTERM at step 3" in run.stdout, run.stdout + run.stderr
+
+
 def test_every_config_refuses_an_unknown_arg():
   """`--config file.py:arg` with an arg the file does not know is an error naming the file, in every config
   (a typo such as :sev_5 would otherwise run the default recipe)."""
