@@ -48,10 +48,7 @@ def main(argv):
   else:
     from diffaug_jax import trainer
     summary = trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
-    if summary.get("preempted"):
-      print(f"stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command to resume",
-            flush=True)
-      sys.exit(trainer.PREEMPTED_EXIT_CODE)
+    trainer.exit_if_preempted(summary, "training")
     if summary.get("eval"):
       print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()), flush=True)
 

@@ -111,15 +111,8 @@ def format_table(results: dict, corruptions, severity: int) -> str:
   return "\n".join(head + tuple(rows) + tuple(per))
 
 
-class Preempted(SystemExit):
-  """A stage stopped on SIGTERM (its checkpoint is saved): the demo stops; rerun the command to resume."""
-
-
 def _check_finished(summary: dict, what: str) -> None:
-  if summary.get("preempted"):
-    print(f"{what}: stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command "
-          f"to resume", flush=True)
-    raise Preempted(trainer.PREEMPTED_EXIT_CODE)
+  trainer.exit_if_preempted(summary, what)  # the demo stops at a preempted stage; rerunning resumes it
 
 
 def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict:

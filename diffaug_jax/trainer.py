@@ -51,6 +51,15 @@ PyTree = Any
 # and a job runner sees a run to restart (0 would read as finished). Rerunning the command resumes.
 PREEMPTED_EXIT_CODE = 143
 
+
+def exit_if_preempted(summary: dict, what: str) -> None:
+  """After `train_and_evaluate`: a run stopped by SIGTERM (its checkpoint saved) says so and exits with
+  PREEMPTED_EXIT_CODE."""
+  if summary.get("preempted"):
+    print(f"{what}: stopped by SIGTERM at step {summary['step']} (checkpoint saved); rerun the same command "
+          "to resume", flush=True)
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, None: None}
 
 
