@@ -1,7 +1,8 @@
 """ImageNet-1k, ResNet-50 from scratch + DiffAug: the paper's "RN50+DiffAug" recipe.
 
 Run (one GPU node or a TPU pod slice; multi-host starts jax.distributed automatically):
-  python -m diffaug_jax.convert guided-diffusion 256x256_diffusion_uncond.pt adm256.msgpack   # once
+  python -m diffaug_jax.convert guided-diffusion 256x256_diffusion_uncond.pt adm256.msgpack \
+      --flags-json adm_256_uncond   # once
   python train.py --config configs/imagenet_resnet50_diffaug.py --workdir runs/in_r50_diffaug \
       --config.data.data_dir=/data/imagenet --config.score.params_path=adm256.msgpack
   # baseline (same program, no DiffAug):  configs/imagenet_resnet50_diffaug.py:baseline
@@ -11,7 +12,8 @@ Recipe (REFERENCE.md): clean view RandomResizedCrop(224) + flip, DiffAug view Re
 t ~ U{0..999}, ONE score-model call (ADM 256x256 unconditional, run on the 224 crop, bf16), loss CE + CE
 with one classifier forward over the concatenation (shared BatchNorm statistics). SGD lr 0.1 for batch 256
 scaled linearly (x batch/256), momentum 0.9, no nesterov, weight decay 1e-4 on all params (torch), x0.1
-every 30 epochs, 90 epochs. `data.source="folder"` reads an extracted ImageNet tree instead of TFDS.
+every 30 epochs, 90 epochs. An extracted ImageNet tree (DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG) instead
+of TFDS: `--config.data.source=folder --config.data.eval_split=val --config.data.class_names=imagenet2012`.
 Expected (paper Table 1, severity 5): IN-Test Default 75.95 / DE 75.07; IN-C Default 20.87 / DE 32.22
 (baseline RN50: 76.15 / 71.43; 17.87 / 27.12). Not measured here.
 """

@@ -119,3 +119,27 @@ def test_num_classes_and_image_shape(tmp_path):
   cfg.source = "bogus"
   with pytest.raises(ValueError, match="data.source"):
     data_config.validate(cfg)
+
+
+def test_folder_split_that_is_not_a_sub_folder_names_the_field(tmp_path):
+  from diffaug_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  make_folder(tmp_path / "train", corrupt=False)
+  make_folder(tmp_path / "val", corrupt=False)
+  cfg = data_config.imagenet_config(data_dir=str(tmp_path), source="tfds")
+  cfg.source = "folder"  # the TFDS split name "validation" stays: the tree's folder is "val"
+  cfg.class_names = ""
+  assert len(pipeline.make_source(cfg, cfg.train_split)) == 7
+  with pytest.raises(FileNotFoundError, match=r"data.eval_split='validation'.*\['train', 'val'\].*"
+                                              r"--config.data.eval_split="):
+    pipeline.make_source(cfg, cfg.eval_split)
+  cfg.eval_split = "val"
+  assert len(pipeline.make_source(cfg, cfg.eval_split)) == 7
+
+
+def test_tfds_data_dir_with_tilde_is_expanded(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "tfds").mkdir()
+  with tfds.testing.mock_data(num_examples=4):
+    src = sources.TfdsSource("cifar10", "train", data_dir="~/tfds")
+  assert src.data_dir == str(tmp_path / "tfds") and len(src) == 4

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable, Iterator
 
 import grain
@@ -58,7 +59,15 @@ def make_source(cfg: ml_collections.ConfigDict, split: str) -> sources_lib._Robu
   if cfg.source == "digits":
     return sources_lib.DigitsSource(split, image_size=int(cfg.image_size), channels=int(cfg.channels))
   if cfg.source == "folder":
-    return sources_lib.FolderSource(config_lib.folder_root(cfg, split),
+    root = config_lib.folder_root(cfg, split)
+    if split and not os.path.isdir(root) and os.path.isdir(os.path.expanduser(cfg.data_dir)):
+      # The usual slip: a TFDS split name ("validation") over a tree whose folder is "val".
+      field = "train_split" if cfg.get("train_split") == split else "eval_split"
+      present = sorted(e.name for e in os.scandir(os.path.expanduser(cfg.data_dir)) if e.is_dir())
+      raise FileNotFoundError(f"image folder {root!r} does not exist: data.{field}={split!r} is not a "
+                              f"sub-folder of data.data_dir {cfg.data_dir!r} (it holds {present[:10]}); "
+                              f"set --config.data.{field}=<folder name>")
+    return sources_lib.FolderSource(root,
                                     class_names=cfg.get("class_names", "") or None,
                                     channels=int(cfg.channels))
   return sources_lib.TfdsSource(cfg.name, split, data_dir=cfg.data_dir or None,

@@ -284,6 +284,7 @@ def _tfds_error(name: str, data_dir: str | None, split: str, err: Exception) -> 
 def tfds_builder(name: str, data_dir: str | None):
   """`tfds.builder(name, data_dir)` with a clear error for unknown names (no download)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = data_dir and os.path.expanduser(data_dir)  # TFDS reads "~/x" as a relative path
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -303,9 +304,11 @@ class TfdsSource(_RobustSource):
                image_key: str = "image", label_key: str = "label"):
     super().__init__()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # "--config.data.data_dir=~/tfds" reaches us unexpanded, and TFDS would read "~" as a directory name.
+    data_dir = data_dir and os.path.expanduser(data_dir)
     self.name, self.split, self.data_dir = name, split, data_dir
     self.channels, self.image_key, self.label_key = channels, image_key, label_key
-    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+    if data_dir is not None and not os.path.isdir(data_dir):
       raise _tfds_error(name, data_dir, split,
                         FileNotFoundError(f"data_dir {data_dir!r} does not exist"))
     tfds_builder(name, data_dir)  # unknown-name check with a clear message
