@@ -32,6 +32,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   })
   c.modes = ("default", "de")
   c.de = ml_collections.ConfigDict(dict(ts=tuple(range(0, 500, 50))))
+  # DDA (mode "dda", not in the default modes): D=2 on 32 px images, where the paper's D=4 (set for 256 px)
+  # would low-pass to 8x8.
   c.dda = ml_collections.ConfigDict(dict(spacing="100", start_step=50, factor=2, scale=6.0,
                                          norm="per_example", image_size=0))
   c.figures = ml_collections.ConfigDict(dict(augmentation_grid=True, num_images=8, entropy_vs_t=True,

@@ -1,4 +1,4 @@
-"""Score model on CIFAR-10 (DDPM / improved-diffusion objective), UNet preset "small_32" (~9M params).
+"""Score model on CIFAR-10 (DDPM / improved-diffusion objective), UNet preset "small_32" (~7M params).
 
 Run:
   python train.py --config configs/score_cifar10.py --workdir runs/score_c10 \

@@ -184,9 +184,9 @@ def respace(schedule: Schedule, spec: str | int | list[int]) -> Schedule:
   """A respaced schedule (guided-diffusion's `SpacedDiffusion`), keeping the original-timestep map.
 
   New betas are 1 - abar_i / abar_prev_kept over the kept steps, computed in float64 from the base
-  schedule's float64 alphas_cumprod (rebuilt here from its float32 betas would lose precision, so the
-  base must come from `linear_schedule`/`cosine_schedule`/`from_betas`; a respaced schedule cannot be
-  respaced again).
+  schedule's alphas_cumprod: exact (float64 betas) when the base is ADM's linear or cosine schedule of any
+  length, from its float32 betas otherwise (custom `from_betas` tables). A respaced schedule cannot be
+  respaced again.
   """
   base_map = np.asarray(schedule.timestep_map)
   if not np.array_equal(base_map, np.arange(len(base_map))):

@@ -1,6 +1,6 @@
 """Pure math for the paper's non-accuracy claims: OOD scores + metrics, randomized-smoothing certificates.
 
-numpy / scipy / jax.numpy only (no flax): the evaluation task modules (`evaluation/ood.py`,
+numpy / scipy / jax.numpy (+ scikit-learn, imported by the two metric functions that use it; no flax): the evaluation task modules (`evaluation/ood.py`,
 `evaluation/certify.py`) feed these functions with logits, penultimate features and vote counts.
 
 OOD conventions (OpenOOD v1.5): every score is "higher = more in-distribution (ID)".

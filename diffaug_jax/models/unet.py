@@ -6,7 +6,8 @@ Numerical parity with openai/guided-diffusion @ 22e0df8 (`guided_diffusion/unet.
 - Timestep embedding: concat[cos, sin] of t * exp(-ln(10000) * arange(half) / half).
 - ResBlock scale-shift: GN(h) * (1 + scale) + shift, `scale` is the FIRST half of the embedding projection.
 - Down: 3x3 stride-2 conv (pad 1) when `conv_resample`, else 2x2 average pool (also inside up/down ResBlocks).
-- Up: nearest x2 (then a 3x3 conv when `conv_resample`). No transposed convolutions.
+- Up: nearest x2 (then a 3x3 conv when `conv_resample`). The default computes that same function as four
+  2x2 convs on the low-resolution input (`upsample_impl`, below).
 - Decoder input: concat([h, skip]) along channels.
 - Attention: legacy order splits the qkv channels as (heads, 3, ch); the new order as (3, heads, ch). Softmax
   in float32 (inside `jax.nn.dot_product_attention`). The legacy code scales q and k by ch^-1/4 each, which
@@ -963,11 +964,12 @@ UNET_PRESETS: dict = {
     "iddpm_cifar10": dict(_ADM_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3,
                           attention_resolutions="16,8", num_heads=4, learn_sigma=True, dropout=0.3,
                           noise_schedule="cosine", diffusion_steps=4000, rescale_timesteps=True),
-    # Small 32x32 model to train on CIFAR-10-sized data (~9M params).
+    # Small 32x32 model to train on CIFAR-10-sized data (~7M params: 6,949,187).
     "small_32": dict(_ADM_DEFAULTS, image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2",
                      attention_resolutions="8", num_head_channels=32, learn_sigma=False, dropout=0.1),
-    # Tiny model for the embedded digits data (8x8 upsampled to 16x16, 1 channel; image_size=32 also works);
-    # trains on CPU in a few minutes. Attention at 8x8 resolution keeps every code path alive.
+    # Tiny model for the embedded digits data (1 channel; the demo runs it at the digits' native 8x8, any
+    # size divisible by 4 works); trains on CPU in a few minutes. Attention at 8x8 resolution keeps every
+    # code path alive.
     "digits": dict(_ADM_DEFAULTS, image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
                    attention_resolutions="8", num_head_channels=32, learn_sigma=False, in_channels=1),
 }
