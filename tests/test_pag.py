@@ -1,4 +1,5 @@
 """Perceptually aligned gradients: jax.grad parity and the PNG grid."""
+import functools
 import os
 
 import jax
@@ -68,3 +69,24 @@ def test_run_task_dispatch_writes_png(tmp_path):
   assert info["columns"] == ["x0", "x_t", "m"] and len(info["labels"]) == 3
   assert os.path.getsize(tmp_path / "wd" / "pag.png") > 0
   assert json.load(open(tmp_path / "wd" / "results.json"))["t"] == 300
+
+
+def test_partial_logit_fn_passes_weights_as_arguments(tmp_path):
+  """`run` hands pag_figure `Partial(apply, variables)`: same gradients as a closure, but the weights are jit
+  arguments, not constants baked into the program."""
+  from diffaug_jax.models.classifiers import get_classifier
+  module = get_classifier("cnn_small", 10, width=4)
+  variables = fast_init(module, (1, 16, 16, 1))
+  schedule = diffusion.linear_schedule(1000)
+  x0 = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+  labels = np.array([2, 5])
+  closure = lambda x, t: module.apply(variables, x, train=False)
+  partial = jax.tree_util.Partial(functools.partial(pag._apply_eval, module), variables)
+  key = jax.random.key(0)
+  out = pag.pag_figure(key, x0, labels, {"closure": closure, "partial": partial}, schedule,
+                       str(tmp_path / "pag.png"))
+  np.testing.assert_allclose(out["partial"], out["closure"], rtol=1e-6, atol=1e-7)
+  x_t, tt = jnp.asarray(out["x_t"]), jnp.full((2,), 300, jnp.int32)
+  lowered = pag._jit_logit_gradients.lower(partial, x_t, tt, jnp.asarray(labels))
+  n_weights = len(jax.tree.leaves(variables))
+  assert len(jax.tree.leaves(lowered.args_info)) == n_weights + 3

@@ -37,10 +37,10 @@ def diffaug_samples(images: np.ndarray, eps_fn: Callable, score_params: Any,
                     schedule: diffusion.Schedule, ts: Sequence[int] = GRID_TS, seed: int = 0) -> np.ndarray:
   """uint8 (N, H, W, C) -> float [0, 1] (len(ts), N, H, W, C): one-step DiffAug at each t."""
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-  f = jax.jit(lambda k, x, t: augment.diffaug_at(k, x, t, lambda xt, tt: eps_fn(score_params, xt, tt),
-                                                 schedule))
+  # The weights are a jit argument: closed over, a 2 GB score model would be baked into the program.
+  f = jax.jit(lambda sp, k, x, t: augment.diffaug_at(k, x, t, lambda xt, tt: eps_fn(sp, xt, tt), schedule))
   key = jax.random.key(seed)
-  out = [np.asarray(f(jax.random.fold_in(key, i), x, jnp.int32(t))) for i, t in enumerate(ts)]
+  out = [np.asarray(f(score_params, jax.random.fold_in(key, i), x, jnp.int32(t))) for i, t in enumerate(ts)]
   return (np.stack(out) + 1.0) / 2.0
 
 

@@ -9,6 +9,7 @@ columns [x0, x_t, grad(model 1), ..., grad(model M)] so models can be compared s
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -41,8 +42,16 @@ def logit_gradients(logit_fn: LogitFn, x: Array, t: Array, labels: Array) -> Arr
   return jax.grad(total)(x)
 
 
-# Program-level jit (task module, not the pure core): one compile per distinct logit_fn object.
-_jit_logit_gradients = jax.jit(logit_gradients, static_argnums=0)
+# Program-level jits (task module, not the pure core). A `jax.tree_util.Partial` logit_fn is a pytree whose
+# leaves (the weights) are jit arguments; any other callable is static (one compile per object), and the
+# weights it closes over are baked into the program as constants.
+_jit_logit_gradients = jax.jit(logit_gradients)
+_jit_logit_gradients_static = jax.jit(logit_gradients, static_argnums=0)
+
+
+def _apply_eval(module, variables, x, t):
+  del t  # plain classifiers ignore the timestep
+  return module.apply(variables, x, train=False)
 
 
 def pag_gradients(key: Array, x0: Array, labels: Array, logit_fn: LogitFn, schedule: diffusion.Schedule,
@@ -89,14 +98,16 @@ def save_grid(path: str, columns: Sequence[np.ndarray], *, upscale: int | None =
 def pag_figure(key: Array, x0: np.ndarray, labels: np.ndarray, logit_fns: Mapping[str, LogitFn],
                schedule: diffusion.Schedule, path: str, *, t: int = 300, contrast: bool = True,
                percentile: float = 1.0) -> dict[str, np.ndarray]:
-  """Same x_t for every model; writes the grid and returns {"x_t": ..., model name: raw gradients}."""
+  """Same x_t for every model; writes the grid and returns {"x_t": ..., model name: raw gradients}.
+  A `jax.tree_util.Partial` logit_fn passes its weights to the jitted gradient as arguments (`run` does)."""
   x0 = jnp.asarray(x0, jnp.float32)
   x_t = diffuse(key, x0, t, schedule)
   tt = jnp.full(x0.shape[:1], t, jnp.int32)
   out = {"x_t": np.asarray(x_t)}
   cols = [(np.asarray(x0) + 1) / 2, np.clip((np.asarray(x_t) + 1) / 2, 0, 1)]
   for name, fn in logit_fns.items():
-    g = np.asarray(_jit_logit_gradients(fn, x_t, tt, jnp.asarray(labels)))
+    grad_fn = _jit_logit_gradients if isinstance(fn, jax.tree_util.Partial) else _jit_logit_gradients_static
+    g = np.asarray(grad_fn(fn, x_t, tt, jnp.asarray(labels)))
     out[name] = g
     cols.append(normalize_gradients(g, contrast=contrast, percentile=percentile))
   save_grid(path, cols)
@@ -114,7 +125,7 @@ def run(config, workdir: str) -> dict:
   fns = {}
   for name, mcfg in config.models.items():
     module, variables = loading.load_classifier(mcfg, what=f"config.models.{name}", data_cfg=config.data)
-    fns[name] = (lambda x, t, m=module, v=variables: m.apply(v, x, train=False))
+    fns[name] = jax.tree_util.Partial(functools.partial(_apply_eval, module), variables)
   t = int(g("t", 300))
   sched = diffusion.linear_schedule(int(g("num_timesteps", 1000)))
   path = os.path.join(workdir, "pag.png")
