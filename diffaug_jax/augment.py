@@ -89,11 +89,13 @@ def diffaug_ensemble(key: Array, x: Array, classify_fn: ClassifyFn, eps_fn: EpsF
 
   Args:
     x: (B, H, W, C) images in [-1, 1].
-    classify_fn: (B, H, W, C) -> (B, K) logits.
+    classify_fn: (B, H, W, C) -> (B, K) logits, or any pytree of such logits (several classifiers scored
+      on the same denoised copies: the score model runs once for all of them).
     ts: static sequence of timesteps (Python ints).
   Returns:
-    (mean_probs (B, K), member_probs (M, B, K)) in float32, members in the order of `ts`, so that
-    cumulative-ensemble curves are `cumsum(member_probs, 0) / arange(1, M + 1)` without recomputation.
+    (mean_probs (B, K), member_probs (M, B, K)) in float32 (pytrees of them, shaped as `classify_fn`'s
+    output), members in the order of `ts`, so that cumulative-ensemble curves are
+    `cumsum(member_probs, 0) / arange(1, M + 1)` without recomputation.
   """
   ts = tuple(int(t) for t in ts)
   if not ts:
@@ -102,7 +104,8 @@ def diffaug_ensemble(key: Array, x: Array, classify_fn: ClassifyFn, eps_fn: EpsF
     raise ValueError(f"ts must lie in [0, {schedule.num_timesteps}), got {ts}")
 
   def probs(images):
-    return jax.nn.softmax(classify_fn(images).astype(jnp.float32), axis=-1)
+    return jax.tree.map(lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                        classify_fn(images))
 
   raw = [i for i, t in enumerate(ts) if t == 0]
   noisy = [i for i, t in enumerate(ts) if t != 0]
@@ -120,9 +123,9 @@ def diffaug_ensemble(key: Array, x: Array, classify_fn: ClassifyFn, eps_fn: EpsF
     idx = jnp.asarray(noisy, jnp.int32)
     _, noisy_probs = jax.lax.scan(member, None, (idx, jnp.asarray([ts[i] for i in noisy], jnp.int32)))
     for j, i in enumerate(noisy):
-      members[i] = noisy_probs[j]
-  member_probs = jnp.stack(members)
-  return member_probs.mean(axis=0), member_probs
+      members[i] = jax.tree.map(lambda p, j=j: p[j], noisy_probs)
+  member_probs = jax.tree.map(lambda *m: jnp.stack(m), *members)
+  return jax.tree.map(lambda p: p.mean(axis=0), member_probs), member_probs
 
 
 def cumulative_ensemble(member_probs: Array) -> Array:

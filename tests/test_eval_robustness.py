@@ -162,7 +162,7 @@ def test_dda_defaults_match_the_paper_setting():
   for fn in (dda.dda_adapt, robustness.evaluate_dda):
     d = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
     assert (d["start_step"], d["factor"], d["scale"]) == (50, 4, 6.0), fn.__name__
-  src = inspect.getsource(robustness.evaluate_model_on_sets)
+  src = inspect.getsource(robustness._dda_settings)
   for want in ('"start_step", 50', '"factor", 4', '"scale", 6.0', '"spacing", "100"'):
     assert want in src, want
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "eval_imagenet.py")
@@ -509,3 +509,57 @@ def test_dda_group_norm_is_the_official_batch_norm_per_group():
   assert np.all(ratio > 1.3), ratio  # ~sqrt(4) = 2 for similar rows
   with pytest.raises(ValueError, match="divisible by 3"):
     dda.lowpass_distance(ref_lp, x0, 2, norm="groups_of_3")
+
+
+def test_models_sharing_a_score_model_are_evaluated_together(setup):
+  """Two classifiers on one score model: one read of the set, each DE member's x0_hat and the DDA
+  adaptation computed once (rows through the score model counted on the host), and each model's results
+  equal its single-model evaluation with the set's key."""
+  params, sp, images, labels = setup
+  rows = {"eps": 0, "model": 0}
+
+  def count(name):
+    def add(x):
+      rows[name] += x.shape[0]
+    return add
+
+  def eps_counted(sp_, x_t, t):
+    jax.debug.callback(count("eps"), x_t)  # once per device shard: rows add up over the mesh
+    return eps_fn(sp_, x_t, t)
+
+  def model_counted(sp_, x_t, t):
+    jax.debug.callback(count("model"), x_t)
+    return model_fn(sp_, x_t, t)
+
+  reads = []
+
+  def make_batches(es):
+    reads.append(es.name)
+    return _batches(images, labels), None
+
+  sched, dsched = diffusion.linear_schedule(1000), dda.dda_schedule(spacing="10")
+  score = {"eps_fn": eps_counted, "model_fn": model_counted, "score_params": sp, "schedule": sched,
+           "learn_sigma": True, "dda_schedule": dsched}
+  models = [{"name": "m1", "classify_fn": classify_fn, "params": params, **score},
+            {"name": "m2", "classify_fn": classify_fn, "params": jax.tree.map(lambda v: -v, params), **score}]
+  ts = (0, 200, 400)
+  dda_cfg = {"start_step": 2, "factor": 2, "scale": 2.0}
+  key = jax.random.key(5)
+  res = robustness.evaluate_models(models, {"clean": {}}, ["default", "de", "dda"], make_batches=make_batches,
+                                   cfg={"de": {"ts": ts}, "dda": dda_cfg}, key=key)
+  jax.effects_barrier()
+  padded = 24  # 20 images in batches of 8
+  assert reads == ["test"]
+  assert rows["eps"] == padded * 2  # two noisy members, once for both models
+  assert rows["model"] == padded * 2  # DDA from respaced step 2: two model calls per row, once for both
+  set_key = jax.random.fold_in(key, 0)
+  for m in models:
+    got = res["models"][m["name"]]["clean"]["sets"]["test"]
+    assert got["default"] == robustness.evaluate_default(classify_fn, m["params"], _batches(images, labels))
+    de = robustness.evaluate_de(classify_fn, m["params"], eps_fn, sp, _batches(images, labels), schedule=sched,
+                                ts=ts, key=set_key)
+    assert got["de"] == de
+    r = robustness.evaluate_dda(classify_fn, m["params"], model_fn, sp, _batches(images, labels), schedule=dsched,
+                                key=set_key, start_step=2, factor=2, scale=2.0)
+    assert got["dda"] == dict(r["dda"], n=20) and got["dda_se"] == dict(r["dda_se"], n=20)
+  assert res["models"]["m1"]["clean"]["sets"]["test"]["de"] != res["models"]["m2"]["clean"]["sets"]["test"]["de"]

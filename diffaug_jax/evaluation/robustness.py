@@ -32,6 +32,7 @@ import numpy as np
 
 from diffaug_jax import augment
 from diffaug_jax import diffusion
+from diffaug_jax import sharding as shd
 from diffaug_jax.evaluation import classify
 from diffaug_jax.evaluation import dda as dda_lib
 from diffaug_jax.evaluation import loading
@@ -98,33 +99,34 @@ def _acc(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------- step makers
+# Each mode's outputs for a tuple of classifiers on one batch: the score model's work (a DE member's x0_hat,
+# DDA's adaptation) is done once and every classifier reads it. The single-model step makers below and the
+# joint step of `evaluate_models` are built from these.
 
 
-def default_step(classify_fn, head: Head):
-  def step(params, x, key, mask):
-    del key, mask
-    p = head.probs(classify_fn(params, x))
-    return {"pred": jnp.argmax(p, -1).astype(jnp.int32), "entropy": _entropy(p)}
-  return step
+def _default_outputs(fns, cls_params, x, head: Head) -> list[dict]:
+  outs = []
+  for fn, params in zip(fns, cls_params):
+    p = head.probs(fn(params, x))
+    outs.append({"pred": jnp.argmax(p, -1).astype(jnp.int32), "entropy": _entropy(p)})
+  return outs
 
 
-def de_step(classify_fn, eps_fn, schedule: diffusion.Schedule, ts: Sequence[int], head: Head):
-  ts = tuple(int(t) for t in ts)
-
-  def step(params, x, key, mask):
-    del mask
-    cls_params, score_params = params
-    mean_probs, member_probs = augment.diffaug_ensemble(
-        key, x, lambda im: _logits_as_probs_input(head, classify_fn(cls_params, im)),
-        lambda x_t, t: eps_fn(score_params, x_t, t), schedule, ts=ts)
-    cum = augment.cumulative_ensemble(member_probs)
-    return {
-        "pred": jnp.argmax(mean_probs, -1).astype(jnp.int32),
-        "member_pred": jnp.argmax(member_probs, -1).T.astype(jnp.int32),   # (B, M)
-        "cum_pred": jnp.argmax(cum, -1).T.astype(jnp.int32),               # (B, M)
-        "member_entropy": _entropy(member_probs).T,                        # (B, M)
-    }
-  return step
+def _de_outputs(fns, cls_params, eps_fn, score_params, x, key, schedule: diffusion.Schedule,
+                ts: tuple, head: Head) -> list[dict]:
+  mean_probs, member_probs = augment.diffaug_ensemble(
+      key, x, lambda im: tuple(_logits_as_probs_input(head, fn(params, im)) for fn, params in zip(fns, cls_params)),
+      lambda x_t, t: eps_fn(score_params, x_t, t), schedule, ts=ts)
+  outs = []
+  for mean, members in zip(mean_probs, member_probs):
+    cum = augment.cumulative_ensemble(members)
+    outs.append({
+        "pred": jnp.argmax(mean, -1).astype(jnp.int32),
+        "member_pred": jnp.argmax(members, -1).T.astype(jnp.int32),   # (B, M)
+        "cum_pred": jnp.argmax(cum, -1).T.astype(jnp.int32),          # (B, M)
+        "member_entropy": _entropy(members).T,                        # (B, M)
+    })
+  return outs
 
 
 def _logits_as_probs_input(head: Head, logits: jax.Array) -> jax.Array:
@@ -135,27 +137,110 @@ def _logits_as_probs_input(head: Head, logits: jax.Array) -> jax.Array:
   return logits
 
 
+def _dda_outputs(fns, cls_params, model_fn, score_params, x, key, mask, schedule: diffusion.Schedule,
+                 head: Head, *, start_step: int, factor: int, scale: float, learn_sigma: bool, norm: str,
+                 image_size: int | None) -> list[dict]:
+  ref = x
+  if image_size and x.shape[1] != image_size:
+    # DDA's model runs at its own resolution (256); classify at the input resolution.
+    ref = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "cubic")
+  adapted = dda_lib.dda_adapt(key, ref, lambda x_t, t: model_fn(score_params, x_t, t), schedule,
+                              start_step=start_step, factor=factor, scale=scale,
+                              learn_sigma=learn_sigma, norm=norm, mask=mask)
+  adapted = jnp.clip(adapted, -1.0, 1.0)
+  if adapted.shape != x.shape:
+    adapted = jax.image.resize(adapted, x.shape, "cubic")
+  outs = []
+  for fn, params in zip(fns, cls_params):
+    p_orig = head.probs(fn(params, x))
+    p_dda = head.probs(fn(params, adapted))
+    p_se = 0.5 * (p_orig + p_dda)
+    outs.append({"pred": jnp.argmax(p_orig, -1).astype(jnp.int32),
+                 "pred_dda": jnp.argmax(p_dda, -1).astype(jnp.int32),
+                 "pred_dda_se": jnp.argmax(p_se, -1).astype(jnp.int32)})
+  return outs
+
+
+def default_step(classify_fn, head: Head):
+  def step(params, x, key, mask):
+    del key, mask
+    return _default_outputs((classify_fn,), (params,), x, head)[0]
+  return step
+
+
+def de_step(classify_fn, eps_fn, schedule: diffusion.Schedule, ts: Sequence[int], head: Head):
+  ts = tuple(int(t) for t in ts)
+
+  def step(params, x, key, mask):
+    del mask
+    cls_params, score_params = params
+    return _de_outputs((classify_fn,), (cls_params,), eps_fn, score_params, x, key, schedule, ts, head)[0]
+  return step
+
+
 def dda_step(classify_fn, model_fn, schedule: diffusion.Schedule, head: Head, *, start_step: int,
              factor: int, scale: float, learn_sigma: bool, norm: str, image_size: int | None):
   def step(params, x, key, mask):
     cls_params, score_params = params
-    ref = x
-    if image_size and x.shape[1] != image_size:
-      # DDA's model runs at its own resolution (256); classify at the input resolution.
-      ref = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "cubic")
-    adapted = dda_lib.dda_adapt(key, ref, lambda x_t, t: model_fn(score_params, x_t, t), schedule,
-                                start_step=start_step, factor=factor, scale=scale,
-                                learn_sigma=learn_sigma, norm=norm, mask=mask)
-    adapted = jnp.clip(adapted, -1.0, 1.0)
-    if adapted.shape != x.shape:
-      adapted = jax.image.resize(adapted, x.shape, "cubic")
-    p_orig = head.probs(classify_fn(cls_params, x))
-    p_dda = head.probs(classify_fn(cls_params, adapted))
-    p_se = 0.5 * (p_orig + p_dda)
-    return {"pred": jnp.argmax(p_orig, -1).astype(jnp.int32),
-            "pred_dda": jnp.argmax(p_dda, -1).astype(jnp.int32),
-            "pred_dda_se": jnp.argmax(p_se, -1).astype(jnp.int32)}
+    return _dda_outputs((classify_fn,), (cls_params,), model_fn, score_params, x, key, mask, schedule, head,
+                        start_step=start_step, factor=factor, scale=scale, learn_sigma=learn_sigma, norm=norm,
+                        image_size=image_size)[0]
   return step
+
+
+def joint_step(classify_fns: Sequence[Callable], head: Head, modes: Sequence[str], *, eps_fn=None,
+               model_fn=None, schedule: diffusion.Schedule | None = None, ts: Sequence[int] = (),
+               dda_schedule: diffusion.Schedule | None = None, dda_kw: Mapping[str, Any] | None = None):
+  """Every mode ("default", "de", "dda") of several classifiers from one read of a batch, sharing the score
+  model's work. params = (tuple of classifier params, score params); outputs keyed "{j}/{mode}/{name}" for
+  classifier j. With the same key, classifier j's outputs equal those of the single-model steps."""
+  fns, ts = tuple(classify_fns), tuple(int(t) for t in ts)
+
+  def step(params, x, key, mask):
+    cls_params, score_params = params
+    out = {}
+    per_mode = {}
+    if "default" in modes:
+      per_mode["default"] = _default_outputs(fns, cls_params, x, head)
+    if "de" in modes:
+      per_mode["de"] = _de_outputs(fns, cls_params, eps_fn, score_params, x, key, schedule, ts, head)
+    if "dda" in modes:
+      per_mode["dda"] = _dda_outputs(fns, cls_params, model_fn, score_params, x, key, mask, dda_schedule,
+                                     head, **dict(dda_kw or {}))
+    for mode, outs in per_mode.items():
+      for j, o in enumerate(outs):
+        out.update({f"{j}/{mode}/{k}": v for k, v in o.items()})
+    return out
+  return step
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+def _default_result(out: Mapping[str, np.ndarray], h: Head) -> dict:
+  target = h.targets(out["label"])
+  return {"accuracy": _acc(out["pred"], target), "n": int(len(target)),
+          "mean_entropy": float(np.mean(out["entropy"])) if len(target) else float("nan")}
+
+
+def _de_result(out: Mapping[str, np.ndarray], h: Head, ts: Sequence[int]) -> dict:
+  target = h.targets(out["label"])
+  m = len(tuple(ts))
+  return {
+      "accuracy": _acc(out["pred"], target),
+      "ts": [int(t) for t in ts],
+      "members": [_acc(out["member_pred"][:, i], target) for i in range(m)],
+      "cumulative": [_acc(out["cum_pred"][:, i], target) for i in range(m)],
+      "member_entropy": [float(np.mean(out["member_entropy"][:, i])) for i in range(m)],
+      "n": int(len(target)),
+  }
+
+
+def _dda_result(out: Mapping[str, np.ndarray], h: Head) -> dict:
+  target = h.targets(out["label"])
+  return {"dda": {"accuracy": _acc(out["pred_dda"], target)},
+          "dda_se": {"accuracy": _acc(out["pred_dda_se"], target)},
+          "default": {"accuracy": _acc(out["pred"], target)}, "n": int(len(target))}
 
 
 # ------------------------------------------------------------------------------------- evaluators
@@ -171,10 +256,7 @@ def evaluate_default(classify_fn, params: PyTree, batches: Batches, *, class_sub
   """Plain classifier accuracy. Returns {"accuracy", "n", "mean_entropy"}."""
   h = Head(class_subset, head, labels)
   runner = runner or classify.ShardedRunner(default_step(classify_fn, h), mesh)
-  out = runner.run(params, batches, _key(None), desc=desc, total=total)
-  target = h.targets(out["label"])
-  return {"accuracy": _acc(out["pred"], target), "n": int(len(target)),
-          "mean_entropy": float(np.mean(out["entropy"])) if len(target) else float("nan")}
+  return _default_result(runner.run(params, batches, _key(None), desc=desc, total=total), h)
 
 
 def evaluate_de(classify_fn, params: PyTree, eps_fn, score_params: PyTree, batches: Batches, *,
@@ -189,16 +271,7 @@ def evaluate_de(classify_fn, params: PyTree, eps_fn, score_params: PyTree, batch
   h = Head(class_subset, head, labels)
   runner = runner or classify.ShardedRunner(de_step(classify_fn, eps_fn, schedule, ts, h), mesh)
   out = runner.run((params, score_params), batches, _key(key), desc=desc, total=total)
-  target = h.targets(out["label"])
-  m = len(tuple(ts))
-  return {
-      "accuracy": _acc(out["pred"], target),
-      "ts": [int(t) for t in ts],
-      "members": [_acc(out["member_pred"][:, i], target) for i in range(m)],
-      "cumulative": [_acc(out["cum_pred"][:, i], target) for i in range(m)],
-      "member_entropy": [float(np.mean(out["member_entropy"][:, i])) for i in range(m)],
-      "n": int(len(target)),
-  }
+  return _de_result(out, h, ts)
 
 
 def evaluate_dda(classify_fn, params: PyTree, model_fn, score_params: PyTree, batches: Batches, *,
@@ -218,10 +291,7 @@ def evaluate_dda(classify_fn, params: PyTree, model_fn, score_params: PyTree, ba
       dda_step(classify_fn, model_fn, schedule, h, start_step=start_step, factor=factor, scale=scale,
                learn_sigma=learn_sigma, norm=norm, image_size=image_size), mesh)
   out = runner.run((params, score_params), batches, _key(key), desc=desc, total=total)
-  target = h.targets(out["label"])
-  return {"dda": {"accuracy": _acc(out["pred_dda"], target)},
-          "dda_se": {"accuracy": _acc(out["pred_dda_se"], target)},
-          "default": {"accuracy": _acc(out["pred"], target)}, "n": int(len(target))}
+  return _dda_result(out, h)
 
 
 # ------------------------------------------------------------------------------------- suites
@@ -259,83 +329,15 @@ def _suite_summary(suite: str, per_set: Mapping[str, Mapping[str, Any]], modes: 
   return out
 
 
-def evaluate_model_on_sets(model: Mapping[str, Any], evalsets, modes: Sequence[str], *,
-                           make_batches: Callable, cfg: Mapping[str, Any], mesh=None,
-                           key=None, runners: dict | None = None) -> dict[str, dict[str, Any]]:
-  """Runs every mode of one model over a list of EvalSets. `model` holds classify_fn, params and
-  (for de/dda) eps_fn / model_fn, score_params, schedule, learn_sigma.
-  `runners`: a cache shared across models; models with the same classify_fn / eps_fn / model_fn
-  objects (same architecture: `load_models` shares them) reuse one compiled program.
-  Returns {suite: {"sets": {set_name: {mode: result}}, "summary": {mode: ...}}}."""
-  key = _key(key)
-  results: dict[str, dict[str, Any]] = {}
-  runners = {} if runners is None else runners
-  fkey = (id(model["classify_fn"]), id(model.get("eps_fn")), id(model.get("model_fn")),
-          id(model.get("schedule")), id(model.get("dda_schedule")))
-  de_cfg = dict(cfg.get("de", {}))
-  dda_cfg = dict(cfg.get("dda", {}))
-  for i, es in enumerate(evalsets):
-    per_mode: dict[str, Any] = {}
-    h = Head(es.class_subset, es.head, es.labels)
-    # The compiled step closes over the Head, so the key holds the subset itself (ImageNet-R and -A differ).
-    hkey = (es.class_subset, es.head, es.labels) + fkey
-    set_key = jax.random.fold_in(key, i)
-    for mode in modes:
-      if mode == "dda_se" and "dda" in modes:
-        continue  # computed with dda
-      batches, total = make_batches(es)
-      desc = f"{model['name']} {es.suite}:{es.name} [{mode}]"
-      t0 = time.time()
-      if mode == "default":
-        rk = ("default",) + hkey
-        runners.setdefault(rk, classify.ShardedRunner(default_step(model["classify_fn"], h), mesh))
-        r = evaluate_default(model["classify_fn"], model["params"], batches, class_subset=es.class_subset,
-                             head=es.head, labels=es.labels, desc=desc, total=total, runner=runners[rk])
-        per_mode["default"] = r
-      elif mode == "de":
-        _need(model, ("eps_fn", "score_params"), mode)
-        ts = tuple(int(t) for t in de_cfg.get("ts", augment.DEFAULT_ENSEMBLE_TS))
-        rk = ("de",) + hkey
-        runners.setdefault(rk, classify.ShardedRunner(
-            de_step(model["classify_fn"], model["eps_fn"], model["schedule"], ts, h), mesh))
-        per_mode["de"] = evaluate_de(model["classify_fn"], model["params"], model["eps_fn"],
-                                     model["score_params"], batches, schedule=model["schedule"], ts=ts,
-                                     key=set_key, class_subset=es.class_subset, head=es.head,
-                                     labels=es.labels, desc=desc, total=total, runner=runners[rk])
-      elif mode in ("dda", "dda_se"):
-        _need(model, ("model_fn", "score_params"), mode)
-        kw = dict(start_step=int(dda_cfg.get("start_step", 50)), factor=int(dda_cfg.get("factor", 4)),
-                  scale=float(dda_cfg.get("scale", 6.0)), learn_sigma=bool(model.get("learn_sigma", True)),
-                  norm=str(dda_cfg.get("norm", "per_example")),
-                  image_size=int(dda_cfg.get("image_size", 0)) or None)
-        # (respaced from the score model's own schedule: a cosine 4000-step model is not a linear 1000 one)
-        sched = model.get("dda_schedule") or dda_lib.dda_schedule(spacing=str(dda_cfg.get("spacing", "100")),
-                                                                  base=model.get("schedule"))
-        rk = ("dda",) + hkey
-        runners.setdefault(rk, classify.ShardedRunner(
-            dda_step(model["classify_fn"], model["model_fn"], sched, h, **kw), mesh))
-        r = evaluate_dda(model["classify_fn"], model["params"], model["model_fn"], model["score_params"],
-                         batches, schedule=sched, key=set_key, class_subset=es.class_subset, head=es.head,
-                         labels=es.labels, desc=desc, total=total, runner=runners[rk], **kw)
-        per_mode["dda"] = dict(r["dda"], n=r["n"])
-        per_mode["dda_se"] = dict(r["dda_se"], n=r["n"])
-      else:
-        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
-      per_mode.setdefault("seconds", {})[mode] = round(time.time() - t0, 3)
-    suite = results.setdefault(es.suite, {"sets": {}, "source": dict(es.source)})
-    if es.suite == "imagenet_c":
-      # Record which ImageNet-C was read: the two differ slightly (REFERENCE.md).
-      suite["imagenet_c_release"] = ("official JPEG release (folder)" if es.source["kind"] == "folder"
-                                     else "TFDS imagenet2012_corrupted (regenerated)")
-    num_examples = getattr(batches, "num_examples", None)
-    scored = next((r["n"] for r in per_mode.values() if isinstance(r, dict) and "n" in r), None)
-    if num_examples is not None and scored is not None:
-      per_mode["unreadable"] = int(num_examples) - int(scored)  # left out of the score (logged by name)
-    suite["sets"][es.name] = per_mode
-  for suite_name, suite in results.items():
-    done = set(modes) | ({"dda", "dda_se"} if {"dda", "dda_se"} & set(modes) else set())
-    suite["summary"] = _suite_summary(suite_name, suite["sets"], [m for m in MODES if m in done])
-  return results
+def _dda_settings(dda_cfg: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[diffusion.Schedule, dict]:
+  """(respaced schedule, dda_adapt keywords) from config.dda; defaults are the paper's setting."""
+  kw = dict(start_step=int(dda_cfg.get("start_step", 50)), factor=int(dda_cfg.get("factor", 4)),
+            scale=float(dda_cfg.get("scale", 6.0)), learn_sigma=bool(model.get("learn_sigma", True)),
+            norm=str(dda_cfg.get("norm", "per_example")), image_size=int(dda_cfg.get("image_size", 0)) or None)
+  # (respaced from the score model's own schedule: a cosine 4000-step model is not a linear 1000 one)
+  sched = model.get("dda_schedule") or dda_lib.dda_schedule(spacing=str(dda_cfg.get("spacing", "100")),
+                                                            base=model.get("schedule"))
+  return sched, kw
 
 
 def _need(model, keys, mode):
@@ -345,10 +347,91 @@ def _need(model, keys, mode):
                      f"(set config.score.params_path and config.score.preset)")
 
 
+_SCORE_FIELDS = ("eps_fn", "model_fn", "score_params", "schedule", "dda_schedule", "learn_sigma")
+
+
+def _score_groups(models: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+  """Models grouped by the score model they use (the same objects), in order of first appearance."""
+  groups: dict[tuple, list] = {}
+  for m in models:
+    groups.setdefault(tuple(id(m.get(f)) for f in _SCORE_FIELDS), []).append(m)
+  return list(groups.values())
+
+
+def _evaluate_group(group: Sequence[Mapping[str, Any]], evalsets, modes: Sequence[str], *,
+                    make_batches: Callable, cfg: Mapping[str, Any], mesh, key, runners: dict
+                    ) -> dict[str, dict[str, Any]]:
+  """Every mode of every model of one score group, one pass over each set (see `evaluate_models`).
+  Returns {model name: {suite: {"sets": {set_name: {mode: result, "seconds", "unreadable"}}, ...}}}."""
+  m0 = group[0]
+  run_modes = tuple(m for m in ("default", "de", "dda") if m in modes or (m == "dda" and "dda_se" in modes))
+  for m in group:
+    if "de" in run_modes:
+      _need(m, ("eps_fn", "score_params"), "de")
+    if "dda" in run_modes:
+      _need(m, ("model_fn", "score_params"), "dda")
+  ts = tuple(int(t) for t in dict(cfg.get("de", {})).get("ts", augment.DEFAULT_ENSEMBLE_TS))
+  dda_sched, dda_kw = _dda_settings(dict(cfg.get("dda", {})), m0) if "dda" in run_modes else (None, {})
+  fns = tuple(m["classify_fn"] for m in group)
+  uses_score = bool({"de", "dda"} & set(run_modes))
+  # Placed once for every runner of the group (their heads differ per suite, e.g. ImageNet-R / -A): the
+  # runners then find the weights replicated already and make no copy of a 2 GB score model of their own.
+  params = shd.replicate((tuple(m["params"] for m in group), m0["score_params"] if uses_score else None), mesh)
+  fkey = (run_modes, ts, tuple(sorted(dda_kw.items())), tuple(id(f) for f in fns), id(m0.get("eps_fn")),
+          id(m0.get("model_fn")), id(m0.get("schedule")), id(dda_sched))
+  names = ", ".join(m["name"] for m in group)
+  results: dict[str, dict[str, Any]] = {m["name"]: {} for m in group}
+  for i, es in enumerate(evalsets):
+    h = Head(es.class_subset, es.head, es.labels)
+    # The compiled step closes over the Head, so the key holds the subset itself (ImageNet-R and -A differ).
+    rk = (es.class_subset, es.head, es.labels) + fkey
+    if rk not in runners:
+      runners[rk] = classify.ShardedRunner(
+          joint_step(fns, h, run_modes, eps_fn=m0.get("eps_fn"), model_fn=m0.get("model_fn"),
+                     schedule=m0.get("schedule"), ts=ts, dda_schedule=dda_sched, dda_kw=dda_kw), mesh)
+    batches, total = make_batches(es)
+    t0 = time.time()
+    out = runners[rk].run(params, batches, jax.random.fold_in(key, i), total=total,
+                          desc=f"{names} {es.suite}:{es.name} [{'+'.join(run_modes)}]")
+    seconds = round(time.time() - t0, 3)
+    num_examples = getattr(batches, "num_examples", None)
+    for j, m in enumerate(group):
+      def part(mode, j=j):
+        prefix = f"{j}/{mode}/"
+        return {"label": out["label"], **{k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}}
+      per_mode: dict[str, Any] = {}
+      if "default" in run_modes:
+        per_mode["default"] = _default_result(part("default"), h)
+      if "de" in run_modes:
+        per_mode["de"] = _de_result(part("de"), h, ts)
+      if "dda" in run_modes:
+        r = _dda_result(part("dda"), h)
+        per_mode["dda"], per_mode["dda_se"] = dict(r["dda"], n=r["n"]), dict(r["dda_se"], n=r["n"])
+      per_mode["seconds"] = seconds  # the one pass: every mode of every model of the group
+      if num_examples is not None:
+        # left out of the score (logged by name)
+        per_mode["unreadable"] = int(num_examples) - int(len(out["label"]))
+      suite = results[m["name"]].setdefault(es.suite, {"sets": {}, "source": dict(es.source)})
+      if es.suite == "imagenet_c":
+        # Record which ImageNet-C was read: the two differ slightly (REFERENCE.md).
+        suite["imagenet_c_release"] = ("official JPEG release (folder)" if es.source["kind"] == "folder"
+                                       else "TFDS imagenet2012_corrupted (regenerated)")
+      suite["sets"][es.name] = per_mode
+  return results
+
+
 def evaluate_models(models: Sequence[Mapping[str, Any]], suite_specs: Mapping[str, Mapping[str, Any]],
                     modes: Sequence[str], *, make_batches: Callable, cfg: Mapping[str, Any] | None = None,
                     mesh=None, key=None, data_dir: str = "") -> dict[str, Any]:
-  """Several models x suites x modes -> one results dict {"models": {name: {suite: ...}}, ...}."""
+  """Several models x suites x modes -> one results dict {"models": {name: {suite: ...}}, ...}.
+
+  `models`: dicts with name, classify_fn, params and (for de/dda) eps_fn / model_fn, score_params, schedule,
+  learn_sigma (`load_models` builds them). Models that use the same score model (the same objects) are
+  evaluated together: each set is read once for all modes, and each DE member's x0_hat and each DDA
+  adaptation are computed once and scored by every classifier (the score model is ~99% of the cost).
+  Models with the same classify_fn object (same architecture) share one compiled program. A model's
+  results equal its single-model `evaluate_default` / `evaluate_de` / `evaluate_dda` with the set's key
+  `fold_in(key, set index)`."""
   cfg = dict(cfg or {})
   bad = [m for m in modes if m not in MODES]
   if bad:
@@ -360,10 +443,18 @@ def evaluate_models(models: Sequence[Mapping[str, Any]], suite_specs: Mapping[st
   names = [m["name"] for m in models]
   if len(set(names)) != len(names):
     raise ValueError(f"model names must be unique, got {names}")
+  mesh = shd.make_mesh() if mesh is None else mesh
+  key = _key(key)
   runners: dict = {}
-  for model in models:
-    out["models"][model["name"]] = evaluate_model_on_sets(model, evalsets, modes, make_batches=make_batches,
-                                                          cfg=cfg, mesh=mesh, key=key, runners=runners)
+  per_model: dict[str, Any] = {}
+  for group in _score_groups(models):
+    per_model.update(_evaluate_group(group, evalsets, modes, make_batches=make_batches, cfg=cfg, mesh=mesh,
+                                     key=key, runners=runners))
+  done = set(modes) | ({"dda", "dda_se"} if {"dda", "dda_se"} & set(modes) else set())
+  for name in names:  # in the order given
+    for suite_name, suite in per_model[name].items():
+      suite["summary"] = _suite_summary(suite_name, suite["sets"], [m for m in MODES if m in done])
+    out["models"][name] = per_model[name]
   return out
 
 
