@@ -126,6 +126,19 @@ def test_resume_order_and_load_trained_classifier(tmp_path):
     ckpt_lib.load_score_model(workdir=str(tmp_path / "a"))
 
 
+
+def test_init_checkpoint_that_is_not_msgpack_names_the_file(tmp_path):
+  """An .npz / .pt given where a converted .msgpack is expected: the error names it and says to convert it."""
+  from diffaug_jax import checkpoint as ckpt_lib
+  src = tmp_path / "r18.npz"
+  np.savez(src, **{"conv1.weight": np.zeros((4, 3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"r18\.npz is not a flax msgpack .*python -m diffaug_jax\.convert"):
+    ckpt_lib.weights_from(str(src))
+  variables = {"params": {"w": np.ones((2, 3), np.float32)}}
+  from diffaug_jax.convert import common
+  common.save_params(tmp_path / "ok.msgpack", variables)  # a converted file still loads
+  np.testing.assert_array_equal(ckpt_lib.weights_from(str(tmp_path / "ok.msgpack"))["params"]["w"], np.ones((2, 3)))
+
 def test_grain_iterator_state_roundtrip(tmp_path):
   """The data pipeline's grain iterator goes through the checkpoint and continues identically."""
   import jax.numpy as jnp

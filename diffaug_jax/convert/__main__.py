@@ -18,7 +18,8 @@ def main(argv: list[str]) -> int:
   module = importlib.import_module(CONVERTERS[argv[0]])
   try:
     return module.main(argv[1:]) or 0
-  except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, not a traceback
+  # Bad input (a missing, corrupt or unwritable file, a mismatching checkpoint): a clear message, not a traceback.
+  except (ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 

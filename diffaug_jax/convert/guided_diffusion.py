@@ -108,9 +108,16 @@ def resolve_flags(flags: Any) -> dict:
     if flags in UNET_PRESETS:
       return dict(UNET_PRESETS[flags])
     if os.path.isfile(flags):
-      with open(flags) as f:
-        d = json.load(f)
-      return dict(d.get("config", d))  # also accepts the golden *_shapes.json ({"config": ...})
+      try:
+        with open(flags) as f:
+          d = json.load(f)
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: say which file
+        raise ValueError(f"flags file {flags} is not valid JSON ({e}); give a JSON object of create_model "
+                         f"flags or a preset name ({sorted(UNET_PRESETS)})") from e
+      d = d.get("config", d) if isinstance(d, dict) else d  # also accepts the golden *_shapes.json ({"config": ...})
+      if not isinstance(d, dict):
+        raise ValueError(f"flags file {flags} holds a JSON {type(d).__name__}, not an object of create_model flags")
+      return dict(d)
     raise ValueError(f"flags {flags!r} is neither a preset ({sorted(UNET_PRESETS)}) nor a JSON file")
   raise ValueError(f"cannot interpret flags {flags!r}")
 
@@ -129,6 +136,9 @@ def load_guided_diffusion(source: Any, **flags) -> tuple:
   module = unet_from_flags(**flags)
   if isinstance(source, (str, os.PathLike)) and str(source).endswith(".msgpack"):
     variables = common.load_params(source)
+    if not isinstance(variables.get("params"), Mapping):
+      raise ValueError(f"{source} has no 'params' tree (top-level keys: {sorted(map(str, variables))}); it is "
+                       "not a UNet converted by `python -m diffaug_jax.convert guided-diffusion`")
     got = traverse_util.flatten_dict(variables["params"])
     want = flax_shapes(module)
     common.check_keys({"/".join(k): tuple(v.shape) for k, v in want.items()},
@@ -149,6 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--flags-json", required=True,
                   help=f"JSON file of create_model flags, or a preset name: {sorted(UNET_PRESETS)}")
   args = ap.parse_args(argv)
+  common.check_output_path(args.src, args.dst)  # before the (possibly GB-sized) read
   flags = resolve_flags(args.flags_json)
   try:
     module, variables = load_guided_diffusion(args.src, **flags)

@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--resize-pos-embed", action="store_true",
                   help="resize the pos_embed grid to the variant's size (stage-1 weights at another resolution)")
   args = ap.parse_args(argv)
+  common.check_output_path(args.src, args.dst)  # before the (possibly GB-sized) read
   _, variables = load_deit(args.src, variant=args.variant, num_classes=args.num_classes,
                            resize_pos_embed=args.resize_pos_embed)
   common.write_converted(args.dst, variables, f"{args.variant} from {args.src}")

@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
   ap.add_argument("--num-classes", type=int, default=1000)
   args = ap.parse_args(argv)
+  common.check_output_path(args.src, args.dst)  # before the (possibly GB-sized) read
   _, variables = load_torchvision_resnet(args.src, arch=args.arch, num_classes=args.num_classes)
   common.write_converted(args.dst, variables, f"{args.arch} from {args.src}")
   return 0
