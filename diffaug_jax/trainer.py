@@ -386,6 +386,17 @@ def config_changes(saved: dict, config) -> tuple[list[str], list[str]]:
   return sorted(changed | meaningful), sorted(one_sided - meaningful)
 
 
+def _set_aside(path: str, step: int) -> str:
+  """Renames `path` (config.json, metrics.jsonl) to `<stem>.before_step<step>[.k]<ext>`, never over an
+  earlier one (two config changes at one step keep both); returns the new file name."""
+  stem, ext = os.path.splitext(path)
+  new, k = f"{stem}.before_step{step}{ext}", 2
+  while os.path.exists(new):
+    new, k = f"{stem}.before_step{step}.{k}{ext}", k + 1
+  os.replace(path, new)
+  return os.path.basename(new)
+
+
 def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool = False) -> list[str]:
   """Refuses to resume the run in `workdir` under a config that computes something else (model, data,
   batch size, optimizer, DiffAug, score model, seed, ...) unless `allow`; returns the changed keys (logged
@@ -494,12 +505,24 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                                           init_checkpoint=config.get("init_checkpoint"), log=_log,
                                           expected=expected)
   start_step = int(jax.device_get(state.step))
-  # config.json describes the run; written once it is known to build (a failed rerun loses nothing).
-  if changed and jax.process_index() == 0:
-    _log(f"resuming under a changed config ({', '.join(changed)}); the old one is kept as "
-         f"config.before_step{start_step}.json")
-    os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before_step{start_step}.json"))
-  if resume_step is None or changed or not os.path.isfile(os.path.join(workdir, "config.json")):
+  # config.json describes the run; written once it is known to build (a failed rerun loses nothing). What
+  # it replaces is kept: the config of a resumed run's earlier steps, or the files of an attempt that
+  # stopped before its first checkpoint (a fresh start must not append its metrics to theirs).
+  cfg_path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0:
+    if changed:
+      kept = _set_aside(cfg_path, start_step)
+      _log(f"resuming under a changed config ({', '.join(changed)}); the old one is kept as {kept}")
+    elif resume_step is None and os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        if any(config_changes(json.load(f), config)):
+          _log(f"{workdir} holds the config.json of another run without checkpoints; kept as "
+               f"{_set_aside(cfg_path, 0)}")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is None and os.path.isfile(metrics_path):
+      _log(f"starting from step 0 in a workdir with metrics of an earlier attempt; kept as "
+           f"{_set_aside(metrics_path, 0)}")
+  if resume_step is None or changed or not os.path.isfile(cfg_path):
     write_config(config, workdir)
 
   # 5. Jit once: static parts bound with partial, batch sharded, state replicated (or by rule), donated.

@@ -134,6 +134,17 @@ def test_bad_input_loses_nothing(tmp_path):
   assert out["start"] == "resume@4" and out["step"] == 6
   assert (tmp_path / "run" / "config.before_step4.json").read_text() == saved
   assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["learning_rate"] == 0.01
+  # Two changes at one step (the run is finished at 6) keep both records: the config that trained steps 5-6
+  # is not overwritten by the second.
+  trained_5_6 = (tmp_path / "run" / "config.json").read_text()
+  for lr in (0.02, 0.03):
+    changed.optim.learning_rate = lr
+    assert trainer.train_and_evaluate(changed, wd, allow_config_change=True)["step"] == 6
+  assert (tmp_path / "run" / "config.before_step6.json").read_text() == trained_5_6
+  assert json.loads((tmp_path / "run" / "config.before_step6.2.json").read_text())["optim"]["learning_rate"] == 0.02
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["learning_rate"] == 0.03
+  changed.optim.learning_rate = 0.01
+  trainer.train_and_evaluate(changed, wd, allow_config_change=True)
   # What does not change the computation resumes: a moved dataset, reader settings, a field that another
   # version of the code added (set on one side only).
   moved = tiny_config(steps=7, diffaug=False)
@@ -347,3 +358,17 @@ def test_eval_batch_rounds_up_to_the_device_count(tmp_path):
   cfg.eval_batch_size = 10
   out = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert out["eval"]["eval_count"] == 40
+
+
+def test_fresh_start_keeps_the_files_of_an_attempt_without_checkpoints(tmp_path):
+  """A workdir holding another run's config.json and metrics.jsonl but no checkpoint (it stopped before its
+  first save): a fresh start keeps both aside instead of overwriting the config and appending to the metrics."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text(json.dumps({"precious": 1}))
+  (wd / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+  trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(wd))
+  assert json.loads((wd / "config.before_step0.json").read_text()) == {"precious": 1}
+  assert (wd / "metrics.before_step0.jsonl").read_text() == json.dumps({"step": 1, "loss": 9.0}) + "\n"
+  assert all(row.get("loss") != 9.0 for row in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines()))
+  assert "precious" not in json.loads((wd / "config.json").read_text())
