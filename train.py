@@ -33,8 +33,12 @@ def default_run_name(config_filename: str | None) -> str:
 
 def main(argv):
   del argv
+  import logging as py_logging
   from absl import logging
   logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore at INFO/WARNING
+  # That sets the ROOT level (absl's handler sits on the root logger), which would also drop our own warnings,
+  # e.g. the data sources' report of an unreadable image replaced in training / left out of evaluation.
+  py_logging.getLogger("diffaug_jax").setLevel(py_logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:

@@ -143,3 +143,98 @@ def test_tfds_data_dir_with_tilde_is_expanded(tmp_path, monkeypatch):
   with tfds.testing.mock_data(num_examples=4):
     src = sources.TfdsSource("cifar10", "train", data_dir="~/tfds")
   assert src.data_dir == str(tmp_path / "tfds") and len(src) == 4
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit PNG ("I;16") or 32-bit-integer TIFF ("I") holding 16-bit values reads as value >> 8 (30000 ->
+  117), for 1 and 3 channels; PIL's convert clipped it to 255 (a white image)."""
+  (tmp_path / "imgs" / "a").mkdir(parents=True)
+  a = np.array([[0, 255, 256, 30000], [65535, 1000, 40000, 512]], np.uint16)
+  Image.fromarray(a).save(tmp_path / "imgs" / "a" / "x16.png")
+  Image.fromarray(a.astype(np.int32)).save(tmp_path / "imgs" / "a" / "xi.tif")
+  assert Image.open(tmp_path / "imgs" / "a" / "x16.png").mode.startswith("I;16")
+  assert Image.open(tmp_path / "imgs" / "a" / "xi.tif").mode == "I"
+  want = (a >> 8).astype(np.uint8)
+  assert want[0, 3] == 117
+  for channels in (1, 3):
+    src = sources.FolderSource(str(tmp_path / "imgs"), channels=channels)
+    for i in range(len(src)):
+      got = src[i]["image"]
+      assert got.shape == (2, 4, channels) and got.dtype == np.uint8
+      np.testing.assert_array_equal(got, np.repeat(want[..., None], channels, axis=-1), err_msg=src.files[i])
+    assert src.num_bad == 0
+  # Values no 16-bit scale fits: the file is reported unreadable (named), not clipped to white.
+  Image.fromarray(np.full((2, 2), 70000, np.int32)).save(tmp_path / "imgs" / "a" / "z_big.tif")
+  src = sources.FolderSource(str(tmp_path / "imgs"), channels=1)
+  assert src.load_or_none(src.files.index(str(tmp_path / "imgs" / "a" / "z_big.tif"))) is None
+  assert src.bad_files == [str(tmp_path / "imgs" / "a" / "z_big.tif")]
+
+
+def _folder_split(root, classes):
+  for c in classes:
+    (root / c).mkdir(parents=True)
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(root / c / "x.png")
+
+
+def test_eval_split_is_labelled_with_the_train_classes(tmp_path):
+  """train/{cat,dog,frog}, val/{cat,frog}: val's frog is label 2 (train's numbering), not 1 (train's dog)."""
+  from diffaug_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _folder_split(tmp_path / "train", ["cat", "dog", "frog"])
+  _folder_split(tmp_path / "val", ["cat", "frog"])
+  cfg = data_config.default_config()
+  cfg.update(dict(source="folder", data_dir=str(tmp_path), train_split="train", eval_split="val",
+                  image_size=4, channels=3))
+  val = pipeline.make_source(cfg, "val")
+  assert val.labels.tolist() == [0, 2] and val.class_names == ["cat", "dog", "frog"]
+  assert pipeline.make_source(cfg, "train").labels.tolist() == [0, 1, 2]
+  assert data_config.num_classes(cfg) == 3
+  assert [int(lab) for b in pipeline.make_eval_loader(cfg, global_batch_size=2) for lab in b["label"]] == [0, 2]
+  # A class the train split lacks has no label: an error naming it and the train folder.
+  _folder_split(tmp_path / "val", ["bird"])
+  with pytest.raises(ValueError, match=r"\['bird'\].*train split's classes.*" + str(tmp_path / "train")):
+    pipeline.make_source(cfg, "val")
+  # An explicit class list still wins; an eval-only tree (no train folder) still labels itself.
+  cfg.class_names = "bird,cat,dog,frog"
+  assert pipeline.make_source(cfg, "val").labels.tolist() == [0, 1, 3]
+  cfg.class_names, cfg.train_split = "", "no_train_here"
+  assert pipeline.make_source(cfg, "val").labels.tolist() == [0, 1, 2]
+
+
+def test_numeric_class_folders_keep_int_labels_across_splits(tmp_path):
+  from diffaug_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _folder_split(tmp_path / "train", ["0", "1", "2", "10"])
+  _folder_split(tmp_path / "val", ["2", "10"])
+  cfg = data_config.default_config()
+  cfg.update(dict(source="folder", data_dir=str(tmp_path), train_split="train", eval_split="val",
+                  image_size=4, channels=3))
+  assert pipeline.make_source(cfg, "train").labels.tolist() == [0, 1, 10, 2]  # sorted as strings, int labels
+  val = pipeline.make_source(cfg, "val")
+  assert val.labels.tolist() == [10, 2] and val.num_classes == data_config.num_classes(cfg) == 11
+  _folder_split(tmp_path / "val", ["11"])
+  with pytest.raises(ValueError, match="numeric class folder 11 >= the 11 names of the train split's"):
+    pipeline.make_source(cfg, "val")
+
+
+def test_train_py_shows_unreadable_image_warnings(tmp_path):
+  """train.py silences absl/orbax below ERROR, but the data sources' report of an unreadable image (the only
+  one, with num_workers=0) still reaches stderr."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = make_folder(tmp_path / "imgs")
+  code = ("import runpy, sys; from absl import logging; from diffaug_jax import trainer; from diffaug_jax.data "
+          "import sources\n"
+          "def fake(*a, **k):\n"
+          "  logging.warning('third-party chatter')\n"
+          f"  src = sources.FolderSource({str(root)!r})\n"
+          "  [src[i] for i in range(len(src))]\n"
+          "  return {}\n"
+          "trainer.train_and_evaluate = fake\n"
+          "sys.argv = ['train.py', '--config', 'configs/cifar10_resnet18.py:baseline', "
+          f"'--workdir', {str(tmp_path / 'run')!r}]\n"
+          "runpy.run_path('train.py', run_name='__main__')")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert "unreadable image" in run.stderr and "c1_broken.jpg" in run.stderr, run.stderr
+  assert "third-party chatter" not in run.stderr

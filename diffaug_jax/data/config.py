@@ -27,8 +27,10 @@ Fields (see `default_config`; `validate` checks them):
   rrc_scale         RandomResizedCrop scale range (0.08, 1.0).
   rrc_ratio         RandomResizedCrop aspect-ratio range (3/4, 4/3).
   num_classes       0 -> inferred (digits 10; folder: len(class_names) or #sub-folders; TFDS: label feature).
-  class_names       folder only: "" (sorted sub-folders) | "imagenet2012" (the 1000 wnids: 200-class
-                    ImageNet-R/-A trees keep 1000-way labels) | a text file (one name a line) | "a,b,c".
+  class_names       folder only: "" (the train split's sorted sub-folders label every split: an eval split may
+                    hold a subset of them, a folder the train split lacks is an error) | "imagenet2012" (the
+                    1000 wnids: 200-class ImageNet-R/-A trees keep 1000-way labels) | a text file (one name a
+                    line) | "a,b,c".
   image_key         TFDS image feature name ("image").
   label_key         TFDS label feature name ("label").
   num_workers       grain worker processes (0 = in-process, used by tests).
@@ -142,6 +144,26 @@ def folder_root(cfg: ml_collections.ConfigDict, split: str) -> str:
   return os.path.join(root, split) if split else root
 
 
+def class_folders(root: str) -> list[str]:
+  """The class sub-folders of `root`, sorted, as `sources.FolderSource` lists them (hidden ones skipped)."""
+  return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def train_class_names(cfg: ml_collections.ConfigDict) -> list[str] | None:
+  """source="folder" without class_names: the class list that labels EVERY split, from the train split's
+  sub-folders (sorted; all-numeric folders -> "0".."max", i.e. label int(name) as FolderSource gives them).
+  Each split numbering its own folders would silently give a val split lacking "dog" the train split's "dog"
+  label for its "frog". None when the train folder does not exist or has no sub-folders (an eval-only tree,
+  e.g. an OOD set, is labelled by its own folders)."""
+  root = folder_root(cfg, cfg.train_split)
+  dirs = class_folders(root) if os.path.isdir(root) else []
+  if not dirs:
+    return None
+  if all(d.isdigit() for d in dirs):  # class-index folders (see sources.FolderSource)
+    return [str(i) for i in range(max(int(d) for d in dirs) + 1)]
+  return dirs
+
+
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
   """cfg.num_classes when > 0; else digits 10, folder len(class_names) or the number of class
   sub-folders of the train split, TFDS the label feature's num_classes (reads metadata only)."""
@@ -158,12 +180,10 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
     root = folder_root(cfg, cfg.train_split)
     if not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist (expected class sub-folders)")
-    dirs = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    if not dirs:
+    names = train_class_names(cfg)
+    if names is None:
       raise ValueError(f"image folder {root!r} has no class sub-folders")
-    if all(d.isdigit() for d in dirs):  # class-index folders (see sources.FolderSource)
-      return max(int(d) for d in dirs) + 1
-    return len(dirs)
+    return len(names)
   from diffaug_jax.data import sources  # pylint: disable=g-import-not-at-top
   builder = sources.tfds_builder(cfg.name, cfg.data_dir or None)
   feature = builder.info.features[cfg.get("label_key", "label")]

@@ -67,9 +67,14 @@ def make_source(cfg: ml_collections.ConfigDict, split: str) -> sources_lib._Robu
       raise FileNotFoundError(f"image folder {root!r} does not exist: data.{field}={split!r} is not a "
                               f"sub-folder of data.data_dir {cfg.data_dir!r} (it holds {present[:10]}); "
                               f"set --config.data.{field}=<folder name>")
-    return sources_lib.FolderSource(root,
-                                    class_names=cfg.get("class_names", "") or None,
-                                    channels=int(cfg.channels))
+    class_names, names_from = cfg.get("class_names", "") or None, "data.class_names"
+    if class_names is None and split != cfg.get("train_split"):
+      # An eval split numbering its own sub-folders would label val/frog as train's "dog" when val has no
+      # dog: label it with the train split's list (None: no train folder, the tree labels itself).
+      class_names = config_lib.train_class_names(cfg)
+      names_from = f"the train split's classes, the sub-folders of {config_lib.folder_root(cfg, cfg.train_split)!r}"
+    return sources_lib.FolderSource(root, class_names=class_names, channels=int(cfg.channels),
+                                    names_from=names_from)
   return sources_lib.TfdsSource(cfg.name, split, data_dir=cfg.data_dir or None,
                                 channels=int(cfg.channels), image_key=cfg.get("image_key", "image"),
                                 label_key=cfg.get("label_key", "label"))

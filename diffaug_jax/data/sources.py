@@ -177,18 +177,39 @@ def resolve_class_names(class_names: str | Sequence[str] | None) -> list[str] | 
   return [str(c) for c in class_names]
 
 
+def to_8bit(img):
+  """A PIL image with 16-bit samples ("I;16*", or "I" as 16-bit PNGs may open) -> mode "L", value >> 8 (the
+  high byte, as PIL itself reduces 16-bit RGB PNGs); other modes unchanged. PIL's convert("L"/"RGB") would
+  clip instead (30000 -> 255: a white image)."""
+  if not (img.mode.startswith("I;16") or img.mode == "I"):
+    return img
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  a = np.asarray(img)
+  lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+  if lo < 0 or hi > 65535:  # a 32-bit integer image: no scale to assume
+    raise ValueError(f"mode {img.mode} image with values in [{lo}, {hi}], outside the 16-bit range "
+                     "[0, 65535]: save it as an 8- or 16-bit image")
+  return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8))  # 2-D uint8 -> mode "L"
+
+
+_NAMES_FIX = ("remove or rename those folders, or give a class list that holds them (data.class_names: a text "
+              "file, one name a line, or \"a,b,c\")")
+
+
 class FolderSource(_RobustSource):
   """Images in class sub-folders: `root/<class>/**/*.{jpg,jpeg,png,...}` (ImageNet layout).
 
   Labels: index of the class folder in `class_names` when given (e.g. the 1000 ImageNet wnids, so a
-  200-class ImageNet-R/-A tree keeps 1000-way labels; folders missing from the list are an error), else the
-  index in the sorted list of sub-folders. Folders all named by decimal integers (ImageNet-V2's
-  "0".."999") are labelled int(name) unless those names are themselves in `class_names`. Files are listed once, sorted, at construction. Images are
-  decoded with PIL and converted to RGB (channels=3) or L (channels=1).
+  200-class ImageNet-R/-A tree keeps 1000-way labels; the train split's class list for an eval split, see
+  `pipeline.make_source`; folders missing from the list are an error), else the index in the sorted list of
+  sub-folders. Folders all named by decimal integers (ImageNet-V2's "0".."999") are labelled int(name) unless
+  those names are themselves in `class_names`. `names_from` says where `class_names` came from (for errors).
+  Files are listed once, sorted, at construction. Images are decoded with PIL (16-bit ones scaled to 8 bits,
+  `to_8bit`) and converted to RGB (channels=3) or L (channels=1).
   """
 
   def __init__(self, root: str, *, class_names: str | Sequence[str] | None = None, channels: int = 3,
-               extensions: Sequence[str] = IMAGE_EXTENSIONS):
+               extensions: Sequence[str] = IMAGE_EXTENSIONS, names_from: str = "class_names"):
     super().__init__()
     root = os.fspath(root)
     self.root = root
@@ -207,7 +228,7 @@ class FolderSource(_RobustSource):
       k = len(names) if names is not None else max(int(d) for d in dirs) + 1
       if max(int(d) for d in dirs) >= k:
         raise ValueError(f"image folder {root!r}: numeric class folder {max(dirs, key=int)} >= the "
-                         f"{k} class_names")
+                         f"{k} names of {names_from}: {_NAMES_FIX}")
       index = {d: int(d) for d in dirs}
       names = names if names is not None else [str(i) for i in range(k)]
     else:
@@ -216,7 +237,7 @@ class FolderSource(_RobustSource):
       unknown = [d for d in dirs if d not in names]
       if unknown:
         raise ValueError(f"image folder {root!r}: sub-folders {unknown[:10]} (of {len(unknown)}) are not "
-                         f"in class_names ({len(names)} names, e.g. {names[:3]})")
+                         f"in {names_from} ({len(names)} names, e.g. {names[:3]}): {_NAMES_FIX}")
       index = {n: i for i, n in enumerate(names)}
     self.class_names = list(names)
     exts = tuple(e.lower() for e in extensions)
@@ -247,7 +268,7 @@ class FolderSource(_RobustSource):
   def _load(self, index: int) -> dict[str, Any]:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(self.files[index]) as img:
-      img = img.convert("L" if self.channels == 1 else "RGB")
+      img = to_8bit(img).convert("L" if self.channels == 1 else "RGB")
       arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
       arr = arr[..., None]
