@@ -26,19 +26,6 @@ ClassifyFn = Callable[[Array], Array]
 DEFAULT_ENSEMBLE_TS = tuple(range(0, 500, 50))  # 0, 50, ..., 450; t = 0 is the raw image.
 
 
-def _check_concrete_t(t, num_timesteps: int) -> None:
-  """Rejects a host-side t (Python int, numpy array) outside [0, T): the table gather would, without a word,
-  clamp t >= T to T - 1 and wrap a negative t around from the end. A jax array is not read (a traced t
-  cannot be; a device one would cost a sync, and a multi-host one is not addressable); `diffaug` draws it in
-  range."""
-  if isinstance(t, jax.Array):
-    return
-  tv = np.asarray(t)
-  if tv.size and (tv.min() < 0 or tv.max() >= num_timesteps):
-    raise ValueError(f"t must lie in [0, {num_timesteps}) (indices into the schedule), got "
-                     f"[{tv.min()}, {tv.max()}]")
-
-
 def diffaug_at(key: Array, x0: Array, t: Array | int, eps_fn: EpsFn,
                schedule: diffusion.Schedule, *, clip: bool = True) -> Array:
   """x0_hat for given timesteps: noise x0 to t, denoise once. No gradient reaches the score model.
@@ -50,12 +37,15 @@ def diffaug_at(key: Array, x0: Array, t: Array | int, eps_fn: EpsFn,
   Returns:
     (B, H, W, C) float32 one-step estimate, clipped to [-1, 1] when `clip`.
   """
-  _check_concrete_t(t, schedule.num_timesteps)
+  diffusion.check_t(t, schedule.num_timesteps)
+  diffusion.check_images(x0)
   x0 = x0.astype(jnp.float32)
   t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), x0.shape[:1])
   noise = jax.random.normal(key, x0.shape, jnp.float32)
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   eps = eps_fn(x_t, diffusion.model_timesteps(schedule, t)).astype(jnp.float32)
+  if eps.shape != x_t.shape:  # (a wrong channel count would broadcast into a wrong-shaped x0_hat)
+    raise ValueError(f"eps_fn returned shape {eps.shape} for x_t of shape {x_t.shape}")
   return jax.lax.stop_gradient(diffusion.predict_x0(schedule, x_t, t, eps, clip=clip))
 
 
@@ -97,6 +87,7 @@ def diffaug_ensemble(key: Array, x: Array, classify_fn: ClassifyFn, eps_fn: EpsF
     output), members in the order of `ts`, so that cumulative-ensemble curves are
     `cumsum(member_probs, 0) / arange(1, M + 1)` without recomputation.
   """
+  diffusion.check_images(x, "x")
   ts = tuple(int(t) for t in ts)
   if not ts:
     raise ValueError("ts must name at least one member")

@@ -210,14 +210,36 @@ def _float64_alphas_cumprod(schedule: Schedule) -> np.ndarray:
   return np.cumprod(1.0 - betas32.astype(np.float64))
 
 
+def check_t(t, num_timesteps: int) -> None:
+  """Rejects a host-side t (Python int, numpy array) outside [0, T): the table gather would, without a word,
+  clamp t >= T to T - 1 and wrap a negative t around from the end. A jax array is not read (a traced t
+  cannot be; a device one would cost a sync, and a multi-host one is not addressable)."""
+  if isinstance(t, jax.Array):
+    return
+  tv = np.asarray(t)
+  if tv.size and (tv.min() < 0 or tv.max() >= num_timesteps):
+    raise ValueError(f"t must lie in [0, {num_timesteps}) (indices into the schedule), got "
+                     f"[{tv.min()}, {tv.max()}]")
+
+
+def check_images(x: Array, name: str = "x0") -> None:
+  """Images enter the diffusion math as floats in [-1, 1]: integer pixels (uint8 [0, 255]) are refused
+  (their values are not checked: a traced array cannot be read)."""
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{name} must be float images in [-1, 1], got dtype {jnp.result_type(x)} (uint8 pixels: "
+                     f"x / 127.5 - 1)")
+
+
 def _extract(table: Array, t: Array, x: Array) -> Array:
   """table[t] reshaped to broadcast against x (batch first); float32."""
+  check_t(t, len(table))
   c = jnp.asarray(table)[jnp.asarray(t)]
   return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
 
 def model_timesteps(schedule: Schedule, t: Array) -> Array:
   """Original timestep index (what the score model is called with) for schedule index t."""
+  check_t(t, len(schedule.timestep_map))
   return jnp.asarray(schedule.timestep_map)[jnp.asarray(t)]
 
 

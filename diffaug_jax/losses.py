@@ -143,6 +143,7 @@ def ddpm_loss(key: Array, x0: Array, model_fn: Callable[[Array, Array], Array],
     # channels at their initial values, which sampling and DDA then use.
     raise ValueError(f"learn_sigma={learn_sigma} needs loss_type {'hybrid' if learn_sigma else 'simple'}, got "
                      f"{loss_type!r} (the variance channels are trained by L_vb only)")
+  diffusion.check_images(x0)
   x0 = x0.astype(jnp.float32)
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)

@@ -271,6 +271,9 @@ def certify_from_counts(counts_selection: Array, counts_estimation: Array, sigma
   c = np.asarray(counts_estimation)
   if c0.ndim != 1 or c.shape != c0.shape:
     raise ValueError(f"counts must be two (K,) vectors, got {c0.shape} and {c.shape}")
+  for v in (c0, c):  # frequencies would pass through int() as zero votes and abstain without a word
+    if v.size and (np.any(v < 0) or np.any(v != np.round(v))):
+      raise ValueError(f"counts must be non-negative integer vote counts, got {v[:10].tolist()}")
   c_a = int(np.argmax(c0))
   p_a = lower_confidence_bound(int(c[c_a]), int(c.sum()), alpha)
   if p_a < 0.5:

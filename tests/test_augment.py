@@ -158,3 +158,24 @@ def test_ensemble_default_ts_and_sharding():
   assert one[1].shape == (10, 8, 5)
   with pytest.raises(ValueError):
     augment.diffaug_ensemble(key, x, linear_classifier, toy_eps_fn, SCHED, ts=(1000,))
+
+
+def test_bad_inputs_are_refused_not_computed():
+  """Integer pixels, a host-side t outside the schedule and an eps of the wrong shape are errors: the table
+  gather would clamp / wrap t, and uint8 or 2-channel eps would broadcast into a wrong x0_hat."""
+  from diffaug_jax import losses
+  sched = diffusion.linear_schedule(1000)
+  key = jax.random.key(0)
+  x = jnp.zeros((2, 4, 4, 1), jnp.float32)
+  eps_fn = lambda x_t, t: jnp.zeros_like(x_t)
+  with pytest.raises(ValueError, match="float images in \\[-1, 1\\], got dtype uint8"):
+    augment.diffaug(key, x.astype(jnp.uint8), eps_fn, sched)
+  with pytest.raises(ValueError, match="float images"):
+    augment.diffaug_ensemble(key, x.astype(jnp.uint8), lambda im: im.mean((1, 2)), eps_fn, sched, ts=(0, 50))
+  with pytest.raises(ValueError, match="float images"):
+    losses.ddpm_loss(key, x.astype(jnp.uint8), lambda x_t, t: jnp.zeros_like(x_t), sched, learn_sigma=False)
+  for bad in (1000, -1):
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+      diffusion.q_sample(sched, x, np.full((2,), bad), x)
+  with pytest.raises(ValueError, match=r"eps_fn returned shape \(2, 4, 4, 2\)"):
+    augment.diffaug_at(key, x, 10, lambda x_t, t: jnp.zeros(x_t.shape[:3] + (2,)), sched)

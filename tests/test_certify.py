@@ -216,3 +216,12 @@ def test_run_writes_outputs(tmp_path):
   assert [int(r.split("\t")[0]) for r in lines[1:]] == [0, 5, 10]
   assert len(out["best"]) == 3
   json.load(open(tmp_path / "wd" / "certify.json"))
+
+
+def test_certify_from_counts_refuses_frequencies():
+  """Frequencies passed for vote counts would truncate to zero votes and abstain without a word."""
+  from diffaug_jax import scoring
+  with pytest.raises(ValueError, match="integer vote counts"):
+    scoring.certify_from_counts(np.array([0.1, 0.9]), np.array([0.02, 0.98]), 0.25, 0.001)
+  pred, radius, _ = scoring.certify_from_counts(np.array([1, 99]), np.array([2, 998]), 0.25, 0.001)
+  assert pred == 1 and radius > 0
