@@ -269,3 +269,22 @@ def test_params_file_classifier_is_checked_against_its_spec(tmp_path):
   loading.load_classifier(spec, data_cfg=data)
   with pytest.raises(ValueError, match=r"does not fit the model: shape .*\(10,\) \(model: \(5,\)\)"):
     loading.load_classifier(dict(spec, num_classes=5), data_cfg=data)
+
+
+def test_classifier_with_other_classes_than_the_data_is_refused(tmp_path):
+  """A 4-way classifier on 10-class digits would run and report a silently wrong accuracy."""
+  import ml_collections
+  from diffaug_jax.convert import common
+  from diffaug_jax.evaluation import loading
+  from diffaug_jax.models import classifiers
+  data = ml_collections.ConfigDict(dict(source="digits", image_size=16, channels=1))
+  for k in (4, 10):
+    module = classifiers.get_classifier("cnn_small", k, width=4)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    common.save_params(str(tmp_path / f"cnn{k}.msgpack"), jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+    spec = dict(name="cnn_small", num_classes=k, kwargs={"width": 4}, params_path=str(tmp_path / f"cnn{k}.msgpack"))
+    if k == 4:
+      with pytest.raises(ValueError, match="has 4 outputs but the evaluation data has 10 classes"):
+        loading.load_classifier(spec, data_cfg=data)
+    else:
+      loading.load_classifier(spec, data_cfg=data)

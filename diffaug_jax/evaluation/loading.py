@@ -97,6 +97,7 @@ def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> 
     module, variables, train_cfg = checkpoint.load_trained_classifier(workdir, cfg_get(spec, "step"))
     if data_cfg is not None:
       _check_image_shape(train_cfg, data_cfg, what, workdir)
+      _check_num_classes(module, variables, data_cfg, what, workdir)
     return module, variables
   arch = cfg_get(spec, "arch") or cfg_get(spec, "name")
   if not (cfg_get(spec, "params_path") and arch and cfg_get(spec, "num_classes")):
@@ -112,12 +113,29 @@ def load_classifier(spec, *, what: str = "config.classifier", data_cfg=None) -> 
     want = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, shape[0], shape[0], shape[1])),
                                               train=False))
     checkpoint.check_variables(variables, dict(want), cfg_get(spec, "params_path"))
+    _check_num_classes(module, variables, data_cfg, what, cfg_get(spec, "params_path"))
   return module, variables
 
 
 def _image_shape(data_cfg) -> tuple[int, int] | None:
   size, channels = cfg_get(data_cfg, "image_size"), cfg_get(data_cfg, "channels")
   return None if not size or not channels else (int(size), int(channels))
+
+
+def _check_num_classes(module, variables, data_cfg, what: str, source: str) -> None:
+  """A classifier whose outputs do not match the data's classes still runs and reports a silently wrong
+  accuracy (a 4-way model never predicts labels 4-9; a 1000-way one is scored against 10-way labels)."""
+  shape = _image_shape(data_cfg)
+  if not shape:
+    return
+  from diffaug_jax.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
+  want = data_config_lib.num_classes(data_config(data_cfg))
+  x = jax.ShapeDtypeStruct((1, shape[0], shape[0], shape[1]), jnp.float32)
+  got = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x).shape[-1]
+  if got != want:
+    raise ValueError(f"{what}: the classifier from {source} has {got} outputs but the evaluation data has "
+                     f"{want} classes (data.num_classes / data.class_names / the dataset's labels): its scores "
+                     "would be meaningless; evaluate it on the data it was trained for")
 
 
 def _check_image_shape(train_cfg, data_cfg, what: str, workdir: str) -> None:
