@@ -17,8 +17,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
-  """Device scalars -> Python floats (this blocks on the values)."""
-  return {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+  """Device scalars -> Python floats (this blocks on the values; one transfer for the whole dict)."""
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
 
 def check_finite(metrics: Mapping[str, float], step: int, key: str = "loss") -> None:

@@ -619,15 +619,18 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         stopping = preemption.flag or ckpt.manager.reached_preemption(step)
         saving = stopping or step == total_steps or ckpt.should_save(step)
         # Block on a value every few steps: keeps the dispatch queue short (8 fake CPU devices abort when
-        # ~40 sharded steps queue) and catches a non-finite loss at its step; always before a checkpoint,
-        # so a non-finite state is never saved (orbax would then drop the good checkpoints it keeps).
-        if len(pending) >= block_every or step % log_every == 0 or saving:
-          for s, mm in pending:
+        # ~40 sharded steps queue) and catches a non-finite loss at its step. The newest step stays in
+        # flight, so the device computes it while the host prepares the next batch; every step is read
+        # before a log line and before a checkpoint, so a non-finite state is never saved (orbax would then
+        # drop the good checkpoints it keeps).
+        drain = step % log_every == 0 or saving
+        if len(pending) >= block_every or drain:
+          ready, pending = (pending, []) if drain else (pending[:-1], pending[-1:])
+          for s, mm in ready:
             vals = metrics_lib.to_python(mm)
             metrics_lib.check_finite(vals, s)
             metrics_lib.check_finite(vals, s, "param_absmax")  # the weights about to be saved
             window.append(vals)
-          pending = []
         if step % log_every == 0 or step == total_steps:
           last_train = {k: float(np.mean([w[k] for w in window])) for k in window[-1]} if window else {}
           window = []
