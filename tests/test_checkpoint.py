@@ -225,3 +225,31 @@ def test_data_state_of_another_shape_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="num_workers"):
     ck.restore(state, Iter("next_index_in_cycle"))
   ck.close()
+
+
+def test_loading_weights_reads_no_optimizer_state(tmp_path, monkeypatch):
+  """weights_from / load_trained_classifier restore only params and batch_stats (orbax partial restore):
+  the optimizer state of a big model is not read from disk."""
+  import jax
+  import orbax.checkpoint as ocp
+  from diffaug_jax import checkpoint as ckpt_lib
+  from diffaug_jax import trainer
+  from test_trainer import tiny_config
+  wd = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), wd)
+  full, _ = ckpt_lib.restore_raw_state(wd)
+  assert "opt_state" in full
+  restored_keys = []
+  for cls in (ocp.CheckpointManager, ocp.PyTreeCheckpointer):  # whichever reads the state from disk
+    def spy(self, *a, real=cls.restore, **kw):
+      out = real(self, *a, **kw)
+      tree = out["state"] if "state" in out else out
+      restored_keys.append(sorted(dict(tree)))
+      return out
+    monkeypatch.setattr(cls, "restore", spy)
+  w = ckpt_lib.weights_from(wd)
+  assert sorted(w) == sorted(k for k in ("params", "batch_stats") if full.get(k))
+  for a, b in zip(jax.tree.leaves(w["params"]), jax.tree.leaves(full["params"])):
+    np.testing.assert_array_equal(a, b)
+  if ckpt_lib._PARTIAL_RESTORE:
+    assert restored_keys and all("opt_state" not in keys for keys in restored_keys), restored_keys
