@@ -11,8 +11,9 @@ same seed/steps; reports accuracy on test digits diffused to t ~ U{0..999} overa
 (da_classifier.md/json); samples 4 digits per class with DDPM (250 steps) and DDIM (50 steps), unguided and
 guided by each classifier (guided_{ddpm,ddim}_{unguided,noisy,da}.png, one row per class).
 Expected: both classifiers far above chance (10%) on small t, near chance at t close to 999; the DA-classifier
-is more accurate overall (paper Table 4's claim; here e.g. ~36% vs ~31% with the Gaussian denoiser after
-200 steps); guided samples are judged as their target class more often than unguided ones.
+is more accurate overall (paper Table 4's claim; measured here with the Gaussian denoiser and the defaults,
+1000 steps: DA 41.48% vs noisy 39.56%); guided samples are judged as their target class more often than
+unguided ones (DDPM: 87.5% with the DA-classifier, 100% with the noisy one, 5.0% unguided).
 """
 import ml_collections
 
