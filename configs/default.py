@@ -102,7 +102,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.mode = "demo"
-  c.seed = 0
+  c.seed = 0  # every stage's seed: the score run, both classifiers (their own `seed` fields are set to it), eval
   c.demo = ml_collections.ConfigDict()
   c.demo.score = score_run(smoke)
   c.demo.classifier = classifier_run(smoke)

@@ -128,7 +128,10 @@ def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict
   print("== 1/4 score model (DDPM) ==", flush=True)
   t = time.perf_counter()
   score_dir = os.path.join(workdir, "score")
-  _check_finished(trainer.train_and_evaluate(d.score, score_dir, allow_config_change=allow_config_change),
+  # `config.seed` seeds every stage (the sub-runs' own seed fields are overridden by it).
+  score_cfg = copy.deepcopy(d.score)
+  score_cfg.seed = int(config.seed)
+  _check_finished(trainer.train_and_evaluate(score_cfg, score_dir, allow_config_change=allow_config_change),
                   "score model")
   timings["score"] = time.perf_counter() - t
 
@@ -137,6 +140,7 @@ def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict
     print(f"== {2 + i}/4 classifier: {name} ==", flush=True)
     t = time.perf_counter()
     c = copy.deepcopy(d.classifier)
+    c.seed = int(config.seed)
     c.diffaug.enabled = enabled
     c.score.workdir = score_dir
     _check_finished(trainer.train_and_evaluate(c, os.path.join(workdir, name),

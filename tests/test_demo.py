@@ -135,3 +135,26 @@ def test_finetune_config_refuses_to_start_without_weights(tmp_path):
   with pytest.raises(ValueError, match="init_checkpoint"):
     trainer.train_and_evaluate(_config("imagenet_finetune_diffaug", "augmix"), str(tmp_path))
   assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_demo_seed_reaches_every_training_stage(tmp_path, monkeypatch):
+  """`--config.seed` seeds the score run and both classifiers, not only the evaluation keys."""
+  from diffaug_jax import demo, trainer
+
+  class Stop(Exception):
+    pass
+
+  seeds = []
+
+  def fake_train(config, workdir, **kw):
+    seeds.append(int(config.seed))
+    if len(seeds) == 3:
+      raise Stop  # before the evaluation, which would need trained models
+    return {"preempted": False, "step": 1}
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
+  config = _config("default", "smoke")
+  config.seed = 7
+  with pytest.raises(Stop):
+    demo.run_demo(config, str(tmp_path))
+  assert seeds == [7, 7, 7]
