@@ -292,8 +292,17 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
   checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
   where in {"resume@<step>", "init:<src>", "scratch"}.
   """
-  if ckpt.latest_step() is not None:
-    state, step = ckpt.restore(init_state_fn(None), data_iter)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    try:
+      state, step = ckpt.restore(init_state_fn(None), data_iter)
+    except Exception as e:  # pylint: disable=broad-except  # orbax / tensorstore errors are many and long
+      older = [s for s in ckpt.all_steps() if s != latest]
+      hint = (f"the older checkpoint(s) {older} are still there: move {ckpt.directory}/{latest} aside (e.g. to "
+              f"{ckpt.directory}/{latest}.broken) to resume from step {max(older)}" if older else
+              "no older checkpoint is kept")
+      raise RuntimeError(f"cannot restore checkpoint step {latest} from {ckpt.directory} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); {hint}") from e
     log(f"resumed from {ckpt.directory}/{step}")
     return state, f"resume@{step}"
   if init_checkpoint:

@@ -386,6 +386,15 @@ def config_changes(saved: dict, config) -> tuple[list[str], list[str]]:
   return sorted(changed | meaningful), sorted(one_sided - meaningful)
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
+  """Host-side (this host's rows, before they go to the devices): a label outside [0, num_classes) would
+  show up only as a non-finite loss (or a silently wrapped one-hot)."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"batch at step {step} has labels in [{labels.min()}, {labels.max()}] but config.num_classes "
+                     f"is {num_classes}: set num_classes (and data.num_classes) to the data's class count")
+
+
 def _set_aside(path: str, step: int) -> str:
   """Renames `path` (config.json, metrics.jsonl) to `<stem>.before_step<step>[.k]<ext>`, never over an
   earlier one (two config changes at one step keep both); returns the new file name."""
@@ -439,6 +448,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     raise ValueError("this config fine-tunes released weights: set --config.init_checkpoint=<converted "
                      "params file or training workdir>")
   workdir = os.path.abspath(workdir)
+  for path in (workdir, os.path.join(workdir, "checkpoints")):  # (orbax would fail deep inside, or at a save)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise NotADirectoryError(f"{path} exists and is not a directory: --workdir must be a directory (a new "
+                               "one, or a run's to resume)")
   mix = mix_config(config) if mode == "classifier" else None
   diffaug_source = config.get("diffaug", {}).get("source", "image_da") if mode == "classifier" else "image_da"
   if diffaug_source not in ("image_da", "clean"):
@@ -613,6 +626,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         except StopIteration as e:
           raise RuntimeError(f"train iterator ended at step {step} (expected an infinite, repeating stream)") from e
         batch = {k: v for k, v in batch.items() if k in batch_keys}
+        if mode == "classifier":
+          _check_labels(batch["label"], int(config.num_classes), step)
         state, m = p_step(state, sharding.shard_batch(batch, mesh), score_params)
         step += 1
         pending.append((step, m))

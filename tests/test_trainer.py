@@ -372,3 +372,34 @@ def test_fresh_start_keeps_the_files_of_an_attempt_without_checkpoints(tmp_path)
   assert (wd / "metrics.before_step0.jsonl").read_text() == json.dumps({"step": 1, "loss": 9.0}) + "\n"
   assert all(row.get("loss") != 9.0 for row in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines()))
   assert "precious" not in json.loads((wd / "config.json").read_text())
+
+
+def test_unusable_workdirs_and_a_broken_latest_checkpoint_say_what_to_do(tmp_path):
+  """A workdir (or its checkpoints/) that is a file fails before anything runs; a latest checkpoint that
+  cannot be read names the older one still there, and moving the broken step aside resumes from it."""
+  import shutil
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match="must be a directory"):
+    trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(tmp_path / "file"))
+  (tmp_path / "wd2").mkdir()
+  (tmp_path / "wd2" / "checkpoints").write_text("x")
+  with pytest.raises(NotADirectoryError, match="checkpoints exists and is not a directory"):
+    trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(tmp_path / "wd2"))
+  wd = tmp_path / "run"
+  cfg = tiny_config(steps=4, diffaug=False)
+  cfg.checkpoint_every = 2
+  trainer.train_and_evaluate(cfg, str(wd))
+  shutil.rmtree(wd / "checkpoints" / "4" / "state")  # a half-deleted / corrupted latest step
+  cfg.num_train_steps = 6
+  with pytest.raises(RuntimeError, match=r"cannot restore checkpoint step 4.*\[2\].*4.broken.*from step 2"):
+    trainer.train_and_evaluate(cfg, str(wd))
+  os.replace(wd / "checkpoints" / "4", wd / "checkpoints" / "4.broken")
+  assert trainer.train_and_evaluate(cfg, str(wd))["start"] == "resume@2"
+
+
+def test_labels_outside_num_classes_are_an_error_not_a_nan():
+  trainer._check_labels(np.array([0, 3, 1]), 4, 1)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"labels in \[0, 9\] but config.num_classes is 5"):
+    trainer._check_labels(np.array([0, 9, 2]), 5, 1)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="labels in"):
+    trainer._check_labels(np.array([-1, 2]), 5, 3)  # pylint: disable=protected-access
