@@ -142,6 +142,22 @@ def load_frozen_score(config):
   return module, params, schedule
 
 
+def _check_score_input(config, image_shape, score_module) -> None:
+  """A score model fed another channel count cannot run (an error now, not a shape error in the first jit).
+  One trained on another image size runs, the UNet being convolutional (the paper runs ADM-256 on 224
+  crops), but is easy to pick by mistake, so a score run of ours trained at another size is logged."""
+  in_channels = getattr(score_module, "in_channels", None)
+  if in_channels is not None and int(in_channels) != int(image_shape[-1]):
+    raise ValueError(f"the score model takes {in_channels}-channel images but the data yields {image_shape[-1]} "
+                     "channels: set data.channels or use a score model trained on such images")
+  workdir = config.score.get("workdir")
+  if workdir:
+    trained = int(ckpt_lib.read_train_config(workdir).get("data", {}).get("image_size", 0) or 0)
+    if trained and trained != int(image_shape[0]):
+      _log(f"note: the score model in {workdir} was trained on {trained}x{trained} images; DiffAug runs it on "
+           f"{image_shape[0]}x{image_shape[1]}")
+
+
 def reads_da_view(config) -> bool:
   """Whether the train step reads the batch's "image_da" (a classifier run with DiffAug from that view)."""
   return (config.get("mode", "classifier") == "classifier" and bool(config.diffaug.enabled)
@@ -480,6 +496,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       from diffaug_jax.models.score import frozen_params_for_compute
       score_dtype = _dtype(config.score.get("dtype", None))
       score_module, score_params, schedule = load_frozen_score(config)
+      _check_score_input(config, data["image_shape"], score_module)
       # Held in the compute dtype (cast once here, not inside every step): same outputs, half the memory.
       score_params = frozen_params_for_compute(score_module, score_params, score_dtype)
       score_eps_factory = make_score_eps_factory(score_module, dtype=score_dtype)

@@ -403,3 +403,17 @@ def test_labels_outside_num_classes_are_an_error_not_a_nan():
     trainer._check_labels(np.array([0, 9, 2]), 5, 1)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="labels in"):
     trainer._check_labels(np.array([-1, 2]), 5, 3)  # pylint: disable=protected-access
+
+
+def test_score_model_input_is_checked_against_the_data(tmp_path, capsys):
+  """Another channel count is an error before anything compiles; another image size (our own score run)
+  is logged: it runs, the UNet being convolutional, but is easy to pick by mistake."""
+  import types
+  module = types.SimpleNamespace(in_channels=3)
+  cfg = tiny_config(steps=1)
+  with pytest.raises(ValueError, match="takes 3-channel images but the data yields 1"):
+    trainer._check_score_input(cfg, (8, 8, 1), module)  # pylint: disable=protected-access
+  (tmp_path / "config.json").write_text(json.dumps({"mode": "score", "data": {"image_size": 16}}))
+  cfg.score.workdir = str(tmp_path)
+  trainer._check_score_input(cfg, (8, 8, 1), types.SimpleNamespace(in_channels=1))  # pylint: disable=protected-access
+  assert "trained on 16x16 images; DiffAug runs it on 8x8" in capsys.readouterr().out
