@@ -170,7 +170,7 @@ class Checkpointer:
 
 class _DropReadOnlyNoise(logging.Filter):
   """orbax warns on every read-only open and about items a weights-only restore leaves alone."""
-  _NOISE = ("read_only=True", "is read only", "could not be restored")
+  _NOISE = ("read_only=True", "is read only", "could not be restored", "Metadata file does not exist")
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not any(n in record.getMessage() for n in self._NOISE)
@@ -192,10 +192,10 @@ def restore_raw_state(workdir_or_ckpt_dir: str, step: int | None = None, *,
   """Restores a saved TrainState as plain nested dicts of numpy arrays (no target structure needed).
 
   Accepts a training workdir or its `checkpoints` directory. Returns (tree, step) with keys "step", "params",
-  "batch_stats", "opt_state"[, "ema_params"]. `keys`: read only these top-level entries (those the
-  checkpoint has): loading weights then skips the optimizer state (two Adam moments of a 550M-parameter UNet
-  are 4.4 GB per host). Needs orbax's partial restore (`PyTreeRestore(partial_restore=...)`); an orbax
-  without it reads everything and the other entries are dropped here.
+  "batch_stats", "opt_state"[, "ema_params"], as host numpy whatever device layout saved them. `keys`: read
+  only these top-level entries (those the checkpoint has): loading weights then skips the optimizer state
+  (two Adam moments of a 550M-parameter UNet are 4.4 GB per host). Needs orbax's partial restore
+  (`PyTreeRestore(partial_restore=...)`); an orbax without it reads everything and drops the rest here.
   """
   path = os.path.abspath(workdir_or_ckpt_dir)
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -216,11 +216,9 @@ def _restore_raw_state(path: str, step: int | None, keys: Sequence[str] | None =
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found in {path}")
-    tree = _restore_entries(os.path.join(path, str(step), "state"), keys) if keys is not None else None
-    if tree is None:
-      # The whole state, every array as host numpy (works for checkpoints written on any device layout).
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-      tree = dict(restored["state"])
+    tree = _restore_as_numpy(os.path.join(path, str(step), "state"), keys)
+    if tree is None:  # an orbax whose metadata we cannot read: its own restore (the saving run's layout)
+      tree = dict(mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
   finally:
     mngr.close()
   if keys is not None:
@@ -228,10 +226,11 @@ def _restore_raw_state(path: str, step: int | None, keys: Sequence[str] | None =
   return jax.tree.map(np.asarray, tree), step
 
 
-def _restore_entries(state_dir: str, keys: Sequence[str]) -> dict | None:
-  """Only the top-level entries `keys` of a saved state (orbax partial restore), or None where this orbax
-  cannot (no partial restore, another metadata layout): the caller then reads the whole state."""
-  if not _PARTIAL_RESTORE or not os.path.isdir(state_dir):
+def _restore_as_numpy(state_dir: str, keys: Sequence[str] | None) -> dict | None:
+  """The saved state's top-level entries `keys` (all when None) as host numpy, whatever device layout saved
+  them (a checkpoint of 8 devices loads on 1). None where this orbax cannot (an unknown metadata layout, or
+  `keys` without partial restore): the caller then uses orbax's own restore and drops the other entries."""
+  if (keys is not None and not _PARTIAL_RESTORE) or not os.path.isdir(state_dir):
     return None
   with ocp.PyTreeCheckpointer() as checkpointer:
     meta = checkpointer.metadata(state_dir)
@@ -239,14 +238,14 @@ def _restore_entries(state_dir: str, keys: Sequence[str]) -> dict | None:
     meta = getattr(meta, "tree", meta)
     if not isinstance(meta, Mapping):
       return None
-    target = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta[k]) for k in keys if k in meta}
+    target = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), v) for k, v in meta.items()
+              if keys is None or k in keys}
     if not target:
       return {}
-    # As host numpy, like the whole-state path: no device layout is read back (the saving run's topology
-    # need not be this one's).
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    partial = {"partial_restore": True} if keys is not None else {}
     return dict(checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
+        item=target, restore_args=restore_args, **partial)))
 
 
 def weights_from(source: str) -> dict:
@@ -297,12 +296,17 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
     try:
       state, step = ckpt.restore(init_state_fn(None), data_iter)
     except Exception as e:  # pylint: disable=broad-except  # orbax / tensorstore errors are many and long
+      first_line = str(e).splitlines()[0][:300] if str(e) else ""
       older = [s for s in ckpt.all_steps() if s != latest]
-      hint = (f"the older checkpoint(s) {older} are still there: move {ckpt.directory}/{latest} aside (e.g. to "
-              f"{ckpt.directory}/{latest}.broken) to resume from step {max(older)}" if older else
-              "no older checkpoint is kept")
-      raise RuntimeError(f"cannot restore checkpoint step {latest} from {ckpt.directory} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); {hint}") from e
+      if older:
+        damaged = (f"If step {latest} is damaged (a write cut off, a deleted file), the older checkpoint(s) "
+                   f"{older} are still there: move {ckpt.directory}/{latest} aside (e.g. to {latest}.broken) to "
+                   f"resume from step {max(older)}")
+      else:
+        damaged = f"If step {latest} is damaged, no older checkpoint is kept"
+      raise RuntimeError(f"cannot restore checkpoint step {latest} from {ckpt.directory} ({type(e).__name__}: "
+                         f"{first_line}). {damaged}; if the model or data changed (--allow_config_change), this "
+                         "run's checkpoints do not fit it: use a new workdir") from e
     log(f"resumed from {ckpt.directory}/{step}")
     return state, f"resume@{step}"
   if init_checkpoint:

@@ -544,10 +544,14 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       kept = _set_aside(cfg_path, start_step)
       _log(f"resuming under a changed config ({', '.join(changed)}); the old one is kept as {kept}")
     elif resume_step is None and os.path.isfile(cfg_path):
-      with open(cfg_path) as f:
-        if any(config_changes(json.load(f), config)):
-          _log(f"{workdir} holds the config.json of another run without checkpoints; kept as "
-               f"{_set_aside(cfg_path, 0)}")
+      try:
+        with open(cfg_path) as f:
+          changed_keys, one_sided = config_changes(json.load(f), config)
+      except ValueError:  # not JSON (cut off): not this config either
+        changed_keys, one_sided = ["(unreadable)"], []
+      if changed_keys or one_sided:
+        _log(f"{workdir} holds the config.json of another run without checkpoints; kept as "
+             f"{_set_aside(cfg_path, 0)}")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is None and os.path.isfile(metrics_path):
       _log(f"starting from step 0 in a workdir with metrics of an earlier attempt; kept as "

@@ -168,6 +168,11 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
   src = sources.FolderSource(str(tmp_path / "imgs"), channels=1)
   assert src.load_or_none(src.files.index(str(tmp_path / "imgs" / "a" / "z_big.tif"))) is None
   assert src.bad_files == [str(tmp_path / "imgs" / "a" / "z_big.tif")]
+  # A 32-bit-integer image holding 8-bit values stays as it is (PIL reads those right), not shifted to black.
+  (tmp_path / "eight" / "a").mkdir(parents=True)
+  Image.fromarray(np.array([[0, 128, 255, 200]], np.int32)).save(tmp_path / "eight" / "a" / "x8.tif")
+  got = sources.FolderSource(str(tmp_path / "eight"), channels=1)[0]["image"]
+  np.testing.assert_array_equal(got[..., 0], [[0, 128, 255, 200]])
 
 
 def _folder_split(root, classes):

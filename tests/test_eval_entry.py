@@ -288,3 +288,11 @@ def test_classifier_with_other_classes_than_the_data_is_refused(tmp_path):
         loading.load_classifier(spec, data_cfg=data)
     else:
       loading.load_classifier(spec, data_cfg=data)
+  # An eval-only image tree (no train split) labels itself: its class count is not known here, no check.
+  from PIL import Image
+  for c in ("cat", "dog"):
+    (tmp_path / "evalonly" / "val" / c).mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "evalonly" / "val" / c / "x.png")
+  folder = ml_collections.ConfigDict(dict(source="folder", data_dir=str(tmp_path / "evalonly"), eval_split="val",
+                                          image_size=16, channels=1))
+  loading.load_classifier(spec, data_cfg=folder)

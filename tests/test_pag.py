@@ -71,7 +71,7 @@ def test_run_task_dispatch_writes_png(tmp_path):
   assert json.load(open(tmp_path / "wd" / "results.json"))["t"] == 300
 
 
-def test_partial_logit_fn_passes_weights_as_arguments(tmp_path):
+def test_partial_logit_fn_passes_weights_as_arguments(tmp_path, monkeypatch):
   """`run` hands pag_figure `Partial(apply, variables)`: same gradients as a closure, but the weights are jit
   arguments, not constants baked into the program."""
   from diffaug_jax.models.classifiers import get_classifier
@@ -90,3 +90,9 @@ def test_partial_logit_fn_passes_weights_as_arguments(tmp_path):
   lowered = pag._jit_logit_gradients.lower(partial, x_t, tt, jnp.asarray(labels))
   n_weights = len(jax.tree.leaves(variables))
   assert len(jax.tree.leaves(lowered.args_info)) == n_weights + 3
+  # ... and pag_figure sends a Partial to that jit, a closure to the static one.
+  used = []
+  monkeypatch.setattr(pag, "_jit_logit_gradients", lambda *a: used.append("args") or jnp.zeros(x_t.shape))
+  monkeypatch.setattr(pag, "_jit_logit_gradients_static", lambda *a: used.append("static") or jnp.zeros(x_t.shape))
+  pag.pag_figure(key, x0, labels, {"closure": closure, "partial": partial}, schedule, str(tmp_path / "p2.png"))
+  assert used == ["static", "args"]

@@ -391,7 +391,8 @@ def test_unusable_workdirs_and_a_broken_latest_checkpoint_say_what_to_do(tmp_pat
   trainer.train_and_evaluate(cfg, str(wd))
   shutil.rmtree(wd / "checkpoints" / "4" / "state")  # a half-deleted / corrupted latest step
   cfg.num_train_steps = 6
-  with pytest.raises(RuntimeError, match=r"cannot restore checkpoint step 4.*\[2\].*4.broken.*from step 2"):
+  with pytest.raises(RuntimeError,
+                     match=r"cannot restore checkpoint step 4.*\[2\].*4.broken.*from step 2.*do not fit it"):
     trainer.train_and_evaluate(cfg, str(wd))
   os.replace(wd / "checkpoints" / "4", wd / "checkpoints" / "4.broken")
   assert trainer.train_and_evaluate(cfg, str(wd))["start"] == "resume@2"
@@ -417,3 +418,12 @@ def test_score_model_input_is_checked_against_the_data(tmp_path, capsys):
   cfg.score.workdir = str(tmp_path)
   trainer._check_score_input(cfg, (8, 8, 1), types.SimpleNamespace(in_channels=1))  # pylint: disable=protected-access
   assert "trained on 16x16 images; DiffAug runs it on 8x8" in capsys.readouterr().out
+
+
+def test_fresh_start_over_a_cut_off_config_json(tmp_path):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text('{"mode": "classif')  # a write cut off
+  trainer.train_and_evaluate(tiny_config(steps=1, diffaug=False), str(wd))
+  assert (wd / "config.before_step0.json").read_text() == '{"mode": "classif'
+  assert json.loads((wd / "config.json").read_text())["mode"] == "classifier"

@@ -179,8 +179,9 @@ def resolve_class_names(class_names: str | Sequence[str] | None) -> list[str] | 
 
 def to_8bit(img):
   """A PIL image with 16-bit samples ("I;16*", or "I" as 16-bit PNGs may open) -> mode "L", value >> 8 (the
-  high byte, as PIL itself reduces 16-bit RGB PNGs); other modes unchanged. PIL's convert("L"/"RGB") would
-  clip instead (30000 -> 255: a white image)."""
+  high byte, as PIL itself reduces 16-bit RGB PNGs); a mode "I" image whose values fit in 8 bits is left as
+  it is (PIL converts it right); other modes unchanged. PIL's convert("L"/"RGB") would clip 16-bit values
+  instead (30000 -> 255: a white image)."""
   if not (img.mode.startswith("I;16") or img.mode == "I"):
     return img
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -189,6 +190,8 @@ def to_8bit(img):
   if lo < 0 or hi > 65535:  # a 32-bit integer image: no scale to assume
     raise ValueError(f"mode {img.mode} image with values in [{lo}, {hi}], outside the 16-bit range "
                      "[0, 65535]: save it as an 8- or 16-bit image")
+  if img.mode == "I" and hi <= 255:  # 32-bit integer samples holding 8-bit values (PIL reads those right)
+    return img
   return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 

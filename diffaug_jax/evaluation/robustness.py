@@ -347,14 +347,15 @@ def _need(model, keys, mode):
                      f"(set config.score.params_path and config.score.preset)")
 
 
-_SCORE_FIELDS = ("eps_fn", "model_fn", "score_params", "schedule", "dda_schedule", "learn_sigma")
+_SCORE_OBJECTS = ("eps_fn", "model_fn", "score_params", "schedule", "dda_schedule")
 
 
 def _score_groups(models: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
   """Models grouped by the score model they use (the same objects), in order of first appearance."""
   groups: dict[tuple, list] = {}
   for m in models:
-    groups.setdefault(tuple(id(m.get(f)) for f in _SCORE_FIELDS), []).append(m)
+    k = tuple(id(m.get(f)) for f in _SCORE_OBJECTS) + (bool(m.get("learn_sigma", True)),)
+    groups.setdefault(k, []).append(m)
   return list(groups.values())
 
 
