@@ -253,3 +253,25 @@ def test_loading_weights_reads_no_optimizer_state(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
   if ckpt_lib._PARTIAL_RESTORE:
     assert restored_keys and all("opt_state" not in keys for keys in restored_keys), restored_keys
+
+
+def test_weights_of_an_8_device_run_load_on_one_device(tmp_path):
+  """Train on 8 devices, evaluate on 1: the raw state and the weights load as host numpy, whatever device
+  layout saved them (orbax's own restore asks for the saving run's topology)."""
+  import jax
+  from diffaug_jax import checkpoint as ckpt_lib
+  from diffaug_jax import trainer
+  from test_trainer import tiny_config
+  wd = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), wd)
+  want = float(sum(np.abs(x).sum() for x in jax.tree.leaves(ckpt_lib.weights_from(wd)["params"])))
+  code = ("import jax, numpy as np; from diffaug_jax import checkpoint as c; "
+          f"t, _ = c.restore_raw_state({wd!r}); w = c.weights_from({wd!r}); "
+          "assert jax.device_count() == 1 and 'opt_state' in t; "
+          "print(float(sum(np.abs(x).sum() for x in jax.tree.leaves(w['params']))))")
+  env = _child_env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  run = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert float(run.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-6)
