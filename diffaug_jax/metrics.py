@@ -1,4 +1,5 @@
-"""Host-side metric plumbing: JSONL writer (process 0 only), progress line, throughput, non-finite guard."""
+"""Host-side metric plumbing: JSONL writer (process 0 only), progress line, throughput, non-finite guard,
+atomic text files."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,19 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `path` whole or not at all (a temporary file moved into place): a run stopped mid-write leaves
+  the previous config.json / results.json as it was, not cut off."""
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -369,8 +369,8 @@ class _Preemption:
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    metrics_lib.write_text_atomic(os.path.join(workdir, "config.json"),
+                                  config.to_json_best_effort(indent=1, sort_keys=True))
 
 
 # Fields (dotted paths, or a section) a resumed run may change: how long it runs, how it reads and lays out

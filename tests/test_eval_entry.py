@@ -296,3 +296,14 @@ def test_classifier_with_other_classes_than_the_data_is_refused(tmp_path):
   folder = ml_collections.ConfigDict(dict(source="folder", data_dir=str(tmp_path / "evalonly"), eval_split="val",
                                           image_size=16, channels=1))
   loading.load_classifier(spec, data_cfg=folder)
+
+
+def test_results_files_are_written_whole_or_not_at_all(tmp_path):
+  """A value json cannot encode (or a stop mid-write) leaves the previous results.json as it was."""
+  from diffaug_jax.evaluation import loading
+  path = str(tmp_path / "results.json")
+  loading.write_json(path, {"accuracy": 0.5})
+  with pytest.raises(TypeError):
+    loading.write_json(path, {"accuracy": object()})
+  assert json.load(open(path)) == {"accuracy": 0.5}
+  assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind

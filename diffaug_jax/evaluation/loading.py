@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffaug_jax import diffusion, sharding
+from diffaug_jax import diffusion, metrics, sharding
 
 PyTree = Any
 
@@ -350,15 +350,13 @@ def is_primary() -> bool:
 
 
 def write_json(path: str, obj: Any, *, default: Callable | None = None) -> None:
-  if is_primary():
-    with open(path, "w") as f:
-      json.dump(obj, f, indent=1, default=default)
+  if is_primary():  # (encoded before the file is touched: an unencodable value leaves the old file whole)
+    metrics.write_text_atomic(path, json.dumps(obj, indent=1, default=default))
 
 
 def write_text(path: str, text: str) -> None:
   if is_primary():
-    with open(path, "w") as f:
-      f.write(text)
+    metrics.write_text_atomic(path, text)
 
 
 def write_results(workdir: str, result: dict, markdown: str, *, default: Callable | None = None) -> None:
