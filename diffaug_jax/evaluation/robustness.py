@@ -198,7 +198,6 @@ def joint_step(classify_fns: Sequence[Callable], head: Head, modes: Sequence[str
 
   def step(params, x, key, mask):
     cls_params, score_params = params
-    out = {}
     per_mode = {}
     if "default" in modes:
       per_mode["default"] = _default_outputs(fns, cls_params, x, head)
@@ -207,10 +206,8 @@ def joint_step(classify_fns: Sequence[Callable], head: Head, modes: Sequence[str
     if "dda" in modes:
       per_mode["dda"] = _dda_outputs(fns, cls_params, model_fn, score_params, x, key, mask, dda_schedule,
                                      head, **dict(dda_kw or {}))
-    for mode, outs in per_mode.items():
-      for j, o in enumerate(outs):
-        out.update({f"{j}/{mode}/{k}": v for k, v in o.items()})
-    return out
+    # The runner gathers a flat dict of per-example arrays: one key per (classifier, mode, output).
+    return {f"{j}/{mode}/{k}": v for mode, outs in per_mode.items() for j, o in enumerate(outs) for k, v in o.items()}
   return step
 
 
