@@ -47,15 +47,17 @@ def test_batch_and_seed():
   assert not np.array_equal(out, C.corrupt(imgs, "gaussian_noise", 3, seed=1))
   it = C.corrupt_iterator(iter([{"image": imgs[:1]}, {"image": imgs[1:]}]), "gaussian_noise", 3, seed=0)
   np.testing.assert_array_equal(np.concatenate([b["image"] for b in it]), out)
-  # Over 3 hosts (host h reads examples h, h + 3, ...: the eval loaders' layout) every example is corrupted
-  # as on one host: the random stream is the example's, not the row's of its host.
+  # Over 3 hosts, whatever rows a host reads, every example is corrupted as on one host: the random stream
+  # is the example's (its "index", as the eval loaders give it), not the row's of its host.
   many = np.stack([_image(32)[::k] for k in (1, -1)] * 4)[:7]
   one = np.concatenate([b["image"] for b in C.corrupt_iterator(iter([{"image": many}]), "shot_noise", 2)])
   for h in range(3):
-    mine = many[h::3]
-    got = C.corrupt_iterator(iter([{"image": mine[:1]}, {"image": mine[1:]}]), "shot_noise", 2,
-                             process_index=h, process_count=3)
-    np.testing.assert_array_equal(np.concatenate([b["image"] for b in got]), one[h::3])
+    idx = np.arange(h, 7, 3)
+    batches = [{"image": many[idx[:1]], "index": idx[:1]}, {"image": many[idx[1:]], "index": idx[1:]}]
+    got = C.corrupt_iterator(iter(batches), "shot_noise", 2, process_count=3)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in got]), one[idx])
+  with pytest.raises(ValueError, match="example index"):
+    list(C.corrupt_iterator(iter([{"image": many}]), "shot_noise", 2, process_count=2))
 
 
 def test_bad_input():

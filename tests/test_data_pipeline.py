@@ -186,13 +186,16 @@ def test_eval_loader_padding_and_host_shards():
   np.testing.assert_array_equal(batches[1]["image"], again[1]["image"])
   labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
   np.testing.assert_array_equal(labels, single.source.labels)
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]),
+                                np.concatenate([np.arange(364), np.full(36, -1)]))
+  # Two hosts: host h reads block h of every global batch, so the global batches (host blocks side by side)
+  # are the one-host batches row for row: each example keeps its row, and per-row noise with it.
   hosts = [pipeline.make_eval_loader(cfg, global_batch_size=100, process_index=h, process_count=2)
            for h in range(2)]
   assert hosts[0].num_batches == hosts[1].num_batches == 4 and hosts[0].batch_size == 50
-  per_host = [np.concatenate([b["label"][b["mask"] == 1] for b in h]) for h in hosts]
-  merged = np.empty(364, np.int64)
-  merged[0::2], merged[1::2] = per_host[0], per_host[1]
-  np.testing.assert_array_equal(merged, single.source.labels)
+  for one, parts in zip(batches, zip(*[list(h) for h in hosts])):
+    for k in ("image", "label", "mask", "index"):
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), one[k])
 
 
 def test_augmix_hook():

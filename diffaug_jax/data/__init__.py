@@ -17,7 +17,7 @@ Public API (names re-exported lazily from the sub-modules):
       get_state()/set_state() for exact resume.                                          [pipeline.py]
   make_eval_loader(cfg, split=None, *, global_batch_size, process_index=0, process_count=1,
                    source=None, num_workers=None) -> EvalLoader (re-iterable; num_examples,
-      num_batches, batch_size); yields {"image", "label", "mask"}, last batch padded (mask 0).
+      num_batches, batch_size); yields {"image", "label", "mask", "index"}, last batch padded (mask 0).
   checkpointing.handler(), checkpointing.save_args(it), checkpointing.restore_args(it)
       -> the orbax handler / args that save the iterator position per process.      [checkpointing.py]
   augmix.make_augmix_fn(cfg) -> per-example AugMix callable for make_train_loader(augmix_fn=...)

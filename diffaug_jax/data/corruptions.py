@@ -409,19 +409,24 @@ def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int = 0,
   ]) if len(images) else images.copy()
 
 
-def corrupt_iterator(batches, name: str, severity: int, *, seed: int = 0, process_index: int = 0,
-                     process_count: int = 1):
-  """Wraps an eval iterator of `{"image", "label", "mask"}` dicts, corrupting `image` (padding included,
-  harmless: it is masked). Row r of this host's stream (counted over all its batches) is global example
-  process_index + r * process_count, the eval loaders' host layout, and uses that example's random stream:
-  results depend neither on the batch size nor on the number of hosts."""
+def corrupt_iterator(batches, name: str, severity: int, *, seed: int = 0, process_count: int = 1):
+  """Wraps an eval iterator of `{"image", "label", "mask"[, "index"]}` dicts, corrupting `image` (padding
+  included, harmless: it is masked). Each image uses the random stream of its example's index in the split
+  (the eval loaders' "index"; without one, a single host's row count): results depend neither on the batch
+  size nor on the number of hosts."""
   row = 0
   for batch in batches:
     batch = dict(batch)
     images = batch["image"]
+    if "index" in batch:
+      indices = np.maximum(np.asarray(batch["index"]), 0)  # (padding rows, index -1: any stream will do)
+    elif process_count > 1:
+      raise ValueError("corrupt_iterator needs each row's example index (the eval loaders' 'index') when "
+                       "several hosts read the data")
+    else:
+      indices = row + np.arange(len(images))
     if len(images):
-      batch["image"] = np.stack([
-          corrupt(im, name, severity, seed=seed, index_offset=process_index + (row + i) * process_count)
-          for i, im in enumerate(images)])
+      batch["image"] = np.stack([corrupt(im, name, severity, seed=seed, index_offset=int(j))
+                                 for im, j in zip(images, indices)])
     row += len(images)
     yield batch

@@ -26,9 +26,11 @@ grain's multi-worker state differs from the in-process one); the state is the sa
 saved with one host count can be set on iterators made for another host count (train.py's checkpoints do this: `checkpoint.DataIteratorHandler`
 restores a state that every saving process wrote identically on any process count).
 
-Eval (`make_eval_loader`): each host reads source[process_index::process_count] in order, pads to the same
-number of batches on every host (so a sharded eval step sees a full global batch each call) and yields
-{"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,)} with mask 0 on padding.
+Eval (`make_eval_loader`): global batch b holds examples [b G, (b + 1) G) in order, padded to G at the end of
+the split, and host h reads its contiguous block [h G / P, (h + 1) G / P) of it, so every example sits at the
+same row of the same global batch whatever the host count (per-row noise, as DE and DDA draw it, is then
+host-count invariant); every host yields the same number of batches, {"image": uint8 (B, S, S, C), "label":
+int32 (B,), "mask": int32 (B,), "index": int32 (B,)} with mask 0 and index -1 on padding.
 """
 
 from __future__ import annotations
@@ -192,29 +194,31 @@ def make_train_loader(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
 
 
 class _EvalMap:
-  """Padded position -> example (or a zero image with mask 0 beyond the host's shard or when unreadable)."""
+  """Host-local position -> its example (a zero image with mask 0 past the split's end or when unreadable)."""
 
   def __init__(self, source, indices, transform, shape, channels):
     self.source, self.indices, self.transform = source, indices, transform
     self.shape, self.channels = shape, channels
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
-    if position >= len(self.indices):
-      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0)}
     index = int(self.indices[position])
-    load = getattr(self.source, "load_or_none", None)
-    ex = load(index) if load is not None else self.source[index]
-    if ex is None:  # unreadable (logged): not scored, rather than scoring another image twice
-      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0)}
+    ex = None
+    if index >= 0:
+      load = getattr(self.source, "load_or_none", None)
+      ex = load(index) if load is not None else self.source[index]
+    if ex is None:  # padding, or unreadable (logged): not scored, rather than scoring another image twice
+      return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "mask": np.int32(0),
+              "index": np.int32(index)}
     image = self.transform(sources_lib.to_channels(ex["image"], self.channels))
-    return {"image": image, "label": np.int32(ex["label"]), "mask": np.int32(1)}
+    return {"image": image, "label": np.int32(ex["label"]), "mask": np.int32(1), "index": np.int32(index)}
 
 
 class EvalLoader:
   """Re-iterable eval batches for one split; every `iter()` starts again from the first batch.
 
-  Attributes: num_examples (whole split, all hosts), num_batches (per host, equal on every host),
-  batch_size (per host), global_batch_size, source. Host h reads examples h, h + P, h + 2P, ... in order.
+  Attributes: num_examples (whole split, all hosts), num_batches (equal on every host), batch_size (per
+  host), global_batch_size, source. Host h reads rows [h B, (h + 1) B) of every global batch (B = batch_size),
+  i.e. examples b G + h B + r (G = global_batch_size; index -1 past the split's end).
   """
 
   def __init__(self, cfg, source, *, global_batch_size, process_index, process_count, num_workers):
@@ -223,9 +227,10 @@ class EvalLoader:
     self.source = source
     self.num_examples = len(source)
     self.process_index, self.process_count = process_index, process_count
-    per_host_max = math.ceil(self.num_examples / process_count)
-    self.num_batches = math.ceil(per_host_max / self.batch_size)
-    self._indices = np.arange(process_index, self.num_examples, process_count)
+    self.num_batches = math.ceil(self.num_examples / global_batch_size)
+    b, r = np.divmod(np.arange(self.num_batches * self.batch_size), self.batch_size)
+    indices = b * global_batch_size + process_index * self.batch_size + r
+    self._indices = np.where(indices < self.num_examples, indices, -1)
     self._transform = transforms.make_eval_transform(
         cfg.eval_transform, int(cfg.image_size),
         resize_size=int(cfg.get("resize_size", 0) or 0) or None)
@@ -256,8 +261,9 @@ def make_eval_loader(cfg: ml_collections.ConfigDict, split: str | None = None, *
                      num_workers: int | None = None) -> EvalLoader:
   """Eval loader for `split` (default cfg.eval_split); batches of global_batch_size // process_count.
 
-  Yields {"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,)}; the last batch is padded
-  (zero images, label 0, mask 0), and an unreadable image is a mask-0 row too (logged; the eval results'
+  Yields {"image": uint8 (B, S, S, C), "label": int32 (B,), "mask": int32 (B,), "index": int32 (B,)} (the
+  example's index in the split); the last batch is padded (zero images, label 0, mask 0, index -1), and an
+  unreadable image is a mask-0 row too (logged; the eval results'
   "unreadable" = num_examples - scored). `source` overrides the configured source (e.g. a corrupted copy).
   """
   config_lib.validate(cfg)

@@ -116,6 +116,11 @@ class ShardedRunner:
       n = len(images)
       mask = np.asarray(batch.get("mask", np.ones(n, np.float32)), np.float32)
       if target is None:
+        if jax.process_count() > 1 and n % multiple:
+          # Padding each process's rows would put padding between them: examples would sit at other rows of
+          # the global batch than in a one-process run, and per-row noise (DE, DDA) would differ.
+          raise ValueError(f"each process feeds {n} rows, not a multiple of its {multiple} devices: make the "
+                           f"eval batch size a multiple of the {ndev} devices")
         target = -(-n // multiple) * multiple
       if n > target:
         raise ValueError(f"batch {index} has {n} rows, more than the static batch size {target}")

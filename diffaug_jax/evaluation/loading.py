@@ -326,17 +326,14 @@ def iterate_batches(data_cfg, batch_size: int, *, split: str | None = None, proc
                                      global_batch_size=batch_size, process_index=pi, process_count=pc)
   cap = int(cfg_get(data_cfg, "max_examples", 0) or 0)
   num_batches = loader.num_batches
-  if cap:
-    # The loader gives process p examples p, p + P, p + 2P, ...: its row at position j is example p + jP.
-    # Keep examples < cap; process 0 needs the most rows, ceil(cap / P), and every process stops with it.
-    rows_needed = -(-cap // pc)  # ceil
-    num_batches = min(num_batches, -(-rows_needed // local))
+  if cap:  # the split's first `cap` examples: global batches hold examples in order (see EvalLoader)
+    num_batches = min(num_batches, -(-cap // batch_size))
   for i, batch in enumerate(loader):
     if i >= num_batches:
       return
     mask = np.asarray(batch["mask"], np.float32)
     if cap:
-      mask = mask * ((pi + (i * local + np.arange(len(mask))) * pc) < cap)
+      mask = mask * (np.asarray(batch["index"]) < cap)
     yield {"image": batch["image"], "label": batch["label"], "mask": mask}
 
 

@@ -306,7 +306,6 @@ def make_batches(evalset: EvalSet, base_data_cfg, *, batch_size: int, loader_fn:
     from diffaug_jax.data import corruptions  # pylint: disable=g-import-not-at-top
     return corruptions.corrupt_iterator(iter(loader), src["corruption"], int(src["severity"]),
                                         seed=int(src.get("seed", 0)),
-                                        process_index=getattr(loader, "process_index", 0),
                                         process_count=getattr(loader, "process_count", 1)), total
   return loader, total
 
