@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffaug_jax import augment, checkpoint as ckpt_lib, trainer
+from diffaug_jax import augment, checkpoint as ckpt_lib, metrics as metrics_lib, trainer
 
 
 def _test_arrays(data_cfg, max_test: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,8 @@ def _grid_png(path: str, images: np.ndarray, eps_fn, schedule, ts, key) -> None:
   img = img[..., 0] if c == 1 else img
   scale = max(1, 128 // h)
   im = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-  im.save(path)
+  if jax.process_index() == 0:  # one writer (every process computed the same grid)
+    im.save(path)
 
 
 def format_table(results: dict, corruptions, severity: int) -> str:
@@ -184,13 +185,12 @@ def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict
   timings["total"] = time.perf_counter() - t0
   header = (f"DiffAug demo: digits {images.shape[1]}x{images.shape[2]}, {len(labels)} test images, corruptions {', '.join(d.corruptions)} "
             f"@ severity {d.severity} (Corrupted = mean over them), DE over t in {list(ts)}; top-1 %")
-  print("\n" + header + "\n" + table, flush=True)
-  print(f"\nDiffAug grid (paper Fig. 1): {grid_path}\ntimings (s): " +
-        ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
   out = {"results": results, "timings_s": timings, "num_test": int(len(labels)), "ensemble_ts": list(ts),
          "corruptions": list(d.corruptions), "severity": int(d.severity), "grid": grid_path}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(out, f, indent=1)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(header + "\n\n" + table + "\n")
+  if jax.process_index() == 0:  # one writer (every process computed the same results)
+    print("\n" + header + "\n" + table, flush=True)
+    print(f"\nDiffAug grid (paper Fig. 1): {grid_path}\ntimings (s): " +
+          ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
+    metrics_lib.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(out, indent=1))
+    metrics_lib.write_text_atomic(os.path.join(workdir, "results.md"), header + "\n\n" + table + "\n")
   return out
