@@ -46,7 +46,13 @@ def initialize_distributed(force: bool | None = None, **kwargs) -> None:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over `devices` (default: all devices of all processes) with axis `data`."""
+  """A 1-D mesh over `devices` (default: all devices of all processes) with axis `data`.
+
+  Random draws over a batch sharded on it equal the unsharded ones only with jax's partitionable threefry
+  PRNG (its default since 0.5): results would otherwise depend on the device count, so that is an error."""
+  if not getattr(jax.config, "jax_threefry_partitionable", True):
+    raise RuntimeError("jax_threefry_partitionable is off (JAX_THREEFRY_PARTITIONABLE=0?): random draws would "
+                       "depend on the device count; leave it at jax's default (True)")
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices).reshape(len(devices)), (DATA_AXIS,))
 

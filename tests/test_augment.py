@@ -179,3 +179,13 @@ def test_bad_inputs_are_refused_not_computed():
       diffusion.q_sample(sched, x, np.full((2,), bad), x)
   with pytest.raises(ValueError, match=r"eps_fn returned shape \(2, 4, 4, 2\)"):
     augment.diffaug_at(key, x, 10, lambda x_t, t: jnp.zeros(x_t.shape[:3] + (2,)), sched)
+
+
+def test_mesh_refuses_a_non_partitionable_prng():
+  jax.config.update("jax_threefry_partitionable", False)
+  try:
+    with pytest.raises(RuntimeError, match="depend on the device count"):
+      sharding.make_mesh()
+  finally:
+    jax.config.update("jax_threefry_partitionable", True)
+  sharding.make_mesh()
