@@ -1,7 +1,8 @@
 """Pure math for the paper's non-accuracy claims: OOD scores + metrics, randomized-smoothing certificates.
 
-numpy / scipy / jax.numpy (+ scikit-learn, imported by the two metric functions that use it; no flax): the evaluation task modules (`evaluation/ood.py`,
-`evaluation/certify.py`) feed these functions with logits, penultimate features and vote counts.
+numpy / scipy / jax.numpy (+ scikit-learn, imported by the two metric functions that use it; no flax): the
+evaluation task modules (`evaluation/ood.py`, `evaluation/certify.py`) feed these functions with logits,
+penultimate features and vote counts.
 
 OOD conventions (OpenOOD v1.5): every score is "higher = more in-distribution (ID)".
   * MSP: max softmax probability.
