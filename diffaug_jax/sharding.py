@@ -121,6 +121,14 @@ def shard_global_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   return shard_batch(jax.tree.map(rows, batch), mesh)
 
 
+def eval_batch_size(requested: int, num_devices: int | None = None) -> int:
+  """`requested` rounded up to a multiple of the device count (default: all devices). Eval batches are padded
+  and masked, so any size works once every device gets whole rows; padding then sits only at the end of each
+  global batch, whatever the process count (500 on 8 or 16 devices -> 504 or 512)."""
+  n = jax.device_count() if num_devices is None else int(num_devices)
+  return -(-int(requested) // n) * n
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a pytree (identical on every process) replicated on the mesh."""
   return jax.device_put(tree, replicated(mesh))

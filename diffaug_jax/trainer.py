@@ -209,10 +209,7 @@ def build_data(config, mesh) -> dict:
   test).
   """
   sharding.local_batch_size(config.batch_size, mesh)  # divisibility check with a clear message
-  eval_batch = int(config.get("eval_batch_size", 0) or config.batch_size)
-  # Eval batches are padded and masked, so any size works once it is a multiple of the device count
-  # (500, the ImageNet configs' value, on 8 or 16 devices -> 504 or 512).
-  eval_batch = -(-eval_batch // mesh.size) * mesh.size
+  eval_batch = sharding.eval_batch_size(int(config.get("eval_batch_size", 0) or config.batch_size), mesh.size)
   pi, pc = jax.process_index(), jax.process_count()
   dcfg = config.data
   if dcfg.source == "arrays":

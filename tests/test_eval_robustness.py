@@ -563,3 +563,10 @@ def test_models_sharing_a_score_model_are_evaluated_together(setup):
                                 key=set_key, start_step=2, factor=2, scale=2.0)
     assert got["dda"] == dict(r["dda"], n=20) and got["dda_se"] == dict(r["dda_se"], n=20)
   assert res["models"]["m1"]["clean"]["sets"]["test"]["de"] != res["models"]["m2"]["clean"]["sets"]["test"]["de"]
+
+
+def test_eval_batch_size_is_a_multiple_of_the_devices():
+  """The evaluation tasks round their batch size up (masked padding), so a shipped batch size never meets
+  the runner's multi-process check (padding between hosts) on a device count it does not divide."""
+  assert [shd.eval_batch_size(b, n) for b, n in ((500, 8), (500, 16), (256, 512), (64, 1))] == [504, 512, 512, 64]
+  assert shd.eval_batch_size(12) == 16  # 8 fake devices

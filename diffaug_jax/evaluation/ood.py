@@ -152,7 +152,7 @@ def run(config, workdir: str) -> dict:
   methods, react_percentile, ash_percentile, scale_percentile, batch_size. Writes ood.json and ood.md."""
   os.makedirs(workdir, exist_ok=True)
   module, variables = loading.load_classifier(config.classifier, data_cfg=config.id_data)
-  bs = int(config.batch_size)
+  bs = sharding.eval_batch_size(int(config.batch_size))
   g = lambda k, d: loading.cfg_get(config, k, d)
   react_cfg = g("react_data", None)
   result = evaluate_ood(

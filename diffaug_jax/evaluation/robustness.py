@@ -497,7 +497,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   models = load_models(config)
   base_data = config.data
-  batch_size = int(config.get("batch_size", 256))
+  batch_size = shd.eval_batch_size(int(config.get("batch_size", 256)))
 
   def make_batches(es):
     return suites_lib.make_batches(es, base_data, batch_size=batch_size)
