@@ -254,7 +254,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
 
 if __name__ == "__main__":
   # Child: argv = workdir, port, process id, source ("arrays" | "digits": train; "preempt": train until
-  # SIGTERM; "ood": the OOD task, argv[5] = its data folder; "da": `_da_run`).
+  # SIGTERM; "ood": the OOD task, argv[5] = its data folder; "da" / "robustness": `_da_run` /
+  # `_robustness_run`).
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -266,20 +267,13 @@ if __name__ == "__main__":
     cfg.log_every = 1
     out = trainer.train_and_evaluate(cfg, sys.argv[1])
     print(f"CHILD step={out['step']} preempted={out['preempted']}", flush=True)
-  elif sys.argv[4] == "da":
+  elif sys.argv[4] in ("da", "robustness"):  # the run's results, as <workdir>/<name>.json from process 0
     import json
-    out = _da_run()
+    out = {"da": _da_run, "robustness": _robustness_run}[sys.argv[4]]()
     if jax.process_index() == 0:
       os.makedirs(sys.argv[1], exist_ok=True)
-      pathlib.Path(sys.argv[1], "da.json").write_text(json.dumps(out))
-    print(f"CHILD da processes={jax.process_count()}", flush=True)
-  elif sys.argv[4] == "robustness":
-    import json
-    out = _robustness_run()
-    if jax.process_index() == 0:
-      os.makedirs(sys.argv[1], exist_ok=True)
-      pathlib.Path(sys.argv[1], "robustness.json").write_text(json.dumps(out))
-    print(f"CHILD robustness processes={jax.process_count()}", flush=True)
+      pathlib.Path(sys.argv[1], f"{sys.argv[4]}.json").write_text(json.dumps(out))
+    print(f"CHILD {sys.argv[4]} processes={jax.process_count()}", flush=True)
   elif sys.argv[4] == "ood":
     from diffaug_jax.evaluation import ood
     ood.run(_ood_config(sys.argv[5]), sys.argv[1])
