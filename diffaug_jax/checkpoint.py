@@ -283,18 +283,19 @@ def check_variables(loaded: dict, expected: dict, source: str) -> None:
 
 def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], TrainState], data_iter: Any,
                     *, init_checkpoint: str | None = None, log: Callable[[str], None] = print,
-                    expected: dict | None = None) -> tuple[TrainState, str]:
+                    expected: dict | None = None, target: PyTree | None = None) -> tuple[TrainState, str]:
   """Resume order: latest checkpoint in workdir -> `init_checkpoint` (weights only) -> scratch.
 
-  init_state_fn(variables_or_None) builds a fresh state (None = random init); its output also gives the
-  structure and shardings for the restore. `expected` ({"params", "batch_stats"} shapes of the model): an init
+  init_state_fn(variables_or_None) builds a fresh state (None = random init). The restore reads into
+  `target` (the state's `jax.ShapeDtypeStruct`s with their shardings: nothing is built), or else into the
+  structure and shardings of a fresh `init_state_fn(None)`. `expected` ({"params", "batch_stats"} shapes of the model): an init
   checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
   where in {"resume@<step>", "init:<src>", "scratch"}.
   """
   latest = ckpt.latest_step()
   if latest is not None:
     try:
-      state, step = ckpt.restore(init_state_fn(None), data_iter)
+      state, step = ckpt.restore(init_state_fn(None) if target is None else target, data_iter)
     except Exception as e:  # pylint: disable=broad-except  # orbax / tensorstore errors are many and long
       first_line = str(e).splitlines()[0][:300] if str(e) else ""
       older = [s for s in ckpt.all_steps() if s != latest]

@@ -528,9 +528,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   changed = (check_resume_config(config, workdir, resume_step, allow=allow_config_change)
              if resume_step is not None else [])
   expected = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+  # A resume reads into the abstract state: no random state is initialised (and compiled) only to be replaced.
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
   state, where = ckpt_lib.restore_or_init(ckpt, init_state_placed, train_iter,
                                           init_checkpoint=config.get("init_checkpoint"), log=_log,
-                                          expected=expected)
+                                          expected=expected, target=target)
   start_step = int(jax.device_get(state.step))
   # config.json describes the run; written once it is known to build (a failed rerun loses nothing). What
   # it replaces is kept: the config of a resumed run's earlier steps, or the files of an attempt that

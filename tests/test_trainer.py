@@ -427,3 +427,21 @@ def test_fresh_start_over_a_cut_off_config_json(tmp_path):
   trainer.train_and_evaluate(tiny_config(steps=1, diffaug=False), str(wd))
   assert (wd / "config.before_step0.json").read_text() == '{"mode": "classif'
   assert json.loads((wd / "config.json").read_text())["mode"] == "classifier"
+
+
+def test_resume_builds_no_random_state(tmp_path, monkeypatch):
+  """A resume restores into the abstract state (shapes, dtypes, shardings): no random state is built (and
+  compiled) only to be replaced by the checkpoint."""
+  from diffaug_jax import checkpoint as ckpt_lib
+  wd = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), wd)
+  built = []
+  real = ckpt_lib.restore_or_init
+
+  def spy(ckpt, init_state_fn, *a, **kw):
+    return real(ckpt, lambda v=None: built.append(v) or init_state_fn(v), *a, **kw)
+
+  monkeypatch.setattr(ckpt_lib, "restore_or_init", spy)
+  out = trainer.train_and_evaluate(tiny_config(steps=3, diffaug=False), wd)
+  assert out["start"] == "resume@2" and out["step"] == 3
+  assert built == []
