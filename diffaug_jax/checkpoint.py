@@ -288,8 +288,8 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
 
   init_state_fn(variables_or_None) builds a fresh state (None = random init). The restore reads into
   `target` (the state's `jax.ShapeDtypeStruct`s with their shardings: nothing is built), or else into the
-  structure and shardings of a fresh `init_state_fn(None)`. `expected` ({"params", "batch_stats"} shapes of the model): an init
-  checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
+  structure and shardings of a fresh `init_state_fn(None)`. `expected` ({"params", "batch_stats"} shapes of
+  the model): an init checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
   where in {"resume@<step>", "init:<src>", "scratch"}.
   """
   latest = ckpt.latest_step()
