@@ -219,10 +219,9 @@ def _restore_raw_state(path: str, step: int | None, keys: Sequence[str] | None =
     tree = _restore_as_numpy(os.path.join(path, str(step), "state"), keys)
     if tree is None:  # an orbax whose metadata we cannot read: its own restore (the saving run's layout)
       tree = dict(mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+      tree = {k: v for k, v in tree.items() if keys is None or k in keys}
   finally:
     mngr.close()
-  if keys is not None:
-    tree = {k: v for k, v in tree.items() if k in keys}
   return jax.tree.map(np.asarray, tree), step
 
 
@@ -289,8 +288,8 @@ def restore_or_init(ckpt: Checkpointer, init_state_fn: Callable[[dict | None], T
   init_state_fn(variables_or_None) builds a fresh state (None = random init). The restore reads into
   `target` (the state's `jax.ShapeDtypeStruct`s with their shardings: nothing is built), or else into the
   structure and shardings of a fresh `init_state_fn(None)`. `expected` ({"params", "batch_stats"} shapes of
-  the model): an init checkpoint is checked against it first, with one error naming every mismatch. Returns (state, where) with
-  where in {"resume@<step>", "init:<src>", "scratch"}.
+  the model): an init checkpoint is checked against it first, with one error naming every mismatch. Returns
+  (state, where) with where in {"resume@<step>", "init:<src>", "scratch"}.
   """
   latest = ckpt.latest_step()
   if latest is not None:
