@@ -73,6 +73,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.init_checkpoint = ""  # required in practice: the stage-1 weights
-  c.fsdp = False
+  c.fsdp = False  # True: split the big leaves of the state and of the frozen UNet over the devices
   c.progress = True
   return c

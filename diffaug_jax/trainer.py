@@ -16,7 +16,7 @@ Modes (`config.mode`):
   "score": `steps.score_train_step` (DDPM objective, EMA params in the state).
 
 Sharding: one mesh axis `data` over all devices of all processes; the batch is sharded on it, the state is
-replicated (or laid out by `config.fsdp`, the hook for FSDP-style rules), the score params are replicated.
+replicated (or laid out by `config.fsdp`, the hook for FSDP-style rules), and so are the frozen score params.
 Each process feeds its own slice; `sharding.shard_batch` builds the global batch with
 `jax.make_array_from_process_local_data`. Keys: `root = jax.random.key(config.seed)`; the train stream is
 `fold_in(root, 1)` and each step uses `fold_in(train_key, state.step)` (computed inside the jitted step), so
@@ -562,8 +562,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   train_key_const = 1  # stream id: fold_in(root, 1) = train stream
 
   if mode == "classifier":
+    # The frozen score params follow the state's layout rule: replicated, or with `config.fsdp` their big
+    # kernels split over `data` (XLA gathers each one inside the step; a 550M-parameter UNet then costs each
+    # device 1/N of its memory).
+    score_sh = sharding.state_shardings(mesh, score_params, rule)
     if score_params is not None:
-      score_params = sharding.replicate(jax.tree.map(np.asarray, score_params), mesh)
+      score_params = jax.device_put(jax.tree.map(np.asarray, score_params), score_sh)
     step_cfg = steps.StepConfig(schedule=schedule, diffaug=bool(config.diffaug.enabled),
                                 diffaug_weight=float(config.diffaug.get("weight", 1.0)),
                                 t_low=int(config.diffaug.get("t_low", 0)),
@@ -580,7 +584,6 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     def step_fn(state, batch, score_params):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), train_key_const), state.step)
       return bound(state, batch, key, score_params)
-    score_sh = jax.tree.map(lambda _: repl, score_params)
     p_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, score_sh), out_shardings=(state_sh, repl),
                      donate_argnums=(0,))
     p_eval = jax.jit(functools.partial(steps.eval_step, apply_fn=module.apply),

@@ -37,11 +37,15 @@ class TinyEps(nn.Module):
   out_channels: int = 1
   num_classes: Optional[int] = None
   dtype: Any = jnp.float32
+  hidden: int = 0  # > 0: one hidden conv of this width first (a kernel big enough for FSDP tests to split)
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
     temb = nn.Dense(self.in_channels)(jnp.sin(t.astype(jnp.float32)[:, None] / 100.0))
-    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
+    x = x.astype(self.dtype)
+    if self.hidden:
+      x = nn.tanh(nn.Conv(self.hidden, (3, 3), dtype=self.dtype)(x))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(x)
     return (h + temb[:, None, None, :]).astype(jnp.float32)
 
 
@@ -250,8 +254,9 @@ def test_warmup_starts_at_zero_and_vit_tokens_are_not_decayed():
   st = tx.init(params)
   for _ in range(6):  # past step 0, where the warm-up LR is 0
     u, st = tx.update(zeros, st, params)
-  moved = {k: float(jnp.abs(v).max()) for k, v in {"pos_embed": u["pos_embed"], "cls_token": u["cls_token"],
-                                                   "kernel": u["blocks"]["kernel"], "bias": u["blocks"]["bias"]}.items()}
+  leaves = {"pos_embed": u["pos_embed"], "cls_token": u["cls_token"],
+            "kernel": u["blocks"]["kernel"], "bias": u["blocks"]["bias"]}
+  moved = {k: float(jnp.abs(v).max()) for k, v in leaves.items()}
   assert moved["kernel"] > 0 and moved["pos_embed"] == moved["cls_token"] == moved["bias"] == 0.0, moved
 
 

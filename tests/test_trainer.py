@@ -245,6 +245,29 @@ def test_fsdp_rule_shards_big_leaves():
   assert rule((), np.zeros((10,))) == jax.sharding.PartitionSpec()
 
 
+def test_fsdp_run_splits_state_and_score_params_and_matches_the_replicated_run(tmp_path, monkeypatch):
+  """config.fsdp lays out the big leaves of the state AND of the frozen score params over `data`; the run's
+  numbers are those of the replicated layout (XLA gathers the kernels inside the step)."""
+  placed = []
+  real = trainer.sharding.state_shardings
+  monkeypatch.setattr(trainer.sharding, "state_shardings",
+                      lambda mesh, tree, rule=None: placed.append(real(mesh, tree, rule)) or placed[-1])
+  losses = {}
+  for fsdp in (False, True):
+    cfg = tiny_config(steps=4)
+    cfg.score.overrides = {"hidden": 32}  # score kernel 3x3x1x32 and 3x3x32x1: 288 elements, split by 8
+    cfg.fsdp, cfg.fsdp_min_size = fsdp, 256
+    placed.clear()
+    trainer.train_and_evaluate(cfg, str(tmp_path / str(fsdp)))
+    specs = [s.spec for tree in placed for s in jax.tree.leaves(tree)]
+    assert any(s != jax.sharding.PartitionSpec() for s in specs) == fsdp
+    score_specs = [s.spec for s in jax.tree.leaves(placed[-1])]  # the score params are placed last
+    assert len(score_specs) == 6 and sum(s != jax.sharding.PartitionSpec() for s in score_specs) == 2 * fsdp
+    rows = metrics_lib.read_jsonl(str(tmp_path / str(fsdp) / "metrics.jsonl"))
+    losses[fsdp] = [r["loss"] for r in rows if r["split"] == "train"]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
 def test_program_modules_do_not_import_data_libraries():
   """steps/state/optim/trainer/checkpoint/demo import without grain, TFDS or TensorFlow (lazy data imports)."""
   import subprocess
