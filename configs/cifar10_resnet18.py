@@ -12,8 +12,8 @@ Run:
   #  --config.score.schedule=cosine --config.score.num_timesteps=4000 for the released improved-diffusion model)
 
 Data: TFDS `cifar10` prepared in data_dir (reading needs no TensorFlow; preparing does: `pip install
-'.[prepare]'` then `python -m diffaug_jax.data.prepare cifar10 --data_dir DIR`). RandomCrop(32, 4) + flip; DiffAug view = the
-un-augmented image. Recipe: SGD 0.1 (batch 128), momentum 0.9, wd 5e-4, cosine, 200 epochs, bf16 compute.
+'.[prepare]'` then `python -m diffaug_jax.data.prepare cifar10 --data_dir DIR`). RandomCrop(32, 4) + flip; DiffAug view
+= the un-augmented image. Recipe: SGD 0.1 (batch 128), momentum 0.9, wd 5e-4, cosine, 200 epochs, bf16 compute.
 Expected: ~95% clean test accuracy for both (baseline ~95.3); +DiffAug trades ~0-0.5% clean accuracy for
 better CIFAR-10-C accuracy (evaluate with evaluate.py). Not measured here (CPU only).
 """

@@ -8,11 +8,12 @@ Run:
       --config.models="({'name': 'RN50+DiffAug', 'workdir': 'runs/in_rn50_diffaug'},)" \
       --config.score.params_path=weights/256x256_diffusion_uncond.msgpack
 ImageNet needs a MANUAL download (ILSVRC2012 tars into <data_dir>/downloads/manual, then
-`python -m diffaug_jax.data.prepare imagenet2012 --data_dir DIR --manual_dir TARS`); ImageNet-C either TFDS `imagenet2012_corrupted` (regenerated from ImageNet) or
-the official JPEG release with --config.suites.imagenet_c.source=folder --config.suites.imagenet_c.path=DIR
-(the results record which). ImageNet-R/-A/-Sketch/-V2: TFDS `imagenet_r`, `imagenet_a`,
-`imagenet_sketch`, `imagenet_v2` or folders (source=folder, path=...). Expected (paper, top-1 %, IN-C sev 5
-Default/DE): RN50 17.87/27.12, RN50+DiffAug 20.87/32.22.
+`python -m diffaug_jax.data.prepare imagenet2012 --data_dir DIR --manual_dir TARS`); ImageNet-C either TFDS
+`imagenet2012_corrupted` (regenerated from ImageNet) or the official JPEG release with
+--config.suites.imagenet_c.source=folder --config.suites.imagenet_c.path=DIR (the results record which).
+ImageNet-R/-A/-Sketch/-V2: TFDS `imagenet_r`, `imagenet_a`, `imagenet_sketch`, `imagenet_v2` or folders
+(source=folder, path=...). Expected (paper, top-1 %, IN-C sev 5 Default/DE): RN50 17.87/27.12, RN50+DiffAug
+20.87/32.22.
 """
 import ml_collections
 

@@ -1,4 +1,6 @@
-"""Score model (DDPM, eps prediction, L_simple, linear schedule T=1000) on the embedded digits (8x8, see configs/default.py).
+"""Score model (DDPM, eps prediction, L_simple, linear schedule T=1000) on the embedded digits.
+
+The digits are 8x8, see configs/default.py.
 
 Run:
   python train.py --config configs/score_digits.py --workdir runs/score_digits

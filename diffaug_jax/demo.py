@@ -183,7 +183,8 @@ def run_demo(config, workdir: str, *, allow_config_change: bool = False) -> dict
             jax.random.key(int(config.seed) + 23))
   table = format_table(results, tuple(d.corruptions), int(d.severity))
   timings["total"] = time.perf_counter() - t0
-  header = (f"DiffAug demo: digits {images.shape[1]}x{images.shape[2]}, {len(labels)} test images, corruptions {', '.join(d.corruptions)} "
+  header = (f"DiffAug demo: digits {images.shape[1]}x{images.shape[2]}, {len(labels)} test images, "
+            f"corruptions {', '.join(d.corruptions)} "
             f"@ severity {d.severity} (Corrupted = mean over them), DE over t in {list(ts)}; top-1 %")
   out = {"results": results, "timings_s": timings, "num_test": int(len(labels)), "ensemble_ts": list(ts),
          "corruptions": list(d.corruptions), "severity": int(d.severity), "grid": grid_path}

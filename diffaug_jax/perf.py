@@ -12,7 +12,8 @@ Flags already present in `XLA_FLAGS` (by name, whatever their value) are left as
 `XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false python train.py` still wins. An unknown flag makes
 XLA abort the process ("Unknown flag in XLA_FLAGS"), so the defaults are kept to flags documented by the JAX
 GPU performance guide / NVIDIA JAX-Toolbox that exist in jaxlib 0.10 and 0.11; should one be unknown
-anyway, `benchmarks/gpu_check.sh` reruns the benchmark without them (`--no-xla-flags`). Set `DIFFAUG_XLA_FLAGS=0` to skip everything here.
+anyway, `benchmarks/gpu_check.sh` reruns the benchmark without them (`--no-xla-flags`). Set `DIFFAUG_XLA_FLAGS=0` to
+skip everything here.
 
 Default flags (GPU only; they are registered but inert on CPU):
 - `--xla_gpu_enable_latency_hiding_scheduler=true`: schedules asynchronous collectives (the data-parallel

@@ -127,7 +127,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
   Args:
     state: TrainState (float32 params, batch_stats, opt_state).
     batch: {"image": uint8 (B,H,W,C), "image_da": uint8 (B,H,W,C), "label": int32 (B,)} and optionally
-      "image_aug1", "image_aug2" (data pipeline names; "augmix1"/"augmix2" also accepted) uint8 (B,H,W,C). "image_da" falls back to "image" when absent.
+      "image_aug1", "image_aug2" (data pipeline names; "augmix1"/"augmix2" also accepted) uint8 (B,H,W,C). "image_da"
+      falls back to "image" when absent.
     key: this step's key, `fold_in(train_key, step)`.
     score_params: frozen score-model params (explicit argument; ignored when cfg.diffaug is False).
     apply_fn: classifier `module.apply` (compute dtype set on the module).

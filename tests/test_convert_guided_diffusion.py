@@ -24,7 +24,8 @@ def test_256_uncond_key_set_and_param_count(golden_dir):
   # Expected keys derived from the Flax model == the real checkpoint's keys, shapes included.
   expected = gd.expected_torch_shapes(preset)
   shapes = {k: tuple(v) for k, v in spec["shapes"].items()}
-  assert set(expected) == set(shapes), (sorted(set(expected) - set(shapes))[:5], sorted(set(shapes) - set(expected))[:5])
+  assert set(expected) == set(shapes), (sorted(set(expected) - set(shapes))[:5],
+                                        sorted(set(shapes) - set(expected))[:5])
   assert expected == shapes
   # Convert a zeros state dict of exactly these keys/shapes, without allocating it (552M float32 = 2.2 GB).
   state = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
@@ -32,7 +33,8 @@ def test_256_uncond_key_set_and_param_count(golden_dir):
   n = unet_lib.count_params(variables)
   assert n == spec["num_params"] == 552_814_086
   # The converted tree is exactly what the module initialises (names, shapes).
-  init_shapes = jax.eval_shape(lambda: preset.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)))
+  init_shapes = jax.eval_shape(
+      lambda: preset.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)))
   assert jax.tree.structure(init_shapes) == jax.tree.structure(variables)
   assert jax.tree.map(lambda a: a.shape, init_shapes) == jax.tree.map(lambda a: a.shape, variables)
 
@@ -49,7 +51,8 @@ def test_wrong_checkpoint_names_all_three_problems(golden_dir):
   for key in ("input_blocks.1.0.emb_layers.1.bias", "middle_block.1.qkv.weight",
               "middle_block.1.qkv_renamed.weight", "out.2.weight"):
     assert key in msg, msg
-  assert re.search(r"missing \(2\)", msg) and re.search(r"unexpected \(1\)", msg) and re.search(r"mis-shaped \(1\)", msg)
+  assert (re.search(r"missing \(2\)", msg) and re.search(r"unexpected \(1\)", msg)
+          and re.search(r"mis-shaped \(1\)", msg))
   # Wrong flags against a correct checkpoint fail the same way (not a silent partial load).
   with pytest.raises(common.CheckpointMismatchError, match="label_emb.weight"):
     gd.load_guided_diffusion(golden_dir / "adm_uncond_tiny.npz", **{**flags, "class_cond": True})

@@ -10,7 +10,8 @@ FORBIDDEN = ("flax", "orbax", "grain", "tensorflow_datasets", "tensorflow", "ml_
 def test_pure_core_imports_nothing_heavy():
   code = (
       "import sys\n"
-      "import diffaug_jax.diffusion, diffaug_jax.augment, diffaug_jax.losses, diffaug_jax.sampling, diffaug_jax.mixing\n"
+      "import diffaug_jax.diffusion, diffaug_jax.augment, diffaug_jax.losses, diffaug_jax.sampling, "
+      "diffaug_jax.mixing\n"
       f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
       "print(','.join(bad))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -348,8 +348,9 @@ def test_mce_hand_computed():
                                     "accuracy": acc}}
   sets = {"fog/5": {"default": {"accuracy": 0.2}, **de([0.2, 0.4], 0.3)},
           "spatter/5": {"default": {"accuracy": 0.8}, **de([0.8, 1.0], 0.9)}}
+  suite_summary = robustness._suite_summary  # pylint: disable=protected-access
   res = {"modes": ["default", "de"], "suites": {"imagenet_c": {}}, "models": {"m": {"imagenet_c": {
-      "sets": sets, "summary": robustness._suite_summary("imagenet_c", sets, ["default", "de"])}}}}  # pylint: disable=protected-access
+      "sets": sets, "summary": suite_summary("imagenet_c", sets, ["default", "de"])}}}}
   md = tables.results_table(res)
   assert "| m | IN-C | 20.00 | 40.00 |" in md, md
   # Severity 5 alone is not the published (1-5) mCE, and the table says so.
@@ -362,7 +363,7 @@ def test_mce_hand_computed():
   assert suites.mce(alex)["mCE"] == pytest.approx(100.0) and suites.mce(alex)["severities"] == [1, 2, 3, 4, 5]
   alex_sets = {f"{c}/{sev}": {"default": {"accuracy": a}} for c, v in alex.items() for sev, a in v.items()}
   full = {"modes": ["default"], "suites": {"imagenet_c": {}}, "models": {"alexnet": {"imagenet_c": {
-      "sets": alex_sets, "summary": robustness._suite_summary("imagenet_c", alex_sets, ["default"])}}}}  # pylint: disable=protected-access
+      "sets": alex_sets, "summary": suite_summary("imagenet_c", alex_sets, ["default"])}}}}
   md = tables.results_table(full)
   assert "IN-C: mCE normalised by AlexNet)" in md and "| alexnet | 100.00 |" in md, md
   assert np.mean(suites.ALEXNET_ERRORS["gaussian_noise"]) == pytest.approx(0.886428, abs=1e-6)

@@ -455,8 +455,8 @@ def test_kernels_partition_over_the_batch(shardy):
 def test_groupnorm_kernel_branch_partitions_over_the_batch(monkeypatch):
   """GroupNorm32's default in bf16, with its CUDA branch (the kernels, through the interpreter) taken on CPU,
   in a batch-sharded program, on one input and on [h, skip] parts: no collective, the output stays sharded,
-  equal to the unsharded call (to a bf16 ulp); its gradient has no collective either. Lowered for CUDA with sharded inputs,
-  the default bf16 GroupNorm holds the two kernels as partitioned calls, the float32 one none."""
+  equal to the unsharded call (to a bf16 ulp); its gradient has no collective either. Lowered for CUDA with sharded
+  inputs, the default bf16 GroupNorm holds the two kernels as partitioned calls, the float32 one none."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()), ("data",))
   put = lambda v: jax.device_put(v, NamedSharding(mesh, P("data", *(None,) * (v.ndim - 1))))

@@ -23,8 +23,8 @@ The returned `grain.DatasetIterator` yields numpy dicts {"image": uint8 (b, S, S
 `diffaug_jax.data.checkpointing` (grain's per-process handler). Because the stream depends only on
 (seed, global step), a restored iterator continues bit-identically (with the num_workers it was saved with:
 grain's multi-worker state differs from the in-process one); the state is the same on every host, so a state
-saved with one host count can be set on iterators made for another host count (train.py's checkpoints do this: `checkpoint.DataIteratorHandler`
-restores a state that every saving process wrote identically on any process count).
+saved with one host count can be set on iterators made for another host count (train.py's checkpoints do this:
+`checkpoint.DataIteratorHandler` restores a state that every saving process wrote identically on any process count).
 
 Eval (`make_eval_loader`): global batch b holds examples [b G, (b + 1) G) in order, padded to G at the end of
 the split, and host h reads its contiguous block [h G / P, (h + 1) G / P) of it, so every example sits at the
@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 # shape (uint8, or float32 in [0, 255]); called twice per example for "image_aug1"/"image_aug2".
 AugmixFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
+_RobustSource = sources_lib._RobustSource  # pylint: disable=protected-access
 
-def make_source(cfg: ml_collections.ConfigDict, split: str) -> sources_lib._RobustSource:  # pylint: disable=protected-access
+
+def make_source(cfg: ml_collections.ConfigDict, split: str) -> _RobustSource:
   """The random-access source for `split` (fails here, before any compile, on a bad path/name)."""
   config_lib.validate(cfg)
   if cfg.source == "digits":

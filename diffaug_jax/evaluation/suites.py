@@ -223,7 +223,8 @@ def expand_suite(name: str, cfg: Mapping[str, Any] | None = None, *, data_dir: s
 SUITES = ("clean", "cifar10_c", "imagenet_c", "imagenet_r", "imagenet_a", "imagenet_sketch",
           "imagenet_v2", "corrupted")
 
-_PREPARE_CMD = "`pip install diffaug_jax[prepare]` then `python -m diffaug_jax.data.prepare {name} --data_dir <data_dir>`"
+_PREPARE_CMD = ("`pip install diffaug_jax[prepare]` then "
+                "`python -m diffaug_jax.data.prepare {name} --data_dir <data_dir>`")
 _PREPARE = {
     "imagenet2012": "ImageNet needs a MANUAL download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
                     "from image-net.org, then " + _PREPARE_CMD.format(name="imagenet2012")[:-1]

@@ -58,8 +58,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
   "cudnn" = cuDNN's fused flash-attention kernel (NVIDIA GPU, bf16/fp16; jax raises elsewhere); "auto" =
   cuDNN where it applies (measured on an H200 by issue 7: 277 vs 66 TFLOP/s at 784 tokens x 8 heads x 64),
   else XLA: "auto" falls back to XLA when jax refuses cuDNN while tracing (NotImplementedError /
-  RuntimeError) or when a probe of the same shape does not compile (`cudnn_compiles`). float16 on CPU spells the math out (XLA:CPU rejects the F16_F16_F32
-  dot algorithm jax requests).
+  RuntimeError) or when a probe of the same shape does not compile (`cudnn_compiles`). float16 on CPU spells the math
+  out (XLA:CPU rejects the F16_F16_F32 dot algorithm jax requests).
   """
   if implementation not in ATTENTION_IMPLS + (None,):
     raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")

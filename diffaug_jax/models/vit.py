@@ -14,8 +14,8 @@ Module names follow timm's state-dict names (".<i>" -> "_<i>": `blocks_0`) so th
 Initialisation (matters only from scratch; the DiffAug recipe starts from stage-1 weights) follows DeiT-III's
 own `models_v2.vit_models`, which trained the paper's model, not timm's re-implementation: LayerScale 1e-4
 (timm: 1e-6), cls_token and pos_embed trunc_normal_(std=0.02) (timm: cls_token normal 1e-6; the bounds +-2
-are absolute, so effectively N(0, 0.02^2)), Linear layers the same with zero bias, and the patch-embedding conv left at PyTorch's default (weight and
-bias uniform in +-1/sqrt(fan_in)).
+are absolute, so effectively N(0, 0.02^2)), Linear layers the same with zero bias, and the patch-embedding conv left
+at PyTorch's default (weight and bias uniform in +-1/sqrt(fan_in)).
 """
 from __future__ import annotations
 
