@@ -89,12 +89,76 @@ def num_kept(dim: int, percentile: float) -> int:
   return max(k, 1)
 
 
-def react_threshold(id_features: Array, percentile: float = 90.0) -> float:
-  """ReAct clip value: the `percentile` of all ID penultimate activations (flattened)."""
+def react_threshold(id_features: Array, percentile: float = 90.0, sum_fn=None) -> float:
+  """ReAct clip value: the `percentile` of all ID penultimate activations (flattened).
+
+  `sum_fn`: for ID features split over processes, each process passes its own rows and a function that sums
+  an int64 vector over processes; the value is the one of the whole set (`percentile_across`)."""
   _check_percentile(percentile)
   # float32 as given (no float64 copy: ID features of a large reference set are GBs); np.percentile then
   # interpolates the two neighbouring order statistics in float32 (within an ulp of the float64 threshold).
-  return float(np.percentile(np.asarray(id_features).reshape(-1), percentile))
+  return percentile_across(id_features, percentile, sum_fn)
+
+
+def _order_keys(x: np.ndarray) -> np.ndarray:
+  """float32/float64 -> unsigned integers of the same width and the same order (negative floats have their
+  bits flipped, positive ones their sign bit set), so an order statistic is a search over integers."""
+  bits = x.view(np.uint32 if x.dtype == np.float32 else np.uint64)
+  top = bits.dtype.type(1) << bits.dtype.type(8 * bits.itemsize - 1)
+  return np.where(bits & top, ~bits, bits | top)
+
+
+def _from_order_keys(keys: np.ndarray, dtype) -> np.ndarray:
+  top = keys.dtype.type(1) << keys.dtype.type(8 * keys.itemsize - 1)
+  return np.where(keys & top, keys & ~top, ~keys).view(dtype)
+
+
+def order_statistics_across(values: Array, ks: Sequence[int], sum_fn) -> np.ndarray:
+  """The `ks`-th smallest (0-based) of the concatenation over processes of every process's `values`.
+
+  Each process passes only its own values; `sum_fn(counts int64 (len(ks),)) -> their sum over processes`
+  is the one collective, called once per bit of the float width (32 for float32) on every process alike. The
+  search is over the order-preserving integer keys of the floats, so the result is exact (what sorting
+  the whole set would give), whatever the split. NaN is an error."""
+  x = np.asarray(values).reshape(-1)
+  if x.dtype not in (np.float32, np.float64):
+    x = x.astype(np.float32)
+  if np.isnan(x).any():
+    raise ValueError("order statistics of values that contain NaN")
+  keys = np.sort(_order_keys(x))
+  ks = np.asarray(ks, np.int64)
+  lo = np.zeros(ks.shape, keys.dtype)
+  hi = np.full(ks.shape, np.iinfo(keys.dtype).max, keys.dtype)
+  # Smallest key K with #{keys <= K} > k; lo/hi follow the global counts only, so every process takes the
+  # same branches and makes the same number of sum_fn calls.
+  while np.any(lo < hi):
+    mid = lo + (hi - lo) // 2
+    count = np.asarray(sum_fn(np.searchsorted(keys, mid, side="right").astype(np.int64)))
+    below = count > ks
+    hi = np.where(below, mid, hi)
+    lo = np.where(below, lo, mid + 1)
+  return _from_order_keys(lo, x.dtype)
+
+
+def percentile_across(values: Array, percentile: float, sum_fn=None) -> float:
+  """`np.percentile(values.ravel(), percentile)` (linear interpolation) of a set split over processes.
+
+  sum_fn None: this process holds the whole set (np.percentile itself). Otherwise each process passes its
+  own values and `sum_fn` as in `order_statistics_across`; the two neighbouring order statistics are found
+  exactly and interpolated as np.percentile does (in the values' dtype), so the result equals the
+  one-process value bit for bit."""
+  x = np.asarray(values).reshape(-1)
+  if sum_fn is None:
+    return float(np.percentile(x, float(percentile)))
+  n = int(np.asarray(sum_fn(np.array([x.size], np.int64)))[0])
+  if n == 0:
+    raise ValueError("percentile of an empty set")
+  virtual = (n - 1) * float(np.true_divide(float(percentile), 100))  # np.percentile's 'linear' index
+  k = int(np.floor(virtual))
+  gamma = virtual - k
+  a, b = order_statistics_across(x, [k, min(k + 1, n - 1)], sum_fn)
+  diff = b - a  # numpy's _lerp, with gamma a Python float (weak): arithmetic in the values' dtype
+  return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
 
 
 def react_features(h: Array, threshold: float) -> Array:

@@ -6,7 +6,9 @@ BatchNorm statistics and losses are global means: no `axis_name`, no pmap, and t
 devices (up to float reassociation).
 
 Multi-host: each process loads only its own slice of the global batch (`process_index` of `process_count`)
-and `shard_batch` assembles the global `jax.Array` with `jax.make_array_from_process_local_data`.
+and `shard_batch` assembles the global `jax.Array` with `jax.make_array_from_process_local_data`. Host
+values that evaluation reduces per process cross processes through `sum_over_processes` (counts) and
+`allgather_rows` (per-example scores of unequal lengths).
 """
 
 from __future__ import annotations
@@ -153,3 +155,39 @@ def pad_to_multiple(batch: Mapping[str, np.ndarray], multiple: int
     out[k] = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
   return out, mask
+
+
+# ------------------------------------------------------------------------------- host values across processes
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """(P, ...) stack of every process's equally shaped host array."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def sum_over_processes(x) -> np.ndarray:
+  """Elementwise sum over processes of an int64 host vector (itself in a one-process run). Sent as int32
+  pairs, so counts past 2^31 stay exact without jax_enable_x64."""
+  x = np.ascontiguousarray(x, np.int64).reshape(-1)
+  if jax.process_count() == 1:
+    return x
+  return _allgather(x.view(np.int32)).view(np.int64).sum(0)
+
+
+def allgather_rows(tree: PyTree) -> PyTree:
+  """Every process's rows of a pytree of host arrays (leading dims equal within a process, possibly different
+  across processes), concatenated in process order on every process."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if jax.process_count() == 1 or not leaves:
+    return tree
+  n = len(leaves[0])
+  counts = _allgather(np.array([n], np.int32))[:, 0]
+  most = int(counts.max())
+  out = []
+  for x in leaves:
+    x = np.asarray(x)
+    if len(x) != n:
+      raise ValueError(f"leaves with {n} and {len(x)} rows")
+    padded = np.concatenate([x, np.zeros((most - n,) + x.shape[1:], x.dtype)])
+    stacked = _allgather(padded)
+    out.append(np.concatenate([stacked[p, :c] for p, c in enumerate(counts)]))
+  return jax.tree.unflatten(treedef, out)

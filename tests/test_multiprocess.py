@@ -117,8 +117,9 @@ def _ood_config(tmp):
 
 @pytest.mark.slow
 def test_ood_two_processes_match_one_process(tmp_path):
-  """The OOD task under jax.distributed: each process reads its rows (loader and npz), the sharded forward
-  gathers all of them, and the metrics equal the 1-process run (the 45 + 21 examples counted once)."""
+  """The OOD task under jax.distributed: each process reads its rows (loader and npz), keeps their logits and
+  features, scores them and gathers only the scores; the metrics equal the 1-process run (the 45 + 21 examples
+  counted once; 45 = 16 + 16 + 13 leaves the two processes 24 and 21 ID rows)."""
   import json
   from diffaug_jax.evaluation import ood
   _ood_config(tmp_path / "data")  # written once, before the children read it
@@ -128,6 +129,8 @@ def test_ood_two_processes_match_one_process(tmp_path):
   assert multi["num_id"] == single["num_id"] == 45
   assert multi["metrics"]["noise"]["msp"]["num_ood"] == 21
   assert multi["id_accuracy"] == pytest.approx(single["id_accuracy"])
+  # Each process kept only its rows: the ReAct threshold, found across them, is the one-process value exactly.
+  assert multi["react_clip"] == single["react_clip"]
   for m in ood.DEFAULT_METHODS:
     for k in ("auroc", "fpr95_openood", "aupr_in"):
       assert multi["metrics"]["noise"][m][k] == pytest.approx(single["metrics"]["noise"][m][k], abs=1e-6), (m, k)

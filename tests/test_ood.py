@@ -27,6 +27,51 @@ def test_react_threshold_and_clip():
   np.testing.assert_allclose(scoring.react_features(H, 8.1), [[1, 2, 3, 4, 5, 6, 7, 8, 8.1, 8.1]], rtol=1e-6)
 
 
+def _as_processes(parts, fn):
+  """Runs fn(part, sum_fn) on one thread per 'process'; sum_fn sums a vector over them (a barrier-synchronised
+  stand-in for the cross-process collective)."""
+  import threading
+  barrier, inbox, out = threading.Barrier(len(parts)), [None] * len(parts), [None] * len(parts)
+
+  def run(i):
+    def sum_fn(v):
+      inbox[i] = np.asarray(v)
+      barrier.wait()
+      total = sum(inbox)
+      barrier.wait()  # everyone has read before the next call overwrites
+      return total
+    out[i] = fn(parts[i], sum_fn)
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentile_across_processes_is_np_percentile_bit_for_bit(dtype):
+  """The ReAct threshold of features split over processes (each holding its rows) is exactly np.percentile of
+  the whole set: ties, +-0, an empty process, any split, both interpolation branches."""
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    n = int(rng.integers(1, 2000))
+    x = (rng.standard_normal(n) * [1e-3, 1.0, 1e4][trial % 3]).astype(dtype)
+    if trial % 2:
+      x = np.round(np.abs(x), 1).astype(dtype)  # many ties, ReLU-like features
+    x[: n // 5] = 0.0
+    x[: n // 10] = -0.0
+    p = float([0.0, 50.0, 90.0, 99.9, 100 * rng.random()][trial % 5])
+    parts = np.array_split(x[rng.permutation(n)], int(rng.integers(1, 5)))
+    parts.append(x[:0])  # a process with no rows of this set
+    got = _as_processes(parts, lambda part, sum_fn: scoring.percentile_across(part, p, sum_fn))
+    want = float(np.percentile(x, p))
+    assert all(g == want for g in got), (trial, p, want, got)
+  with pytest.raises(ValueError, match="NaN"):
+    scoring.order_statistics_across(np.array([1.0, np.nan], dtype), [0], lambda v: v)
+
+
 def test_ash_and_scale_shaping():
   # p = 80 of n = 10 keeps k = 2 (indices 8, 9; values 9, 10; top-2 sum 19).
   assert scoring.num_kept(10, 80) == 2 and scoring.num_kept(10, 90) == 1 and scoring.num_kept(2048, 90) == 205

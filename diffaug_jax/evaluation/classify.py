@@ -7,9 +7,10 @@
 with `images` float32 NHWC in [-1, 1] (converted on device from the loader's uint8), `params` any pytree
 (replicated on the mesh, passed as a jit argument so big weights are never baked into the program as
 constants), `key` a per-batch key (`fold_in(key, batch_index)`) and `mask` (B,) float32, 1 for real rows and
-0 for padding (for whole-batch statistics such as DDA's `norm="batch"`; per-example steps ignore it). The batch is sharded on the mesh's
-`data` axis; every batch is padded to the first batch's size rounded up to a multiple of the device count,
-so the function compiles once. Padding rows (loader `mask` 0 or added here) are dropped on the host.
+0 for padding (for whole-batch statistics such as DDA's `norm="batch"`; per-example steps ignore it). The batch
+is sharded on the mesh's `data` axis; every batch is padded to the first batch's size rounded up to a multiple
+of the device count, so the function compiles once. Padding rows (loader `mask` 0 or added here) are dropped
+on the host.
 
 Results are identical for 1 and N devices for a given key and global batch (the random draws of the core
 are sharding-invariant), which tests/test_eval_robustness.py checks.
@@ -44,12 +45,20 @@ def _real_rows(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: v[keep] for k, v in out.items()}
 
 
-def _fetch(tree: PyTree) -> PyTree:
-  """Global jax arrays -> host numpy (all processes' rows in multi-host runs)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree.map(np.asarray, tree)
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array: its devices' shards in row order (the rows it fed)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _fetch(tree: PyTree, gather: bool = True) -> PyTree:
+  """Global jax arrays -> host numpy: all processes' rows (gather) or this process's own."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  if not gather:
+    return jax.tree.map(_local_rows, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _progress(it: Iterable, desc: str | None, total: int | None):
@@ -98,10 +107,12 @@ class ShardedRunner:
     return self._params
 
   def run(self, params: PyTree, batches: Iterable[Mapping[str, np.ndarray]], key: jax.Array, *,
-          desc: str | None = None, total: int | None = None, batch_size: int | None = None
-          ) -> dict[str, np.ndarray]:
+          desc: str | None = None, total: int | None = None, batch_size: int | None = None,
+          gather: bool = True) -> dict[str, np.ndarray]:
     """Runs over all batches; returns the concatenated per-example outputs of real rows only
-    (plus "label"). `batch_size`: pad every batch to this (default: the first batch's size)."""
+    (plus "label"). `batch_size`: pad every batch to this (default: the first batch's size). `gather`
+    False: only the rows this process fed (in a multi-process run; for outputs too big to copy to every
+    host, e.g. OOD features, reduced locally and then gathered)."""
     params = self._replicated_params(params)
     ndev = self.mesh.size
     # Each process feeds its own rows; the padded per-process size must split over its devices.
@@ -135,10 +146,10 @@ class ShardedRunner:
       # Keep one batch in flight: fetch the previous result while this one computes (and never queue
       # dozens of sharded steps, which aborts with many fake CPU devices).
       if pending is not None:
-        results.append(_real_rows(_fetch(pending)))
+        results.append(_real_rows(_fetch(pending, gather)))
       pending = out
     if pending is not None:
-      results.append(_real_rows(_fetch(pending)))
+      results.append(_real_rows(_fetch(pending, gather)))
     if not results:
       raise ValueError(f"no batches to evaluate ({desc or 'dataset'} is empty)")
     return {k: np.concatenate([r[k] for r in results]) for k in results[0]}

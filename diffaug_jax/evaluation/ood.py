@@ -5,11 +5,13 @@ Scores (all "higher = more in-distribution"; formulas in `diffaug_jax.scoring`):
 percentile 90, SCALE at 85. Metrics: AUROC, AUPR-in, AUPR-out, FPR@95 under both conventions
 ("openood": OOD positive; "odin": ID positive).
 
-One jitted, sharded forward pass per batch (`classify.ShardedRunner`: each process feeds its rows, the
-outputs of all processes are gathered) returns (logits, features); the feature-shaping scores then
-run on the gathered features through the classifier's head (`logits_from_features`), jitted once.
-The ReAct threshold comes from `react_data` (OpenOOD uses the ID training/validation set) or, by
-default, the ID test set itself (stated in the output).
+One jitted, sharded forward pass per batch (`classify.ShardedRunner`: each process feeds its rows) returns
+(logits, features); each process keeps only its own rows (ImageNet's 50k x (1000 + 2048) floats are 610 MB:
+no host holds them all) and scores them through the classifier's head (`logits_from_features`), jitted once;
+only the scores (a few floats per example) are gathered for the metrics. The ReAct threshold comes from
+`react_data` (OpenOOD uses the ID training/validation set) or, by default, the ID test set itself (stated in
+the output); across processes it is found exactly (`scoring.percentile_across`, the value np.percentile
+gives on the whole set), so every number equals the one-process run's.
 
 Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=...`, or an image folder via
 `source="folder", data_dir=...`, e.g. OpenOOD's SSB-hard / NINCO folders), read by the data package.
@@ -45,11 +47,11 @@ def make_runner(module, mesh=None) -> classify.ShardedRunner:
   return classify.ShardedRunner(step, mesh)
 
 
-def collect(runner: classify.ShardedRunner, variables, batches: Iterable[Mapping[str, np.ndarray]]
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def collect(runner: classify.ShardedRunner, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
+            gather: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Runs the forward over batches {"image", "label", "mask"} (this process's rows); returns (logits,
-  features, labels) of the real (mask 1) examples of ALL processes as numpy."""
-  out = runner.run(variables, batches, jax.random.key(0))
+  features, labels) of the real (mask 1) examples as numpy: of ALL processes, or (gather False) of this one."""
+  out = runner.run(variables, batches, jax.random.key(0), gather=gather)
   return out["logits"], out["features"], out["label"]
 
 
@@ -81,6 +83,8 @@ def score_all(module, variables, logits: np.ndarray, features: np.ndarray, *,
   one compiled program serves every chunk of every set of at least `chunk` rows; a shorter set is one chunk
   of its own length, and compiles its own)."""
   n = len(logits)
+  if n == 0:  # a process can hold no rows of a small set
+    return {m: np.zeros((0,), np.float32) for m in methods}
   chunk = max(1, min(chunk, n))
   fn = _scorer(module, tuple(methods), react_clip is not None, float(ash_percentile), float(scale_percentile))
   clip = jnp.float32(0.0 if react_clip is None else react_clip)
@@ -104,25 +108,34 @@ def evaluate_ood(module, variables, id_batches, ood_batches: Mapping[str, Iterab
   """Scores ID and each OOD set; returns {"id_accuracy", "react_clip", "metrics": {ood: {method: {...}}},
   "average": {method: {...}}}. Batches are iterables of this process's {"image" float [-1, 1] or uint8,
   "label", "mask"} rows (`loading.iterate_batches` splits a global batch over processes); every batch is
-  padded to the first one's size."""
+  padded to the first one's size. Each process keeps its own rows' logits and features; only scores and
+  counts cross processes."""
   runner = make_runner(module, mesh)
-  id_logits, id_feats, id_labels = collect(runner, variables, id_batches)
-  if react_batches is not None:
-    _, ref_feats, _ = collect(runner, variables, react_batches)
-  else:
-    ref_feats = id_feats
-  react_clip = scoring.react_threshold(ref_feats, react_percentile) if "react" in methods else None
+  sum_fn = sharding.sum_over_processes if jax.process_count() > 1 else None
+  id_logits, id_feats, id_labels = collect(runner, variables, id_batches, gather=False)
+  ref_feats = id_feats
+  if react_batches is not None and "react" in methods:
+    _, ref_feats, _ = collect(runner, variables, react_batches, gather=False)
+  react_clip = scoring.react_threshold(ref_feats, react_percentile, sum_fn) if "react" in methods else None
+  del ref_feats
   kw = dict(methods=methods, react_clip=react_clip, ash_percentile=ash_percentile,
             scale_percentile=scale_percentile)
-  id_scores = score_all(module, variables, id_logits, id_feats, **kw)
+
+  def scores(logits, feats):  # this process's rows scored here; every process's scores, in process order
+    return sharding.allgather_rows(score_all(module, variables, logits, feats, **kw))
+
+  id_scores = scores(id_logits, id_feats)
+  num_correct, num_id = sharding.sum_over_processes(
+      [int(np.sum(np.argmax(id_logits, -1) == id_labels)), len(id_labels)])
+  del id_logits, id_feats
   metrics = {}
   for name, batches in ood_batches.items():
-    lo, fe, _ = collect(runner, variables, batches)
-    ood_s = score_all(module, variables, lo, fe, **kw)
+    lo, fe, _ = collect(runner, variables, batches, gather=False)
+    ood_s = scores(lo, fe)
     metrics[name] = {m: scoring.ood_metrics(id_scores[m], ood_s[m]) for m in methods}
   average = {m: {k: float(np.mean([metrics[o][m][k] for o in metrics]))
                  for k in ("auroc", "aupr_in", "aupr_out", "fpr95_openood", "fpr95_odin")} for m in methods}
-  out = {"id_accuracy": float(np.mean(np.argmax(id_logits, -1) == id_labels)), "num_id": int(len(id_logits)),
+  out = {"id_accuracy": float(num_correct / num_id), "num_id": int(num_id),
          "react_clip": react_clip, "react_source": "react_data" if react_batches is not None else "id_test",
          "percentiles": {"react": react_percentile, "ash": ash_percentile, "scale": scale_percentile},
          "metrics": metrics, "average": average}
