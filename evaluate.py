@@ -5,7 +5,9 @@
   python evaluate.py --config configs/eval_imagenet.py:dda --workdir runs/eval_in_dda
 
 Tasks: robustness (Default / DE / DDA / DDA-SE on clean and shifted suites), certify, ood, pag,
-da_classifier. Each writes results.json (every number), results.md and its PNGs into --workdir.
+da_classifier. Each writes results.json (every number), results.md and its PNGs into --workdir. If --workdir
+already holds an earlier evaluation's outputs, they are first moved to --workdir/earlier/<n>/ (n = 1, 2, ...;
+a training run's files and any file the config reads stay), so nothing is silently replaced.
 """
 import os
 import sys

@@ -307,3 +307,99 @@ def test_results_files_are_written_whole_or_not_at_all(tmp_path):
     loading.write_json(path, {"accuracy": object()})
   assert json.load(open(path)) == {"accuracy": 0.5}
   assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def _pag_config(params_path, t):
+  c = ml_collections.ConfigDict()
+  c.task, c.seed, c.t, c.num_images = "pag", 0, t, 2
+  c.models = {"m": dict(name="cnn_small", num_classes=10, kwargs={"width": 4}, params_path=str(params_path))}
+  c.data = dict(source="digits", image_size=16, channels=1, split="test", skip=50)
+  return c
+
+
+def _save_cnn(path):
+  from diffaug_jax.convert import common
+  from diffaug_jax.models import classifiers
+  module = classifiers.get_classifier("cnn_small", 10, width=4)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+  common.save_params(str(path), jax.tree.map(lambda s: np.full(s.shape, 0.1, s.dtype), shapes))
+
+
+def test_earlier_evaluation_outputs_are_set_aside(tmp_path, capsys):
+  """A second evaluation into a workdir moves the first one's outputs to earlier/1/ (a third: earlier/2/,
+  earlier/1/ untouched); a fresh workdir gets no earlier/; a training run's files in the workdir stay."""
+  _save_cnn(tmp_path / "cnn.msgpack")
+  wd = tmp_path / "wd"
+  outputs = ["pag.json", "pag.png", "results.json", "results.md"]
+
+  evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 300), str(wd))
+  assert sorted(os.listdir(wd)) == outputs  # fresh workdir: nothing set aside
+  assert "earlier" not in capsys.readouterr().out
+  first = (wd / "results.json").read_text()
+  assert json.loads(first)["t"] == 300
+  # The workdir is also a training run's (evaluated into by mistake or on purpose): its files are not outputs.
+  (wd / "config.json").write_text("{}")
+  (wd / "metrics.jsonl").write_text("{}\n")
+  (wd / "checkpoints" / "5").mkdir(parents=True)
+
+  evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 200), str(wd))
+  assert f"moved to {wd / 'earlier' / '1'}" in capsys.readouterr().out
+  assert sorted(os.listdir(wd / "earlier" / "1")) == outputs
+  assert (wd / "earlier" / "1" / "results.json").read_text() == first
+  assert json.load(open(wd / "results.json"))["t"] == 200
+  assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "earlier", "metrics.jsonl"] + outputs
+  second = (wd / "results.json").read_text()
+
+  evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 100), str(wd))
+  assert sorted(os.listdir(wd / "earlier")) == ["1", "2"]
+  assert (wd / "earlier" / "1" / "results.json").read_text() == first
+  assert (wd / "earlier" / "2" / "results.json").read_text() == second
+  assert json.load(open(wd / "results.json"))["t"] == 100
+
+
+def test_set_aside_keeps_what_the_evaluation_reads(tmp_path, monkeypatch):
+  """Files the new config names (a da_classifier run's classifier, evaluated by the next task) stay with
+  their sha256 sidecar; everything else an evaluation wrote moves; other processes move nothing; a
+  workdir that is a file is a clear error."""
+  from diffaug_jax.evaluation import loading
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  written = ["certify_sigma0.25.tsv", "da_classifier.json", "da_classifier.msgpack", "da_classifier.msgpack.sha256",
+             "guided_ddim_da.png", "noisy_classifier.msgpack", "noisy_classifier.msgpack.sha256", "results.json",
+             "results.md"]
+  for name in written + ["config.json", "notes.txt"]:
+    (wd / name).write_text(name)
+  (wd / "earlier" / "7").mkdir(parents=True)  # numbering continues above the highest set
+  config = ml_collections.ConfigDict({"models": {"noisy": {"params_path": str(wd / "noisy_classifier.msgpack")}}})
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert loading.set_aside_earlier_outputs(str(wd), config) is None
+  monkeypatch.undo()
+  assert loading.set_aside_earlier_outputs(str(wd), config) == str(wd / "earlier" / "8")
+  assert sorted(os.listdir(wd / "earlier" / "8")) == [n for n in written if not n.startswith("noisy")]
+  assert sorted(os.listdir(wd)) == ["config.json", "earlier", "noisy_classifier.msgpack",
+                                    "noisy_classifier.msgpack.sha256", "notes.txt"]
+  assert loading.set_aside_earlier_outputs(str(wd), config) is None  # nothing left to set aside
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 300), str(tmp_path / "afile"))
+
+
+def test_output_file_list_covers_every_task():
+  """loading.OUTPUT_FILES (what a set-aside moves) names every file a task module writes into its workdir
+  (a new f-string name must be added to `samples` here, and its pattern to OUTPUT_FILES)."""
+  import fnmatch
+  import re
+  from diffaug_jax.evaluation import loading
+  samples = {"certify_sigmaX.tsv": ["certify_sigma0.25.tsv", "certify_sigma1.tsv"],
+             "X_classifier.msgpack": ["noisy_classifier.msgpack", "da_classifier.msgpack",
+                                      "noisy_classifier.msgpack.sha256", "da_classifier.msgpack.sha256"],
+             "guided_X_X.png": ["guided_ddpm_unguided.png", "guided_ddim_da.png"]}
+  found = set()
+  for name in evaluation.TASKS + ("loading",):
+    src = open(os.path.join(REPO, "diffaug_jax", "evaluation", f"{name}.py")).read()
+    for m in re.finditer(r"os\.path\.join\(workdir, f?\"([^\"]+)\"\)", src):
+      found.add(re.sub(r"\{[^}]*\}", "X", m.group(1)))
+  assert {"results.json", "de_curve.png", "certify_sigmaX.tsv", "ood.json", "pag.png", "guided_X_X.png"} <= found
+  for f in sorted(found):
+    for concrete in samples[f] if "X" in f else [f]:
+      assert any(fnmatch.fnmatchcase(concrete, p) for p in loading.OUTPUT_FILES), concrete

@@ -30,7 +30,18 @@ def get_task(name: str):
 
 
 def run_task(config, workdir: str) -> dict:
-  """Dispatch `config.task` (default "robustness") to its module's `run(config, workdir)`."""
+  """Dispatch `config.task` (default "robustness") to its module's `run(config, workdir)`.
+
+  The outputs of an earlier evaluation in `workdir` are first moved to `workdir/earlier/<n>/`
+  (`loading.set_aside_earlier_outputs`), so a second evaluation never silently replaces them."""
   task = config.get("task", "robustness") if hasattr(config, "get") else "robustness"
+  module = get_task(task)  # (an unknown task is an error before anything in workdir moves)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory: give a directory for the evaluation's "
+                     "outputs")
   os.makedirs(workdir, exist_ok=True)
-  return get_task(task).run(config, workdir)
+  from diffaug_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
+  kept = loading.set_aside_earlier_outputs(workdir, config)
+  if kept:
+    print(f"{workdir} held the outputs of an earlier evaluation: moved to {kept}", flush=True)
+  return module.run(config, workdir)

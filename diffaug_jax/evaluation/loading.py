@@ -10,6 +10,7 @@ One implementation shared by every task module (robustness, certify, ood, pag, d
       (default) | "cosine" with num_timesteps (default 1000); dtype "" | "bfloat16" | "float16".
   load_arrays / iterate_batches / synthetic_ood_arrays / data_config: small evaluation data subsets.
   write_results / write_rows: evaluate.py's results.json + results.md, Cohen-format certify TSVs.
+  set_aside_earlier_outputs(workdir, config): moves an earlier evaluation's outputs to workdir/earlier/<n>/.
 
 Callables are param-first so weights stay jit ARGUMENTS (never baked-in constants):
   flax_classify_fn(module)(variables, x) -> logits (B, K), x float32 NHWC in [-1, 1];
@@ -22,6 +23,7 @@ Heavy dependencies (checkpoint/orbax, the data package/grain/TFDS, convert) are 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from typing import Any, Callable, NamedTuple
@@ -372,3 +374,85 @@ def write_rows(rows: list[dict], path: str) -> None:
     for r in rows:
       f.write(f"{r['index']}\t{r['label']}\t{r['prediction']}\t{r['radius']:.4f}\t{r['correct']}\t"
               f"{r['seconds']:.4f}\n")
+
+
+# Every top-level file an evaluation task writes into its workdir (fnmatch patterns): keep in step with the
+# task modules (tests/test_eval_entry.py checks their `os.path.join(workdir, ...)` names against this list).
+OUTPUT_FILES = (
+    "results.json", "results.md",  # every task (write_results)
+    "de_curve.png", "diffaug_grid.png", "entropy_vs_t.png",  # robustness
+    "certify.json", "certify.md", "certify.png", "certify_sigma*.tsv",  # certify
+    "ood.json", "ood.md",  # ood
+    "pag.json", "pag.png",  # pag
+    "da_classifier.json", "da_classifier.md", "guided_*.png",  # da_classifier
+    "noisy_classifier.msgpack", "noisy_classifier.msgpack.sha256",  # da_classifier's trained classifiers
+    "da_classifier.msgpack", "da_classifier.msgpack.sha256",
+)
+EARLIER_DIR = "earlier"
+
+
+def _config_paths(config) -> set[str]:
+  """Real paths of the existing files / folders the config's strings name (and their .sha256 sidecars):
+  what this evaluation may read, e.g. a classifier params file that an earlier da_classifier run wrote."""
+  out: set[str] = set()
+
+  def walk(x):
+    if hasattr(x, "to_dict"):
+      x = x.to_dict()
+    if isinstance(x, dict):
+      for v in x.values():
+        walk(v)
+    elif isinstance(x, (list, tuple)):
+      for v in x:
+        walk(v)
+    elif isinstance(x, (str, os.PathLike)) and str(x) and os.path.exists(x):
+      real = os.path.realpath(x)
+      out.update((real, real + ".sha256"))
+
+  walk(config)
+  return out
+
+
+def earlier_outputs(workdir: str, config=None) -> list[str]:
+  """Names of the files in `workdir` an evaluation task writes (OUTPUT_FILES), minus any the config names
+  (read by this evaluation), sorted."""
+  if not os.path.isdir(workdir):
+    return []
+  keep = _config_paths(config) if config is not None else set()
+  names = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name)
+    if (any(fnmatch.fnmatchcase(name, p) for p in OUTPUT_FILES) and os.path.isfile(path)
+        and os.path.realpath(path) not in keep):
+      names.append(name)
+  return names
+
+
+def set_aside_earlier_outputs(workdir: str, config=None) -> str | None:
+  """Before an evaluation writes into `workdir`: if it holds an earlier evaluation's outputs (results.json,
+  or the partial outputs of a stopped run), moves them into a new `workdir/earlier/<n>/` (n = 1, 2, ...,
+  one above the highest there: never over an earlier set) and returns that folder; None if there was
+  nothing. Only evaluation outputs move (OUTPUT_FILES): a training run's config.json, metrics.jsonl and
+  checkpoints/ stay, and so does any file the config names (this evaluation reads it). No task resumes from
+  its outputs, so every run starts clean. Process 0 only (other processes never read these files)."""
+  if not is_primary():
+    return None
+  names = earlier_outputs(workdir, config)
+  if not names:
+    return None
+  root = os.path.join(workdir, EARLIER_DIR)
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ValueError(f"{root} is a file: the outputs of the earlier evaluation in {workdir} are set aside in "
+                     f"{root}/<n>/ before they would be replaced; move that file, or use another --workdir")
+  os.makedirs(root, exist_ok=True)
+  n = max([int(d) for d in os.listdir(root) if d.isdigit()], default=0) + 1
+  while True:  # (exist_ok=False: two evaluations started at once into one workdir never share a folder)
+    dest = os.path.join(root, str(n))
+    try:
+      os.mkdir(dest)
+      break
+    except FileExistsError:
+      n += 1
+  for name in names:
+    os.replace(os.path.join(workdir, name), os.path.join(dest, name))
+  return dest
