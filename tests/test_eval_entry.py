@@ -288,14 +288,29 @@ def test_classifier_with_other_classes_than_the_data_is_refused(tmp_path):
         loading.load_classifier(spec, data_cfg=data)
     else:
       loading.load_classifier(spec, data_cfg=data)
-  # An eval-only image tree (no train split) labels itself: its class count is not known here, no check.
+  # An eval-only image tree (no train split) numbers its own folders: right only if it has all 10 classes. With
+  # 2 of them its labels 0, 1 are not the classifier's: refused, unless data.class_names says which they are.
   from PIL import Image
   for c in ("cat", "dog"):
     (tmp_path / "evalonly" / "val" / c).mkdir(parents=True)
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "evalonly" / "val" / c / "x.png")
   folder = ml_collections.ConfigDict(dict(source="folder", data_dir=str(tmp_path / "evalonly"), eval_split="val",
                                           image_size=16, channels=1))
+  with pytest.raises(ValueError, match=r"2 class folders would be labelled 0..1 .* 10 outputs.*data.class_names"):
+    loading.load_classifier(spec, data_cfg=folder)
+  folder.class_names = "ant,bee,cat,cow,dog,eel,elk,emu,fox,gnu"
   loading.load_classifier(spec, data_cfg=folder)
+  for c in [f"c{i}" for i in range(8)]:  # all 10 classes: labelled by their sorted order, as the train split was
+    (tmp_path / "evalonly" / "val" / c).mkdir()
+  folder.class_names = ""
+  loading.load_classifier(spec, data_cfg=folder)
+  numeric = ml_collections.ConfigDict(dict(folder.to_dict(), data_dir=str(tmp_path / "numeric")))
+  for c in ("3", "7"):  # class-index folders label int(name): a subset is right, an index past the outputs not
+    (tmp_path / "numeric" / "val" / c).mkdir(parents=True)
+  loading.load_classifier(spec, data_cfg=numeric)
+  (tmp_path / "numeric" / "val" / "10").mkdir()
+  with pytest.raises(ValueError, match="class folders up to 10"):
+    loading.load_classifier(spec, data_cfg=numeric)
 
 
 def test_results_files_are_written_whole_or_not_at_all(tmp_path):

@@ -131,16 +131,44 @@ def _check_num_classes(module, variables, data_cfg, what: str, source: str) -> N
   if not shape:
     return
   from diffaug_jax.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
+  cfg = data_config(data_cfg)
   try:
-    want = data_config_lib.num_classes(data_config(data_cfg))
-  except (FileNotFoundError, ValueError):  # e.g. an eval-only folder tree (no train split): it labels itself
-    return
+    want = data_config_lib.num_classes(cfg)
+  except (FileNotFoundError, ValueError):  # e.g. an eval-only folder tree (no train split): checked below
+    want = None
   x = jax.ShapeDtypeStruct((1, shape[0], shape[0], shape[1]), jnp.float32)
   got = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x).shape[-1]
-  if got != want:
+  if want is not None and got != want:
     raise ValueError(f"{what}: the classifier from {source} has {got} outputs but the evaluation data has "
                      f"{want} classes (data.num_classes / data.class_names / the dataset's labels): its scores "
                      "would be meaningless; evaluate it on the data it was trained for")
+  _check_self_labelled_folders(cfg, cfg_get(data_cfg, "split") or cfg.eval_split, got, what, source)
+
+
+def _check_self_labelled_folders(cfg, split: str, got: int, what: str, source: str) -> None:
+  """An image tree with neither data.class_names nor a train split numbers its own class folders 0..n-1 (or
+  int(name) for numeric folders). That is the classifier's labelling only if the tree has all its classes: a
+  tree lacking one shifts every later label by one and reports a wrong accuracy without an error."""
+  if cfg.source != "folder" or cfg.get("class_names", ""):
+    return
+  from diffaug_jax.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
+  if data_config_lib.train_class_names(cfg) is not None:
+    return  # labelled by the train split's classes
+  root = data_config_lib.folder_root(cfg, split)
+  dirs = data_config_lib.class_folders(root) if os.path.isdir(root) else []
+  if not dirs:
+    return  # the loader says what is missing
+  if all(d.isdigit() for d in dirs):
+    if max(int(d) for d in dirs) < got:
+      return  # label int(name): any subset of the classifier's indices is right
+    raise ValueError(f"{what}: {root} has class folders up to {max(int(d) for d in dirs)} (labelled by their "
+                     f"numbers) but the classifier from {source} has {got} outputs")
+  if len(dirs) != got:
+    raise ValueError(
+        f"{what}: {root} has no train split beside it, so its {len(dirs)} class folders would be labelled "
+        f"0..{len(dirs) - 1} in sorted order, but the classifier from {source} has {got} outputs: the labels "
+        "would not be its classes. Set data.class_names to the classifier's classes in training order (a "
+        "text file with one per line, a comma-separated list, or 'imagenet2012')")
 
 
 def _check_image_shape(train_cfg, data_cfg, what: str, workdir: str) -> None:
