@@ -90,74 +90,87 @@ def num_kept(dim: int, percentile: float) -> int:
 
 
 def react_threshold(id_features: Array, percentile: float = 90.0, sum_fn=None) -> float:
-  """ReAct clip value: the `percentile` of all ID penultimate activations (flattened).
+  """ReAct clip value: the `percentile` of all ID penultimate activations (flattened), np.percentile's
+  "linear" definition (`percentile_across`).
 
   `sum_fn`: for ID features split over processes, each process passes its own rows and a function that sums
-  an int64 vector over processes; the value is the one of the whole set (`percentile_across`)."""
+  an int64 vector over processes; the value is then the one of the whole set, bit for bit."""
   _check_percentile(percentile)
-  # float32 as given (no float64 copy: ID features of a large reference set are GBs); np.percentile then
-  # interpolates the two neighbouring order statistics in float32 (within an ulp of the float64 threshold).
   return percentile_across(id_features, percentile, sum_fn)
 
 
 def _order_keys(x: np.ndarray) -> np.ndarray:
-  """float32/float64 -> unsigned integers of the same width and the same order (negative floats have their
-  bits flipped, positive ones their sign bit set), so an order statistic is a search over integers."""
-  bits = x.view(np.uint32 if x.dtype == np.float32 else np.uint64)
-  top = bits.dtype.type(1) << bits.dtype.type(8 * bits.itemsize - 1)
-  return np.where(bits & top, ~bits, bits | top)
-
-
-def _from_order_keys(keys: np.ndarray, dtype) -> np.ndarray:
+  """float32/float64 -> unsigned integers of the same width and the same order (negative floats have all
+  bits flipped, the others their sign bit set), built in one copy: features of a large set are GBs."""
+  keys = x.view(np.uint32 if x.dtype == np.float32 else np.uint64).copy()
   top = keys.dtype.type(1) << keys.dtype.type(8 * keys.itemsize - 1)
-  return np.where(keys & top, keys & ~top, ~keys).view(dtype)
+  negative = keys >= top
+  np.invert(keys, out=keys, where=negative)
+  np.bitwise_or(keys, top, out=keys, where=~negative)
+  return keys
 
 
-def order_statistics_across(values: Array, ks: Sequence[int], sum_fn) -> np.ndarray:
-  """The `ks`-th smallest (0-based) of the concatenation over processes of every process's `values`.
+def _from_order_key(key: int, dtype) -> float:
+  utype = np.uint32 if np.dtype(dtype) == np.float32 else np.uint64
+  top = 1 << (8 * np.dtype(utype).itemsize - 1)
+  bits = key & ~top if key & top else ~key & (2 * top - 1)
+  return np.array(bits, utype).view(dtype)[()]
 
-  Each process passes only its own values; `sum_fn(counts int64 (len(ks),)) -> their sum over processes`
-  is the one collective, called once per bit of the float width (32 for float32) on every process alike. The
-  search is over the order-preserving integer keys of the floats, so the result is exact (what sorting
-  the whole set would give), whatever the split. NaN is an error."""
-  x = np.asarray(values).reshape(-1)
-  if x.dtype not in (np.float32, np.float64):
-    x = x.astype(np.float32)
-  if np.isnan(x).any():
-    raise ValueError("order statistics of values that contain NaN")
-  keys = np.sort(_order_keys(x))
-  ks = np.asarray(ks, np.int64)
-  lo = np.zeros(ks.shape, keys.dtype)
-  hi = np.full(ks.shape, np.iinfo(keys.dtype).max, keys.dtype)
-  # Smallest key K with #{keys <= K} > k; lo/hi follow the global counts only, so every process takes the
-  # same branches and makes the same number of sum_fn calls.
-  while np.any(lo < hi):
-    mid = lo + (hi - lo) // 2
-    count = np.asarray(sum_fn(np.searchsorted(keys, mid, side="right").astype(np.int64)))
-    below = count > ks
-    hi = np.where(below, mid, hi)
-    lo = np.where(below, lo, mid + 1)
-  return _from_order_keys(lo, x.dtype)
+
+def _order_statistics(keys: np.ndarray, ks: Sequence[int], sum_fn) -> list[int]:
+  """The keys of the ks-th smallest (0-based) of the union over processes of every process's `keys`: a radix
+  select, 16 bits per round (2 rounds for float32, 4 for float64), each round ONE `sum_fn` call on the
+  65536-bucket histograms of all ks, so every process makes the same calls. Only the first round reads every
+  key; each round keeps the keys of the chosen bucket (shared by ks that chose the same one)."""
+  bits = 8 * keys.itemsize
+  prefixes, ranks = [0] * len(ks), [int(k) for k in ks]
+  subsets = [keys] * len(ks)
+  for shift in range(bits - 16, -1, -16):
+    digits, hists = {}, []
+    for sub in subsets:
+      if id(sub) not in digits:
+        d = sub >> sub.dtype.type(shift)
+        if shift + 16 < bits:
+          d &= sub.dtype.type(0xFFFF)
+        digits[id(sub)] = (d, np.bincount(d, minlength=1 << 16).astype(np.int64))
+      hists.append(digits[id(sub)][1])
+    counts = np.asarray(sum_fn(np.concatenate(hists))).reshape(len(ks), 1 << 16)
+    chosen: dict = {}
+    for i, sub in enumerate(subsets):
+      cum = np.cumsum(counts[i])
+      d = int(np.searchsorted(cum, ranks[i], side="right"))  # the bucket holding the rank-th key
+      ranks[i] -= int(cum[d - 1]) if d else 0
+      prefixes[i] = (prefixes[i] << 16) | d
+      if (id(sub), d) not in chosen:
+        chosen[(id(sub), d)] = sub[digits[id(sub)][0] == d]
+      subsets[i] = chosen[(id(sub), d)]
+  return prefixes
 
 
 def percentile_across(values: Array, percentile: float, sum_fn=None) -> float:
-  """`np.percentile(values.ravel(), percentile)` (linear interpolation) of a set split over processes.
+  """np.percentile(values.ravel(), percentile) ("linear"), of a set that processes may hold in parts.
 
-  sum_fn None: this process holds the whole set (np.percentile itself). Otherwise each process passes its
-  own values and `sum_fn` as in `order_statistics_across`; the two neighbouring order statistics are found
-  exactly and interpolated as np.percentile does (in the values' dtype), so the result equals the
-  one-process value bit for bit."""
+  sum_fn None: this process holds the whole set. Otherwise each process passes its own values (float32 /
+  float64; other floats are cast to float32) and `sum_fn(int64 vector) -> its sum over processes`, called
+  the same number of times (3 for float32) on every process. The two neighbouring order statistics are found
+  exactly (a radix select over order-preserving integer keys: no host holds or sorts the whole set) and
+  interpolated with a float64 index and a weight applied in the values' dtype, as numpy >= 2.4.1 does
+  (older numpy rounds the index or the weight differently: within an ulp). So 1 and N processes give the
+  same value bit for bit on any numpy. NaN anywhere is an error on every process."""
   x = np.asarray(values).reshape(-1)
-  if sum_fn is None:
-    return float(np.percentile(x, float(percentile)))
-  n = int(np.asarray(sum_fn(np.array([x.size], np.int64)))[0])
+  if x.dtype not in (np.float32, np.float64):
+    x = x.astype(np.float32)
+  sum_fn = sum_fn or (lambda v: v)
+  n, nans = (int(v) for v in np.asarray(sum_fn(np.array([x.size, np.isnan(x).sum()], np.int64))))
+  if nans:  # decided from the global count: no process raises while the others wait in a collective
+    raise ValueError(f"percentile of values that contain NaN ({nans} of {n})")
   if n == 0:
     raise ValueError("percentile of an empty set")
-  virtual = (n - 1) * float(np.true_divide(float(percentile), 100))  # np.percentile's 'linear' index
+  virtual = (n - 1) * (float(percentile) / 100.0)  # np.percentile's "linear" index, in float64
   k = int(np.floor(virtual))
   gamma = virtual - k
-  a, b = order_statistics_across(x, [k, min(k + 1, n - 1)], sum_fn)
-  diff = b - a  # numpy's _lerp, with gamma a Python float (weak): arithmetic in the values' dtype
+  a, b = (_from_order_key(key, x.dtype) for key in _order_statistics(_order_keys(x), [k, min(k + 1, n - 1)], sum_fn))
+  diff = b - a  # numpy's _lerp with a Python-float weight: the arithmetic stays in the values' dtype
   return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
 
 

@@ -36,8 +36,8 @@ NEAR_OOD_AVERAGE = ("msp", "react", "ash_b", "scale")  # the paper's "MSP, ReAct
 
 def make_runner(module, mesh=None) -> classify.ShardedRunner:
   """One sharded forward, jitted once: variables, images (B, H, W, C) -> per-example (logits (B, K),
-  features (B, D)) in float32, gathered from every process for the real rows only. Reusable across
-  datasets of one batch shape."""
+  features (B, D)) in float32, for the real rows only (each process's own, or gathered: `collect`). Reusable
+  across datasets of one batch shape."""
   def step(variables, x, key, mask):
     del key, mask
     x = classify.uint8_to_model(x)  # uint8 from the loaders (converted here, on the device) or [-1, 1] floats
