@@ -57,5 +57,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.init_checkpoint = ""
   c.fsdp = False
+  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect (launchers, Cloud TPU VMs)
   c.progress = True
   return c

@@ -25,12 +25,34 @@ DATA_AXIS = "data"
 PyTree = Any
 
 
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_PCI_VENDOR_FILES = "/sys/bus/pci/devices/*/vendor"
+
+
+def on_cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM (TPU chips on this host's PCI bus), read from sysfs without starting JAX's
+  backend. There the host's place in a pod slice comes from the GCE metadata server, not from environment
+  variables, so only `jax.distributed.initialize()` itself can find the other hosts."""
+  import glob  # pylint: disable=g-import-not-at-top
+  for path in glob.glob(_PCI_VENDOR_FILES):
+    try:
+      with open(path) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
 def initialize_distributed(force: bool | None = None, **kwargs) -> None:
   """Starts `jax.distributed` when running as one process of several.
 
-  `force=None` detects a cluster: TPU pods and SLURM/Open MPI launches are found by JAX itself; a plain
-  multi-process launch sets `JAX_COORDINATOR_ADDRESS` (+ `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). Call it
-  from the program entry point, before any other JAX call; never at import.
+  `force=None` detects a cluster: a plain multi-process launch sets `JAX_COORDINATOR_ADDRESS` (+
+  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); SLURM, Open MPI and GKE TPU launches set their own variables; on a
+  Cloud TPU VM it always starts (JAX finds the pod slice's hosts through the metadata server; a one-host
+  slice becomes a one-process cluster). `force=True`/`False` (the configs' `distributed`) decides instead.
+  Under SLURM, JAX gives each task the GPU of its local rank: launch one task per GPU. Call it from the
+  program entry point, before any other JAX call; never at import.
   """
   if jax.distributed.is_initialized():
     return
@@ -42,6 +64,7 @@ def initialize_distributed(force: bool | None = None, **kwargs) -> None:
         or env.get("SLURM_NTASKS", "1") not in ("", "1")
         or env.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1")
         or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+        or on_cloud_tpu_vm()
     )
   if force:
     jax.distributed.initialize(**kwargs)

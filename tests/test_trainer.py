@@ -268,6 +268,35 @@ def test_fsdp_run_splits_state_and_score_params_and_matches_the_replicated_run(t
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
 
 
+def test_distributed_starts_on_cluster_launches_and_cloud_tpu_vms(tmp_path, monkeypatch):
+  """A Cloud TPU VM pod slice sets none of the launch variables (its hosts come from the metadata server):
+  the program must still start jax.distributed there, or orbax and the input layout see one process of
+  many. Detected from sysfs (Google's PCI vendor id), without starting JAX's backend."""
+  from diffaug_jax import sharding
+  calls = []
+  monkeypatch.setattr(sharding.jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  for dev, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x10de")):  # virtio, NVIDIA: no TPU
+    (tmp_path / dev).mkdir()
+    (tmp_path / dev / "vendor").write_text(vendor + "\n")
+  monkeypatch.setattr(sharding, "_PCI_VENDOR_FILES", str(tmp_path / "*" / "vendor"))
+  sharding.initialize_distributed()
+  assert calls == [] and not sharding.on_cloud_tpu_vm()
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  sharding.initialize_distributed()
+  assert calls == [{}]
+  sharding.initialize_distributed(force=False)  # the config's `distributed=False` wins
+  assert len(calls) == 1
+  monkeypatch.delenv("SLURM_NTASKS")
+  (tmp_path / "0000:00:06.0").mkdir()
+  (tmp_path / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")  # a TPU chip
+  assert sharding.on_cloud_tpu_vm()
+  sharding.initialize_distributed()
+  assert calls == [{}, {}]
+
+
 def test_program_modules_do_not_import_data_libraries():
   """steps/state/optim/trainer/checkpoint/demo import without grain, TFDS or TensorFlow (lazy data imports)."""
   import subprocess
