@@ -218,6 +218,29 @@ def test_augmix_hook():
 
 
 @pytest.mark.slow
+def test_readers_prefetch_a_few_batches_not_hundreds():
+  """An element of the read stage is a whole host batch (the batch is formed before reading): the default
+  prefetch must hold a few of them, not ~128 (~80 GB of ImageNet host batches on 8 workers)."""
+  import time
+  from diffaug_jax.data import sources
+
+  class Counting(sources.DigitsSource):
+    loads = 0
+
+    def _load(self, index):
+      Counting.loads += 1
+      return super()._load(index)
+
+  for cfg in (data_config.digits_config(8, 1), data_config.imagenet_config(data_dir="")):
+    assert int(cfg.prefetch_buffer_size) <= 2 * int(cfg.read_threads), cfg.prefetch_buffer_size
+  cfg = data_config.digits_config(8, 1)
+  Counting.loads = 0
+  it = pipeline.make_train_loader(cfg, global_batch_size=8, seed=0, source=Counting("train", image_size=8))
+  next(it)
+  time.sleep(0.5)  # the reader threads fill the prefetch buffer behind the first batch
+  assert 8 <= Counting.loads <= 8 * (1 + int(cfg.prefetch_buffer_size) + int(cfg.read_threads)), Counting.loads
+
+
 def test_workers_give_the_same_batches_as_in_process():
   cfg = data_config.digits_config(16, 1)
   ref = _take(pipeline.make_train_loader(cfg, global_batch_size=8, seed=5), 3)

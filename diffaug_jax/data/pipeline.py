@@ -129,7 +129,7 @@ class _TrainMap:
 
 def _read_options(cfg) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(cfg.get("read_threads", 4)),
-                           prefetch_buffer_size=int(cfg.get("prefetch_buffer_size", 64)))
+                           prefetch_buffer_size=int(cfg.get("prefetch_buffer_size", 4)))
 
 
 def _maybe_workers(ds: grain.IterDataset, cfg, num_workers: int | None) -> grain.IterDataset:
