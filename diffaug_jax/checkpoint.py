@@ -51,7 +51,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     # Same representation as the iterator's own get_state(): bytes (grain DataLoader) or a JSON value.
     try:
       item.set_state(text.encode() if isinstance(current, (bytes, bytearray)) else json.loads(text))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # (IndexError: grain, another worker count)
       raise ValueError(
           f"the data iterator state in {f} does not fit this iterator ({type(e).__name__}: {e}): it was saved "
           "by an iterator of another shape, e.g. another data.num_workers (grain's multi-worker state differs "

@@ -200,9 +200,11 @@ if __name__ == "__main__":
   print(f"CHILD start={out['start']} step={out['step']} preempted={out['preempted']}", flush=True)
 
 
-def test_data_state_of_another_shape_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("error", [KeyError, IndexError])
+def test_data_state_of_another_shape_is_a_clear_error(tmp_path, error):
   """A data-iterator state saved by an iterator of another shape (e.g. another data.num_workers: grain's
-  multi-worker state has other keys) names the cause instead of a bare KeyError inside grain."""
+  multi-worker state has other keys, or per-worker lists of another length: IndexError) names the cause
+  instead of a bare error inside grain."""
   import jax.numpy as jnp
   import optax
   from diffaug_jax import checkpoint as ckpt_lib
@@ -216,7 +218,9 @@ def test_data_state_of_another_shape_is_a_clear_error(tmp_path):
       return dict(self.state)
 
     def set_state(self, state):
-      self.state = {self.key: state[self.key]}  # KeyError on a foreign state, as grain
+      if self.key not in state:
+        raise error(self.key)  # as grain on a foreign state
+      self.state = {self.key: state[self.key]}
 
   state = TrainState.create({"params": {"w": jnp.ones(2)}}, optax.sgd(0.1))
   ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
