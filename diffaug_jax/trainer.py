@@ -419,6 +419,31 @@ def _set_aside(path: str, step: int) -> str:
   return os.path.basename(new)
 
 
+def _set_aside_rows_past(path: str, step: int) -> str | None:
+  """A hard-stopped attempt (no checkpoint at its last steps) logged rows past the step a resume restarts
+  from; the resumed run logs those steps again, so they would appear twice. Moves the rows past `step` (and
+  a line cut off mid-write) to `<stem>.after_step<step>[.k].jsonl` and rewrites `path` without them;
+  returns the new file's name, None if nothing was past `step`."""
+  with open(path) as f:
+    lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+  keep, past = [], []
+  for line in lines:
+    try:
+      later = int(json.loads(line)["step"]) > step
+    except (ValueError, TypeError, KeyError):  # cut off, or not a row of ours
+      later = True
+    (past if later else keep).append(line)
+  if not past:
+    return None
+  stem, ext = os.path.splitext(path)
+  aside, k = f"{stem}.after_step{step}{ext}", 2
+  while os.path.exists(aside):
+    aside, k = f"{stem}.after_step{step}.{k}{ext}", k + 1
+  metrics_lib.write_text_atomic(aside, "".join(past))
+  metrics_lib.write_text_atomic(path, "".join(keep))
+  return os.path.basename(aside)
+
+
 def check_resume_config(config, workdir: str, resume_step: int, *, allow: bool = False) -> list[str]:
   """Refuses to resume the run in `workdir` under a config that computes something else (model, data,
   batch size, optimizer, DiffAug, score model, seed, ...) unless `allow`; returns the changed keys (logged
@@ -555,6 +580,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     if resume_step is None and os.path.isfile(metrics_path):
       _log(f"starting from step 0 in a workdir with metrics of an earlier attempt; kept as "
            f"{_set_aside(metrics_path, 0)}")
+    elif resume_step is not None and os.path.isfile(metrics_path):
+      kept = _set_aside_rows_past(metrics_path, start_step)
+      if kept:
+        _log(f"metrics.jsonl held rows past step {start_step}, of an attempt that stopped (killed or crashed) "
+             f"after its last checkpoint: those steps run again; the old rows are kept in {kept}")
   if resume_step is None or changed or not os.path.isfile(cfg_path):
     write_config(config, workdir)
 

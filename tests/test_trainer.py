@@ -297,6 +297,26 @@ def test_distributed_starts_on_cluster_launches_and_cloud_tpu_vms(tmp_path, monk
   assert calls == [{}, {}]
 
 
+def test_resume_after_a_hard_stop_logs_each_step_once(tmp_path):
+  """A run killed without a checkpoint at its last steps (OOM kill, node loss) logged rows past the step the
+  resume restarts from; those steps run again. metrics.jsonl must hold each step once; the old rows (and a
+  line cut off mid-write) are kept beside it."""
+  cfg = tiny_config(steps=4)
+  cfg.checkpoint_every = 4
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  path = tmp_path / "metrics.jsonl"
+  stale = [json.dumps({"step": s, "split": "train", "loss": 9.0}) for s in (5, 6)]
+  with open(path, "a") as f:
+    f.write("\n".join(stale) + '\n{"step": 7, "spl')  # killed mid-write
+  cfg.num_train_steps = 8
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  rows = metrics_lib.read_jsonl(str(path))
+  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+  assert all(r.get("loss") != 9.0 for r in rows)
+  kept = (tmp_path / "metrics.after_step4.jsonl").read_text().splitlines()
+  assert kept[:2] == stale and kept[2].startswith('{"step": 7')
+
+
 def test_program_modules_do_not_import_data_libraries():
   """steps/state/optim/trainer/checkpoint/demo import without grain, TFDS or TensorFlow (lazy data imports)."""
   import subprocess
