@@ -42,6 +42,15 @@ def check_finite(metrics: Mapping[str, float], step: int, key: str = "loss") -> 
         f"non-finite {key} ({value}) at step {step}; stopping. Metrics at that step: {dict(metrics)}")
 
 
+def check_local_path(path: str, what: str) -> None:
+  """Workdirs are written with the file system's calls (metrics, config, results, orbax's local paths): a
+  URL such as gs://bucket/run would become a local folder named "gs:" on each host, and a preempted run
+  would restart from scratch on a fresh VM. Refused with the way to do it."""
+  if "://" in str(path):
+    raise ValueError(f"{what} {path} is a URL: workdirs must be file system paths. Mount the bucket (e.g. "
+                     "gcsfuse) or a shared file system at the same path on every host and pass that path")
+
+
 class MetricWriter:
   """Appends one JSON object per line to `workdir/<name>` on process 0 (no-op elsewhere)."""
 

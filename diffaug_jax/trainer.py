@@ -485,6 +485,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   if config.get("require_init_checkpoint") and not config.get("init_checkpoint"):
     raise ValueError("this config fine-tunes released weights: set --config.init_checkpoint=<converted "
                      "params file or training workdir>")
+  metrics_lib.check_local_path(workdir, "--workdir")
   workdir = os.path.abspath(workdir)
   for path in (workdir, os.path.join(workdir, "checkpoints")):  # (orbax would fail deep inside, or at a save)
     if os.path.exists(path) and not os.path.isdir(path):

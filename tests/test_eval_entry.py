@@ -397,6 +397,8 @@ def test_set_aside_keeps_what_the_evaluation_reads(tmp_path, monkeypatch):
   (tmp_path / "afile").write_text("x")
   with pytest.raises(ValueError, match="is a file, not a directory"):
     evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 300), str(tmp_path / "afile"))
+  with pytest.raises(ValueError, match="is a URL"):
+    evaluation.run_task(_pag_config(tmp_path / "cnn.msgpack", 300), "gs://bucket/eval")
 
 
 def test_output_file_list_covers_every_task():

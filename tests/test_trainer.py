@@ -457,6 +457,9 @@ def test_unusable_workdirs_and_a_broken_latest_checkpoint_say_what_to_do(tmp_pat
   (tmp_path / "wd2" / "checkpoints").write_text("x")
   with pytest.raises(NotADirectoryError, match="checkpoints exists and is not a directory"):
     trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), str(tmp_path / "wd2"))
+  with pytest.raises(ValueError, match="is a URL: .*Mount the bucket"):  # not a local folder named "gs:"
+    trainer.train_and_evaluate(tiny_config(steps=2, diffaug=False), "gs://bucket/run")
+  assert not os.path.exists("gs:")
   wd = tmp_path / "run"
   cfg = tiny_config(steps=4, diffaug=False)
   cfg.checkpoint_every = 2

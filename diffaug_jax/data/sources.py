@@ -332,7 +332,7 @@ class TfdsSource(_RobustSource):
     data_dir = data_dir and os.path.expanduser(data_dir)
     self.name, self.split, self.data_dir = name, split, data_dir
     self.channels, self.image_key, self.label_key = channels, image_key, label_key
-    if data_dir is not None and not os.path.isdir(data_dir):
+    if data_dir is not None and "://" not in data_dir and not os.path.isdir(data_dir):  # (gs://: TFDS reads it)
       raise _tfds_error(name, data_dir, split,
                         FileNotFoundError(f"data_dir {data_dir!r} does not exist"))
     tfds_builder(name, data_dir)  # unknown-name check with a clear message
