@@ -218,6 +218,21 @@ def test_augmix_hook():
 
 
 @pytest.mark.slow
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+  """grain reseeds each epoch's shuffle from (seed + epoch): fed our seed directly, seed 1's epoch e would be
+  seed 0's epoch e + 1, and multi-seed runs would see the same data orders shifted by one epoch."""
+  n = 50
+  orders = {s: pipeline._GlobalIndex(n, 10, 10, 0, s) for s in range(4)}  # pylint: disable=protected-access
+
+  def epoch(s, e):
+    return [orders[s](e * (n // 10) * 10 + j, None)[0] for j in range(n)]
+
+  for s in range(3):
+    assert sorted(epoch(s, 0)) == list(range(n))  # each epoch is a permutation
+    for e in range(3):
+      assert epoch(s + 1, e) != epoch(s, e + 1) and epoch(s + 1, e) != epoch(s, e)
+
+
 def test_readers_prefetch_a_few_batches_not_hundreds():
   """An element of the read stage is a whole host batch (the batch is formed before reading): the default
   prefetch must hold a few of them, not ~128 (~80 GB of ImageNet host batches on 8 workers)."""

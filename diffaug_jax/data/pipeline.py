@@ -89,14 +89,19 @@ def _example_rng(seed: int, position: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(position)])
 
 
+def _shuffle_seed(seed: int) -> int:
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5EED]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
 class _GlobalIndex:
   """Host-local stream position j -> (source index, global stream position). Picklable for workers."""
 
   def __init__(self, num_examples, global_batch, per_host, process_index, seed):
     self.n, self.gb, self.b, self.pi = num_examples, global_batch, per_host, process_index
     self.per_epoch = num_examples // global_batch  # K full global batches per epoch (drop remainder)
-    # perm[e * N + p] = perm_e[p]: grain's shuffle reseeds each epoch from (seed + epoch).
-    self.perm = grain.MapDataset.range(num_examples).shuffle(seed=int(seed) & 0x7FFFFFFF)
+    # perm[e * N + p] = perm_e[p]: grain's shuffle reseeds each epoch from (its seed + epoch), so its seed is
+    # a hash of ours: with `seed` itself, seed s + 1 would replay seed s's epoch orders one epoch earlier.
+    self.perm = grain.MapDataset.range(num_examples).shuffle(seed=_shuffle_seed(seed))
 
   def __call__(self, j: int, _) -> tuple[int, int]:
     step, r = divmod(int(j), self.b)
