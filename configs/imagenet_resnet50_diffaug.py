@@ -50,7 +50,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.jsd_weight = 12.0
   c.log_every = 100
   c.block_every = 8
-  c.eval_every = 5004  # every epoch at batch 256: 1281167 // 256 steps (the last partial batch dropped)
+  c.eval_every = -1  # steps; -k = every k epochs at any batch size (5004 steps at 256: the last partial batch dropped)
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.init_checkpoint = ""

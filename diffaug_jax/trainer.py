@@ -661,6 +661,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   log_every = max(1, int(config.get("log_every", 50)))
   block_every = max(1, int(config.get("block_every", 4)))
   eval_every = int(config.get("eval_every", 0) or 0)
+  if eval_every < 0:  # -k: every k epochs, whatever the batch size
+    eval_every = -eval_every * steps_per_epoch
   batch_keys = ("image", "label")
   if mode == "classifier":
     # The DiffAug view goes to the device only when the step reads it.

@@ -297,6 +297,14 @@ def test_distributed_starts_on_cluster_launches_and_cloud_tpu_vms(tmp_path, monk
   assert calls == [{}, {}]
 
 
+def test_eval_every_minus_k_is_every_k_epochs(tmp_path):
+  cfg = tiny_config(steps=16)  # 128 train examples at batch 16: 8 steps per epoch
+  cfg.eval_every = -1
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [8, 16]
+
+
 def test_resume_after_a_hard_stop_logs_each_step_once(tmp_path):
   """A run killed without a checkpoint at its last steps (OOM kill, node loss) logged rows past the step the
   resume restarts from; those steps run again. metrics.jsonl must hold each step once; the old rows (and a
