@@ -256,6 +256,26 @@ def test_readers_prefetch_a_few_batches_not_hundreds():
   assert 8 <= Counting.loads <= 8 * (1 + int(cfg.prefetch_buffer_size) + int(cfg.read_threads)), Counting.loads
 
 
+def test_workers_outside_an_absl_app_parse_flags_first(monkeypatch):
+  """grain's worker processes read absl flags: a library caller without app.run (a notebook) got
+  UnparsedFlagAccessError at the first batch. The loader marks them parsed (defaults) when it starts workers."""
+  from absl import flags
+  marked = []
+
+  class Unparsed:  # (absl's FlagValues takes attribute writes as flag values: stand in for the object)
+    def is_parsed(self):
+      return bool(marked)
+
+    def mark_as_parsed(self):
+      marked.append(1)
+
+  monkeypatch.setattr(flags, "FLAGS", Unparsed())
+  ds = pipeline.make_train_dataset(data_config.digits_config(8, 1), global_batch_size=8, seed=0, num_workers=0)
+  assert not marked  # in-process: nothing to do
+  pipeline._maybe_workers(ds, data_config.digits_config(8, 1), 2)  # pylint: disable=protected-access
+  assert marked == [1]
+
+
 def test_workers_give_the_same_batches_as_in_process():
   cfg = data_config.digits_config(16, 1)
   ref = _take(pipeline.make_train_loader(cfg, global_batch_size=8, seed=5), 3)

@@ -140,6 +140,9 @@ def _read_options(cfg) -> grain.ReadOptions:
 def _maybe_workers(ds: grain.IterDataset, cfg, num_workers: int | None) -> grain.IterDataset:
   n = int(cfg.get("num_workers", 0) if num_workers is None else num_workers)
   if n > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: outside an absl app (a notebook, a
+      flags.FLAGS.mark_as_parsed()   # library caller) they would fail at the first batch
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=n, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
   return ds
