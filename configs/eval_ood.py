@@ -3,8 +3,13 @@
 Run (embedded digits demo, after `python train.py`; digits are ID, OOD = offline stand-ins: pixel-shuffled
 digits and uniform noise; add any npz / folder / TFDS set under config.ood_data):
   python evaluate.py --config configs/eval_ood.py --workdir runs/demo/ood
-ImageNet near-OOD (OpenOOD v1.5: SSB-hard and NINCO as image folders; paper Table 6):
+ImageNet near-OOD, paper Table 6, OpenOOD v1.5's protocol (its data/ folder: images_largescale/ and
+benchmark_imglist/imagenet/; ID = test_imagenet.txt, the ReAct threshold from val_imagenet.txt, near-OOD =
+test_ssb_hard.txt and test_ninco.txt, read as `source="list"`):
   python evaluate.py --config configs/eval_ood.py:imagenet --workdir runs/ood_rn50 \
+      --config.classifier.workdir=runs/rn50_diffaug --config.openood_dir=/data/openood/data
+Plain image folders instead (all of ImageNet val as ID, the ReAct threshold from it too; not OpenOOD's split):
+  python evaluate.py --config configs/eval_ood.py:imagenet_folders --workdir runs/ood_rn50 \
       --config.classifier.workdir=runs/rn50_diffaug --config.id_data.data_dir=/data/imagenet \
       --config.ood_data.ssb_hard.data_dir=/data/openood/ssb_hard --config.ood_data.ninco.data_dir=/data/openood/ninco
 Expected (paper): near-OOD AUROC average over MSP/ReAct/ASH/SCALE, RN50 78.23 -> RN50+DiffAug 79.57.
@@ -16,7 +21,7 @@ from diffaug_jax.config_files import check_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  check_arg(__file__, arg, (None, "imagenet"))
+  check_arg(__file__, arg, (None, "imagenet", "imagenet_folders"))
   c = ml_collections.ConfigDict()
   c.task = "ood"
   c.methods = ("msp", "energy", "react", "ash_b", "ash_s", "scale")
@@ -24,11 +29,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ash_percentile = 90.0
   c.scale_percentile = 85.0
   c.react_data = None  # data cfg for the ReAct threshold (OpenOOD: ID train/val); None -> ID test set
-  if arg == "imagenet":
+  if arg in ("imagenet", "imagenet_folders"):
     c.batch_size = 256
     c.classifier = ml_collections.ConfigDict(dict(workdir="", name="resnet50", num_classes=1000,
                                                   params_path=""))
     common = dict(image_size=224, channels=3, eval_transform="imagenet", resize_size=256)
+    if arg == "imagenet":  # every path follows --config.openood_dir (a reference, resolved when read)
+      c.openood_dir = ""
+      root = c.get_ref("openood_dir")
+
+      def listed(name):
+        return dict(source="list", data_dir=root + "/images_largescale",
+                    eval_split=root + f"/benchmark_imglist/imagenet/{name}.txt", num_classes=1000, **common)
+
+      c.id_data = ml_collections.ConfigDict(listed("test_imagenet"))
+      c.react_data = ml_collections.ConfigDict(listed("val_imagenet"))
+      c.ood_data = ml_collections.ConfigDict({"ssb_hard": listed("test_ssb_hard"), "ninco": listed("test_ninco")})
+      return c
     c.id_data = ml_collections.ConfigDict(dict(source="folder", data_dir="", eval_split="val",
                                                class_names="imagenet2012", **common))
     c.ood_data = ml_collections.ConfigDict({

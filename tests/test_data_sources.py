@@ -243,3 +243,30 @@ def test_train_py_shows_unreadable_image_warnings(tmp_path):
   assert run.returncode == 0, run.stdout + run.stderr
   assert "unreadable image" in run.stderr and "c1_broken.jpg" in run.stderr, run.stderr
   assert "third-party chatter" not in run.stderr
+
+
+def test_list_source_reads_openood_image_lists(tmp_path):
+  """OpenOOD's benchmark_imglist format ("relative/path label" lines under an image root) is how its v1.5
+  protocol splits ImageNet val into the scored ID set and the ReAct-tuning one: read as a source."""
+  import ml_collections
+  from diffaug_jax.data import config as data_config
+  from diffaug_jax.evaluation import loading
+  make_folder(tmp_path / "images" / "ds", corrupt=False)
+  lst = tmp_path / "test_ds.txt"
+  lst.write_text("ds/cat/c0.png 3\nds/dog/d1.JPEG 7\n\nds/dog/gray.png\n")  # no label: an OOD line, -1
+  src = sources.ListSource(str(lst), str(tmp_path / "images"), channels=3)
+  assert len(src) == 3 and src.labels.tolist() == [3, 7, -1] and src.num_classes == 8
+  assert src[1]["image"].shape == (24, 20, 3) and src[2]["image"].shape == (16, 16, 3)
+  cfg = ml_collections.ConfigDict(dict(source="list", data_dir=str(tmp_path / "images"), eval_split=str(lst),
+                                       train_split=str(lst), image_size=16, channels=3, eval_transform="none"))
+  batches = list(loading.iterate_batches(cfg, 4))
+  assert len(batches) == 1 and batches[0]["image"].shape == (4, 16, 16, 3)
+  assert batches[0]["label"].tolist()[:3] == [3, 7, -1] and batches[0]["mask"].tolist() == [1, 1, 1, 0]
+  assert data_config.num_classes(loading.data_config(cfg)) == 8
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sources.ListSource(str(tmp_path / "missing.txt"), str(tmp_path / "images"))
+  with pytest.raises(FileNotFoundError, match="relative to data.data_dir"):
+    sources.ListSource(str(lst), str(tmp_path))  # the wrong root
+  (tmp_path / "bad.txt").write_text("ds/cat/c0.png 3\nds/cat/c1.png cat\n")
+  with pytest.raises(ValueError, match=r"bad.txt:2: expected 'relative/path \[integer label\]'"):
+    sources.ListSource(str(tmp_path / "bad.txt"), str(tmp_path / "images"))

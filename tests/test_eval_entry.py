@@ -132,6 +132,13 @@ def test_issue6_configs_build_with_reference_defaults(arg):
   assert ood.task in evaluation.TASKS
   assert (ood.react_percentile, ood.ash_percentile, ood.scale_percentile) == (90.0, 90.0, 85.0)
   assert {"msp", "react", "ash_b", "scale"} <= set(ood.methods)
+  if arg == "imagenet":  # OpenOOD v1.5's lists under one --config.openood_dir
+    ood.openood_dir = "/o/data"
+    lists = "/o/data/benchmark_imglist/imagenet/"
+    assert (ood.id_data.source, ood.id_data.data_dir) == ("list", "/o/data/images_largescale")
+    assert (ood.id_data.eval_split, ood.react_data.eval_split) == (lists + "test_imagenet.txt",
+                                                                 lists + "val_imagenet.txt")
+    assert ood.ood_data.ninco.eval_split == lists + "test_ninco.txt" and ood.ood_data.ssb_hard.source == "list"
   pag = _load_config("eval_pag", arg)
   assert pag.task in evaluation.TASKS and pag.get("t", 300) == 300
   if arg is None:

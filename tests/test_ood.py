@@ -298,3 +298,41 @@ def test_score_all_compiles_once_for_every_set_and_chunk():
       np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5)
   (scorer,) = [ood._scorer(module, kw["methods"], True, 90.0, 85.0)]
   assert ood._scorer.cache_info().currsize == 1 and scorer._cache_size() == 1
+
+
+def test_ood_run_on_openood_style_image_lists(tmp_path):
+  """OpenOOD v1.5's protocol as configs/eval_ood.py:imagenet sets it: ID, ReAct-reference and OOD sets as
+  image lists under one root; the threshold comes from the reference list, not the scored ID one."""
+  import ml_collections
+  from PIL import Image
+  from diffaug_jax.convert.common import save_params
+  from diffaug_jax.evaluation import ood
+  from diffaug_jax.models.classifiers import get_classifier
+
+  module = get_classifier("cnn_small", 10, width=4)
+  save_params(tmp_path / "clf.msgpack", fast_init(module, (1, 16, 16, 1)))
+  rng = np.random.default_rng(0)
+  lists = {}
+  for name, n in (("test_id", 12), ("val_id", 6), ("test_ood", 7)):
+    rows = []
+    for i in range(n):
+      rel = f"{name}/{i}.png"
+      (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (20, 18), dtype=np.uint8)).save(tmp_path / "images" / rel)
+      rows.append(f"{rel} {i % 10}" if name != "test_ood" else f"{rel} 0")
+    (tmp_path / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    lists[name] = dict(source="list", data_dir=str(tmp_path / "images"), eval_split=str(tmp_path / f"{name}.txt"),
+                       image_size=16, channels=1, eval_transform="imagenet", resize_size=18, num_classes=10)
+  cfg = ml_collections.ConfigDict({
+      "task": "ood", "batch_size": 8,
+      "classifier": {"name": "cnn_small", "num_classes": 10, "kwargs": {"width": 4},
+                     "params_path": str(tmp_path / "clf.msgpack")},
+      "id_data": lists["test_id"], "react_data": lists["val_id"], "ood_data": {"ood": lists["test_ood"]}})
+  res = ood.run(cfg, str(tmp_path / "wd"))
+  assert res["num_id"] == 12 and res["metrics"]["ood"]["msp"]["num_ood"] == 7
+  assert res["react_source"] == "react_data"
+  from diffaug_jax.convert.common import load_params
+  from diffaug_jax.evaluation import loading
+  _, ref_feats, _ = ood.collect(ood.make_runner(module), load_params(str(tmp_path / "clf.msgpack")),
+                                loading.iterate_batches(cfg.react_data, 8))
+  assert res["react_clip"] == scoring.react_threshold(ref_feats, 90.0)

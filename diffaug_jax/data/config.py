@@ -1,7 +1,9 @@
 """The data config (an `ml_collections.ConfigDict`) and helpers that need no data reading.
 
 Fields (see `default_config`; `validate` checks them):
-  source            "digits" | "tfds" | "folder".
+  source            "digits" | "tfds" | "folder" | "list" (a file of "relative/path label" lines, OpenOOD's
+                    benchmark_imglist format: the split fields are the list files' paths, data_dir the root
+                    the paths are relative to; num_classes = max label + 1 of the train list unless set).
   name              TFDS name, e.g. "cifar10", "imagenet2012", "cifar10_corrupted/gaussian_noise_5"
                     (source="tfds"); free text otherwise.
   data_dir          TFDS data_dir ("" = TFDS default ~/tensorflow_datasets), or the folder root
@@ -50,7 +52,7 @@ import ml_collections
 
 from diffaug_jax.data import randaugment, transforms
 
-SOURCES = ("digits", "tfds", "folder")
+SOURCES = ("digits", "tfds", "folder", "list")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -188,6 +190,8 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
       raise ValueError(f"image folder {root!r} has no class sub-folders")
     return len(names)
   from diffaug_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if cfg.source == "list":
+    return len(sources.ListSource(cfg.train_split, cfg.data_dir, channels=int(cfg.channels)).class_names)
   builder = sources.tfds_builder(cfg.name, cfg.data_dir or None)
   feature = builder.info.features[cfg.get("label_key", "label")]
   return int(feature.num_classes)

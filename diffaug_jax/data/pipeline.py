@@ -62,6 +62,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str) -> _RobustSource:
   config_lib.validate(cfg)
   if cfg.source == "digits":
     return sources_lib.DigitsSource(split, image_size=int(cfg.image_size), channels=int(cfg.channels))
+  if cfg.source == "list":
+    return sources_lib.ListSource(split, cfg.data_dir, channels=int(cfg.channels))
   if cfg.source == "folder":
     root = config_lib.folder_root(cfg, split)
     if split and not os.path.isdir(root) and os.path.isdir(os.path.expanduser(cfg.data_dir)):

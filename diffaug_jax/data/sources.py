@@ -296,6 +296,42 @@ class FolderSource(_RobustSource):
     return f"FolderSource({self.root!r}, n={len(self)}, classes={len(self.class_names)})"
 
 
+class ListSource(FolderSource):
+  """Images named by a list file, one "relative/path label" (or "relative/path") per line, paths under `root`
+  (or absolute): OpenOOD's benchmark_imglist format, e.g. `test_imagenet.txt` ("imagenet_1k/val/ILSVRC2012_
+  val_00000001.JPEG 65") under its images_largescale/ folder. That is how OpenOOD v1.5 splits ImageNet's val
+  into the ID set it scores and the one it tunes ReAct's threshold on. A line without a label gets -1 (OOD
+  sets). Decoding as `FolderSource`; a missing or unreadable file is logged, counted and replaced."""
+
+  def __init__(self, list_file: str, root: str = "", *, channels: int = 3):  # pylint: disable=super-init-not-called
+    _RobustSource.__init__(self)
+    list_file = os.path.expanduser(os.fspath(list_file))
+    self.root, self.list_file, self.channels = os.path.expanduser(os.fspath(root or "")), list_file, channels
+    if not os.path.isfile(list_file):
+      raise FileNotFoundError(f"image list {list_file!r} does not exist (expected lines 'relative/path label')")
+    files, labels = [], []
+    with open(list_file) as f:
+      for number, line in enumerate(f, 1):
+        parts = line.split()
+        if not parts:
+          continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip("-").isdigit()):
+          raise ValueError(f"{list_file}:{number}: expected 'relative/path [integer label]', got {line.strip()!r}")
+        files.append(os.path.join(self.root, parts[0]))
+        labels.append(int(parts[1]) if len(parts) == 2 else -1)
+    if not files:
+      raise ValueError(f"image list {list_file!r} names no images")
+    if not os.path.exists(files[0]):  # the usual slip: a root that is not the one the paths are relative to
+      raise FileNotFoundError(f"image list {list_file!r}: its first image {files[0]!r} does not exist; its paths "
+                              f"are relative to data.data_dir ({self.root!r}): set it to their common root")
+    self.files = files
+    self.labels = np.asarray(labels, np.int64)
+    self.class_names = [str(i) for i in range(int(self.labels.max()) + 1)] if self.labels.max() >= 0 else []
+
+  def __repr__(self) -> str:
+    return f"ListSource({self.list_file!r}, root={self.root!r}, n={len(self)})"
+
+
 def _tfds_error(name: str, data_dir: str | None, split: str, err: Exception) -> Exception:
   hint = PREPARE_HINT.format(name=name, data_dir=data_dir or "~/tensorflow_datasets")
   if name.split("/")[0].split(":")[0].startswith("imagenet"):
