@@ -27,6 +27,17 @@ PyTree = Any
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _PCI_VENDOR_FILES = "/sys/bus/pci/devices/*/vendor"
+# TPU chips' PCI device ids (v3, -, v4, v5p, v5e, v6e, 7x), as jax's hardware_utils lists them; Google's vendor
+# id alone is not enough: GCE's gVNIC network card has it too, on GPU and CPU VMs.
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+
+
+def _tpu_device_ids() -> set[str]:
+  try:  # the list of the installed jax, when it has one (newer chips)
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return set(_TPU_PCI_DEVICES) | set(hardware_utils._TPU_PCI_DEVICE_IDS)  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return set(_TPU_PCI_DEVICES)
 
 
 def on_cloud_tpu_vm() -> bool:
@@ -34,10 +45,14 @@ def on_cloud_tpu_vm() -> bool:
   backend. There the host's place in a pod slice comes from the GCE metadata server, not from environment
   variables, so only `jax.distributed.initialize()` itself can find the other hosts."""
   import glob  # pylint: disable=g-import-not-at-top
+  tpu_ids = _tpu_device_ids()
   for path in glob.glob(_PCI_VENDOR_FILES):
     try:
       with open(path) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+        if f.read().strip() != _GOOGLE_PCI_VENDOR:
+          continue
+      with open(os.path.join(os.path.dirname(path), "device")) as f:
+        if f.read().strip() in tpu_ids:
           return True
     except OSError:
       continue

@@ -271,16 +271,20 @@ def test_fsdp_run_splits_state_and_score_params_and_matches_the_replicated_run(t
 def test_distributed_starts_on_cluster_launches_and_cloud_tpu_vms(tmp_path, monkeypatch):
   """A Cloud TPU VM pod slice sets none of the launch variables (its hosts come from the metadata server):
   the program must still start jax.distributed there, or orbax and the input layout see one process of
-  many. Detected from sysfs (Google's PCI vendor id), without starting JAX's backend."""
+  many. Detected from sysfs (a TPU chip's PCI ids), without starting JAX's backend; a GCE GPU VM's gVNIC,
+  which has Google's vendor id too, must not count (a one-GPU run would then fail to find a cluster)."""
   from diffaug_jax import sharding
   calls = []
   monkeypatch.setattr(sharding.jax.distributed, "is_initialized", lambda: False)
   monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
   for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(var, raising=False)
-  for dev, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x10de")):  # virtio, NVIDIA: no TPU
+  # virtio, an NVIDIA GPU and GCE's gVNIC network card (Google's vendor id, not a TPU): no TPU here.
+  for dev, vendor, device in (("0000:00:04.0", "0x1af4", "0x1000"), ("0000:00:05.0", "0x10de", "0x2330"),
+                              ("0000:00:06.0", "0x1ae0", "0x0042")):
     (tmp_path / dev).mkdir()
     (tmp_path / dev / "vendor").write_text(vendor + "\n")
+    (tmp_path / dev / "device").write_text(device + "\n")
   monkeypatch.setattr(sharding, "_PCI_VENDOR_FILES", str(tmp_path / "*" / "vendor"))
   sharding.initialize_distributed()
   assert calls == [] and not sharding.on_cloud_tpu_vm()
@@ -290,8 +294,9 @@ def test_distributed_starts_on_cluster_launches_and_cloud_tpu_vms(tmp_path, monk
   sharding.initialize_distributed(force=False)  # the config's `distributed=False` wins
   assert len(calls) == 1
   monkeypatch.delenv("SLURM_NTASKS")
-  (tmp_path / "0000:00:06.0").mkdir()
-  (tmp_path / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")  # a TPU chip
+  (tmp_path / "0000:00:07.0").mkdir()
+  (tmp_path / "0000:00:07.0" / "vendor").write_text("0x1ae0\n")
+  (tmp_path / "0000:00:07.0" / "device").write_text("0x005e\n")  # a TPU v4 chip
   assert sharding.on_cloud_tpu_vm()
   sharding.initialize_distributed()
   assert calls == [{}, {}]
