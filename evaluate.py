@@ -18,6 +18,10 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for results.json / results.md / PNGs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "true", "false"],
+    "Start jax.distributed: auto = detect the launcher (or the config's `distributed` field); true on a Cloud "
+    "TPU VM pod slice, whose hosts no environment variable names.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,7 +31,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   from diffaug_jax import perf, sharding
   perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
-  sharding.initialize_distributed()  # before any other JAX call
+  force = {"auto": _CONFIG.value.get("distributed", None), "true": True, "false": False}[_DISTRIBUTED.value]
+  sharding.initialize_distributed(force)  # before any other JAX call
   from diffaug_jax.evaluation import run_task
   run_task(_CONFIG.value, _WORKDIR.value)
   print(f"results: {os.path.join(_WORKDIR.value, 'results.md')} (table), results.json (every number)", flush=True)

@@ -43,9 +43,10 @@ def main(argv):
   workdir = _WORKDIR.value
   if workdir is None:
     workdir = os.path.join(_HERE, "runs", default_run_name(flags.FLAGS["config"].config_filename))
-  from diffaug_jax import perf, sharding
+  from diffaug_jax import metrics, perf, sharding
+  metrics.check_local_path(workdir, "--workdir")  # (before anything makes a local folder named "gs:")
   perf.set_xla_gpu_flags()  # program-level XLA flags (GPU), before JAX starts its backend; see perf.py
-  sharding.initialize_distributed()  # before any other JAX call
+  sharding.initialize_distributed(config.get("distributed", None))  # before any other JAX call
   if config.get("mode") == "demo":
     from diffaug_jax import demo
     demo.run_demo(config, workdir, allow_config_change=_ALLOW_CHANGE.value)

@@ -57,6 +57,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.init_checkpoint = ""
   c.fsdp = False
-  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect (launchers, Cloud TPU VMs)
+  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect the launcher; True: TPU VM pods
   c.progress = True
   return c

@@ -1,6 +1,7 @@
 """ImageNet-1k, ResNet-50 from scratch + DiffAug: the paper's "RN50+DiffAug" recipe.
 
-Run (one GPU node or a TPU pod slice; multi-host starts jax.distributed automatically):
+Run (one GPU node, or every host of a pod; SLURM / MPI / JAX_COORDINATOR_ADDRESS launches start
+jax.distributed by themselves, a Cloud TPU VM pod slice needs --config.distributed=True):
   python -m diffaug_jax.convert guided-diffusion 256x256_diffusion_uncond.pt adm256.msgpack \
       --flags-json adm_256_uncond   # once
   python train.py --config configs/imagenet_resnet50_diffaug.py --workdir runs/in_r50_diffaug \
@@ -55,6 +56,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.init_checkpoint = ""
   c.fsdp = False  # True: split the big leaves of the state and of the frozen UNet over the devices
-  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect (launchers, Cloud TPU VMs)
+  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect the launcher; True: TPU VM pods
   c.progress = True
   return c

@@ -74,6 +74,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.init_checkpoint = ""  # required in practice: the stage-1 weights
   c.fsdp = False  # True: split the big leaves of the state and of the frozen UNet over the devices
-  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect (launchers, Cloud TPU VMs)
+  c.distributed = ml_collections.config_dict.placeholder(bool)  # None: detect the launcher; True: TPU VM pods
   c.progress = True
   return c

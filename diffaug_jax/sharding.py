@@ -25,49 +25,17 @@ DATA_AXIS = "data"
 PyTree = Any
 
 
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_PCI_VENDOR_FILES = "/sys/bus/pci/devices/*/vendor"
-# TPU chips' PCI device ids (v3, -, v4, v5p, v5e, v6e, 7x), as jax's hardware_utils lists them; Google's vendor
-# id alone is not enough: GCE's gVNIC network card has it too, on GPU and CPU VMs.
-_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
-
-
-def _tpu_device_ids() -> set[str]:
-  try:  # the list of the installed jax, when it has one (newer chips)
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-    return set(_TPU_PCI_DEVICES) | set(hardware_utils._TPU_PCI_DEVICE_IDS)  # pylint: disable=protected-access
-  except (ImportError, AttributeError):
-    return set(_TPU_PCI_DEVICES)
-
-
-def on_cloud_tpu_vm() -> bool:
-  """True on a Cloud TPU VM (TPU chips on this host's PCI bus), read from sysfs without starting JAX's
-  backend. There the host's place in a pod slice comes from the GCE metadata server, not from environment
-  variables, so only `jax.distributed.initialize()` itself can find the other hosts."""
-  import glob  # pylint: disable=g-import-not-at-top
-  tpu_ids = _tpu_device_ids()
-  for path in glob.glob(_PCI_VENDOR_FILES):
-    try:
-      with open(path) as f:
-        if f.read().strip() != _GOOGLE_PCI_VENDOR:
-          continue
-      with open(os.path.join(os.path.dirname(path), "device")) as f:
-        if f.read().strip() in tpu_ids:
-          return True
-    except OSError:
-      continue
-  return False
-
-
 def initialize_distributed(force: bool | None = None, **kwargs) -> None:
   """Starts `jax.distributed` when running as one process of several.
 
-  `force=None` detects a cluster: a plain multi-process launch sets `JAX_COORDINATOR_ADDRESS` (+
-  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); SLURM, Open MPI and GKE TPU launches set their own variables; on a
-  Cloud TPU VM it always starts (JAX finds the pod slice's hosts through the metadata server; a one-host
-  slice becomes a one-process cluster). `force=True`/`False` (the configs' `distributed`) decides instead.
-  Under SLURM, JAX gives each task the GPU of its local rank: launch one task per GPU. Call it from the
-  program entry point, before any other JAX call; never at import.
+  `force=None` detects a launch: a plain multi-process launch sets `JAX_COORDINATOR_ADDRESS` (+
+  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); SLURM (one task per GPU: JAX gives a task the GPU of its local rank),
+  Open MPI and GKE TPU launches set their own variables. A Cloud TPU VM pod slice sets none (its hosts come
+  from the metadata server): pass `force=True` there (the configs' `distributed`). Not started on a TPU VM by
+  default, because on a one-host VM every process would claim to be process 0 of a one-process cluster at
+  the same address, and a second job (an evaluation beside a training run) would kill the first.
+  `check_multi_process` then stops a multi-host run that was not started. Call it from the program entry
+  point, before any other JAX call; never at import.
   """
   if jax.distributed.is_initialized():
     return
@@ -79,10 +47,19 @@ def initialize_distributed(force: bool | None = None, **kwargs) -> None:
         or env.get("SLURM_NTASKS", "1") not in ("", "1")
         or env.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1")
         or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-        or on_cloud_tpu_vm()
     )
   if force:
     jax.distributed.initialize(**kwargs)
+
+
+def check_multi_process() -> None:
+  """A host that is one of several processes (a TPU pod slice's runtime says so even without
+  `jax.distributed`) but has no distributed client would fail later, at the first checkpoint barrier or
+  collective; say what to do now."""
+  if jax.process_count() > 1 and not jax.distributed.is_initialized():
+    raise RuntimeError(
+        f"this is process {jax.process_index()} of {jax.process_count()} but jax.distributed is not running: "
+        "pass --config.distributed=True (Cloud TPU VM pod slices need it; other launchers are detected)")
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

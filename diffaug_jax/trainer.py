@@ -478,6 +478,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   than `RESUME_MAY_CHANGE` (the old file is kept as config.before_step<N>.json)."""
   # 1. Processes and devices.
   sharding.initialize_distributed(config.get("distributed", None))
+  sharding.check_multi_process()
   mesh = sharding.make_mesh()
   mode = config.get("mode", "classifier")
   if mode not in ("classifier", "score"):

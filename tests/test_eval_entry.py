@@ -139,6 +139,9 @@ def test_issue6_configs_build_with_reference_defaults(arg):
     assert (ood.id_data.eval_split, ood.react_data.eval_split) == (lists + "test_imagenet.txt",
                                                                  lists + "val_imagenet.txt")
     assert ood.ood_data.ninco.eval_split == lists + "test_ninco.txt" and ood.ood_data.ssb_hard.source == "list"
+    from diffaug_jax.evaluation import ood as ood_task
+    with pytest.raises(ValueError, match="set --config.openood_dir"):
+      ood_task.run(_load_config("eval_ood", arg), "/nonexistent/never_written")
   pag = _load_config("eval_pag", arg)
   assert pag.task in evaluation.TASKS and pag.get("t", 300) == 300
   if arg is None:

@@ -36,8 +36,9 @@ def run_task(config, workdir: str) -> dict:
   (`loading.set_aside_earlier_outputs`), so a second evaluation never silently replaces them."""
   task = config.get("task", "robustness") if hasattr(config, "get") else "robustness"
   module = get_task(task)  # (an unknown task is an error before anything in workdir moves)
-  from diffaug_jax import metrics  # pylint: disable=g-import-not-at-top
+  from diffaug_jax import metrics, sharding  # pylint: disable=g-import-not-at-top
   metrics.check_local_path(workdir, "--workdir")
+  sharding.check_multi_process()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is a file, not a directory: give a directory for the evaluation's "
                      "outputs")

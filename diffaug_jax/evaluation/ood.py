@@ -163,6 +163,9 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 def run(config, workdir: str) -> dict:
   """ood task. config: classifier {...}, id_data {...}, ood_data {name: data cfg}, react_data (optional),
   methods, react_percentile, ash_percentile, scale_percentile, batch_size. Writes ood.json and ood.md."""
+  if "openood_dir" in config and not config.openood_dir:  # (every list path derives from it: "/images_...")
+    raise ValueError("set --config.openood_dir to OpenOOD's data folder (the one holding images_largescale/ and "
+                     "benchmark_imglist/)")
   os.makedirs(workdir, exist_ok=True)
   module, variables = loading.load_classifier(config.classifier, data_cfg=config.id_data)
   bs = sharding.eval_batch_size(int(config.batch_size))
