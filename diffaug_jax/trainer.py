@@ -411,12 +411,18 @@ def _check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
 def _set_aside(path: str, step: int) -> str:
   """Renames `path` (config.json, metrics.jsonl) to `<stem>.before_step<step>[.k]<ext>`, never over an
   earlier one (two config changes at one step keep both); returns the new file name."""
-  stem, ext = os.path.splitext(path)
-  new, k = f"{stem}.before_step{step}{ext}", 2
-  while os.path.exists(new):
-    new, k = f"{stem}.before_step{step}.{k}{ext}", k + 1
+  new = _unused_name(path, f"before_step{step}")
   os.replace(path, new)
   return os.path.basename(new)
+
+
+def _unused_name(path: str, tag: str) -> str:
+  """`<stem>.<tag><ext>`, or `<stem>.<tag>.<k><ext>` (k = 2, 3, ...) for the first one not taken."""
+  stem, ext = os.path.splitext(path)
+  new, k = f"{stem}.{tag}{ext}", 2
+  while os.path.exists(new):
+    new, k = f"{stem}.{tag}.{k}{ext}", k + 1
+  return new
 
 
 def _set_aside_rows_past(path: str, step: int) -> str | None:
@@ -435,10 +441,7 @@ def _set_aside_rows_past(path: str, step: int) -> str | None:
     (past if later else keep).append(line)
   if not past:
     return None
-  stem, ext = os.path.splitext(path)
-  aside, k = f"{stem}.after_step{step}{ext}", 2
-  while os.path.exists(aside):
-    aside, k = f"{stem}.after_step{step}.{k}{ext}", k + 1
+  aside = _unused_name(path, f"after_step{step}")
   metrics_lib.write_text_atomic(aside, "".join(past))
   metrics_lib.write_text_atomic(path, "".join(keep))
   return os.path.basename(aside)

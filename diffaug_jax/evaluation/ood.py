@@ -13,8 +13,8 @@ only the scores (a few floats per example) are gathered for the metrics. The ReA
 the output); across processes it is found exactly (`scoring.percentile_across`, the value np.percentile
 gives on the whole set), so every number equals the one-process run's.
 
-Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=...`, or an image folder via
-`source="folder", data_dir=...`, e.g. OpenOOD's SSB-hard / NINCO folders), read by the data package.
+Data: ID and each OOD set are data configs (TFDS name via `source="tfds", name=...`, an image folder via
+`source="folder", data_dir=...`, or OpenOOD's image lists via `source="list"`), read by the data package.
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def evaluate_ood(module, variables, id_batches, ood_batches: Mapping[str, Iterab
   padded to the first one's size. Each process keeps its own rows' logits and features; only scores and
   counts cross processes."""
   runner = make_runner(module, mesh)
-  sum_fn = sharding.sum_over_processes if jax.process_count() > 1 else None
   id_logits, id_feats, id_labels = collect(runner, variables, id_batches, gather=False)
   ref_feats = id_feats
   if react_batches is not None and "react" in methods:
     _, ref_feats, _ = collect(runner, variables, react_batches, gather=False)
-  react_clip = scoring.react_threshold(ref_feats, react_percentile, sum_fn) if "react" in methods else None
+  react_clip = (scoring.react_threshold(ref_feats, react_percentile, sharding.sum_over_processes)
+                if "react" in methods else None)
   del ref_feats
   kw = dict(methods=methods, react_clip=react_clip, ash_percentile=ash_percentile,
             scale_percentile=scale_percentile)
