@@ -305,8 +305,8 @@ def test_ood_run_on_openood_style_image_lists(tmp_path):
   image lists under one root; the threshold comes from the reference list, not the scored ID one."""
   import ml_collections
   from PIL import Image
-  from diffaug_jax.convert.common import save_params
-  from diffaug_jax.evaluation import ood
+  from diffaug_jax.convert.common import load_params, save_params
+  from diffaug_jax.evaluation import loading, ood
   from diffaug_jax.models.classifiers import get_classifier
 
   module = get_classifier("cnn_small", 10, width=4)
@@ -331,8 +331,6 @@ def test_ood_run_on_openood_style_image_lists(tmp_path):
   res = ood.run(cfg, str(tmp_path / "wd"))
   assert res["num_id"] == 12 and res["metrics"]["ood"]["msp"]["num_ood"] == 7
   assert res["react_source"] == "react_data"
-  from diffaug_jax.convert.common import load_params
-  from diffaug_jax.evaluation import loading
   _, ref_feats, _ = ood.collect(ood.make_runner(module), load_params(str(tmp_path / "clf.msgpack")),
                                 loading.iterate_batches(cfg.react_data, 8))
   assert res["react_clip"] == scoring.react_threshold(ref_feats, 90.0)

@@ -250,8 +250,12 @@ def test_fsdp_run_splits_state_and_score_params_and_matches_the_replicated_run(t
   numbers are those of the replicated layout (XLA gathers the kernels inside the step)."""
   placed = []
   real = trainer.sharding.state_shardings
-  monkeypatch.setattr(trainer.sharding, "state_shardings",
-                      lambda mesh, tree, rule=None: placed.append(real(mesh, tree, rule)) or placed[-1])
+
+  def recording(mesh, tree, rule=None):  # every layout the trainer asks for, in order
+    placed.append(real(mesh, tree, rule))
+    return placed[-1]
+
+  monkeypatch.setattr(trainer.sharding, "state_shardings", recording)
   losses = {}
   for fsdp in (False, True):
     cfg = tiny_config(steps=4)
